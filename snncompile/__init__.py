@@ -1,0 +1,12 @@
+"""snncompile: a compiler and runtime for spiking neural networks on PyTorch.
+
+SpikingJelly-compatible modules live in :mod:`snncompile.neuron`, :mod:`snncompile.layer`,
+:mod:`snncompile.surrogate` and :mod:`snncompile.functional`. ``snncompile.optimize`` compiles a
+model into a faster ``nn.Module`` with the same spikes and gradients.
+"""
+
+from snncompile import base, functional, layer, learning, neuron, surrogate
+
+__version__ = "0.1.0"
+
+__all__ = ["base", "functional", "layer", "learning", "neuron", "surrogate", "__version__"]

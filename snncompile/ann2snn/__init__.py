@@ -1,0 +1,1 @@
+"""snncompile.ann2snn (filled by later work)."""

@@ -1,0 +1,1 @@
+"""snncompile.codegen (filled by later work)."""

@@ -1,0 +1,1 @@
+"""snncompile.dynamics (filled by later work)."""

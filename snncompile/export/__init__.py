@@ -1,0 +1,1 @@
+"""snncompile.export (filled by later work)."""

@@ -1,0 +1,1 @@
+"""snncompile.frontend (filled by later work)."""

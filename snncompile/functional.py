@@ -1,0 +1,1 @@
+"""snncompile.functional (being written)."""

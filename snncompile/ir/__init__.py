@@ -1,0 +1,1 @@
+"""snncompile.ir (filled by later work)."""

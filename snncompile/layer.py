@@ -1,0 +1,1 @@
+"""snncompile.layer (being written)."""

@@ -1,0 +1,1 @@
+"""snncompile.learning (being written)."""

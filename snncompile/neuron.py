@@ -1,0 +1,1 @@
+"""snncompile.neuron (being written)."""

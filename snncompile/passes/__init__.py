@@ -1,0 +1,1 @@
+"""snncompile.passes (filled by later work)."""

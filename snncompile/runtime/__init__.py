@@ -1,0 +1,1 @@
+"""snncompile.runtime (filled by later work)."""

@@ -1,0 +1,1 @@
+"""snncompile.surrogate (being written)."""
