@@ -1,1 +1,452 @@
-"""snncompile.neuron (being written)."""
+r"""Spiking neurons with SpikingJelly 2.0.0 semantics: :class:`IFNode`, :class:`LIFNode`,
+:class:`ParametricLIFNode` and their base :class:`BaseNode`.
+
+One time step is *charge -> fire -> reset* on the membrane potential ``v`` (``v_r`` is
+``v_reset``, or 0 for soft reset, ``v_reset=None``):
+
+* charge ``H``:
+
+  - IF: ``H = V + X``
+  - LIF, ``decay_input=True``: ``H = V + (X - (V - v_r)) / tau``;
+    ``decay_input=False``: ``H = V - (V - v_r) / tau + X``
+  - ParametricLIF: as LIF with ``1/tau`` replaced by ``k = sigmoid(w)``
+    (``H = V + (X - (V - v_r)) * k``), ``w`` a learnable scalar initialised to
+    ``-log(init_tau - 1)``
+* fire: ``S = surrogate(H - v_threshold)``: Heaviside forward (fires at ``H >= v_threshold``),
+  the surrogate's gradient backward;
+* reset (``S`` detached first when ``detach_reset``): hard ``V = S * v_reset + (1 - S) * H``,
+  soft ``V = H - S * v_threshold``.
+
+The expressions are written in exactly SpikingJelly's operation order, so spikes and ``v`` are
+bit-identical to SpikingJelly's on float32 and gradients agree to float rounding.
+
+State: ``v`` is registered as the float ``v_reset`` (0.0 for soft reset) and becomes a tensor of
+the input's shape, dtype and device on the first step (:meth:`BaseNode.v_float_to_tensor`);
+``reset()`` restores the float. Like SpikingJelly, the state is kept in the *input's dtype*
+(float16 inputs give a float16 ``v`` on the ``'torch'`` backend). A stored ``v`` whose shape no
+longer matches the input is an error here (SpikingJelly silently re-initialises it): call
+``functional.reset_net(net)`` between samples of different shape.
+
+Backends: ``backend`` is validated against the class-level ``supported_backends`` (``('torch',)``
+here); :meth:`BaseNode.multi_step_forward` is the single dispatch point. Compilers read a node's
+configuration through :meth:`BaseNode.dynamics_spec` (a :class:`NeuronSpec`).
+
+Constructor arguments follow SpikingJelly 2.0.0's order (which has no ``backend``); ``backend``
+is therefore keyword-only and last, so positional SpikingJelly 2.0.0 calls keep working.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from snncompile import surrogate
+from snncompile.base import MemoryModule, check_multi_step_input
+
+__all__ = ["NeuronSpec", "BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
+
+# The signature default, like SpikingJelly's; each node replaces it by its own fresh copy so
+# that switching one node's surrogate (e.g. set_spiking_mode) never affects another node.
+_DEFAULT_SURROGATE = surrogate.Sigmoid()
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    """A neuron's dynamics configuration, for compilers and exporters.
+
+    ``kind`` is ``'if'``, ``'lif'`` or ``'plif'``; ``v_reset`` is ``None`` for soft reset;
+    ``tau`` is the LIF time constant (``None`` for IF and PLIF, whose decay is
+    ``sigmoid(w)`` with the learnable parameter ``w``); ``decay_input`` is ``False`` for IF;
+    ``surrogate`` is the node's surrogate module (read ``surrogate.params`` and use
+    ``type(surrogate).derivative``); ``w`` is the PLIF parameter itself (not compared).
+    """
+
+    kind: Literal["if", "lif", "plif"]
+    v_threshold: float
+    v_reset: float | None
+    tau: float | None
+    decay_input: bool
+    detach_reset: bool
+    surrogate: nn.Module = field(compare=False)
+    w: torch.Tensor | None = field(default=None, compare=False)
+
+
+def _as_float(owner: str, name: str, value: object, allow_none: bool = False) -> float | None:
+    """Return ``value`` as a float, or raise a TypeError naming the node and argument."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a real number or None (soft reset)" if allow_none else "a real number"
+        raise TypeError(f"{owner}: {name} must be {expected}, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value!r}.")
+    return value
+
+
+class BaseNode(MemoryModule):
+    """Base class of the spiking neurons: state handling, fire, reset and the step loops.
+
+    Subclasses implement :meth:`neuronal_charge` (``self.v`` becomes ``H``) and
+    :meth:`dynamics_spec`. ``forward`` runs one step on ``[N, *]`` input in ``step_mode='s'``
+    and a whole sequence ``[T, N, *]`` in ``step_mode='m'``; with ``store_v_seq=True`` the
+    membrane after reset of every step is kept in ``self.v_seq`` (``[T, N, *]``).
+    """
+
+    #: The backends this class can run; fused backends extend this tuple.
+    supported_backends: ClassVar[tuple[str, ...]] = ("torch",)
+
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: nn.Module = _DEFAULT_SURROGATE,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        owner = type(self).__name__
+        v_threshold = _as_float(owner, "v_threshold", v_threshold)
+        v_reset = _as_float(owner, "v_reset", v_reset, allow_none=True)
+        if not isinstance(detach_reset, bool):
+            raise TypeError(f"{owner}: detach_reset must be a bool, got {detach_reset!r}.")
+        if isinstance(store_v_seq, str):
+            raise TypeError(
+                f"{owner}: store_v_seq must be a bool, got {store_v_seq!r}. backend is "
+                f"keyword-only here (SpikingJelly 2.0.0 argument order): pass "
+                f"backend={store_v_seq!r}."
+            )
+        if not isinstance(store_v_seq, bool):
+            raise TypeError(f"{owner}: store_v_seq must be a bool, got {store_v_seq!r}.")
+        if surrogate_function is _DEFAULT_SURROGATE:
+            surrogate_function = surrogate.Sigmoid()
+        if not callable(surrogate_function):
+            raise TypeError(
+                f"{owner}: surrogate_function must be a callable module such as "
+                f"snncompile.surrogate.Sigmoid(), got {surrogate_function!r}."
+            )
+        super().__init__(step_mode=step_mode)
+        self.register_memory("v", 0.0 if v_reset is None else v_reset)
+        self.v_threshold = v_threshold
+        self.v_reset = v_reset
+        self.detach_reset = detach_reset
+        self.surrogate_function = surrogate_function
+        self.backend = backend
+        self.store_v_seq = store_v_seq
+
+    # -- configuration --------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The implementation of the multi-step loop (one of ``supported_backends``)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in self.supported_backends:
+            raise ValueError(
+                f"{type(self).__name__}: unknown backend {value!r}; supported backends are "
+                f"{self.supported_backends}."
+            )
+        self._backend = value
+
+    @property
+    def store_v_seq(self) -> bool:
+        """Whether the per-step membrane (after reset) is kept in ``self.v_seq``."""
+        return self._store_v_seq
+
+    @store_v_seq.setter
+    def store_v_seq(self, value: bool) -> None:
+        self._store_v_seq = value
+        self.v_seq: torch.Tensor | None = None
+
+    def dynamics_spec(self) -> NeuronSpec:
+        """Return this node's dynamics configuration as a :class:`NeuronSpec`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement dynamics_spec()")
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Restore ``v`` to its initial float value and forget ``v_seq``."""
+        super().reset()
+        self.v_seq = None
+
+    def detach(self) -> None:
+        """Cut ``v`` (and ``v_seq``) from the autograd graph (truncated BPTT)."""
+        super().detach()
+        if isinstance(self.v_seq, torch.Tensor):
+            self.v_seq = self.v_seq.detach()
+
+    def v_float_to_tensor(self, x: torch.Tensor) -> None:
+        """Make ``self.v`` a tensor shaped like ``x`` (broadcasting a float state).
+
+        A tensor state keeps its values and follows ``x``'s dtype and device; a tensor state of
+        another shape is an error (the network was not reset between inputs of different shape).
+        """
+        v = self.v
+        if not isinstance(v, torch.Tensor):
+            self.v = torch.full_like(x.detach(), v)
+            return
+        if v.shape != x.shape:
+            raise RuntimeError(
+                f"{type(self).__name__}: the stored membrane v has shape {tuple(v.shape)} but "
+                f"the input step has shape {tuple(x.shape)}. The state belongs to a previous "
+                f"input: call functional.reset_net(net) (or node.reset()) between samples of "
+                f"different shape."
+            )
+        if v.dtype != x.dtype or v.device != x.device:
+            self.v = v.to(dtype=x.dtype, device=x.device)
+
+    # -- one step: charge -> fire -> reset ------------------------------------------------------
+    def neuronal_charge(self, x: torch.Tensor) -> None:
+        """Integrate input ``x`` into the membrane: ``self.v`` becomes ``H``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement neuronal_charge")
+
+    def neuronal_fire(self) -> torch.Tensor:
+        """Return the spikes ``surrogate(H - v_threshold)`` (1 where ``H >= v_threshold``)."""
+        return self.surrogate_function(self.v - self.v_threshold)
+
+    def neuronal_reset(self, spike: torch.Tensor) -> None:
+        """Reset the membrane where ``spike`` fired (hard to ``v_reset``, soft by subtraction)."""
+        spike_d = spike.detach() if self.detach_reset else spike
+        if self.v_reset is None:
+            self.v = self.v - spike_d * self.v_threshold
+        else:
+            self.v = spike_d * self.v_reset + (1.0 - spike_d) * self.v
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        self.v_float_to_tensor(x)
+        self.neuronal_charge(x)
+        spike = self.neuronal_fire()
+        self.neuronal_reset(spike)
+        return spike
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run one time step on ``x`` of shape ``[N, *]`` and return the spikes.
+
+        With ``store_v_seq`` the new membrane is appended to ``self.v_seq`` (restarted when its
+        shape, dtype or device changes), as in SpikingJelly.
+        """
+        spike = self._step(x)
+        if self.store_v_seq:
+            v_step = self.v.unsqueeze(0)
+            old = self.v_seq
+            if (
+                old is None
+                or old.shape[1:] != v_step.shape[1:]
+                or old.dtype != v_step.dtype
+                or old.device != v_step.device
+            ):
+                self.v_seq = v_step.clone()
+            else:
+                self.v_seq = torch.cat((old, v_step))
+        return spike
+
+    # -- many steps -----------------------------------------------------------------------------
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Run ``x_seq`` of shape ``[T, N, *]`` and return the spikes ``[T, N, *]``.
+
+        This is the one backend dispatch point: ``backend='torch'`` runs
+        :meth:`_multi_step_torch`; fused backends register their own implementation here.
+        """
+        owner = type(self).__name__
+        check_multi_step_input(x_seq, owner)
+        if x_seq.shape[0] == 0:
+            raise ValueError(f"{owner}: the input sequence has no time steps (T = 0).")
+        if self.backend == "torch":
+            return self._multi_step_torch(x_seq)
+        raise NotImplementedError(  # pragma: no cover - only reachable via a subclass' table
+            f"{owner}: backend {self.backend!r} has no multi-step implementation."
+        )
+
+    def _multi_step_torch(self, x_seq: torch.Tensor) -> torch.Tensor:
+        # unbind(0) keeps backward O(T); x_seq[t] would make it O(T^2).
+        spikes = []
+        v_seq = []
+        for x in x_seq.unbind(0):
+            spikes.append(self._step(x))
+            if self.store_v_seq:
+                v_seq.append(self.v)
+        if self.store_v_seq:
+            self.v_seq = torch.stack(v_seq)
+        return torch.stack(spikes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
+            f"detach_reset={self.detach_reset}, step_mode={self.step_mode}, "
+            f"backend={self.backend}"
+        )
+
+
+class IFNode(BaseNode):
+    """Integrate-and-fire neuron: ``H = V + X``."""
+
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: nn.Module = _DEFAULT_SURROGATE,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__(
+            v_threshold,
+            v_reset,
+            surrogate_function,
+            detach_reset,
+            step_mode,
+            store_v_seq,
+            backend=backend,
+        )
+
+    def neuronal_charge(self, x: torch.Tensor) -> None:
+        self.v = self.v + x
+
+    def dynamics_spec(self) -> NeuronSpec:
+        return NeuronSpec(
+            kind="if",
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            tau=None,
+            decay_input=False,
+            detach_reset=self.detach_reset,
+            surrogate=self.surrogate_function,
+        )
+
+
+def _check_tau(owner: str, name: str, tau: object) -> float:
+    value = _as_float(owner, name, tau)
+    if not value > 1.0:
+        raise ValueError(
+            f"{owner}: {name} must be > 1 (the membrane keeps a fraction 1 - 1/tau per step; "
+            f"SpikingJelly requires tau > 1), got {tau!r}."
+        )
+    return value
+
+
+class LIFNode(BaseNode):
+    """Leaky integrate-and-fire neuron with time constant ``tau`` (> 1).
+
+    ``decay_input=True``: ``H = V + (X - (V - v_r)) / tau``; ``False``:
+    ``H = V - (V - v_r) / tau + X``.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: nn.Module = _DEFAULT_SURROGATE,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        tau = _check_tau(type(self).__name__, "tau", tau)
+        if not isinstance(decay_input, bool):
+            raise TypeError(f"{type(self).__name__}: decay_input must be a bool.")
+        super().__init__(
+            v_threshold,
+            v_reset,
+            surrogate_function,
+            detach_reset,
+            step_mode,
+            store_v_seq,
+            backend=backend,
+        )
+        self.tau = tau
+        self.decay_input = decay_input
+
+    def neuronal_charge(self, x: torch.Tensor) -> None:
+        v_r = 0.0 if self.v_reset is None else self.v_reset
+        if self.decay_input:
+            self.v = self.v + (x - (self.v - v_r)) / self.tau
+        else:
+            self.v = self.v - (self.v - v_r) / self.tau + x
+
+    def dynamics_spec(self) -> NeuronSpec:
+        return NeuronSpec(
+            kind="lif",
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            tau=self.tau,
+            decay_input=self.decay_input,
+            detach_reset=self.detach_reset,
+            surrogate=self.surrogate_function,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"
+
+
+class ParametricLIFNode(BaseNode):
+    """LIF neuron with a learnable decay ``k = sigmoid(w)`` (PLIF, Fang et al. 2021).
+
+    ``w`` is a scalar :class:`torch.nn.Parameter` initialised to ``-log(init_tau - 1)`` so
+    that ``1 / k = init_tau`` at the start. ``decay_input=True``: ``H = V + (X - (V - v_r)) * k``;
+    ``False``: ``H = V - (V - v_r) * k + X``.
+    """
+
+    def __init__(
+        self,
+        init_tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: nn.Module = _DEFAULT_SURROGATE,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        init_tau = _check_tau(type(self).__name__, "init_tau", init_tau)
+        if not isinstance(decay_input, bool):
+            raise TypeError(f"{type(self).__name__}: decay_input must be a bool.")
+        super().__init__(
+            v_threshold,
+            v_reset,
+            surrogate_function,
+            detach_reset,
+            step_mode,
+            store_v_seq,
+            backend=backend,
+        )
+        self.decay_input = decay_input
+        self.w = nn.Parameter(torch.as_tensor(-math.log(init_tau - 1.0)))
+
+    def neuronal_charge(self, x: torch.Tensor) -> None:
+        v_r = 0.0 if self.v_reset is None else self.v_reset
+        k = self.w.sigmoid()
+        if self.decay_input:
+            self.v = self.v + (x - (self.v - v_r)) * k
+        else:
+            self.v = self.v - (self.v - v_r) * k + x
+
+    def dynamics_spec(self) -> NeuronSpec:
+        return NeuronSpec(
+            kind="plif",
+            v_threshold=self.v_threshold,
+            v_reset=self.v_reset,
+            tau=None,
+            decay_input=self.decay_input,
+            detach_reset=self.detach_reset,
+            surrogate=self.surrogate_function,
+            w=self.w,
+        )
+
+    def extra_repr(self) -> str:
+        with torch.no_grad():
+            tau = 1.0 / self.w.sigmoid().item()
+        return super().extra_repr() + f", tau={tau}, decay_input={self.decay_input}"
