@@ -449,4 +449,4 @@ class ParametricLIFNode(BaseNode):
     def extra_repr(self) -> str:
         with torch.no_grad():
             tau = 1.0 / self.w.sigmoid().item()
-        return super().extra_repr() + f", tau={tau}, decay_input={self.decay_input}"
+        return super().extra_repr() + f", tau={round(tau, 6)}, decay_input={self.decay_input}"
