@@ -220,7 +220,6 @@ class BaseNode(MemoryModule):
             self.v = spike_d * self.v_reset + (1.0 - spike_d) * self.v
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        self.v_float_to_tensor(x)
         self.neuronal_charge(x)
         spike = self.neuronal_fire()
         self.neuronal_reset(spike)
@@ -232,6 +231,7 @@ class BaseNode(MemoryModule):
         With ``store_v_seq`` the new membrane is appended to ``self.v_seq`` (restarted when its
         shape, dtype or device changes), as in SpikingJelly.
         """
+        self.v_float_to_tensor(x)
         spike = self._step(x)
         if self.store_v_seq:
             v_step = self.v.unsqueeze(0)
@@ -266,9 +266,13 @@ class BaseNode(MemoryModule):
 
     def _multi_step_torch(self, x_seq: torch.Tensor) -> torch.Tensor:
         # unbind(0) keeps backward O(T); x_seq[t] would make it O(T^2).
+        steps = x_seq.unbind(0)
+        # The state is matched to the input once per call, as SpikingJelly does. (The 0-dim
+        # float32 PLIF decay does not promote a half-precision v: 0-dim tensors never do.)
+        self.v_float_to_tensor(steps[0])
         spikes = []
         v_seq = []
-        for x in x_seq.unbind(0):
+        for x in steps:
             spikes.append(self._step(x))
             if self.store_v_seq:
                 v_seq.append(self.v)

@@ -405,3 +405,27 @@ def test_error_state_shape_changed(mode) -> None:
         node(torch.rand(smaller))
     node.reset()
     node(torch.rand(smaller))  # fine after a reset
+
+
+@pytest.mark.parametrize("mode", ["s", "m"])
+@pytest.mark.parametrize("kind", ["IF", "LIF", "PLIF"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_match_spikingjelly(sj, kind, mode, dtype) -> None:
+    """State arithmetic follows SpikingJelly's: v in the input's dtype (PLIF promotes)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(T, *SHAPE, generator=gen) * 1.2 + 0.5).to(dtype)
+    args = (kind, True, None, False, "Sigmoid", mode)
+    results = []
+    for lib_neuron, lib_surrogate in ((neuron, surrogate), (sj.neuron, sj.surrogate)):
+        node = _make(lib_neuron, lib_surrogate, *args)
+        xr = x.clone().requires_grad_()
+        if mode == "s":
+            spikes = torch.stack([node(x_t) for x_t in xr.unbind(0)])
+        else:
+            spikes = node(xr)
+        (spikes.sum() + node.v.float().sum()).backward()
+        results.append((spikes, node.v, xr.grad))
+    (s_a, v_a, g_a), (s_b, v_b, g_b) = results
+    assert s_a.dtype == s_b.dtype and v_a.dtype == v_b.dtype
+    assert torch.equal(s_a, s_b) and torch.equal(v_a, v_b)
+    torch.testing.assert_close(g_a, g_b)
