@@ -439,6 +439,10 @@ def spike_similar_loss(
     :func:`kernel_dot_product` (the linear kernel is normalized by the product of norms, plus
     ``1e-8``). ``sim[i, j]`` is 1 when ``labels[i]`` and ``labels[j]`` (``[N, C]`` multi-hot)
     share a class, else 0. ``loss_type`` picks MSE, L1 or binary cross entropy between them.
+
+    For ``'bce'`` ``sim_p`` is clamped to ``[0, 1]``: the normalized linear kernel of a spike
+    vector with itself rounds to slightly above 1, on which SpikingJelly's BCE raises (in most
+    batches); the clamp changes nothing else.
     """
     if loss_type not in _SIM_LOSSES:
         raise ValueError(
@@ -466,7 +470,7 @@ def spike_similar_loss(
         return F.mse_loss(sim_p, sim)
     if loss_type == "l1":
         return F.l1_loss(sim_p, sim)
-    return F.binary_cross_entropy(sim_p, sim)
+    return F.binary_cross_entropy(sim_p.clamp(0.0, 1.0), sim)
 
 
 # -- misc -----------------------------------------------------------------------------------------
