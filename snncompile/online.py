@@ -1,0 +1,586 @@
+"""Online training through time: OTTT, SLTT and FPTT, on eager and compiled models.
+
+Backpropagation through time (BPTT) keeps every time step's activations until the backward pass,
+so its training memory grows linearly with the number of steps ``T``. The online methods here
+update (or accumulate gradients) after every step and cut the graph between steps, so memory
+does not depend on ``T``:
+
+* **OTTT** (Xiao et al., 2022, *Online Training Through Time for Spiking Neural Networks*): the
+  membrane potential is detached every step and each spiking layer keeps a presynaptic trace
+  ``trace_t = trace_{t-1} * (1 - 1/tau) + spike_t``. The next layer's *output value* is computed
+  from the spikes, but its *weight gradient* from the trace (``dL/dW = delta^T . trace``), which
+  carries the temporal credit that detaching the membrane removed. :class:`OTTTLIFNode` emits
+  ``[spike, trace]`` in training; :class:`OTTTSequential` (or explicit :class:`GradwithTrace` /
+  :class:`SpikeTraceOp` wrappers) consume the pair.
+* **SLTT** (Meng et al., 2023): like OTTT without traces; :class:`SLTTLIFNode` only detaches the
+  membrane every step, so the gradient at step ``t`` flows through the spatial path only.
+* **FPTT** (Kag & Saligrama, 2021; Yin et al., 2023): every step does a gradient update on the
+  step loss plus a dynamic regulariser ``alpha/2 * mse(w, w_ra + g_prev / (2 alpha))`` that pulls
+  the weights toward a running average ``w_ra``. See :func:`fptt_online_training`.
+
+The training loops (:func:`ottt_online_training`, :func:`fptt_online_training`) take any module
+called once per step: an eager single-step network, or the per-step compiled module returned by
+:func:`compile_online` (which shares parameters with the eager network, so one optimizer serves
+both).
+
+Semantics follow SpikingJelly 2.0.0 (``spikingjelly.activation_based.layer.online_learning``,
+``neuron.online_learning`` and ``learning.online_learning``), checked by differential tests, with
+two documented deviations: ``w_ra`` holds independent copies (see
+:func:`fptt_online_training_init_w_ra`), and a target shorter than the input raises an
+``IndexError`` *before* any update instead of part-way through the sequence.
+
+Import note: :mod:`snncompile.layer` and :mod:`snncompile.functional` re-export the public names
+from here, so this module must not import them at module level (it would be an import cycle).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snncompile import surrogate
+from snncompile.base import MemoryModule
+from snncompile.neuron import LIFNode
+
+__all__ = [
+    "OTTTLIFNode",
+    "SLTTLIFNode",
+    "ReplaceforGrad",
+    "GradwithTrace",
+    "SpikeTraceOp",
+    "OTTTSequential",
+    "fptt_online_training_init_w_ra",
+    "fptt_online_training",
+    "ottt_online_training",
+]
+
+
+# =================================================================================================
+# Neurons (single step only)
+# =================================================================================================
+_ONLINE_DEFAULT_SURROGATE = surrogate.Sigmoid()
+
+
+class _OnlineLIFNode(LIFNode):
+    """A single-step LIF whose membrane is detached at the start of every training step.
+
+    Detaching ``v`` is what makes the backward of step ``t`` independent of earlier steps, so the
+    graph (and memory) never spans more than one step. In eval mode the node is a plain LIF with
+    a Heaviside forward.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: nn.Module = _ONLINE_DEFAULT_SURROGATE,
+        detach_reset: bool = True,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        if step_mode != "s":
+            raise ValueError(
+                f"{type(self).__name__} only supports step_mode='s': online training runs the "
+                f"network one step at a time so that memory does not grow with T. Call it once "
+                f"per step (ottt_online_training does), got step_mode={step_mode!r}."
+            )
+        if surrogate_function is _ONLINE_DEFAULT_SURROGATE:
+            surrogate_function = surrogate.Sigmoid()
+        super().__init__(
+            tau,
+            decay_input,
+            v_threshold,
+            v_reset,
+            surrogate_function,
+            detach_reset,
+            step_mode,
+            store_v_seq,
+            backend=backend,
+        )
+
+    @property
+    def supported_step_mode(self) -> tuple[str, ...]:
+        """Only ``'s'``: these neurons exist to be stepped one time step at a time."""
+        return ("s",)
+
+    def _online_step(self, x: torch.Tensor) -> torch.Tensor:
+        self.v_float_to_tensor(x)
+        if not self.training:
+            self.neuronal_charge(x)
+            spike = surrogate.heaviside(self.v - self.v_threshold)
+            self.neuronal_reset(spike)
+            return spike
+        self.v = self.v.detach()
+        self.neuronal_charge(x)
+        spike = self.neuronal_fire()
+        self.neuronal_reset(spike)
+        return spike
+
+
+class OTTTLIFNode(_OnlineLIFNode):
+    """LIF neuron for OTTT: detached membrane and a presynaptic trace for the next layer.
+
+    Forward dynamics are a LIF's (:class:`snncompile.neuron.LIFNode`). In training mode the
+    membrane is detached at every step and the node also keeps ``trace = trace * (1 - 1/tau) +
+    spike`` (no gradient), returning ``[spike, trace]``; the next parametric layer must consume the
+    pair (:class:`OTTTSequential` or :class:`GradwithTrace`). In eval mode it returns the spike.
+    Defaults follow SpikingJelly: ``decay_input=False``, soft reset (``v_reset=None``),
+    ``detach_reset=True``. Single step only; ``store_v_seq`` is accepted for interface
+    compatibility and ignored.
+
+    Args:
+        tau: membrane time constant (> 1); also the trace's decay.
+        decay_input: whether the input is divided by ``tau`` during charge.
+        v_threshold: firing threshold.
+        v_reset: hard-reset value, or ``None`` for soft reset (subtract the threshold).
+        surrogate_function: surrogate spike function used in backward.
+        detach_reset: detach the spike in the reset path.
+        step_mode: must be ``'s'``.
+        store_v_seq: ignored (single-step node).
+        backend: must be ``'torch'``.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = False,
+        v_threshold: float = 1.0,
+        v_reset: float | None = None,
+        surrogate_function: nn.Module = _ONLINE_DEFAULT_SURROGATE,
+        detach_reset: bool = True,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__(
+            tau,
+            decay_input,
+            v_threshold,
+            v_reset,
+            surrogate_function,
+            detach_reset,
+            step_mode,
+            store_v_seq,
+            backend=backend,
+        )
+        self.register_memory("trace", None)
+
+    @staticmethod
+    def track_trace(spike: torch.Tensor, trace: torch.Tensor, tau: float) -> torch.Tensor:
+        """Return ``trace * (1 - 1/tau) + spike``, computed without autograd."""
+        with torch.no_grad():
+            return trace * (1.0 - 1.0 / tau) + spike
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Run one step: ``[spike, trace]`` in training mode, ``spike`` in eval mode."""
+        spike = self._online_step(x)
+        if not self.training:
+            return spike
+        if self.trace is None:
+            self.trace = torch.zeros_like(self.v)
+        self.trace = self.track_trace(spike, self.trace, self.tau)
+        return [spike, self.trace]
+
+
+class SLTTLIFNode(_OnlineLIFNode):
+    """LIF neuron for SLTT: the membrane is detached at every training step, no trace.
+
+    The gradient of step ``t``'s loss then flows only through the spatial (layer-to-layer) path
+    of step ``t``. Returns the spike in both modes. Defaults follow SpikingJelly:
+    ``decay_input=True``, hard reset to ``v_reset=0.0``, ``detach_reset=True``. Single step only;
+    arguments as :class:`OTTTLIFNode`.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: nn.Module = _ONLINE_DEFAULT_SURROGATE,
+        detach_reset: bool = True,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        *,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__(
+            tau,
+            decay_input,
+            v_threshold,
+            v_reset,
+            surrogate_function,
+            detach_reset,
+            step_mode,
+            store_v_seq,
+            backend=backend,
+        )
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run one step and return the spike."""
+        return self._online_step(x)
+
+
+# =================================================================================================
+# Spike / trace plumbing
+# =================================================================================================
+class ReplaceforGrad(torch.autograd.Function):
+    """Return ``x_r`` in the forward pass and send the incoming gradient to both inputs.
+
+    ``ReplaceforGrad.apply(x, x_r)`` has the *value* of ``x_r`` but is differentiable as if it
+    were ``x`` (and ``x_r``): backward returns ``(grad, grad)``. It is the one trick behind OTTT:
+    a layer is evaluated on the trace to obtain trace-based weight gradients, and the result is
+    swapped for the spike-based output value without changing which graph the gradient follows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, x_r: torch.Tensor) -> torch.Tensor:
+        # Returning an input unchanged from a Function is allowed; autograd marks it as a view
+        # of the output so the graph stays consistent.
+        return x_r
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad
+
+
+def _split_pair(x: Any, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack a ``[spike, trace]`` pair, raising a helpful error for anything else."""
+    if not isinstance(x, (list, tuple)) or len(x) != 2:
+        got = type(x).__name__
+        if isinstance(x, torch.Tensor):
+            got = f"a tensor of shape {tuple(x.shape)}"
+        raise TypeError(
+            f"{owner} expects the [spike, trace] pair an OTTTLIFNode emits in training mode, got "
+            f"{got}. Put it right after an OTTTLIFNode (or SpikeTraceOp) and keep the network in "
+            f"train() mode; in eval() mode OTTTSequential calls the wrapped module directly."
+        )
+    return x[0], x[1]
+
+
+def _grad_with_trace(module: nn.Module, x: Any, owner: str = "GradwithTrace") -> torch.Tensor:
+    """Evaluate ``module`` on spikes for the value and on traces for the weight gradient."""
+    spike, trace = _split_pair(x, owner)
+    with torch.no_grad():
+        value = module(spike)
+    # Differentiable through `module` at the trace; the input gradient still reaches `spike`
+    # (ReplaceforGrad routes it), so upstream OTTT neurons get their spatial gradient.
+    for_grad = module(ReplaceforGrad.apply(spike, trace))
+    return ReplaceforGrad.apply(for_grad, value)
+
+
+def _apply_to_spike_and_trace(
+    module: nn.Module, x: Any, owner: str = "SpikeTraceOp"
+) -> list[torch.Tensor]:
+    """Apply a parameter-free ``module`` to the spike (with grad) and the trace (without)."""
+    spike, trace = _split_pair(x, owner)
+    spike = module(spike)
+    with torch.no_grad():
+        trace = module(trace)
+    return [spike, trace]
+
+
+class GradwithTrace(nn.Module):
+    """Wrap a parametric module so its output comes from spikes and its weight grad from traces.
+
+    The input is the ``[spike, trace]`` pair of an :class:`OTTTLIFNode` in training mode. The
+    output is ``module(spike)`` (a plain tensor); in backward, ``module``'s parameters receive the
+    gradient of ``module`` evaluated at ``trace`` (for a linear layer: ``dL/dW = delta^T .
+    trace``, ``dL/db = sum(delta)``) and ``spike`` receives ``module``'s input gradient.
+
+    Args:
+        module: the layer to wrap (``nn.Linear``, ``nn.Conv2d``, ...).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Return ``module(spike)`` with trace-based parameter gradients (see the class doc)."""
+        owner = f"GradwithTrace({type(self.module).__name__})"
+        return _grad_with_trace(self.module, x, owner=owner)
+
+
+class SpikeTraceOp(nn.Module):
+    """Apply a parameter-free module to both halves of a ``[spike, trace]`` pair.
+
+    The spike goes through ``module`` with autograd (gradients flow back to the neuron), the trace
+    without (it only feeds later weight gradients). Use it for pooling, flattening, dropout and
+    similar layers between an :class:`OTTTLIFNode` and the next :class:`GradwithTrace`.
+
+    Args:
+        module: a module without parameters.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return ``[module(spike), module(trace)]``, the second computed without autograd."""
+        return _apply_to_spike_and_trace(
+            self.module, x, owner=f"SpikeTraceOp({type(self.module).__name__})"
+        )
+
+
+class OTTTSequential(nn.Sequential):
+    """An ``nn.Sequential`` that routes OTTT ``[spike, trace]`` pairs automatically.
+
+    While the running value is a plain tensor, each module is called normally. After an
+    :class:`OTTTLIFNode` in training mode the value is a ``[spike, trace]`` list, and the next
+    modules are handled as follows: another :class:`OTTTLIFNode` takes the spike; a module with
+    parameters is evaluated as :class:`GradwithTrace` would (value from spikes, weight gradient
+    from traces) and turns the pair back into a tensor; a module without parameters is applied to
+    both halves as :class:`SpikeTraceOp` would. Explicit ``GradwithTrace`` / ``SpikeTraceOp``
+    members are called as they are. In eval mode OTTT neurons emit plain spikes, so this is an
+    ordinary ``nn.Sequential``.
+    """
+
+    def forward(self, input: Any) -> Any:  # noqa: A002 - nn.Sequential's argument name
+        """Run the members in order with the OTTT routing described in the class doc."""
+        x = input
+        for index, module in enumerate(self):
+            if isinstance(x, list):
+                if isinstance(module, OTTTLIFNode):
+                    x = module(x[0])
+                elif isinstance(module, (GradwithTrace, SpikeTraceOp)):
+                    x = module(x)
+                elif next(module.parameters(), None) is None:
+                    x = _apply_to_spike_and_trace(module, x, owner=self._member_name(index))
+                else:
+                    x = _grad_with_trace(module, x, owner=self._member_name(index))
+            else:
+                x = module(x)
+        return x
+
+    def _member_name(self, index: int) -> str:
+        return f"OTTTSequential[{index}] ({type(self[index]).__name__})"
+
+
+# =================================================================================================
+# Network state helpers (work for our MemoryModules and SpikingJelly's alike)
+# =================================================================================================
+def _is_memory_module(module: nn.Module) -> bool:
+    if isinstance(module, MemoryModule):
+        return True
+    # SpikingJelly's base.MemoryModule (and compatible third-party modules): duck-typed so the
+    # loops also drive models built from SpikingJelly's layers without importing it.
+    return isinstance(getattr(module, "_memories", None), dict) and callable(
+        getattr(module, "detach", None)
+    )
+
+
+def _memory_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    return tuple(m for m in model.modules() if _is_memory_module(m))
+
+
+def _detach_states(modules: Sequence[nn.Module]) -> None:
+    for module in modules:
+        module.detach()
+
+
+def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _check_target_length(x_len: int, target_len: int, x_name: str, fn: str) -> None:
+    if target_len < x_len:
+        raise IndexError(
+            f"{fn}: target_seq has {target_len} time steps but x_seq has {x_len} (time axis is "
+            f"{x_name}); give one target per input step (repeat a per-sample label with "
+            f"target.unsqueeze(...).expand(...))."
+        )
+
+
+# =================================================================================================
+# FPTT
+# =================================================================================================
+def fptt_online_training_init_w_ra(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Return the initial running-average list ``w_ra`` for :func:`fptt_online_training`.
+
+    One tensor per optimizer parameter, in ``optimizer.param_groups`` order, holding the
+    parameter's current value. The tensors are **independent copies** (``p.detach().clone()``),
+    not aliases of ``p.data``: an alias would silently follow every optimizer update until
+    :func:`fptt_online_training` first replaces the list entry, so the running average would
+    not be an average of past weights (with ``T == 1`` it would track the weights forever and
+    the FPTT regulariser would stay exactly zero). SpikingJelly's documentation describes the
+    entries as ``w.data`` (aliases); its 2.0.0 implementation also clones, and so do we.
+
+    Args:
+        optimizer: the optimizer that trains the network.
+
+    Returns:
+        A list of detached tensors aligned with the optimizer's parameters.
+    """
+    return [p.detach().clone() for p in _optimizer_parameters(optimizer)]
+
+
+def fptt_online_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_seq: torch.Tensor,
+    target_seq: torch.Tensor,
+    f_loss_t: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    alpha: float,
+    w_ra: list[torch.Tensor],
+) -> None:
+    """Train ``model`` on one sequence with FPTT, updating the weights at every time step.
+
+    For each step ``t`` of ``x_seq`` (time first, ``[T, N, ...]``):
+
+    1. ``loss = f_loss_t(model(x_t), target_t) + alpha/2 * sum_i mse(w_i, w_ra_i + g_i/(2 alpha))``
+       where ``g_i`` is the previous step's loss gradient (0 at ``t = 0``); backward, optimizer
+       step, then the network state is detached (the graph never spans two steps).
+    2. Except at the last step, the step-``t`` loss gradient at the *updated* weights, ``g``, is
+       computed by running the model once more, and ``w_ra_i <- (w_ra_i + w_i)/2 - g_i/(2 alpha)``
+       (in place in the list). The network state is saved before and restored after this extra
+       pass, so it does not advance the dynamics. As in SpikingJelly 2.0.0, the extra pass feeds
+       ``x_t`` to the state reached *after* step ``t``.
+
+    ``model`` is called with one step ``[N, ...]`` at a time: an eager single-step network or a
+    :func:`compile_online` module. Its state is not reset here (call ``functional.reset_net``
+    between sequences).
+
+    Args:
+        model: the network, called once per time step.
+        optimizer: its optimizer; ``w_ra`` must follow the order of its parameters.
+        x_seq: input sequence ``[T, N, ...]``.
+        target_seq: target sequence ``[T, N, ...]`` (at least ``T`` steps).
+        f_loss_t: per-step loss ``f_loss_t(y_t, target_t) -> scalar tensor``.
+        alpha: the FPTT regularisation strength (> 0).
+        w_ra: the running averages from :func:`fptt_online_training_init_w_ra`; updated in place.
+
+    Returns:
+        None.
+
+    Raises:
+        IndexError: ``target_seq`` has fewer time steps than ``x_seq`` (raised before training).
+        ValueError: ``w_ra`` does not have one entry per optimizer parameter.
+        Exception: errors from the model, the loss, backward or the optimizer propagate unchanged.
+    """
+    parameters = _optimizer_parameters(optimizer)
+    if len(w_ra) != len(parameters):
+        raise ValueError(
+            f"fptt_online_training: w_ra has {len(w_ra)} entries but the optimizer has "
+            f"{len(parameters)} parameters; build it with "
+            f"fptt_online_training_init_w_ra(optimizer)."
+        )
+    steps = x_seq.shape[0]
+    _check_target_length(steps, target_seq.shape[0], "dim 0, [T, N, ...]", "fptt_online_training")
+    memory_modules = _memory_modules(model)
+    previous_grads: list[torch.Tensor | float] = [0.0] * len(parameters)
+
+    for t, x_t in enumerate(x_seq.unbind(0)):
+        target_t = target_seq[t]
+        optimizer.zero_grad()
+        loss = f_loss_t(model(x_t), target_t)
+        loss = loss + (alpha / 2.0) * sum(
+            F.mse_loss(p, w_ra[i] + previous_grads[i] / (2.0 * alpha))
+            for i, p in enumerate(parameters)
+        )
+        loss.backward()
+        optimizer.step()
+        _detach_states(memory_modules)
+
+        if t < steps - 1:
+            # Snapshot the state the next step must start from; the extra pass below moves it.
+            saved = [copy.deepcopy(m._memories) for m in memory_modules]
+            optimizer.zero_grad()
+            f_loss_t(model(x_t), target_t).backward()
+            with torch.no_grad():
+                for i, p in enumerate(parameters):
+                    # An unused parameter has no gradient: treat it as zero (SpikingJelly fails).
+                    grad = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                    previous_grads[i] = grad
+                    w_ra[i] = (w_ra[i] + p) / 2.0 - grad / (2.0 * alpha)
+            for module, state in zip(memory_modules, saved, strict=True):
+                module._memories = state
+        optimizer.zero_grad()
+
+
+# =================================================================================================
+# OTTT / SLTT
+# =================================================================================================
+def ottt_online_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_seq: torch.Tensor,
+    target_seq: torch.Tensor,
+    f_loss_t: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    online: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train ``model`` on a batch of sequences with OTTT (or SLTT), one step at a time.
+
+    ``x_seq`` and ``target_seq`` are **batch first**, ``[N, T, ...]``. For each step ``t`` the
+    model runs on ``x_seq[:, t]`` (if it returns a ``[spike, trace]`` pair the spike is used), the
+    step loss is backpropagated immediately and the network state is detached, so the graph never
+    holds more than one step. With ``online=True`` the optimizer steps after every time step (the
+    gradients are zeroed before each step); with ``online=False`` the gradients of all steps are
+    accumulated and applied once at the end.
+
+    Use it with :class:`OTTTSequential` + :class:`OTTTLIFNode` (OTTT) or with a network of
+    :class:`SLTTLIFNode` (SLTT); it accepts a :func:`compile_online` module as ``model`` too.
+
+    Args:
+        model: the network, called once per time step with ``[N, ...]``.
+        optimizer: its optimizer.
+        x_seq: inputs ``[N, T, ...]``.
+        target_seq: targets ``[N, T, ...]`` (at least ``T`` steps on dim 1).
+        f_loss_t: per-step loss ``f_loss_t(y_t, target_t) -> scalar tensor``.
+        online: update every step (True) or once per sequence (False).
+
+    Returns:
+        ``(batch_loss, y_all)``: the sum of the detached step losses (a 0-dim tensor) and the
+        detached outputs stacked batch first, ``[N, T, ...]``.
+
+    Raises:
+        IndexError: ``target_seq`` has fewer time steps than ``x_seq`` (raised before training).
+        Exception: errors from the model, the loss, backward or the optimizer propagate unchanged.
+    """
+    if x_seq.dim() < 2:
+        raise ValueError(
+            f"ottt_online_training: x_seq must be batch first [N, T, ...], got shape "
+            f"{tuple(x_seq.shape)}."
+        )
+    steps = x_seq.shape[1]
+    target_steps = target_seq.shape[1] if target_seq.dim() >= 2 else 0
+    _check_target_length(steps, target_steps, "dim 1, [N, T, ...]", "ottt_online_training")
+    memory_modules = _memory_modules(model)
+    xs = x_seq.transpose(0, 1).unbind(0)
+    targets = target_seq.transpose(0, 1)
+
+    batch_loss: torch.Tensor | float = 0.0
+    outputs: list[torch.Tensor] = []
+    if not online:
+        optimizer.zero_grad()
+    for t, x_t in enumerate(xs):
+        if online:
+            optimizer.zero_grad()
+        y_t = model(x_t)
+        if isinstance(y_t, (list, tuple)):
+            y_t = y_t[0]
+        loss = f_loss_t(y_t, targets[t].contiguous())
+        loss.backward()
+        if online:
+            optimizer.step()
+        # Only this step's graph is used; cut the state so the next backward cannot reach it.
+        _detach_states(memory_modules)
+        batch_loss = batch_loss + loss.detach()
+        outputs.append(y_t.detach())
+    if not online:
+        optimizer.step()
+    if not isinstance(batch_loss, torch.Tensor):
+        batch_loss = torch.zeros(())
+    y_all = torch.stack(outputs, dim=1) if outputs else torch.empty(0)
+    return batch_loss, y_all
