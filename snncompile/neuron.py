@@ -28,8 +28,10 @@ longer matches the input is an error here (SpikingJelly silently re-initialises 
 ``functional.reset_net(net)`` between samples of different shape.
 
 Backends: ``backend`` is validated against the class-level ``supported_backends`` (``('torch',)``
-here); :meth:`BaseNode.multi_step_forward` is the single dispatch point. Compilers read a node's
-configuration through :meth:`BaseNode.dynamics_spec` (a :class:`NeuronSpec`).
+here) and used by :meth:`BaseNode.multi_step_forward`, the single dispatch point; the single-step
+path is always plain torch (fusion only pays over many steps). Fused implementations are added
+with :meth:`BaseNode.register_backend`. Compilers read a node's configuration through
+:meth:`BaseNode.dynamics_spec` (a :class:`NeuronSpec`).
 
 Constructor arguments follow SpikingJelly 2.0.0's order (which has no ``backend``); ``backend``
 is therefore keyword-only and last, so positional SpikingJelly 2.0.0 calls keep working.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -98,8 +101,10 @@ class BaseNode(MemoryModule):
     membrane after reset of every step is kept in ``self.v_seq`` (``[T, N, *]``).
     """
 
-    #: The backends this class can run; fused backends extend this tuple.
+    #: The backends this class can run; :meth:`register_backend` extends it.
     supported_backends: ClassVar[tuple[str, ...]] = ("torch",)
+    #: Multi-step implementations of the non-'torch' backends: ``impl(node, x_seq) -> spikes``.
+    _backend_impls: ClassVar[dict[str, Callable[[BaseNode, torch.Tensor], torch.Tensor]]] = {}
 
     def __init__(
         self,
@@ -155,6 +160,25 @@ class BaseNode(MemoryModule):
                 f"{self.supported_backends}."
             )
         self._backend = value
+
+    @classmethod
+    def register_backend(
+        cls, name: str, impl: Callable[[BaseNode, torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Make ``backend=name`` available on ``cls`` and its subclasses.
+
+        ``impl(node, x_seq)`` runs a whole ``[T, N, *]`` sequence for ``node`` and returns the
+        spikes; like :meth:`_multi_step_torch` it must leave the final membrane in ``node.v``
+        (matched to the input with ``node.v_float_to_tensor`` first) and set ``node.v_seq``
+        when ``node.store_v_seq``. It may fall back to ``node._multi_step_torch(x_seq)``.
+        Registering on :class:`BaseNode` reaches every subclass that has not registered
+        backends of its own.
+        """
+        if name == "torch":
+            raise ValueError(f"{cls.__name__}: the 'torch' backend is built in.")
+        if name not in cls.supported_backends:
+            cls.supported_backends = (*cls.supported_backends, name)
+        cls._backend_impls = {**cls._backend_impls, name: impl}
 
     @property
     def store_v_seq(self) -> bool:
@@ -252,7 +276,8 @@ class BaseNode(MemoryModule):
         """Run ``x_seq`` of shape ``[T, N, *]`` and return the spikes ``[T, N, *]``.
 
         This is the one backend dispatch point: ``backend='torch'`` runs
-        :meth:`_multi_step_torch`; fused backends register their own implementation here.
+        :meth:`_multi_step_torch`, any other backend the implementation registered with
+        :meth:`register_backend`.
         """
         owner = type(self).__name__
         check_multi_step_input(x_seq, owner)
@@ -260,9 +285,13 @@ class BaseNode(MemoryModule):
             raise ValueError(f"{owner}: the input sequence has no time steps (T = 0).")
         if self.backend == "torch":
             return self._multi_step_torch(x_seq)
-        raise NotImplementedError(  # pragma: no cover - only reachable via a subclass' table
-            f"{owner}: backend {self.backend!r} has no multi-step implementation."
-        )
+        impl = self._backend_impls.get(self.backend)
+        if impl is None:
+            raise NotImplementedError(
+                f"{owner}: backend {self.backend!r} is listed in supported_backends but has no "
+                f"implementation; add one with {owner}.register_backend(name, impl)."
+            )
+        return impl(self, x_seq)
 
     def _multi_step_torch(self, x_seq: torch.Tensor) -> torch.Tensor:
         # unbind(0) keeps backward O(T); x_seq[t] would make it O(T^2).

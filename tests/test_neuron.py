@@ -111,7 +111,7 @@ def _run(node, x, v0, w_s, w_v, mode):
 def _assert_grads_close(ours, ref, what):
     for name, a, b in zip(("x", "v_init", "w"), ours, ref, strict=False):
         torch.testing.assert_close(
-            a, b, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{what} {n}: {m}"
+            a, b, rtol=1e-6, atol=1e-9, msg=lambda m, n=name: f"{what} {n}: {m}"
         )
 
 
@@ -429,3 +429,36 @@ def test_other_dtypes_match_spikingjelly(sj, kind, mode, dtype) -> None:
     assert s_a.dtype == s_b.dtype and v_a.dtype == v_b.dtype
     assert torch.equal(s_a, s_b) and torch.equal(v_a, v_b)
     torch.testing.assert_close(g_a, g_b)
+
+
+def test_register_backend_dispatch() -> None:
+    class CountingLIF(neuron.LIFNode):
+        pass
+
+    calls = []
+
+    def impl(node, x_seq):
+        calls.append(tuple(x_seq.shape))
+        return node._multi_step_torch(x_seq)
+
+    CountingLIF.register_backend("counting", impl)
+    assert CountingLIF.supported_backends == ("torch", "counting")
+    assert neuron.LIFNode.supported_backends == ("torch",)  # the parent is untouched
+    with pytest.raises(ValueError, match="unknown backend 'counting'"):
+        neuron.LIFNode(backend="counting")
+    x = torch.rand(4, 2, 3) * 2
+    node = CountingLIF(step_mode="m", backend="counting", store_v_seq=True)
+    ref = neuron.LIFNode(step_mode="m", store_v_seq=True)
+    assert torch.equal(node(x), ref(x)) and torch.equal(node.v_seq, ref.v_seq)
+    assert calls == [(4, 2, 3)]
+    node.step_mode = "s"
+    node(x[0])  # single step never dispatches
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="built in"):
+        CountingLIF.register_backend("torch", impl)
+
+    class Listed(neuron.IFNode):
+        supported_backends = ("torch", "ghost")
+
+    with pytest.raises(NotImplementedError, match=r"'ghost'.*register_backend"):
+        Listed(step_mode="m", backend="ghost")(x)
