@@ -1,0 +1,95 @@
+"""The public entry points: :func:`optimize` and :func:`trace`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from snncompile.frontend.trace import trace_model
+from snncompile.ir.graph import Graph
+from snncompile.ir.verify import verify
+from snncompile.passes.base import PassManager
+from snncompile.passes.pipeline import build_pipeline
+from snncompile.runtime.compiled import CompiledModule, lower_to_fx
+
+MODES = ("train", "inference")
+BACKENDS = ("auto", "torch", "cpu", "cuda")
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, *, strict: bool = False) -> Graph:
+    """Capture ``model`` into an (unoptimized, verified) IR graph.
+
+    ``example_input`` is ``[T, N, ...]``. For a single-step model the graph describes one time
+    step (``step`` layout); for a multi-step model, the whole sequence. ``print(graph)`` shows it.
+    """
+    graph = trace_model(model, example_input, strict=strict)
+    graph.meta.setdefault("mode", "train" if model.training else "inference")
+    verify(graph)
+    return graph
+
+
+def optimize(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    mode: str | None = None,
+    backend: str = "auto",
+    strict: bool = False,
+    passes: Sequence[Any] | None = None,
+) -> CompiledModule:
+    """Compile ``model`` into a :class:`~snncompile.runtime.compiled.CompiledModule`.
+
+    Args:
+        model: A SpikingJelly-style SNN (snncompile's or SpikingJelly 2.0.0's modules, plain
+            ``torch.nn`` layers and torch code), in single-step or multi-step form.
+        example_input: A ``[T, N, ...]`` tensor used to trace shapes (the model's state and
+            parameters are not changed by it).
+        mode: ``'train'`` (parameters and BN statistics shared with ``model``; gradients equal
+            eager) or ``'inference'`` (eval semantics: dropout/identity removed, BN folded into
+            new layers; parameters not folded stay shared). Default: ``'train'`` if
+            ``model.training`` else ``'inference'``.
+        backend: ``'auto'``, ``'torch'``, ``'cpu'`` or ``'cuda'``; stored in ``graph.meta`` for
+            the fusion passes to use.
+        strict: Raise instead of running untraceable submodules as opaque modules.
+        passes: Pass callables or pipeline names to run instead of the default pipeline
+            (step-mode lowering and layout cleanup always run).
+
+    Returns:
+        A module that takes ``[T, N, ...]`` and returns what the multi-step model returns, or
+        for a single-step model the stack of its per-step outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize: model must be an nn.Module, got {type(model).__name__}")
+    if mode is None:
+        mode = "train" if model.training else "inference"
+    if mode not in MODES:
+        raise ValueError(f"optimize: mode must be one of {MODES} or None, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"optimize: backend must be one of {BACKENDS}, got {backend!r}")
+    work = model
+    if mode == "inference" and model.training:
+        # Inference compiles eval semantics without flipping the user's module flags: modules are
+        # copied (parameters shared) and put in eval mode.
+        memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+        work = copy.deepcopy(model, memo).eval()
+    graph = trace_model(work, example_input, strict=strict)
+    graph.meta.update(mode=mode, backend=backend)
+    verify(graph)
+    manager = PassManager(build_pipeline(mode, passes))
+    graph = manager.run(graph)
+    gm = lower_to_fx(graph)
+    compiled = CompiledModule(
+        gm,
+        graph,
+        manager.records,
+        example_shape=tuple(example_input.shape),
+        mode=mode,
+        backend=backend,
+    )
+    if mode == "inference":
+        compiled.eval()
+    return compiled

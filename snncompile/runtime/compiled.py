@@ -1,0 +1,203 @@
+"""Execution of IR graphs: lowering to an ``fx.GraphModule`` and the :class:`CompiledModule`.
+
+:func:`lower_to_fx` turns a sequence-form graph into Python code through torch.fx: module nodes
+become ``call_module`` of the very module objects the IR holds (so parameters stay shared and
+training works), functions and methods are called as recorded, ``MERGE_TIME`` is
+``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read from the
+input at run time, and per-step nodes run inside a :class:`~snncompile.runtime.step_loop.StepLoop`.
+
+:class:`CompiledModule` wraps the result: it takes ``[T, N, *]`` input, holds its own copies of
+the stateful modules (reset them with ``functional.reset_net(compiled)``; the original model's
+state is never read or written), and exposes ``.graph`` and ``.report()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from snncompile.ir.graph import Graph, Node, Ref
+from snncompile.ir.ops import Layout, Op
+from snncompile.ir.printer import format_graph
+from snncompile.passes.base import PassRecord
+from snncompile.runtime.step_loop import StepLoop
+
+
+class _Root(nn.Module):
+    """Owner of the submodules and constants the generated code refers to."""
+
+
+def _safe(name: str) -> str:
+    out = "".join(c if (c.isalnum() or c == "_") else "_" for c in name)
+    return out if out and not out[0].isdigit() else f"m_{out}"
+
+
+def lower_to_fx(graph: Graph) -> fx.GraphModule:
+    """Generate an ``fx.GraphModule`` that executes ``graph`` (which must be in sequence form)."""
+    if any(n.layout is Layout.STEP for n in graph):
+        raise ValueError(
+            "lower_to_fx: the graph is still in single-step form; run the 'lower_step_mode' "
+            "pass first"
+        )
+    root = _Root()
+    fxg = fx.Graph()
+    env: dict[str, Any] = {}
+    registered: dict[int, str] = {}
+    time_size: list[fx.Node] = []
+
+    def register(obj: Any, name: str) -> str:
+        if id(obj) in registered:
+            return registered[id(obj)]
+        attr = _safe(name)
+        while hasattr(root, attr):
+            attr += "_"
+        if isinstance(obj, nn.Module):
+            root.add_module(attr, obj)
+        elif isinstance(obj, nn.Parameter):
+            root.register_parameter(attr, obj)
+        elif isinstance(obj, torch.Tensor):
+            root.register_buffer(attr, obj)
+        else:
+            setattr(root, attr, obj)
+        registered[id(obj)] = attr
+        return attr
+
+    def fill(template: Any, node: Node) -> Any:
+        if isinstance(template, Ref):
+            return env[node.inputs[template.index]]
+        if isinstance(template, tuple):
+            return tuple(fill(t, node) for t in template)
+        if isinstance(template, list):
+            return [fill(t, node) for t in template]
+        if isinstance(template, dict):
+            return {k: fill(v, node) for k, v in template.items()}
+        return template
+
+    def time_steps() -> fx.Node:
+        if not time_size:
+            seq_input = next(
+                (n for n in graph.input_nodes if n.layout is Layout.SEQ), graph.input_nodes[0]
+            )
+            time_size.append(fxg.call_method("size", (env[seq_input.name], 0)))
+        return time_size[0]
+
+    for node in graph.nodes:
+        args_t = node.attrs.get("args")
+        if args_t is None:
+            args_t = tuple(Ref(i) for i in range(len(node.inputs)))
+        kwargs_t = node.attrs.get("kwargs") or {}
+        if node.op is Op.INPUT:
+            env[node.name] = fxg.placeholder(node.name)
+        elif node.op is Op.CONSTANT:
+            attr = register(node.attrs["_value"], node.attrs.get("target", node.name))
+            env[node.name] = fxg.get_attr(attr)
+        elif node.op is Op.OUTPUT:
+            fxg.output(fill(args_t[0] if len(args_t) == 1 else args_t, node))
+        elif node.op is Op.MERGE_TIME:
+            env[node.name] = fxg.call_method("flatten", (env[node.inputs[0]], 0, 1))
+        elif node.op is Op.SPLIT_TIME:
+            env[node.name] = fxg.call_method(
+                "unflatten", (env[node.inputs[0]], 0, (time_steps(), -1))
+            )
+        elif node.attrs.get("per_step"):
+            seq = tuple(graph[i].layout is Layout.SEQ and graph[i].is_tensor for i in node.inputs)
+            loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)
+            attr = register(loop, f"{node.name}_loop")
+            env[node.name] = fxg.call_module(attr, tuple(env[i] for i in node.inputs))
+        elif node.module is not None:
+            attr = register(node.module, node.name)
+            env[node.name] = fxg.call_module(attr, fill(args_t, node), fill(kwargs_t, node))
+        elif isinstance(node.target, str):
+            env[node.name] = fxg.call_method(node.target, fill(args_t, node), fill(kwargs_t, node))
+        elif node.target is not None:
+            env[node.name] = fxg.call_function(
+                node.target, fill(args_t, node), fill(kwargs_t, node)
+            )
+        else:
+            raise ValueError(f"lower_to_fx: node %{node.name} ({node.op.name}) has nothing to run")
+    fxg.lint()
+    return fx.GraphModule(root, fxg, class_name="SNNCompiled")
+
+
+class CompiledModule(nn.Module):
+    """The result of :func:`snncompile.optimize`: runs the optimized graph on ``[T, N, *]``.
+
+    It returns what the original multi-step model returns, or for a single-step model what
+    stacking its per-step outputs gives. Neurons and other stateful modules inside are the
+    compiled module's own copies (sharing parameters with the model), so
+    ``functional.reset_net(compiled)`` / ``detach_net(compiled)`` act on the compiled state only.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        graph: Graph,
+        records: list[PassRecord],
+        *,
+        example_shape: tuple[int, ...],
+        mode: str,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        self.gm = gm
+        self._graph = graph
+        self._records = list(records)
+        self.example_shape = tuple(example_shape)
+        self.mode = mode
+        self.backend = backend
+        self.source_step_mode = graph.meta.get("step_mode", "s")
+
+    @property
+    def graph(self) -> Graph:
+        """The optimized IR graph this module runs."""
+        return self._graph
+
+    @property
+    def records(self) -> list[PassRecord]:
+        """One :class:`~snncompile.passes.PassRecord` per pass that ran."""
+        return list(self._records)
+
+    def forward(self, x: Any) -> Any:
+        """Run the compiled model on ``x`` of shape ``[T, N, *]``."""
+        if isinstance(x, torch.Tensor) and x.dim() != len(self.example_shape):
+            raise ValueError(
+                f"compiled model: expected input of shape [T, N, ...] with "
+                f"{len(self.example_shape)} dimensions like the example "
+                f"{list(self.example_shape)}, got shape {list(x.shape)}"
+            )
+        return self.gm(x)
+
+    def report(self) -> str:
+        """A table of the passes that ran: changed or not, node counts, time and notes."""
+        rows = [("pass", "changed", "nodes", "ms", "notes")]
+        for r in self._records:
+            rows.append(
+                (
+                    r.name,
+                    "yes" if r.modified else "no",
+                    f"{r.nodes_before}->{r.nodes_after}",
+                    f"{r.seconds * 1e3:.2f}",
+                    "; ".join(r.notes),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = []
+        for k, row in enumerate(rows):
+            cells = [row[i].ljust(widths[i]) for i in range(4)] + [row[4]]
+            lines.append("  ".join(cells).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  -----")
+        head = (
+            f"snncompile: mode={self.mode}, backend={self.backend}, source step_mode="
+            f"{self.source_step_mode}, {len(self._graph)} IR nodes"
+        )
+        return head + "\n" + "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, backend={self.backend}, nodes={len(self._graph)}"
+
+    def graph_text(self) -> str:
+        """``str(self.graph)``: the stable text form of the optimized IR."""
+        return format_graph(self._graph)
