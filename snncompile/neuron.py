@@ -201,8 +201,14 @@ class BaseNode(MemoryModule):
         self.v_seq = None
 
     def detach(self) -> None:
-        """Cut ``v`` (and ``v_seq``) from the autograd graph (truncated BPTT)."""
-        super().detach()
+        """Cut ``v`` (and ``v_seq``) from the autograd graph (truncated BPTT).
+
+        The state is replaced by a detached alias rather than detached in place, so a tensor the
+        caller passed in as initial state (e.g. a leaf with ``requires_grad``) is left intact.
+        """
+        for name, value in list(self.named_memories()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.detach())
         if isinstance(self.v_seq, torch.Tensor):
             self.v_seq = self.v_seq.detach()
 

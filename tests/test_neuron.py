@@ -462,3 +462,43 @@ def test_register_backend_dispatch() -> None:
 
     with pytest.raises(NotImplementedError, match=r"'ghost'.*register_backend"):
         Listed(step_mode="m", backend="ghost")(x)
+
+
+def test_detach_leaves_callers_initial_state_alone() -> None:
+    node = neuron.IFNode()
+    v0 = torch.zeros(3, requires_grad=True)
+    node.v = v0
+    node.detach()
+    assert v0.requires_grad and not node.v.requires_grad
+
+
+def _graph_ops(root: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [root.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+def test_multi_step_uses_unbind_not_indexing() -> None:
+    """``x_seq[t]`` would make backward O(T^2); the loop must slice with ``unbind``."""
+    x = torch.rand(5, 2, 3, requires_grad=True)
+    ops = _graph_ops(neuron.LIFNode(step_mode="m")(x).sum())
+    assert "UnbindBackward0" in ops and "SelectBackward0" not in ops
+
+
+def test_deepcopy_and_state_dict() -> None:
+    import copy
+
+    node = neuron.ParametricLIFNode(init_tau=3.0, step_mode="m")
+    node(torch.rand(2, 4))
+    node.detach()  # torch cannot deepcopy non-leaf tensors (the state depends on w)
+    clone = copy.deepcopy(node)
+    assert torch.equal(clone.v, node.v) and clone.v is not node.v
+    assert list(node.state_dict()) == ["w"]
+    clone.reset()
+    assert clone.v == 0.0 and isinstance(node.v, torch.Tensor)
