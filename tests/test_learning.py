@@ -254,9 +254,17 @@ def test_trace_sequence_batched_equals_loop(dtype):
         for t in range(steps):
             x = x * decay + s[t] if exponential else x - x / tau + s[t]
             loop.append(x)
-        batched = trace_sequence(s, start, tau, exponential=exponential, chunk=16)
-        assert_rel(batched, torch.stack(loop))
-        assert_rel(trace_sequence(s, start, tau, exponential=exponential), torch.stack(loop))
+        loop = torch.stack(loop)
+        batched = trace_sequence(s, start, tau, exponential, method="matmul", chunk=16)
+        assert_rel(batched, loop)
+        assert_rel(trace_sequence(s, start, tau, exponential, method="matmul"), loop)
+        # the in-place recurrence uses the reference operation order: bit-identical
+        assert torch.equal(trace_sequence(s, start, tau, exponential, method="recurrence"), loop)
+        # also into a strided view (how the multi-step STDP path uses it)
+        buf = torch.zeros(steps, 6, 7, dtype=dtype)
+        trace_sequence(s, start, tau, exponential, method="matmul", out=buf[:, 3:])
+        assert_rel(buf[:, 3:], loop)
+        assert torch.count_nonzero(buf[:, :3]) == 0
 
 
 def test_multi_step_initial_traces_and_continuation():
