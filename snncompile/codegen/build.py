@@ -1,0 +1,161 @@
+"""Build generated C sources into shared libraries and load them with ctypes, with a disk cache.
+
+* Compiler: ``$SNNCOMPILE_CC``, else ``$CC``, else the first of ``cc``, ``gcc``, ``clang`` on
+  ``PATH``. Flags: ``-O3 -fPIC -shared -fopenmp -ffp-contract=off -std=c11``. Never
+  ``-ffast-math``: a library linked with it flips flush-to-zero for the whole process, and it
+  would reorder float operations (fused kernels must be bit-exact with PyTorch);
+  ``-ffp-contract=off`` forbids FMA contraction for the same reason.
+* OpenMP: torch ships ``libgomp.so.1`` in ``torch/lib`` and loads it first. Our library is linked
+  with ``-fopenmp`` against the same soname, so the dynamic loader resolves it to the copy torch
+  already loaded: one OpenMP runtime, one thread pool (checked in the tests through
+  ``/proc/self/maps``). Kernels also size their parallel region to ``torch.get_num_threads()``
+  so the pool is never oversubscribed.
+* Cache: ``$SNNCOMPILE_CACHE_DIR`` or ``~/.cache/snncompile``; the file name is a hash of the
+  source, the flags and the compiler's ``--version`` output. A library is built under a unique
+  temporary name and moved in place with ``os.replace`` (atomic), so concurrent processes never see
+  a half-written file. A cached file that fails to load is deleted and rebuilt once.
+* No compiler: :func:`find_compiler` returns None, and callers fall back to the torch renderer;
+  :func:`warn_no_compiler` emits one warning per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+CFLAGS: tuple[str, ...] = (
+    "-O3",
+    "-fPIC",
+    "-shared",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-std=c11",
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL] = {}
+_warned = False
+
+
+class CompilerNotFound(RuntimeError):
+    """Raised when a C kernel is requested explicitly but no C compiler exists."""
+
+
+def cache_dir() -> Path:
+    """The kernel cache directory (created on demand)."""
+    root = os.environ.get("SNNCOMPILE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "snncompile"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_compiler() -> str | None:
+    """The C compiler to use, or None when none is installed."""
+    for candidate in (os.environ.get("SNNCOMPILE_CC"), os.environ.get("CC")):
+        if candidate:
+            found = shutil.which(candidate)
+            return found
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@lru_cache(maxsize=8)
+def compiler_version(compiler: str) -> str:
+    """The compiler's ``--version`` text (part of the cache key)."""
+    try:
+        out = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        return out.stdout + out.stderr
+    except OSError as exc:  # pragma: no cover - compiler vanished
+        return f"unknown ({exc})"
+
+
+def warn_no_compiler() -> None:
+    """Warn once per process that fused CPU kernels fall back to PyTorch."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(
+        "snncompile: no C compiler found (set SNNCOMPILE_CC or install gcc/cc); fused CPU "
+        "neuron kernels fall back to the PyTorch renderer (same results, slower).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def library_path(source: str, compiler: str, flags: tuple[str, ...] = CFLAGS) -> Path:
+    """Where the library for ``source`` built by ``compiler`` with ``flags`` is cached."""
+    h = hashlib.sha256()
+    for part in (source, "\0".join(flags), compiler_version(compiler)):
+        h.update(part.encode())
+        h.update(b"\0\0")
+    return cache_dir() / f"snnk_{h.hexdigest()[:32]}.so"
+
+
+def _compile(source: str, compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="snncompile_build_") as tmp:
+        src = Path(tmp) / "kernel.c"
+        src.write_text(source)
+        partial = target.with_name(f"{target.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        cmd = [compiler, *flags, str(src), "-o", str(partial), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(
+                "snncompile.codegen: compiling a generated neuron kernel failed "
+                f"({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
+            )
+        os.replace(partial, target)  # atomic: readers see the old file or the whole new one
+
+
+def load_library(source: str, flags: tuple[str, ...] = CFLAGS) -> ctypes.CDLL:
+    """Compile ``source`` (or reuse the cached build) and return the loaded library.
+
+    Raises :class:`CompilerNotFound` when no compiler exists.
+    """
+    compiler = find_compiler()
+    if compiler is None:
+        raise CompilerNotFound(
+            "snncompile.codegen: no C compiler found; install gcc or set SNNCOMPILE_CC, or use "
+            "the torch backend."
+        )
+    path = library_path(source, compiler, flags)
+    key = str(path)
+    with _lock:
+        lib = _loaded.get(key)
+        if lib is not None:
+            return lib
+        if not path.exists():
+            _compile(source, compiler, flags, path)
+        try:
+            lib = ctypes.CDLL(key)
+        except OSError:
+            # A corrupt or truncated cache entry (e.g. a crashed foreign writer): rebuild it.
+            path.unlink(missing_ok=True)
+            _compile(source, compiler, flags, path)
+            lib = ctypes.CDLL(key)
+        _loaded[key] = lib
+        return lib
+
+
+def forget_loaded() -> None:
+    """Drop the in-process table of loaded libraries (tests use it to force a cache lookup)."""
+    with _lock:
+        _loaded.clear()

@@ -1,0 +1,380 @@
+"""Fused neuron forward/backward as PyTorch operators.
+
+Two entry points share one implementation:
+
+* ``torch.ops.snncompile.neuron_forward`` / ``neuron_backward``: ``torch.library.custom_op``s
+  with fake (shape) kernels and registered autograd, keyed by a kernel-id string. They are what
+  ``torch.compile(fullgraph=True)`` and export see: one opaque op per neuron layer.
+* :class:`FusedNeuronFunction`: a plain ``torch.autograd.Function`` calling the same kernels. In
+  eager mode it is used by default because the custom-op dispatcher costs per call (DESIGN §8
+  measured ~30 us for the custom op vs ~19 us for an autograd.Function on this kind of machine;
+  ``benchmarks/bench_neuron_kernels.py`` prints ours), which matters for single-step use.
+
+:func:`fused_multi_step` is the public function: it flattens ``[T, *]`` to ``[T, N]``, evaluates
+the per-call uniforms (e.g. PLIF's ``sigmoid(w)``) with PyTorch so autograd carries their
+gradients back to the parameters, picks the kernel for the device (C for CPU, CuPy for CUDA, the
+torch renderer when no C compiler exists), and converts float16/bfloat16 inputs to float32 for
+the kernel (state and arithmetic are float32; spikes, ``v_seq`` and ``grad_x`` come back in the
+input dtype; the state ``v`` stays float32).
+
+Only ``h`` (the pre-reset membrane potential) is saved for backward; spikes are recomputed, and
+``v`` is recomputed from the previous ``h`` when a neuron's gradient needs it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from snncompile.codegen.build import CompilerNotFound, find_compiler, warn_no_compiler
+from snncompile.codegen.render import evaluate
+from snncompile.codegen.torch_backend import torch_multi_step
+from snncompile.dynamics.neuron import NeuronDynamics
+
+_LOW = (torch.float16, torch.bfloat16)
+_registry: dict[str, NeuronDynamics] = {}
+_lock = threading.Lock()
+
+#: Below this many neuron-steps (T * N), ``backend='auto'`` uses the torch path: per-call overhead
+#: of the fused op (~20-30 us) exceeds what fusion saves. Measured with
+#: ``benchmarks/bench_neuron_kernels.py --auto-threshold`` on 2 cores (see docs/kernels.md).
+AUTO_MIN_ELEMENTS = 4096
+
+
+def register_dynamics(dynamics: NeuronDynamics) -> str:
+    """Register ``dynamics`` and return its kernel id (the string the custom ops take)."""
+    kid = f"{dynamics.name}_{dynamics.key()}"
+    with _lock:
+        _registry.setdefault(kid, dynamics)
+    return kid
+
+
+def _dynamics(kernel_id: str) -> NeuronDynamics:
+    try:
+        return _registry[kernel_id]
+    except KeyError:
+        raise KeyError(
+            f"snncompile.runtime.fused: unknown kernel id {kernel_id!r}; call "
+            "register_dynamics(dynamics) in this process first."
+        ) from None
+
+
+def _kernel(kernel_id: str, device: torch.device) -> Any:
+    d = _dynamics(kernel_id)
+    if device.type == "cuda":
+        from snncompile.codegen.cuda import cuda_kernel
+
+        return cuda_kernel(d)
+    if device.type != "cpu":
+        raise RuntimeError(
+            f"snncompile fused neuron {d.name}: tensors on {device} are not supported; use "
+            "CPU or CUDA tensors, or backend='torch'."
+        )
+    from snncompile.codegen.cpu import cpu_kernel
+
+    return cpu_kernel(d)
+
+
+def _empty(ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty((0,), dtype=dtype or ref.dtype, device=ref.device)
+
+
+# -- shared implementation ----------------------------------------------------------------------
+def _forward_impl(
+    kernel_id: str,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor,
+    uniforms: torch.Tensor,
+    need_h: bool,
+    store_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _kernel(kernel_id, x_seq.device)
+    x32 = x_seq.float().contiguous()
+    spikes, h_seq, v_seq, v_last = k.forward(
+        x32, v_init.float().contiguous(), uniforms.float().contiguous(), need_h, store_v_seq
+    )
+    dtype = x_seq.dtype
+    return (
+        spikes.to(dtype),
+        h_seq if h_seq is not None else _empty(x_seq, torch.float32),
+        v_seq.to(dtype) if v_seq is not None else _empty(x_seq),
+        v_last,
+    )
+
+
+def _backward_impl(
+    kernel_id: str,
+    grad_spike_seq: torch.Tensor,
+    grad_v_seq: torch.Tensor,
+    grad_v_last: torch.Tensor,
+    h_seq: torch.Tensor,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor,
+    uniforms: torch.Tensor,
+    has_grad_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _kernel(kernel_id, h_seq.device)
+    needs_x = "x" in k.source.backward_needs
+    gx, gv0, gu = k.backward(
+        grad_spike_seq.float().contiguous(),
+        grad_v_seq.float().contiguous() if has_grad_v_seq else None,
+        grad_v_last.float().contiguous(),
+        h_seq,
+        x_seq.float().contiguous() if needs_x else None,
+        v_init.float().contiguous(),
+        uniforms.float().contiguous(),
+    )
+    # Per-neuron partial sums over time, reduced over neurons in float64 for accuracy.
+    gu_sum = gu.sum(dim=1, dtype=torch.float64).float() if gu.numel() else uniforms.new_zeros(0)
+    return gx.to(x_seq.dtype), gv0, gu_sum
+
+
+# -- custom ops (torch.compile / export) ----------------------------------------------------------
+@torch.library.custom_op("snncompile::neuron_forward", mutates_args=())
+def neuron_forward(
+    kernel_id: str,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor,
+    uniforms: torch.Tensor,
+    need_h: bool,
+    store_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused multi-step neuron forward on ``x_seq`` ``[T, N]`` from ``v_init`` ``[N]`` (float32).
+
+    Returns ``(spike_seq, h_seq, v_seq, v_last)``; ``h_seq`` (float32) is empty unless
+    ``need_h``, ``v_seq`` is empty unless ``store_v_seq``.
+    """
+    return _forward_impl(kernel_id, x_seq, v_init, uniforms, need_h, store_v_seq)
+
+
+@neuron_forward.register_fake
+def _neuron_forward_fake(
+    kernel_id: str,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor,
+    uniforms: torch.Tensor,
+    need_h: bool,
+    store_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    spikes = torch.empty_like(x_seq)
+    h = torch.empty_like(x_seq, dtype=torch.float32) if need_h else _empty(x_seq, torch.float32)
+    v_seq = torch.empty_like(x_seq) if store_v_seq else _empty(x_seq)
+    return spikes, h, v_seq, torch.empty_like(v_init, dtype=torch.float32)
+
+
+@torch.library.custom_op("snncompile::neuron_backward", mutates_args=())
+def neuron_backward(
+    kernel_id: str,
+    grad_spike_seq: torch.Tensor,
+    grad_v_seq: torch.Tensor,
+    grad_v_last: torch.Tensor,
+    h_seq: torch.Tensor,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor,
+    uniforms: torch.Tensor,
+    has_grad_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused BPTT: returns ``(grad_x_seq, grad_v_init, grad_uniforms)``."""
+    return _backward_impl(
+        kernel_id,
+        grad_spike_seq,
+        grad_v_seq,
+        grad_v_last,
+        h_seq,
+        x_seq,
+        v_init,
+        uniforms,
+        has_grad_v_seq,
+    )
+
+
+@neuron_backward.register_fake
+def _neuron_backward_fake(
+    kernel_id: str,
+    grad_spike_seq: torch.Tensor,
+    grad_v_seq: torch.Tensor,
+    grad_v_last: torch.Tensor,
+    h_seq: torch.Tensor,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor,
+    uniforms: torch.Tensor,
+    has_grad_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty_like(x_seq),
+        torch.empty_like(v_init, dtype=torch.float32),
+        torch.empty_like(uniforms, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    kernel_id, x_seq, v_init, uniforms, need_h, store_v_seq = inputs
+    ctx.kernel_id = kernel_id
+    ctx.need_h = need_h
+    ctx.save_for_backward(output[1], x_seq, v_init, uniforms)
+
+
+def _grad_or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _custom_backward(
+    ctx: Any,
+    g_spikes: torch.Tensor | None,
+    g_h: torch.Tensor | None,
+    g_vseq: torch.Tensor | None,
+    g_vlast: torch.Tensor | None,
+) -> tuple[Any, ...]:
+    h_seq, x_seq, v_init, uniforms = ctx.saved_tensors
+    if not ctx.need_h:
+        raise RuntimeError(
+            "snncompile.neuron_forward was called with need_h=False but is being "
+            "differentiated; call it with need_h=True when gradients are required."
+        )
+    has_gv = g_vseq is not None and g_vseq.numel() > 0
+    gx, gv0, gu = neuron_backward(
+        ctx.kernel_id,
+        _grad_or_zeros(g_spikes, x_seq),
+        g_vseq if has_gv else _empty(x_seq),
+        _grad_or_zeros(g_vlast, v_init),
+        h_seq,
+        x_seq,
+        v_init,
+        uniforms,
+        has_gv,
+    )
+    return None, gx, gv0, gu, None, None
+
+
+neuron_forward.register_autograd(_custom_backward, setup_context=_setup_context)
+
+
+# -- eager fast path ---------------------------------------------------------------------------
+class FusedNeuronFunction(torch.autograd.Function):
+    """The same fused forward/backward as a plain autograd.Function (lower eager overhead)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kernel_id: str,
+        x_seq: torch.Tensor,
+        v_init: torch.Tensor,
+        uniforms: torch.Tensor,
+        need_h: bool,
+        store_v_seq: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = _forward_impl(kernel_id, x_seq, v_init, uniforms, need_h, store_v_seq)
+        ctx.kernel_id = kernel_id
+        ctx.need_h = need_h
+        ctx.save_for_backward(out[1], x_seq, v_init, uniforms)
+        ctx.mark_non_differentiable(out[1])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        g_spikes, _, g_vseq, g_vlast = grads
+        h_seq, x_seq, v_init, uniforms = ctx.saved_tensors
+        if not ctx.need_h:  # pragma: no cover - guarded by fused_multi_step
+            raise RuntimeError("snncompile: fused neuron forward ran without saving h.")
+        has_gv = g_vseq is not None and g_vseq.numel() > 0
+        gx, gv0, gu = _backward_impl(
+            ctx.kernel_id,
+            _grad_or_zeros(g_spikes, x_seq),
+            g_vseq if has_gv else _empty(x_seq),
+            _grad_or_zeros(g_vlast, v_init),
+            h_seq,
+            x_seq,
+            v_init,
+            uniforms,
+            has_gv,
+        )
+        return None, gx, gv0, gu, None, None
+
+
+# -- public API --------------------------------------------------------------------------------
+def compiler_available() -> bool:
+    """True when a C compiler exists (fused CPU kernels can be built)."""
+    return find_compiler() is not None
+
+
+def uniforms_for(
+    dynamics: NeuronDynamics, params: Mapping[str, torch.Tensor] | None, device: torch.device
+) -> torch.Tensor:
+    """Evaluate the neuron's per-call uniforms (e.g. ``sigmoid(w)``) with PyTorch as a float32
+    vector; autograd flows from it to ``params``."""
+    program = dynamics.step_program()
+    if not program.uniforms:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    missing = [n for n in dynamics.param_names if not params or n not in params]
+    if missing:
+        raise ValueError(
+            f"snncompile fused neuron {dynamics.name}: missing parameter values {missing}; pass "
+            "params={name: tensor}."
+        )
+    env = {k: v for k, v in params.items()}  # type: ignore[union-attr]
+    values = evaluate({f"u{i}": u for i, u in enumerate(program.uniforms)}, env)
+    parts = [
+        torch.as_tensor(values[f"u{i}"], dtype=torch.float32, device=device).reshape(1)
+        for i in range(len(program.uniforms))
+    ]
+    return torch.cat(parts).float()
+
+
+def fused_multi_step(
+    dynamics: NeuronDynamics,
+    x_seq: torch.Tensor,
+    v_init: torch.Tensor | float,
+    params: Mapping[str, torch.Tensor] | None = None,
+    store_v_seq: bool = False,
+    use_custom_op: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run ``dynamics`` over ``x_seq`` ``[T, *]`` with the fused kernel of ``x_seq``'s device.
+
+    ``v_init`` is a tensor broadcastable to ``x_seq.shape[1:]`` or a float. Returns
+    ``(spike_seq, v_last, v_seq)``: ``spike_seq`` and ``v_seq`` (None unless ``store_v_seq``)
+    in ``x_seq``'s dtype and shape, ``v_last`` float32 of shape ``x_seq.shape[1:]``.
+    ``use_custom_op``: None picks the custom op under ``torch.compile`` and the
+    autograd.Function in eager mode.
+    Without a C compiler CPU inputs run through the torch renderer (one warning per process).
+    """
+    if x_seq.dim() < 1:
+        raise ValueError(
+            f"snncompile fused neuron {dynamics.name}: x_seq must be [T, *], got a 0-dim tensor."
+        )
+    shape = x_seq.shape[1:]
+    if not isinstance(v_init, torch.Tensor):
+        v_init = torch.full(shape, float(v_init), dtype=torch.float32, device=x_seq.device)
+    if x_seq.device.type == "cpu" and not compiler_available():
+        warn_no_compiler()
+        v0 = v_init.float().expand(shape) if v_init.shape != shape else v_init
+        return torch_multi_step(dynamics, x_seq, v0, params, store_v_seq)
+    T = x_seq.shape[0]
+    x2 = x_seq.reshape(T, -1)
+    v2 = v_init.float().expand(shape).reshape(-1)
+    uniforms = uniforms_for(dynamics, params, x_seq.device)
+    kid = register_dynamics(dynamics)
+    need_h = torch.is_grad_enabled() and (
+        x2.requires_grad or v2.requires_grad or uniforms.requires_grad
+    )
+    if use_custom_op is None:
+        use_custom_op = torch.compiler.is_compiling()
+    try:
+        if use_custom_op:
+            spikes, _, v_seq, v_last = torch.ops.snncompile.neuron_forward(
+                kid, x2, v2, uniforms, need_h, store_v_seq
+            )
+        else:
+            spikes, _, v_seq, v_last = FusedNeuronFunction.apply(
+                kid, x2, v2, uniforms, need_h, store_v_seq
+            )
+    except CompilerNotFound:  # pragma: no cover - compiler disappeared between checks
+        warn_no_compiler()
+        return torch_multi_step(dynamics, x_seq, v_init.float(), params, store_v_seq)
+    return (
+        spikes.reshape(x_seq.shape),
+        v_last.reshape(shape),
+        v_seq.reshape(x_seq.shape) if store_v_seq else None,
+    )
