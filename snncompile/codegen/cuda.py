@@ -63,8 +63,12 @@ class CudaKernel:
 
     def _launch(self, fn: Any, n: int, args: list[Any]) -> None:
         np = __import__("numpy")
-        packed = [np.uint64(0 if a is None else a.data_ptr()) if (a is None or isinstance(
-            a, torch.Tensor)) else np.int64(a) for a in args]
+        packed = [
+            np.uint64(0 if a is None else a.data_ptr())
+            if (a is None or isinstance(a, torch.Tensor))
+            else np.int64(a)
+            for a in args
+        ]
         stream = self._cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
         blocks = (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
         with stream:
@@ -84,9 +88,7 @@ class CudaKernel:
         h_seq = torch.empty_like(x_seq) if need_h else None
         v_seq = torch.empty_like(x_seq) if store_v_seq else None
         v_last = torch.empty_like(v_init)
-        self._launch(
-            self._fwd, N, [x_seq, v_init, uniforms, spikes, h_seq, v_seq, v_last, T, N]
-        )
+        self._launch(self._fwd, N, [x_seq, v_init, uniforms, spikes, h_seq, v_seq, v_last, T, N])
         return spikes, h_seq, v_seq, v_last
 
     def backward(
@@ -107,8 +109,20 @@ class CudaKernel:
         self._launch(
             self._bwd,
             N,
-            [grad_spike_seq, grad_v_seq, grad_v_last, h_seq, x_seq, v_init, uniforms, grad_x,
-             grad_v0, grad_u if self.num_uniforms else None, T, N],
+            [
+                grad_spike_seq,
+                grad_v_seq,
+                grad_v_last,
+                h_seq,
+                x_seq,
+                v_init,
+                uniforms,
+                grad_x,
+                grad_v0,
+                grad_u if self.num_uniforms else None,
+                T,
+                N,
+            ],
         )
         return grad_x, grad_v0, grad_u
 

@@ -441,8 +441,16 @@ def grad(outputs: dict[Expr, Expr], wrt: Iterable[Expr]) -> dict[Expr, Expr]:
 
 
 # -- printing -------------------------------------------------------------------------------------
-_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.LT: "<", Op.LE: "<=",
-          Op.GT: ">", Op.GE: ">="}
+_INFIX = {
+    Op.ADD: "+",
+    Op.SUB: "-",
+    Op.MUL: "*",
+    Op.DIV: "/",
+    Op.LT: "<",
+    Op.LE: "<=",
+    Op.GT: ">",
+    Op.GE: ">=",
+}
 
 
 def to_str(e: Expr) -> str:

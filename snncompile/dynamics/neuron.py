@@ -214,9 +214,7 @@ def _build_program(d: NeuronDynamics) -> StepProgram:
     grad_x = substitute(adj[X], to_h)
     grad_v = substitute(adj[V], to_h)
     grad_u = tuple(substitute(adj[u], to_h) for u in u_leaves)
-    needs = tuple(
-        n for n in free_names([grad_x, grad_v, *grad_u], Op.VAR) if n in STATE_VARS
-    )
+    needs = tuple(n for n in free_names([grad_x, grad_v, *grad_u], Op.VAR) if n in STATE_VARS)
     # Forward expressions in terms of the leaf h (the kernels compute h once, then fire/reset).
     spike_h = d.fire(H)
     v_next_h = d.reset(H, spike_h)
