@@ -73,7 +73,14 @@ def _target_name(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, str):
         return target
-    return getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    name = getattr(target, "__name__", None)
+    if name is None:
+        return repr(target)
+    if getattr(F, name, None) is target:
+        return f"torch.nn.functional.{name}"
+    if getattr(torch, name, None) is target:
+        return f"torch.{name}"
+    return name
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -151,7 +158,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
     ``W' = W * gamma / sqrt(var + eps)`` per output channel and
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``, using the running statistics. Only a BN
     whose input is a ``Conv1d/2d/3d`` or ``Linear`` module used by nothing else is folded; other
-    BNs stay (in eval mode they are affine, which rate coding represents exactly).
+    BNs stay (in eval mode they are affine, which rate coding represents exactly). The Conv/Linear
+    modules of ``gm`` are edited in place (a traced module shares them with the original model:
+    trace a copy).
     """
     modules = dict(gm.named_modules())
     folded = 0
