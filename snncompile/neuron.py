@@ -489,3 +489,10 @@ class ParametricLIFNode(BaseNode):
         with torch.no_grad():
             tau = 1.0 / self.w.sigmoid().item()
         return super().extra_repr() + f", tau={round(tau, 6)}, decay_input={self.decay_input}"
+
+
+# Fused backends ('cpu', 'cuda', 'auto'): kernels generated from snncompile.dynamics, registered
+# through register_backend so the torch path above stays the reference (snncompile.runtime).
+from snncompile.runtime.fused_backends import install as _install_fused_backends  # noqa: E402
+
+_install_fused_backends()

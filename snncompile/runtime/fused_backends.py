@@ -1,0 +1,157 @@
+"""Fused backends for :mod:`snncompile.neuron`: ``backend='cpu' | 'cuda' | 'auto'``.
+
+:func:`install` registers three implementations with
+:meth:`snncompile.neuron.BaseNode.register_backend` (``snncompile.neuron`` calls it on import):
+
+* ``'cpu'``: the generated C kernel (OpenMP over neurons); CPU tensors only.
+* ``'cuda'``: the generated CUDA kernel through CuPy; CUDA tensors only.
+* ``'auto'``: the fused kernel of the input's device when the problem is big enough
+  (``T * N >= AUTO_MIN_ELEMENTS``) and the neuron is supported, else the node's torch loop.
+
+Every fused backend falls back to the torch loop (silently for ``'auto'``, with one warning per
+configuration otherwise) when the neuron cannot be fused: a surrogate without an expression form
+(:data:`snncompile.dynamics.surrogates.SURROGATE_EXPRESSIONS`), or a subclass whose dynamics are
+not described by its ``NeuronSpec``. The membrane ``v`` a fused backend leaves in the node is
+float32 (the kernels' state precision), also for float16/bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from snncompile.dynamics.neuron import NeuronDynamics, from_spec
+from snncompile.dynamics.surrogates import SURROGATE_EXPRESSIONS
+from snncompile.runtime.fused import AUTO_MIN_ELEMENTS, fused_multi_step
+
+_cache: dict[tuple[Any, ...], NeuronDynamics | None] = {}
+_warned: set[tuple[Any, ...]] = set()
+# The classes whose step methods the NeuronSpec describes; a subclass overriding one of them has
+# dynamics of its own and runs in torch.
+_KNOWN_CLASSES: set[type] = set()
+_STEP_METHODS = ("neuronal_charge", "neuronal_fire", "neuronal_reset", "_step")
+
+
+def _spec_key(spec: Any) -> tuple[Any, ...]:
+    sg = spec.surrogate
+    params = getattr(sg, "params", None)
+    if params is None:
+        params = (getattr(sg, "alpha", None),)
+    return (
+        spec.kind,
+        spec.v_threshold,
+        spec.v_reset,
+        spec.tau,
+        spec.decay_input,
+        spec.detach_reset,
+        type(sg).__name__,
+        tuple(params),
+        bool(getattr(sg, "spiking", True)),
+    )
+
+
+def dynamics_for(node: Any) -> NeuronDynamics | None:
+    """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused."""
+    spec_fn = getattr(node, "dynamics_spec", None)
+    if spec_fn is None:
+        return None
+    for method in _STEP_METHODS:
+        owner = next((c for c in type(node).__mro__ if method in c.__dict__), None)
+        if owner not in _KNOWN_CLASSES:
+            return None
+    spec = spec_fn()
+    key = _spec_key(spec)
+    if key not in _cache:
+        if key[6] not in SURROGATE_EXPRESSIONS:
+            _cache[key] = None
+        else:
+            try:
+                _cache[key] = from_spec(spec)
+            except (ValueError, TypeError):
+                _cache[key] = None
+    return _cache[key]
+
+
+def _params(node: Any, dynamics: NeuronDynamics) -> dict[str, torch.Tensor] | None:
+    names = dynamics.param_names
+    if not names:
+        return None
+    return {n: getattr(node, n) for n in names}
+
+
+def _run_fused(node: Any, x_seq: torch.Tensor, dynamics: NeuronDynamics) -> torch.Tensor:
+    node.v_float_to_tensor(x_seq[0])
+    v0 = node.v
+    spikes, v_last, v_seq = fused_multi_step(
+        dynamics, x_seq, v0, _params(node, dynamics), store_v_seq=node.store_v_seq
+    )
+    node.v = v_last
+    if node.store_v_seq:
+        node.v_seq = v_seq
+    return spikes
+
+
+def _fallback(node: Any, x_seq: torch.Tensor, why: str, key: tuple[Any, ...]) -> torch.Tensor:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"{type(node).__name__}(backend={node.backend!r}): {why}; running the torch loop.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return node._multi_step_torch(x_seq)
+
+
+def _make_impl(device_type: str) -> Any:
+    def impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
+        d = dynamics_for(node)
+        if d is None:
+            return _fallback(
+                node,
+                x_seq,
+                "this neuron configuration has no fused kernel (surrogate without an "
+                "expression form, or a subclass with its own charge)",
+                (type(node).__name__, device_type),
+            )
+        if x_seq.device.type != device_type:
+            raise RuntimeError(
+                f"{type(node).__name__}(backend={device_type!r}) got a tensor on "
+                f"{x_seq.device}; move the input to {device_type} or use backend='auto'."
+            )
+        return _run_fused(node, x_seq, d)
+
+    return impl
+
+
+def _auto_impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
+    d = dynamics_for(node)
+    if (
+        d is None
+        or x_seq.device.type not in ("cpu", "cuda")
+        or x_seq.numel() < AUTO_MIN_ELEMENTS
+        or (x_seq.device.type == "cuda" and not _cupy_available())
+    ):
+        return node._multi_step_torch(x_seq)
+    return _run_fused(node, x_seq, d)
+
+
+def _cupy_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def install() -> None:
+    """Register the ``'cpu'``, ``'cuda'`` and ``'auto'`` backends on snncompile's neurons."""
+    from snncompile import neuron
+
+    _KNOWN_CLASSES.update(
+        {neuron.BaseNode, neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode}
+    )
+    neuron.BaseNode.register_backend("cpu", _make_impl("cpu"))
+    neuron.BaseNode.register_backend("cuda", _make_impl("cuda"))
+    neuron.BaseNode.register_backend("auto", _auto_impl)
