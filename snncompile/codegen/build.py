@@ -44,6 +44,7 @@ CFLAGS: tuple[str, ...] = (
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
+_path_locks: dict[str, threading.Lock] = {}
 _warned = False
 
 
@@ -142,6 +143,13 @@ def load_library(source: str, flags: tuple[str, ...] = CFLAGS) -> ctypes.CDLL:
         lib = _loaded.get(key)
         if lib is not None:
             return lib
+        path_lock = _path_locks.setdefault(key, threading.Lock())
+    # One lock per library: different kernels build in parallel (see prebuild).
+    with path_lock:
+        with _lock:
+            lib = _loaded.get(key)
+        if lib is not None:
+            return lib
         if not path.exists():
             _compile(source, compiler, flags, path)
         try:
@@ -151,7 +159,8 @@ def load_library(source: str, flags: tuple[str, ...] = CFLAGS) -> ctypes.CDLL:
             path.unlink(missing_ok=True)
             _compile(source, compiler, flags, path)
             lib = ctypes.CDLL(key)
-        _loaded[key] = lib
+        with _lock:
+            _loaded[key] = lib
         return lib
 
 

@@ -9,7 +9,10 @@ leave dtype conversion and autograd to :mod:`snncompile.runtime.fused`.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -126,3 +129,12 @@ def cpu_kernel(dynamics: NeuronDynamics) -> CpuKernel:
         with _lock:
             k = _kernels.setdefault(dynamics, k)
     return k
+
+
+def prebuild(dynamics: Iterable[NeuronDynamics], workers: int | None = None) -> list[CpuKernel]:
+    """Build the CPU kernels of many neurons at once, compiling in parallel (one compiler process
+    per core); a model with many neuron layers, or a test grid, pays the build latency once."""
+    items = list(dict.fromkeys(dynamics))
+    workers = workers or max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(cpu_kernel, items))

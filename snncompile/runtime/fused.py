@@ -323,6 +323,18 @@ def uniforms_for(
     return torch.cat(parts).float()
 
 
+@torch.compiler.assume_constant_result
+def _prepare(dynamics: NeuronDynamics, device_type: str) -> str:
+    """Register ``dynamics`` and return its kernel id, or "" when CPU kernels cannot be built.
+
+    Runs once at trace time under ``torch.compile`` (its result is a constant there), so the
+    compiler lookup and hashing never enter a compiled graph.
+    """
+    if device_type == "cpu" and not compiler_available():
+        return ""
+    return register_dynamics(dynamics)
+
+
 def fused_multi_step(
     dynamics: NeuronDynamics,
     x_seq: torch.Tensor,
@@ -347,7 +359,8 @@ def fused_multi_step(
     shape = x_seq.shape[1:]
     if not isinstance(v_init, torch.Tensor):
         v_init = torch.full(shape, float(v_init), dtype=torch.float32, device=x_seq.device)
-    if x_seq.device.type == "cpu" and not compiler_available():
+    kid = _prepare(dynamics, x_seq.device.type)
+    if not kid:
         warn_no_compiler()
         v0 = v_init.float().expand(shape) if v_init.shape != shape else v_init
         return torch_multi_step(dynamics, x_seq, v0, params, store_v_seq)
@@ -355,7 +368,6 @@ def fused_multi_step(
     x2 = x_seq.reshape(T, -1)
     v2 = v_init.float().expand(shape).reshape(-1)
     uniforms = uniforms_for(dynamics, params, x_seq.device)
-    kid = register_dynamics(dynamics)
     need_h = torch.is_grad_enabled() and (
         x2.requires_grad or v2.requires_grad or uniforms.requires_grad
     )
