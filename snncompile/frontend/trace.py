@@ -189,7 +189,7 @@ class SNNTracer(fx.Tracer):
         merged = self.create_proxy("call_function", merge_time, (x,), {})
         y = merged
         for _, child in modules:
-            y = self.call_module(child, child.forward, (y,), {})
+            y = self._call_plain(child, child.forward, (y,), {})
         return self.create_proxy("call_function", split_time, (y, x), {})
 
     def call_module(
@@ -216,6 +216,12 @@ class SNNTracer(fx.Tracer):
                 if run:
                     y = self._seq(y, path, run)
                 return y
+        return self._call_plain(m, forward, args, kwargs)
+
+    def _call_plain(
+        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        path = self.path_of_module(m)
         self._stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
