@@ -13,7 +13,9 @@ from snncompile.frontend.trace import trace_model
 from snncompile.ir.graph import Graph
 from snncompile.ir.verify import verify
 from snncompile.passes.base import PassManager
+from snncompile.passes.chunk import chunk_forward  # also registers the 'chunking' stage pass
 from snncompile.passes.pipeline import build_pipeline
+from snncompile.runtime.chunked import configure_chunking
 from snncompile.runtime.compiled import CompiledModule, lower_to_fx
 
 MODES = ("train", "inference")
@@ -40,6 +42,8 @@ def optimize(
     backend: str = "auto",
     strict: bool = False,
     passes: Sequence[Any] | None = None,
+    chunk_size: int | None = None,
+    memory_budget: str | int | None = None,
 ) -> CompiledModule:
     """Compile ``model`` into a :class:`~snncompile.runtime.compiled.CompiledModule`.
 
@@ -57,6 +61,12 @@ def optimize(
         strict: Raise instead of running untraceable submodules as opaque modules.
         passes: Pass callables or pipeline names to run instead of the default pipeline
             (step-mode lowering and layout cleanup always run).
+        chunk_size: Inference only: run ``[T, N, ...]`` inputs ``chunk_size`` steps at a time,
+            neuron state carried across chunks (same output, memory bounded in ``T``); see
+            :mod:`snncompile.passes.chunk` and :mod:`snncompile.runtime.chunked`.
+        memory_budget: Inference only, instead of ``chunk_size``: a budget such as ``'512MB'``;
+            the chunk size is derived from the per-step activation memory measured on
+            ``example_input``.
 
     Returns:
         A module that takes ``[T, N, ...]`` and returns what the multi-step model returns, or
@@ -78,6 +88,9 @@ def optimize(
         work = copy.deepcopy(model, memo).eval()
     graph = trace_model(work, example_input, strict=strict)
     graph.meta.update(mode=mode, backend=backend)
+    if chunk_size is not None or memory_budget is not None:
+        # Read by the 'chunking' stage pass (snncompile.passes.chunk), which validates the plan.
+        graph.meta["chunk"] = {"chunk_size": chunk_size, "memory_budget": memory_budget}
     verify(graph)
     manager = PassManager(build_pipeline(mode, passes))
     graph = manager.run(graph)
@@ -92,4 +105,10 @@ def optimize(
     )
     if mode == "inference":
         compiled.eval()
+    if graph.meta.get("chunk"):
+        if graph.meta["chunk"].get("status") != "planned":  # user-chosen passes skipped it
+            chunk_forward(graph)
+        configure_chunking(
+            compiled, example_input, chunk_size=chunk_size, memory_budget=memory_budget
+        )
     return compiled

@@ -213,3 +213,64 @@ def test_constant_encoder_chunks() -> None:
     chunks = list(ConstantEncoder().chunks(img, 10, 4))
     assert [c.shape[0] for c in chunks] == [4, 4, 2]
     assert torch.equal(torch.cat(chunks), img.expand(10, 2, 3))
+
+
+# -- integration with snncompile.optimize ---------------------------------------------------------
+
+
+def _optimize():
+    return pytest.importorskip("snncompile.api").optimize
+
+
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 3}, {"memory_budget": "12KB"}])
+def test_optimize_chunked_equals_eager(kwargs: dict) -> None:
+    optimize = _optimize()
+    model, x = _model(), _input(20)
+    ref = _reference(model, x)
+    compiled = optimize(model, x[:6], **kwargs)
+    assert 1 <= compiled.chunk_size < 20
+    assert any(r.name == "chunk_forward" and r.modified for r in compiled.records)
+    functional.reset_net(compiled)
+    assert torch.equal(compiled(x), ref)
+    rate = compiled.stream(x.split(7), reduce="mean", reset=True)
+    torch.testing.assert_close(rate, ref.mean(0))
+    outs = list(compiled.stream(iter(x.split(5)), reset=True))
+    assert torch.equal(torch.cat(outs), ref)
+
+
+def test_optimize_memory_budget_scales_chunk_size() -> None:
+    optimize = _optimize()
+    model, x = _model(), _input(8)
+    small = optimize(model, x, memory_budget="20KB").chunk_size
+    large = optimize(model, x, memory_budget="2MB").chunk_size
+    assert small < large
+    assert optimize(model, x, memory_budget="2MB").memory_model.per_step > 0
+
+
+def test_optimize_chunking_errors() -> None:
+    optimize = _optimize()
+    from snncompile.passes.chunk import ChunkingError
+
+    model, x = SmallSNN(), _input(6)  # training mode
+    with pytest.raises(ChunkingError, match="inference only"):
+        optimize(model, x, chunk_size=2, mode="train")
+
+    class MeanOverTime(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).mean(0)
+
+    with pytest.raises(ChunkingError, match="without the time dimension"):
+        optimize(MeanOverTime().eval(), x, chunk_size=2)
+
+    class CumulativeInput(MeanOverTime):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.cumsum(0))  # restarts in every chunk: not chunkable
+
+    with pytest.raises(ValueError, match="mixes time steps"):
+        optimize(CumulativeInput().eval(), _input(12), chunk_size=2)
+    with pytest.raises(ValueError, match="either chunk_size or memory_budget"):
+        optimize(_model(), x, chunk_size=2, memory_budget="1MB")

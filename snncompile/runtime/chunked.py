@@ -42,6 +42,8 @@ __all__ = [
     "check_inference",
     "chunk_size_for_budget",
     "chunked_forward",
+    "configure_chunking",
+    "verify_chunkable",
     "measure_step_memory",
     "parse_memory",
     "reset_states",
@@ -363,6 +365,76 @@ def chunk_size_for_budget(
     budget = parse_memory(memory_budget)
     model = measure_step_memory(module, example_input)
     return model.chunk_size(budget, total_steps)
+
+
+def verify_chunkable(module: nn.Module, example_input: torch.Tensor, chunk_size: int) -> None:
+    """Check on ``example_input`` that running ``module`` in chunks gives the unchunked output.
+
+    Chunking is exact only when nothing but the stateful modules carries information across time
+    steps; a model that mixes steps elsewhere (``x.flip(0)``, ``cumsum`` over time, attention
+    over ``T``...) gives different results. The example is run whole and in chunks of
+    ``min(chunk_size, ceil(T / 2))`` steps (so that it is really cut), with the state reset
+    before each run and after. Outputs may differ by float rounding (kernels pick algorithms by
+    batch size, which can flip a spike whose membrane sits exactly at threshold), so up to 0.1% of
+    the elements may differ; more raises a ValueError.
+    """
+    T = example_input.shape[0]
+    k = max(1, min(int(chunk_size), math.ceil(T / 2)))
+    with torch.no_grad():
+        reset_states(module)
+        full = _as_tensor_output(module(example_input), module)
+        reset_states(module)
+        chunked = chunked_forward(module, example_input, k)
+        reset_states(module)
+    if full.shape != chunked.shape:
+        raise ValueError(
+            f"{type(module).__name__}: chunked output shape {tuple(chunked.shape)} differs from "
+            f"the unchunked {tuple(full.shape)}; the model cannot run in chunks over time."
+        )
+    if full.numel() == 0:
+        return
+    differ = ~torch.isclose(chunked, full, rtol=1e-5, atol=1e-6)
+    if differ.float().mean().item() > 1e-3:
+        raise ValueError(
+            f"{type(module).__name__}: running the example input in chunks of {k} steps changes "
+            f"{differ.float().mean().item():.1%} of the outputs: the model mixes time steps "
+            f"outside its stateful modules (e.g. flip/cumsum/mean over time), so it cannot be "
+            f"chunked. Compile without chunk_size/memory_budget."
+        )
+
+
+def configure_chunking(
+    compiled: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: str | int | None = None,
+) -> int:
+    """Set up chunked execution on a compiled module (called by :func:`snncompile.optimize`).
+
+    ``K`` is ``chunk_size`` if given, else computed from ``memory_budget`` by
+    :func:`chunk_size_for_budget` on the example input. The chunked run is checked against the
+    unchunked one on the example (:func:`verify_chunkable`), then ``compiled.chunk_size = K`` and
+    ``compiled.memory_model`` (the :class:`StepMemory`, or None) are set. Returns ``K``.
+    """
+    if (chunk_size is None) == (memory_budget is None):
+        raise ValueError("optimize: give either chunk_size or memory_budget, not both.")
+    check_inference(compiled, "optimize(..., chunk_size/memory_budget)")
+    runner = getattr(compiled, "gm", compiled)
+    model: StepMemory | None = None
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"optimize: chunk_size must be an int >= 1, got {chunk_size!r}.")
+        k = chunk_size
+    else:
+        assert memory_budget is not None
+        budget = parse_memory(memory_budget)
+        model = measure_step_memory(runner, example_input)
+        k = model.chunk_size(budget)
+    verify_chunkable(runner, example_input, k)
+    compiled.chunk_size = k
+    compiled.memory_model = model
+    return k
 
 
 class ChunkedModule(nn.Module):

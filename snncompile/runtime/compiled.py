@@ -167,7 +167,22 @@ class CompiledModule(nn.Module):
                 f"{len(self.example_shape)} dimensions like the example "
                 f"{list(self.example_shape)}, got shape {list(x.shape)}"
             )
+        chunk = getattr(self, "chunk_size", None)  # set by optimize(chunk_size/memory_budget)
+        if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
+            from snncompile.runtime.chunked import chunked_forward
+
+            return chunked_forward(self.gm, x, chunk)
         return self.gm(x)
+
+    def stream(self, chunks: Any, reduce: str | None = None, reset: bool = False) -> Any:
+        """Feed an iterator of ``[K_i, N, ...]`` input chunks, state carried between them.
+
+        Yields each chunk's output (``reduce=None``) or returns the time-sum (``'sum'``) or
+        time-mean (``'mean'``) of all outputs; see :func:`snncompile.runtime.chunked.stream`.
+        """
+        from snncompile.runtime.chunked import stream
+
+        return stream(self, chunks, reduce=reduce, reset=reset)
 
     def report(self) -> str:
         """A table of the passes that ran: changed or not, node counts, time and notes."""
