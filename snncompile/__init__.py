@@ -6,7 +6,12 @@ model into a faster ``nn.Module`` with the same spikes and gradients.
 """
 
 from snncompile import base, functional, layer, learning, neuron, surrogate
+from snncompile import ir, passes
+from snncompile.api import optimize, trace
+from snncompile.export.onnx import export_onnx, onnx_initial_states
 
 __version__ = "0.1.0"
 
 __all__ = ["base", "functional", "layer", "learning", "neuron", "surrogate", "__version__"]
+__all__ += ["export_onnx", "onnx_initial_states"]
+__all__ += ["ir", "optimize", "passes", "trace"]
