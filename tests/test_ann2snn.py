@@ -73,12 +73,22 @@ def _reference_rates(
 
 
 @pytest.mark.parametrize(
-    ("mode", "q", "half"), [("max", None, True), ("max", None, False), ("99.9%", 0.999, True)]
+    ("mode", "q", "half", "backend"),
+    [
+        ("max", None, True, "torch"),
+        ("max", None, False, "torch"),
+        ("99.9%", 0.999, True, "torch"),
+        ("max", None, True, "cpu"),  # the fused C kernel
+    ],
 )
-def test_rates_match_reference_simulation(mode: str, q: float | None, half: bool) -> None:
+def test_rates_match_reference_simulation(
+    mode: str, q: float | None, half: bool, backend: str
+) -> None:
     ann = _mlp()
     calib = torch.randn(200, 6)
-    snn = convert(ann, calib, mode=mode, half_threshold_init=half, progress=False)
+    snn = convert(
+        ann, calib, mode=mode, half_threshold_init=half, progress=False, backend=backend
+    )
     scales = _relu_scales(ann, calib, q)
     x, T = torch.randn(5, 6), 40
     ref = _reference_rates(ann, scales, x, T, 0.5 if half else 0.0)

@@ -252,6 +252,7 @@ def convert(
     *,
     half_threshold_init: bool = True,
     progress: bool = True,
+    backend: str = "auto",
 ) -> fx.GraphModule:
     """Convert a ReLU ANN into a multi-step IF-neuron SNN taking ``[T, N, *]`` inputs.
 
@@ -267,6 +268,9 @@ def convert(
             ``floor(T * rate)``; on our digits CNN this reaches the ANN's accuracy by ``T = 16``,
             while zero initialisation lags far behind.
         progress: show a tqdm progress bar during calibration.
+        backend: the neurons' multi-step backend: ``'auto'`` (default: the fused C kernel when
+            the problem is large enough, else the torch loop), ``'cpu'``, ``'cuda'`` or
+            ``'torch'``; see :mod:`snncompile.neuron`.
 
     Returns:
         A ``torch.fx.GraphModule`` in eval mode. Call it on ``[T, N, *]`` (e.g. the image repeated
@@ -278,6 +282,11 @@ def convert(
         calibrated scales are in ``gm.activation_scales`` (by ReLU node name).
     """
     parse_mode(mode)  # validate before any work
+    if backend not in IFNode.supported_backends:
+        raise ValueError(
+            f"ann2snn.convert: unknown neuron backend {backend!r}; IFNode supports "
+            f"{IFNode.supported_backends}."
+        )
     gm = _prepare(ann)
     relus = find_activations(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -308,9 +317,9 @@ def convert(
             base = node.name
             neuron: nn.Module
             if half_threshold_init:
-                neuron = HalfThresholdIFNode(v_threshold=1.0, step_mode="m")
+                neuron = HalfThresholdIFNode(v_threshold=1.0, step_mode="m", backend=backend)
             else:
-                neuron = IFNode(v_threshold=1.0, v_reset=None, step_mode="m")
+                neuron = IFNode(v_threshold=1.0, v_reset=None, step_mode="m", backend=backend)
             gm.add_submodule(f"{base}_scale_in", VoltageScale(1.0 / scale))
             gm.add_submodule(f"{base}_if", neuron)
             gm.add_submodule(f"{base}_scale_out", VoltageScale(scale))
