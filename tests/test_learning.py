@@ -241,6 +241,44 @@ def test_multi_step_matches_sj_loop(sj_fl, dtype, fs, index):
         assert_rel(ours[2], dw_ref)
 
 
+@pytest.mark.parametrize("method", ["matmul", "recurrence"])
+@pytest.mark.parametrize("index", [0, 2], ids=["linear", "conv2d"])
+def test_multi_step_trace_methods_match_sj_float32(sj_fl, monkeypatch, method, index):
+    # Force one trace method inside stdp_multi_step (normally chosen by step size).
+    monkeypatch.setattr(
+        learning, "MATMUL_TRACE_MAX_STEP", 10**12 if method == "matmul" else 0
+    )
+    layer, in_shape, out_shape = _layers(F32)[index]
+    x, y = spikes(20, *in_shape, dtype=F32), spikes(20, *out_shape, dtype=F32)
+    tp, tq, dw = stdp_multi_step(layer, x, y, 0.5, None, 3.0, 2.0)
+    pad = getattr(layer, "_reversed_padding_repeated_twice", None)
+    pre0 = x[0] if pad is None else F.pad(x[0], pad)
+    ref = (torch.full_like(pre0, 0.5), torch.zeros_like(y[0]))
+    dw_ref = torch.zeros_like(layer.weight.detach())
+    for t in range(20):
+        d, ref = _sj_single(sj_fl, layer, x[t], y[t], ref, 3.0, 2.0, {})
+        dw_ref += d
+    assert_rel(tp, ref[0])
+    assert_rel(tq, ref[1])
+    assert_rel(dw, dw_ref)
+
+
+def test_learner_accepts_spikingjelly_modules(sj, sj_learning):
+    # Users migrating keep their SpikingJelly layers and neurons: our learner must drive them.
+    conv = sj.layer.Conv2d(2, 3, 3, stride=2, padding=1, bias=False, step_mode="m")
+    conv_ref = sj.layer.Conv2d(2, 3, 3, stride=2, padding=1, bias=False, step_mode="m")
+    conv_ref.load_state_dict(conv.state_dict())
+    sn = sj.neuron.LIFNode(v_threshold=0.3, step_mode="m")
+    sn_ref = sj.neuron.LIFNode(v_threshold=0.3, step_mode="m")
+    ours = STDPLearner("m", conv, sn, 2.0, 2.0)
+    theirs = sj_learning.STDPLearner("m", conv_ref, sn_ref, 2.0, 2.0)
+    x = spikes(6, 2, 2, 8, 8, dtype=F32)
+    sn(conv(x)), sn_ref(conv_ref(x))
+    ours.step(on_grad=True)
+    theirs.step(on_grad=True)
+    assert_rel(conv.weight.grad, conv_ref.weight.grad)
+
+
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_trace_sequence_batched_equals_loop(dtype):
     # T spans several chunks (and a partial last chunk); both decay kinds; a tensor start value.
