@@ -295,3 +295,45 @@ def test_torch_compile_fullgraph():
     ye.backward()
     yc.backward()
     assert torch.equal(xe.grad, xc.grad)
+
+
+# -- snncompile.neuron integration (backend='cpu' | 'auto') -------------------------------------
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("kind", ["IFNode", "LIFNode", "ParametricLIFNode"])
+def test_neuron_backends_match_spikingjelly(sj, kind, backend):
+    from snncompile import neuron as sn
+    from snncompile import surrogate as sc
+
+    T, B, N = 8, 4, 160  # T*B*N above AUTO_MIN_ELEMENTS: 'auto' fuses
+    x = torch.randn(T, B, N) * 1.2 + 0.3
+    ours = getattr(sn, kind)(
+        surrogate_function=sc.Erf(), step_mode="m", store_v_seq=True, backend=backend
+    )
+    ref = getattr(sj.neuron, kind)(
+        surrogate_function=sj.surrogate.Erf(), step_mode="m", store_v_seq=True
+    )
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    for _ in range(2):  # the state carries over between calls
+        sa, sb = ours(xa), ref(xb)
+        assert torch.equal(sa, sb)
+        assert torch.equal(ours.v, ref.v) and torch.equal(ours.v_seq, ref.v_seq)
+    (sa.sum() + ours.v.sum()).backward()
+    (sb.sum() + ref.v.sum()).backward()
+    assert _rel(xa.grad, xb.grad) < 1e-5
+    if kind == "ParametricLIFNode":
+        assert abs(ours.w.grad.item() - ref.w.grad.item()) <= 1e-4 * max(abs(ref.w.grad.item()), 1)
+    ours.reset()
+    assert ours.v == 0.0
+
+
+def test_neuron_backend_falls_back_for_unsupported_surrogate():
+    from snncompile import neuron as sn
+    from snncompile import surrogate as sc
+
+    node = sn.LIFNode(surrogate_function=sc.Rect(), step_mode="m", backend="cpu")
+    ref = sn.LIFNode(surrogate_function=sc.Rect(), step_mode="m")
+    x = torch.randn(4, 2, 8)
+    with pytest.warns(RuntimeWarning, match="no fused kernel"):
+        s = node(x)
+    assert torch.equal(s, ref(x))
