@@ -5,8 +5,7 @@ SpikingJelly-compatible modules live in :mod:`snncompile.neuron`, :mod:`snncompi
 model into a faster ``nn.Module`` with the same spikes and gradients.
 """
 
-from snncompile import base, functional, layer, learning, neuron, surrogate
-from snncompile import ir, passes
+from snncompile import base, functional, ir, layer, learning, neuron, passes, surrogate
 from snncompile.api import optimize, trace
 from snncompile.export.onnx import export_onnx, onnx_initial_states
 
