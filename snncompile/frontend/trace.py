@@ -350,9 +350,16 @@ def _probe_shapes(
             probe2 = _Probe(gm)
             try:
                 probe2.run(torch.cat([x, x[:1]]))
-                second = probe2.shapes
-            except Exception:
-                second = {}  # the model depends on its batch size: nothing is batch aligned
+            except _ProbeError as err:
+                # Typically a missing time dimension: [N, C, H, W] examples make every step an
+                # unbatched [C, H, W] input, which breaks as soon as the "batch" changes.
+                msg = _example_error(example, step_mode, err, root)
+                raise FrontendError(
+                    f"the model ran on the example but failed when its batch size changed from "
+                    f"{x.shape[0]} to {x.shape[0] + 1} (snncompile checks which values keep the "
+                    f"batch in dimension 0); {msg[0].lower()}{msg[1:]}"
+                ) from err.exc
+            second = probe2.shapes
         _reset_state(root)
     return probe.shapes, second
 

@@ -25,7 +25,11 @@ class LoweringError(ValueError):
     """The single-step graph cannot be turned into a sequence graph."""
 
 
-def _per_step(node: Node, mode: str) -> bool:
+def _aligned(node: Node) -> bool:
+    return bool(node.meta.get("batch_aligned", node.op in POINTWISE_SYNAPSE))
+
+
+def _per_step(node: Node, inputs: list[Node], mode: str) -> bool:
     if node.attrs.get("stateful"):
         return True
     if node.op is Op.BATCHNORM:
@@ -33,11 +37,11 @@ def _per_step(node: Node, mode: str) -> bool:
         # Training graphs keep per-step statistics even if the model is in eval right now, so a
         # later compiled.train() stays exact; inference graphs use running statistics.
         return mode == "train" or bn is None or getattr(bn, "running_mean", None) is None
-    if not node.is_tensor:
-        return False
-    if not node.meta.get("batch_aligned", node.op in POINTWISE_SYNAPSE):
+    # An op that reads a value without the batch in dim 0 (e.g. a per-step mean) would broadcast
+    # it wrongly over [T*N, *]; an op whose own output lacks it cannot be split back into steps.
+    if any(i.is_tensor and i.layout is not Layout.NONE and not _aligned(i) for i in inputs):
         return True
-    return False
+    return node.is_tensor and not _aligned(node)
 
 
 def lower_step_mode(graph: Graph) -> PassResult:
@@ -68,7 +72,7 @@ def lower_step_mode(graph: Graph) -> PassResult:
             if node.shape is not None:
                 node.shape = (T, *node.shape)
             notes["neuron"] += 1
-        elif _per_step(node, mode):
+        elif _per_step(node, [graph[i] for i in node.inputs], mode):
             node.layout = Layout.SEQ
             node.attrs["per_step"] = True
             if node.shape is not None:

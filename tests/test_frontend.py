@@ -1,0 +1,228 @@
+"""Frontend tests: what torch.fx capture maps to which IR ops, and that it runs like eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import snncompile
+from snncompile import functional, layer, neuron
+from snncompile.frontend import FrontendError, model_step_mode
+from snncompile.ir import Layout, Op, verify
+from snncompile.runtime.compiled import CompiledModule
+
+T, N = 3, 2
+
+
+def _eager(model: nn.Module, x: torch.Tensor, step_mode: str) -> torch.Tensor:
+    functional.reset_net(model)
+    if step_mode == "m":
+        return model(x)
+    return torch.stack([model(xt) for xt in x.unbind(0)])
+
+
+def _same(model: nn.Module, x: torch.Tensor, step_mode: str, **kw: object) -> CompiledModule:
+    ref = copy.deepcopy(model)
+    compiled = snncompile.optimize(model, x, **kw)
+    for _ in range(2):
+        xi = torch.rand_like(x) * 3
+        functional.reset_net(compiled)
+        torch.testing.assert_close(compiled(xi), _eager(ref, xi, step_mode), rtol=1e-5, atol=1e-5)
+    return compiled
+
+
+class FunctionalNet(nn.Module):
+    """Residual add, cat, F calls, tensor methods and a batch-size dependent view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.sn1 = neuron.LIFNode()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.sn2 = neuron.IFNode()
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.sn1(self.conv(x))
+        b = self.sn2(F.relu(self.conv2(a)) + a)  # residual ADD after a functional relu
+        c = torch.cat([a, b], dim=1)  # CAT
+        c = F.max_pool2d(c, 2)
+        c = c.view(c.shape[0], -1)  # batch-size dependent view
+        return self.fc(c * 0.5)
+
+
+def test_functional_ops_mapped_and_run() -> None:
+    model = FunctionalNet()
+    x = torch.rand(T, N, 2, 8, 8) * 3
+    g = snncompile.trace(model, x)
+    ops = [n.op for n in g]
+    for op in (Op.CONV2D, Op.NEURON, Op.ADD, Op.CAT, Op.RESHAPE, Op.ELEMENTWISE, Op.MUL):
+        assert op in ops, op
+    assert g.meta["step_mode"] == "s"
+    assert all(n.layout in (Layout.STEP, Layout.NONE) for n in g if n.op is not Op.OUTPUT)
+    compiled = _same(model, x, "s")
+    cg = compiled.graph
+    view = next(n for n in cg if n.op is Op.RESHAPE)
+    assert view.layout is Layout.FLAT and view.shape == (T * N, 8 * 4 * 4)
+    # A different batch size and T at run time: the view uses the run-time T*N.
+    x2 = torch.rand(5, 3, 2, 8, 8) * 3
+    functional.reset_net(compiled)
+    torch.testing.assert_close(compiled(x2), _eager(copy.deepcopy(model), x2, "s"))
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2.0
+        return x - 1.0
+
+
+class WithGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.gate = Gate()
+        self.sn = neuron.LIFNode()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sn(self.gate(self.fc(x)))
+
+
+def test_untraceable_submodule_is_opaque_and_runs() -> None:
+    model = WithGate()
+    x = torch.rand(T, N, 6)
+    g = snncompile.trace(model, x)
+    opaque = g.find(Op.OPAQUE_MODULE)
+    assert [n.attrs["path"] for n in opaque] == ["gate"]
+    assert "control flow" in opaque[0].attrs["reason"]
+    _same(model, x, "s")
+
+
+def test_strict_names_module_and_reason() -> None:
+    with pytest.raises(FrontendError, match=r"strict=True.*'gate' \(Gate\).*control flow"):
+        snncompile.optimize(WithGate(), torch.rand(T, N, 6), strict=True)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.sn = neuron.IFNode()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if y.mean() > 10:  # control flow in the root itself
+            y = y * 0
+        return self.sn(y)
+
+
+def test_untraceable_root_runs_as_one_opaque_stateful_module() -> None:
+    model = Untraceable()
+    x = torch.rand(T, N, 4) * 3
+    g = snncompile.trace(model, x)
+    (node,) = g.find(Op.OPAQUE_MODULE)
+    assert node.attrs["stateful"] is True
+    compiled = _same(model, x, "s")
+    (node,) = compiled.graph.find(Op.OPAQUE_MODULE)
+    assert node.attrs["per_step"] is True
+    # The compiled module owns a copy of the stateful model; the user's model is untouched.
+    assert node.module is not model
+
+
+def test_containers_multi_step() -> None:
+    model = nn.Sequential(
+        layer.SeqToANNContainer(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)),
+        neuron.LIFNode(step_mode="m"),
+        layer.MultiStepContainer(nn.Flatten(), nn.Linear(4 * 6 * 6, 5), neuron.IFNode()),
+    )
+    x = torch.rand(T, N, 1, 6, 6) * 3
+    assert model_step_mode(model) == "m"
+    g = snncompile.trace(model, x)
+    assert [n.op for n in g if n.op.group.value == "neuron"] == [Op.NEURON, Op.NEURON]
+    assert Op.MERGE_TIME in [n.op for n in g]
+    compiled = _same(model, x, "m")
+    merges = compiled.graph.find(Op.MERGE_TIME)
+    splits = compiled.graph.find(Op.SPLIT_TIME)
+    assert len(merges) == 2 and len(splits) == 2  # conv+bn one flat run, flatten+fc another
+
+
+def test_spikingjelly_containers_and_neurons(sj) -> None:
+    model = nn.Sequential(
+        sj.layer.SeqToANNContainer(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)),
+        sj.neuron.ParametricLIFNode(step_mode="m"),
+        sj.layer.Flatten(step_mode="m"),
+        sj.layer.Linear(4 * 6 * 6, 5, step_mode="m"),
+        sj.neuron.LIFNode(step_mode="m"),
+    )
+    x = torch.rand(T, N, 1, 6, 6) * 3
+    g = snncompile.trace(model, x)
+    neurons = g.find(Op.NEURON)
+    assert [n.attrs["kind"] for n in neurons] == ["plif", "lif"]
+    assert all(n.attrs["source"] == "spikingjelly" for n in neurons)
+    compiled = _same(model, x, "m")
+    # The PLIF copy shares the parameter w with the user's model.
+    plif = compiled.graph.find(Op.NEURON)[0].module
+    assert plif.w is model[1].w
+
+
+def test_plain_torch_multi_step_sequence_code() -> None:
+    class Readout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = layer.Linear(4, 3, step_mode="m")
+            self.sn = neuron.LIFNode(step_mode="m")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.sn(self.fc(x)).mean(0)  # rate readout over time: raw seq code
+
+    model = Readout()
+    x = torch.rand(T, N, 4) * 3
+    compiled = _same(model, x, "m")
+    mean = next(n for n in compiled.graph if n.op is Op.FUNCTION)
+    assert mean.layout is Layout.SEQ and mean.shape == (N, 3)
+
+
+def test_batch_mixing_op_runs_per_step() -> None:
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.sn = neuron.IFNode()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            return self.sn(y - y.mean(0, keepdim=True))  # mixes the batch within a step
+
+    model = Norm()
+    x = torch.rand(T, N, 4) * 3
+    compiled = _same(model, x, "s")
+    mean = next(n for n in compiled.graph if n.target == "mean")
+    assert mean.attrs.get("per_step") is True
+
+
+def test_example_rank_error_says_expected_shape() -> None:
+    model = nn.Sequential(layer.Conv2d(1, 2, 3), neuron.IFNode())
+    with pytest.raises(FrontendError, match=r"module '0' \(Conv2d\).*\[T, N, \.\.\.\]"):
+        snncompile.optimize(model, torch.rand(2, 1, 8, 8))  # missing the time dimension
+    with pytest.raises(FrontendError, match=r"\[T, N, \.\.\.\]"):
+        snncompile.optimize(model, torch.rand(8))
+
+
+def test_trace_does_not_touch_model_state() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), neuron.LIFNode(), nn.BatchNorm1d(3))
+    model[1].v = torch.full((2, 3), 0.5)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.rand(T, N, 3)
+    rng = torch.random.get_rng_state()
+    g = snncompile.trace(model, x)
+    verify(g)
+    assert torch.equal(model[1].v, torch.full((2, 3), 0.5))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(rng, torch.random.get_rng_state())
