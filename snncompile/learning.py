@@ -25,11 +25,12 @@ This module follows SpikingJelly 2.0.0's ``learning`` semantics (checked by diff
   learning rate ``lr`` then *increases* the weight by ``lr * delta_w``. Only the weight is learned,
   never the bias.
 
-Multi-step runs are computed without a Python loop over time: the trace recurrence is a linear
-filter, evaluated for all ``T`` steps at once as a small lower-triangular decay matrix times the
-spike sequence (in chunks of :data:`TRACE_CHUNK` steps), and because the weight is fixed during a
-multi-step update the per-step correlations collapse into one correlation over the ``T * N``
-stacked samples (a matmul for ``Linear``, a convolution weight-gradient for convolutions).
+Multi-step runs are batched over time. Because the weight is fixed during a multi-step update,
+the per-step correlations collapse into one correlation over the ``T * N`` stacked samples (a
+matmul for ``Linear``, one convolution weight-gradient for convolutions). The trace recurrence is
+a linear filter: for small steps it is evaluated for all ``T`` steps at once as a lower-triangular
+decay matrix times the spike sequence (:func:`trace_sequence`, ``method='matmul'``); for large
+steps a fused in-place recurrence (one kernel per step) measured faster on CPU and is used instead.
 
 Learners consume ``(pre_spike, post_spike)`` pairs. By default they fill their input/output
 monitors (:mod:`snncompile.monitor`) with forward hooks on the synapse and the neuron; with
@@ -442,8 +443,9 @@ def trace_sequence(
       steps the traces are ``D @ S + decay**(t+1) * x[-1]`` with the lower-triangular decay matrix
       ``D[t, k] = decay**(t-k)``; blocks carry the last trace forward. Equal to the loop to float
       rounding (``decay = 1 - 1/tau`` is rounded once).
-    * ``'recurrence'``: the step-by-step recurrence written in place into the output, in exactly the
-      operation order above (bit-identical to SpikingJelly's per-step update), with no temporaries.
+    * ``'recurrence'``: the step-by-step recurrence ``x[t] = s[t] + decay * x[t-1]`` written in
+      place into the output, one fused kernel per step and no temporaries (equal to the loop to
+      float rounding; rounding errors decay with the trace, so they do not grow with T).
     * ``'auto'`` (default): ``'matmul'`` when a step holds few elements (per-step kernel overhead
       dominates), ``'recurrence'`` for large steps, where it was measured faster on CPU: the
       matmul has an inner dimension of only ``chunk`` and is memory-bound.
@@ -468,22 +470,16 @@ def trace_sequence(
         )
     steps = spikes.shape[0]
     start = _trace_init(trace, spikes[0])
+    decay = math.exp(-1.0 / tau) if exponential else 1.0 - 1.0 / tau
     if method == "recurrence":
-        decay_exp = math.exp(-1.0 / tau)
         for t in range(steps):
             prev = start if t == 0 else out[t - 1]
-            cur = out[t]
             if prev is None:
-                cur.copy_(spikes[0])
-            elif exponential:
-                torch.mul(prev, decay_exp, out=cur)
-                cur.add_(spikes[t])
+                out[0].copy_(spikes[0])
             else:
-                torch.div(prev, tau, out=cur)
-                torch.sub(prev, cur, out=cur)
-                cur.add_(spikes[t])
+                # One fused kernel per step, no temporaries: out[t] = s[t] + decay * out[t-1].
+                torch.add(spikes[t], prev, alpha=decay, out=out[t])
         return out
-    decay = math.exp(-1.0 / tau) if exponential else 1.0 - 1.0 / tau
     flat = spikes.reshape(steps, -1)
     result = torch.empty_like(flat)
     carry = None if start is None else start.reshape(-1)
