@@ -508,3 +508,102 @@ def test_fptt_w_ra_length_mismatch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="fptt_online_training_init_w_ra"):
         x, y = torch.rand(2, 1, 3), torch.rand(2, 1, 2)
         fptt_online_training(net, opt, x, y, F.mse_loss, 0.1, [])
+
+
+# =================================================================================================
+# Compiled models (compile_online)
+# =================================================================================================
+def _online_net(kind: str) -> nn.Module:
+    import snncompile.neuron as our_neuron
+
+    torch.manual_seed(6)
+    if kind == "ottt_mlp":
+        return _mlp(online, OTTTSequential)
+    if kind == "ottt_cnn":
+        return _cnn(online, OTTTSequential)
+    if kind == "sltt":
+        return _mlp(online, nn.Sequential, "SLTTLIFNode", last_lif=False)
+    return _fptt_net(our_neuron, "LIFNode")
+
+
+def _train_online(net: nn.Module, kind: str, epochs: int = 2) -> dict:
+    if kind == "fptt":
+        data = _fptt_data()
+        init = fptt_online_training_init_w_ra
+        return _run_fptt(net, fptt_online_training, init, _our_reset, data, 0.3, epochs=epochs)
+    shape = (1, 4, 4) if kind == "ottt_cnn" else (3, 4)
+    return _run_ottt(net, ottt_online_training, _our_reset, _seq_data(2, shape, 3), True, epochs)
+
+
+def _example_step(kind: str) -> torch.Tensor:
+    shapes = {"ottt_cnn": (4, 1, 4, 4), "fptt": (4, 6)}
+    return torch.rand(shapes.get(kind, (4, 3, 4)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["ottt_mlp", "ottt_cnn", "sltt", "fptt"])
+def test_compiled_online_equals_eager(kind: str, backend: str) -> None:
+    eager = _train_online(_online_net(kind), kind)
+    model = _online_net(kind)
+    compiled = online.compile_online(model, _example_step(kind), backend=backend)
+    assert compiled.kind == ("ottt" if kind.startswith("ottt") else "graph")
+    assert {id(p) for p in compiled.parameters()} == {id(p) for p in model.parameters()}
+    got = _train_online(compiled, kind)
+    if backend == "torch":  # same code path: identical
+        for sa, sb in zip(eager["steps"], got["steps"], strict=True):
+            for pa, pb in zip(sa, sb, strict=True):
+                assert torch.equal(pa, pb)
+        _assert_runs_equal(eager, got)
+    else:  # fused kernels: same spikes, gradients equal to float rounding
+        assert len(eager["steps"]) == len(got["steps"])
+        for sa, sb in zip(eager["steps"], got["steps"], strict=True):
+            for pa, pb in zip(sa, sb, strict=True):
+                torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_online_has_its_own_state_and_eval_mode() -> None:
+    model = _online_net("ottt_mlp")
+    compiled = online.compile_online(model, torch.rand(4, 3, 4), backend="torch")
+    x = torch.rand(4, 3, 4) * 2
+    compiled(x)
+    assert all(m.v == 0.0 for m in model.modules() if isinstance(m, OTTTLIFNode))
+    nodes = [m for m in compiled.modules() if isinstance(m, OTTTLIFNode)]
+    assert nodes and all(isinstance(m.v, torch.Tensor) for m in nodes)
+    _our_reset(compiled)
+    model.eval()
+    compiled.eval()
+    xs = torch.rand(3, 4, 3, 4) * 2
+    for x_t in xs:
+        torch.testing.assert_close(compiled(x_t), model(x_t), rtol=0, atol=0)
+    assert "grad_with_trace" in compiled.compiled.code  # routing resolved at compile time
+
+
+def test_compiled_online_matches_spikingjelly(sj) -> None:
+    neuron, layer, ol, sj_reset = _sj_parts(sj)
+    ours = _mlp(online, OTTTSequential)
+    theirs = _mlp(neuron, layer.OTTTSequential)
+    theirs.load_state_dict(ours.state_dict())
+    compiled = online.compile_online(ours, torch.rand(4, 3, 4), backend="auto")
+    data = _seq_data(2, (3, 4), 3)
+    _assert_runs_equal(
+        _run_ottt(compiled, ottt_online_training, _our_reset, data, False),
+        _run_ottt(theirs, ol.ottt_online_training, sj_reset, data, False),
+    )
+
+
+def test_compile_online_errors() -> None:
+    model = _online_net("ottt_mlp")
+    with pytest.raises(ValueError, match="backend must be"):
+        online.compile_online(model, torch.rand(4, 3, 4), backend="gpu")
+    compiled = online.compile_online(model, torch.rand(4, 3, 4))
+    with pytest.raises(ValueError, match="runs ONE time step"):
+        compiled(torch.rand(5, 4, 3, 4))
+    nested = nn.Sequential(OTTTSequential(nn.Linear(3, 2), OTTTLIFNode()))
+    with pytest.raises(NotImplementedError, match="OTTTSequential"):
+        online.compile_online(nested, torch.rand(4, 3))
+    inner = OTTTSequential(nn.Linear(3, 2), nn.Sequential(nn.Linear(2, 2), OTTTLIFNode()))
+    with pytest.raises(NotImplementedError, match=r"OTTTSequential\[1\].*below the top level"):
+        online.compile_online(inner, torch.rand(4, 3))
+    misplaced = OTTTSequential(GradwithTrace(nn.Linear(3, 2)), OTTTLIFNode())
+    with pytest.raises(TypeError, match="no OTTTLIFNode comes before it"):
+        online.compile_online(misplaced, torch.rand(4, 3))
