@@ -62,8 +62,18 @@ def cache_dir() -> Path:
     return path
 
 
+_found: dict[tuple[str | None, ...], str | None] = {}
+
+
 def find_compiler() -> str | None:
-    """The C compiler to use, or None when none is installed."""
+    """The C compiler to use, or None when none is installed (memoized per environment)."""
+    env = (os.environ.get("SNNCOMPILE_CC"), os.environ.get("CC"), os.environ.get("PATH"))
+    if env not in _found:
+        _found[env] = _find_compiler()
+    return _found[env]
+
+
+def _find_compiler() -> str | None:
     for candidate in (os.environ.get("SNNCOMPILE_CC"), os.environ.get("CC")):
         if candidate:
             found = shutil.which(candidate)

@@ -27,6 +27,16 @@ _lock = threading.Lock()
 _kernels: dict[NeuronDynamics, CpuKernel] = {}
 
 
+# Below this many neuron-steps per thread a parallel region costs more than it saves (waking
+# a passive OpenMP pool is tens of microseconds; much more on a loaded machine).
+MIN_WORK_PER_THREAD = 1 << 15
+
+
+def num_threads(work: int) -> int:
+    """Threads for a kernel call over ``work`` neuron-steps: torch's setting, fewer when small."""
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -78,7 +88,7 @@ class CpuKernel:
             _ptr(v_last),
             T,
             N,
-            torch.get_num_threads(),
+            num_threads(T * N),
         )
         return spikes, h_seq, v_seq, v_last
 
@@ -115,7 +125,7 @@ class CpuKernel:
             _ptr(grad_u) if self.num_uniforms else None,
             T,
             N,
-            torch.get_num_threads(),
+            num_threads(T * N),
         )
         return grad_x, grad_v0, grad_u
 

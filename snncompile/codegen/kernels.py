@@ -71,7 +71,7 @@ void {name}_forward(const float *restrict x_seq, const float *restrict v_init,
 {{
 {uniforms}
     const int64_t n_blocks = (N + SNN_BLOCK - 1) / SNN_BLOCK;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int64_t b = 0; b < n_blocks; ++b) {{
         const int64_t n0 = b * SNN_BLOCK;
         const int64_t nb = (N - n0 < SNN_BLOCK) ? (N - n0) : SNN_BLOCK;
@@ -118,7 +118,7 @@ void {name}_backward(const float *restrict grad_spike_seq, const float *restrict
     (void)x_seq; (void)v_init; (void)grad_uniforms;
 {uniforms}
     const int64_t n_blocks = (N + SNN_BLOCK - 1) / SNN_BLOCK;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int64_t b = 0; b < n_blocks; ++b) {{
         const int64_t n0 = b * SNN_BLOCK;
         const int64_t nb = (N - n0 < SNN_BLOCK) ? (N - n0) : SNN_BLOCK;

@@ -162,6 +162,9 @@ class NeuronDynamics:
 
     def key(self) -> str:
         """A short stable hash of the definition (names generated kernels)."""
+        cached = self.__dict__.get("_key")
+        if cached is not None:
+            return cached
         text = "|".join(
             [
                 self.name,
@@ -173,7 +176,9 @@ class NeuronDynamics:
                 str(self.spiking),
             ]
         )
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        object.__setattr__(self, "_key", key)
+        return key
 
     def describe(self) -> str:
         """A one-line human-readable form."""

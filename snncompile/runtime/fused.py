@@ -38,17 +38,23 @@ _LOW = (torch.float16, torch.bfloat16)
 _registry: dict[str, NeuronDynamics] = {}
 _lock = threading.Lock()
 
-#: Below this many neuron-steps (T * N), ``backend='auto'`` uses the torch path: per-call overhead
-#: of the fused op (~20-30 us) exceeds what fusion saves. Measured with
-#: ``benchmarks/bench_neuron_kernels.py --auto-threshold`` on 2 cores (see docs/kernels.md).
+#: ``backend='auto'`` fuses a multi-step call when it has at least ``AUTO_MIN_STEPS`` steps or
+#: ``AUTO_MIN_ELEMENTS`` neuron-steps; below that the torch loop is as fast (one step of a few
+#: elementwise ops vs the fused op's fixed per-call cost). Measured with
+#: ``benchmarks/bench_neuron_kernels.py --auto-threshold`` (numbers in docs/kernels.md): forward +
+#: backward, fused vs torch, was 0.9x at T=1 (N=64..1024), 2.5-3x at T=4 and 17-34x at T>=8.
+AUTO_MIN_STEPS = 2
 AUTO_MIN_ELEMENTS = 4096
 
 
 def register_dynamics(dynamics: NeuronDynamics) -> str:
     """Register ``dynamics`` and return its kernel id (the string the custom ops take)."""
-    kid = f"{dynamics.name}_{dynamics.key()}"
-    with _lock:
-        _registry.setdefault(kid, dynamics)
+    kid = dynamics.__dict__.get("_kernel_id")
+    if kid is None:
+        kid = f"{dynamics.name}_{dynamics.key()}"
+        with _lock:
+            _registry.setdefault(kid, dynamics)
+        object.__setattr__(dynamics, "_kernel_id", kid)
     return kid
 
 

@@ -5,8 +5,9 @@
 
 * ``'cpu'``: the generated C kernel (OpenMP over neurons); CPU tensors only.
 * ``'cuda'``: the generated CUDA kernel through CuPy; CUDA tensors only.
-* ``'auto'``: the fused kernel of the input's device when the problem is big enough
-  (``T * N >= AUTO_MIN_ELEMENTS``) and the neuron is supported, else the node's torch loop.
+* ``'auto'``: the fused kernel of the input's device when the call is big enough (``T >=
+  AUTO_MIN_STEPS`` or ``T * N >= AUTO_MIN_ELEMENTS``) and the neuron is supported, else the
+  node's torch loop.
 
 Every fused backend falls back to the torch loop (silently for ``'auto'``, with one warning per
 configuration otherwise) when the neuron cannot be fused: a surrogate without an expression form
@@ -24,7 +25,7 @@ import torch
 
 from snncompile.dynamics.neuron import NeuronDynamics, from_spec
 from snncompile.dynamics.surrogates import SURROGATE_EXPRESSIONS
-from snncompile.runtime.fused import AUTO_MIN_ELEMENTS, fused_multi_step
+from snncompile.runtime.fused import AUTO_MIN_ELEMENTS, AUTO_MIN_STEPS, fused_multi_step
 
 _cache: dict[tuple[Any, ...], NeuronDynamics | None] = {}
 _warned: set[tuple[Any, ...]] = set()
@@ -130,7 +131,7 @@ def _auto_impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
     if (
         d is None
         or x_seq.device.type not in ("cpu", "cuda")
-        or x_seq.numel() < AUTO_MIN_ELEMENTS
+        or (x_seq.shape[0] < AUTO_MIN_STEPS and x_seq.numel() < AUTO_MIN_ELEMENTS)
         or (x_seq.device.type == "cuda" and not _cupy_available())
     ):
         return node._multi_step_torch(x_seq)

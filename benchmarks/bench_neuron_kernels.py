@@ -1,0 +1,246 @@
+"""Fused neuron kernels vs SpikingJelly 2.0 vs snnTorch vs a plain PyTorch loop.
+
+Same process, same inputs, a multi-step LIF layer (tau=2, decay_input, hard reset to 0, threshold
+1; snnTorch: Leaky with beta = 1 - 1/tau and reset_mechanism='zero'), for the shapes of issue 4:
+
+* (T=64, N=65,536), (T=500, B=16, N=512), (T=8, B=32, 64x32x32)
+
+and two workloads: forward without grad, and forward + backward (``spikes.backward(g)`` with a
+fixed random ``g``; the final membrane is not differentiated). Printed per case: median wall time
+of each implementation, ratios (``x`` = how many times slower than snncompile), snncompile's
+achieved bandwidth against a measured ``copy_`` bandwidth (bytes that must move: forward reads x
+and writes spikes, training also writes h in the forward and reads g, h and writes grad_x in the
+backward), and training memory per element (bytes autograd keeps for backward, measured with
+saved-tensor hooks, per neuron-step).
+
+Options: ``--quick`` (fewer repeats, skip the slowest peer runs beyond one repeat),
+``--auto-threshold`` (the small-size sweep used to pick ``AUTO_MIN_ELEMENTS`` and the per-call
+overhead of the custom op vs the autograd.Function path).
+
+Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_neuron_kernels.py``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from snncompile import neuron as sn
+from snncompile.dynamics import lif_dynamics
+from snncompile.runtime.fused import fused_multi_step
+
+TAU = 2.0
+
+
+def _timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Measured ``dst.copy_(src)`` bandwidth in GB/s (read + write)."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    t = _timeit(lambda: dst.copy_(src), repeats=10, warmup=2)
+    return 2 * nbytes / t / 1e9
+
+
+# -- implementations ---------------------------------------------------------------------------
+def make_snncompile() -> Callable[[torch.Tensor], torch.Tensor]:
+    node = sn.LIFNode(tau=TAU, step_mode="m", backend="cpu")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        node.reset()
+        return node(x)
+
+    return run
+
+
+def make_spikingjelly() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    try:
+        from spikingjelly.activation_based import neuron
+    except Exception:  # pragma: no cover - optional peer
+        return None
+    node = neuron.LIFNode(tau=TAU, step_mode="m")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        node.reset()
+        return node(x)
+
+    return run
+
+
+def make_snntorch() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    try:
+        import snntorch
+    except Exception:  # pragma: no cover - optional peer (pip install snntorch --no-deps)
+        return None
+    lif = snntorch.Leaky(beta=1.0 - 1.0 / TAU, reset_mechanism="zero")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        mem = torch.zeros_like(x[0])
+        spikes = []
+        for xt in x.unbind(0):
+            spk, mem = lif(xt, mem)
+            spikes.append(spk)
+        return torch.stack(spikes)
+
+    return run
+
+
+class _Heaviside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        return (z >= 0).to(z)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        s = torch.sigmoid(4.0 * z)
+        return g * (1 - s) * s * 4.0
+
+
+def make_torch_loop() -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros_like(x[0])
+        spikes = []
+        for xt in x.unbind(0):
+            h = v + (xt - v) / TAU
+            s = _Heaviside.apply(h - 1.0)
+            v = (1.0 - s) * h
+            spikes.append(s)
+        return torch.stack(spikes)
+
+    return run
+
+
+# -- measurements ------------------------------------------------------------------------------
+def saved_bytes_per_element(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward (distinct storages) per element of ``x``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.requires_grad and t.grad_fn is None:  # the input itself is not extra memory
+            return t
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    xr = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s = run(xr)
+    del s
+    return sum(seen.values()) / x.numel()
+
+
+def bench_case(label: str, shape: tuple[int, ...], impls: dict, bw: float, repeats: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 1.2 + 0.4
+    g = torch.randn(shape)
+    numel = x.numel()
+    print(f"\n== {label}: x {tuple(shape)} = {numel / 1e6:.2f} M neuron-steps ==")
+    rows = {}
+    for name, run in impls.items():
+        if run is None:
+            print(f"  {name:12s} not installed (skipped)")
+            continue
+        slow = name != "snncompile"
+        reps = max(1, repeats // 4) if slow else repeats
+
+        def fwd(run=run) -> None:
+            with torch.no_grad():
+                run(x)
+
+        def train(run=run) -> None:
+            xr = x.detach().requires_grad_()
+            run(xr).backward(g)
+
+        t_fwd = _timeit(fwd, reps)
+        t_train = _timeit(train, reps)
+        mem = saved_bytes_per_element(run, x)
+        rows[name] = (t_fwd, t_train, mem)
+    base_f, base_t, _ = rows["snncompile"]
+    print(
+        f"  {'impl':12s} {'fwd ms':>9s} {'fwd x':>7s} {'f+b ms':>9s} {'f+b x':>7s} "
+        f"{'saved B/elem':>12s}"
+    )
+    for name, (tf, tt, mem) in rows.items():
+        print(
+            f"  {name:12s} {tf * 1e3:9.2f} {tf / base_f:7.1f} {tt * 1e3:9.2f} "
+            f"{tt / base_t:7.1f} {mem:12.1f}"
+        )
+    fwd_bytes = numel * 8  # read x, write spikes
+    train_bytes = numel * 24  # fwd: x, s, h; bwd: g, h, grad_x
+    print(
+        f"  snncompile bandwidth: forward {fwd_bytes / base_f / 1e9:.1f} GB/s "
+        f"({100 * fwd_bytes / base_f / 1e9 / bw:.0f}% of copy), forward+backward "
+        f"{train_bytes / base_t / 1e9:.1f} GB/s ({100 * train_bytes / base_t / 1e9 / bw:.0f}%)"
+    )
+
+
+def auto_threshold_sweep() -> None:
+    """Fused vs torch loop at small sizes (forward+backward, eager) and per-call overhead."""
+    d = lif_dynamics(TAU)
+    loop = make_torch_loop()
+    print("\n== backend='auto' sweep: forward+backward, fused vs torch loop ==")
+    for T, N in [(1, 64), (1, 1024), (4, 256), (4, 1024), (8, 512), (16, 1024), (64, 1024)]:
+        x = torch.randn(T, N)
+        g = torch.randn(T, N)
+
+        def fused(x=x, g=g) -> None:
+            xr = x.detach().requires_grad_()
+            fused_multi_step(d, xr, 0.0)[0].backward(g)
+
+        def torch_(x=x, g=g) -> None:
+            xr = x.detach().requires_grad_()
+            loop(xr).backward(g)
+
+        tf = _timeit(fused, 50, 5)
+        tt = _timeit(torch_, 50, 5)
+        print(
+            f"  T={T:3d} N={N:5d} T*N={T * N:7d}: fused {tf * 1e6:8.1f} us, torch "
+            f"{tt * 1e6:8.1f} us, speedup {tt / tf:5.1f}x"
+        )
+    x = torch.randn(1, 16)
+    for name, flag in (("autograd.Function", False), ("custom op", True)):
+        with torch.no_grad():
+            t = _timeit(lambda flag=flag: fused_multi_step(d, x, 0.0, use_custom_op=flag), 2000, 50)
+        print(f"  per-call overhead, T=1 N=16 forward ({name}): {t * 1e6:.1f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--auto-threshold", action="store_true", help="small-size sweep only")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.auto_threshold:
+        auto_threshold_sweep()
+        return
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (tensor.copy_, read+write): {bw:.1f} GB/s")
+    impls = {
+        "snncompile": make_snncompile(),
+        "spikingjelly": make_spikingjelly(),
+        "snntorch": make_snntorch(),
+        "torch loop": make_torch_loop(),
+    }
+    repeats = 4 if args.quick else 8
+    bench_case("T=64, N=65,536", (64, 65536), impls, bw, repeats)
+    bench_case("T=500, B=16, N=512", (500, 16, 512), impls, bw, repeats)
+    bench_case("T=8, B=32, 64x32x32", (8, 32, 64, 32, 32), impls, bw, repeats)
+
+
+if __name__ == "__main__":
+    main()
