@@ -208,3 +208,84 @@ def test_single_step_graph_is_lowered() -> None:
     assert convs and all(n.layout is Layout.FLAT for n in convs)
     # Training-mode BN keeps per-step statistics: it runs in a per-step loop.
     assert all(n.attrs.get("per_step") for n in g.find(Op.BATCHNORM))
+
+
+def test_optimizer_on_either_trains_both_and_state_is_separate() -> None:
+    model, shape = build("plif", lib_ours(), "s")
+    x = torch.rand(T, N, *shape) * 3
+    compiled = optimize(model, x)
+    plif = model[2]
+    # Optimizer over the compiled module's parameters updates the user's model.
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    w_before = plif.w.detach().clone()
+    compiled(x).sum().backward()
+    opt.step()
+    assert not torch.equal(plif.w.detach(), w_before)
+    # State: the compiled neurons are copies; running the compiled module leaves the model's v.
+    sc_functional.reset_net(model)
+    assert plif.v == 0.0
+    compiled(x)
+    assert plif.v == 0.0
+    compiled_neurons = compiled.graph.find(Op.NEURON)
+    assert isinstance(compiled_neurons[0].module.v, torch.Tensor)
+    sc_functional.reset_net(compiled)
+    assert all(n.module.v == 0.0 for n in compiled_neurons)
+    # detach_net cuts the graph of the compiled state.
+    compiled(x)
+    sc_functional.detach_net(compiled)
+    assert all(not n.module.v.requires_grad for n in compiled_neurons)
+
+
+def test_state_carries_across_calls_like_eager() -> None:
+    model, shape = build("mlp", lib_ours(), "s")
+    ref = copy.deepcopy(model)
+    compiled = optimize(model, torch.rand(T, N, *shape))
+    x1, x2 = torch.rand(2, T, N, *shape) * 3
+    y = torch.cat([compiled(x1), compiled(x2)])  # no reset in between
+    y_ref = torch.cat([eager(ref, x1, "s"), eager(ref, x2, "s")])
+    assert torch.equal(y, y_ref)
+
+
+def test_inference_mode_of_a_training_model_leaves_it_training() -> None:
+    model, shape = build("vgg", lib_ours(), "s")
+    assert model.training
+    compiled = optimize(model, torch.rand(T, N, *shape), mode="inference")
+    assert model.training and all(m.training for m in model.modules())
+    assert not compiled.training
+    ref = copy.deepcopy(model).eval()
+    x = torch.rand(T, N, *shape) * 3
+    with torch.no_grad():
+        _compare(eager(ref, x, "s"), compiled(x), spikes=False)
+
+
+def test_argument_validation_and_run_time_shape_error() -> None:
+    model, shape = build("mlp", lib_ours(), "s")
+    x = torch.rand(T, N, *shape)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        optimize(model, x, mode="eval")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        optimize(model, x, backend="tpu")
+    compiled = optimize(model, x, backend="cpu")
+    assert compiled.backend == "cpu" and compiled.graph.meta["backend"] == "cpu"
+    with pytest.raises(ValueError, match=r"expected input of shape \[T, N, \.\.\.\]"):
+        compiled(x[0])
+
+
+def test_report_lists_passes() -> None:
+    model, shape = build("vgg", lib_ours(), "s")
+    compiled = optimize(model.eval(), torch.rand(T, N, *shape))
+    text = compiled.report()
+    for name in ("remove_dead_ops", "lower_step_mode", "simplify_time_layout", "fold_batchnorm"):
+        assert name in text
+    assert "folded %_1 into %_0" in text
+    assert all(r.seconds >= 0 for r in compiled.records)
+
+
+def test_multi_step_only_module_in_single_step_model_is_an_error(sj) -> None:
+    class SeqOnly(sj.base.MultiStepModule, nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.cumsum(0)
+
+    model = nn.Sequential(nn.Linear(3, 3), SeqOnly(), sc_neuron.IFNode())
+    with pytest.raises(ValueError, match=r"'1' \(SeqOnly\) only runs multi-step"):
+        optimize(model, torch.rand(T, N, 3))

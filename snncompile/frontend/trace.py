@@ -516,6 +516,13 @@ def _module_node(
         )
     info: ModuleInfo | None = classify_module(module)
     assert info is not None, f"leaf {path} has no rule"
+    if info.multi_step_only and step_mode == "s":
+        raise FrontendError(
+            f"module {path!r} ({type(module).__name__}) only runs multi-step ([T, N, ...] input) "
+            "but the model is single-step, so it cannot be run per time step. Make the model "
+            "multi-step (functional.set_step_mode(model, 'm')) or register a rule for it with "
+            "snncompile.frontend.register_module_rule."
+        )
     attrs = {"path": path, **info.attrs}
     if info.kind is Kind.NEURON:
         clone = own_copy(module)
