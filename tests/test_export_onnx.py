@@ -444,3 +444,46 @@ def test_public_api_and_cli(tmp_path, capsys) -> None:
     assert "mode=step" in capsys.readouterr().out
     x = torch.rand(12, 2, 4, 4) * 1.5
     _check_exact(run_step_model(out, x), _reference(model, x[:4], x), "cli export")
+
+
+def test_spikingjelly_models(sj, tmp_path) -> None:
+    """SpikingJelly 2.0.0's own neurons (single- and multi-step) export and match it exactly."""
+    torch.manual_seed(0)
+    single = nn.Sequential(
+        nn.Linear(12, 20),
+        sj.neuron.LIFNode(tau=2.5, decay_input=False, v_reset=-0.1),
+        nn.Linear(20, 16),
+        sj.neuron.ParametricLIFNode(
+            init_tau=3.0, v_reset=None, surrogate_function=sj.surrogate.ATan()
+        ),
+        nn.Linear(16, 8),
+        sj.neuron.IFNode(v_reset=None, detach_reset=True),
+    ).eval()
+    multi = nn.Sequential(
+        sj.layer.Linear(12, 20, step_mode="m"),
+        sj.neuron.LIFNode(step_mode="m"),
+        sj.layer.Linear(20, 8, step_mode="m"),
+        sj.neuron.IFNode(step_mode="m"),
+    ).eval()
+    _gain(single, 4.0)
+    _gain(multi, 4.0)
+    with torch.no_grad():
+        single[3].w.fill_(-0.2)
+        for m in (*single, *multi):
+            if isinstance(m, nn.Linear):
+                m.bias.add_(0.3)
+    example = torch.rand(EXAMPLE_T, 2, 12)
+    x = torch.rand(32, 3, 12)
+    for name, model in (("single-step", single), ("multi-step", multi)):
+        seq_path, step_path = tmp_path / f"{name}.onnx", tmp_path / f"{name}_step.onnx"
+        export_onnx(model, seq_path, example)
+        export_onnx(model, step_path, example, mode="step")
+        sj.functional.reset_net(model)
+        with torch.no_grad():
+            if name == "multi-step":
+                ref = model(x).numpy()
+            else:
+                ref = torch.stack([model(x[t]) for t in range(x.shape[0])]).numpy()
+        assert 0.0 < ref.mean() < 1.0
+        _check_exact(run_sequence_model(seq_path, x), ref, f"SpikingJelly {name} sequence")
+        _check_exact(run_step_model(step_path, x), ref, f"SpikingJelly {name} step")
