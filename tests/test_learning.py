@@ -263,6 +263,21 @@ def test_multi_step_trace_methods_match_sj_float32(sj_fl, monkeypatch, method, i
     assert_rel(dw, dw_ref)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 3000, 10**9], ids=["1step", "fewsteps", "whole"])
+@pytest.mark.parametrize("fs", FS)
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["linear", "conv1d", "conv2d"])
+def test_multi_step_time_blocks_carry_traces(monkeypatch, block_bytes, fs, index):
+    # The weight change is formed over blocks of steps; the traces must carry across blocks.
+    monkeypatch.setattr(learning, "STDP_BLOCK_BYTES", block_bytes)
+    layer, in_shape, out_shape = _layers(F64)[index]
+    x, y = spikes(11, *in_shape), spikes(11, *out_shape)
+    start_pre = 0.25
+    got = stdp_multi_step(layer, x, y, start_pre, None, 2.0, 3.0, **_fkw(fs))
+    ref = stdp_multi_step(layer, x, y, start_pre, None, 2.0, 3.0, batched=False, **_fkw(fs))
+    for a, b in zip(got, ref, strict=True):
+        assert_rel(a, b)
+
+
 def test_learner_accepts_spikingjelly_modules(sj, sj_learning):
     # Users migrating keep their SpikingJelly layers and neurons: our learner must drive them.
     conv = sj.layer.Conv2d(2, 3, 3, stride=2, padding=1, bias=False, step_mode="m")
