@@ -411,12 +411,21 @@ class Dropout(MemoryModule):
         """Return a fresh mask shaped like ``x``: zeros with probability ``p``, else ``1/(1-p)``."""
         return F.dropout(torch.ones_like(x), self.p, training=True)
 
+    def _check_mask(self, step_shape: torch.Size) -> None:
+        if self.mask.shape != step_shape:
+            raise ValueError(
+                f"{type(self).__name__}: the dropout mask of this simulation has shape "
+                f"{tuple(self.mask.shape)} but a step of the input has shape {tuple(step_shape)}; "
+                "call functional.reset_net(net) between samples (e.g. before a smaller batch)."
+            )
+
     def single_step_forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """Apply the simulation's mask (drawing it on the first training step) to ``x``."""
         if not self.training:
             return x
         if self.mask is None:
             self.mask = self.create_mask(x)
+        self._check_mask(x.shape)
         return x * self.mask
 
     def multi_step_forward(self, x_seq: Tensor) -> Tensor:  # type: ignore[override]
@@ -426,6 +435,7 @@ class Dropout(MemoryModule):
             return x_seq
         if self.mask is None:
             self.mask = self.create_mask(x_seq[0])
+        self._check_mask(x_seq.shape[1:])
         return x_seq * self.mask
 
 

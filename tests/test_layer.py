@@ -230,6 +230,15 @@ def test_dropout_eval_is_identity_and_draws_no_mask():
     assert drop.mask is None
 
 
+def test_dropout_mask_shape_change_without_reset_raises():
+    drop = layer.Dropout(0.5, step_mode="m")
+    drop(torch.rand(T, 4, 5))
+    with pytest.raises(ValueError, match=r"Dropout: the dropout mask.*\(4, 5\).*reset_net"):
+        drop(torch.rand(T, 3, 5))
+    functional.reset_net(drop)
+    assert drop(torch.rand(T, 3, 5)).shape == (T, 3, 5)
+
+
 def test_dropout_bad_p_raises():
     with pytest.raises(ValueError, match=r"Dropout: p must be in \[0, 1\)"):
         layer.Dropout(1.0)
