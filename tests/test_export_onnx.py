@@ -30,6 +30,7 @@ from snncompile.export.onnx import (
     pick_versions,
 )
 from snncompile.onnx_runtime import StepRunner, make_session, run_sequence_model, run_step_model
+from snncompile.runtime.compiled import CompiledModule
 
 EXAMPLE_T = 4  # export examples use this T; runs use 32 / 256
 
@@ -148,7 +149,10 @@ def _input(T: int, N: int, model_name: str, seed: int) -> torch.Tensor:
 
 
 def _reference(model: nn.Module, x_example: torch.Tensor, x: torch.Tensor) -> np.ndarray:
-    compiled = optimize(model, x_example, mode="inference", backend="torch")
+    """Spikes of the compiled module (``model`` may already be one) on ``x``, from reset."""
+    compiled = model
+    if not isinstance(model, CompiledModule):
+        compiled = optimize(model, x_example, mode="inference", backend="torch")
     functional.reset_net(compiled)
     with torch.no_grad():
         return compiled(x).numpy()
@@ -200,14 +204,15 @@ def test_models_match_compiled_module(name: str, tmp_path) -> None:
     assert "BatchNormalization" not in types and "Dropout" not in types, types
     assert "Scan" in {n.op_type for n in seq.graph.node}
 
+    compiled = optimize(model, example, mode="inference", backend="torch")
     x = _input(32, 3, name, seed=1)  # other T and batch than the example
-    ref = _reference(model, example, x)
+    ref = _reference(compiled, example, x)
     assert 0.0 < ref.mean() < 1.0, f"{name}: degenerate test input (rate {ref.mean()})"
     _check_exact(run_sequence_model(seq_path, x), ref, f"{name} sequence T=32")
     _check_exact(run_step_model(step_path, x), ref, f"{name} step T=32")
 
     x_long = _input(256, 2, name, seed=2)
-    ref_long = _reference(model, example, x_long)
+    ref_long = _reference(compiled, example, x_long)
     _check_rates(run_sequence_model(seq_path, x_long), ref_long, f"{name} sequence T=256")
 
 
@@ -275,13 +280,14 @@ def test_neuron_configurations(kind: str, decay_input: bool, v_reset: float | No
     assert len(init) == 2 and all(np.all(v == np.float32(expected)) for v in init.values())
 
     what = f"{kind} decay_input={decay_input} v_reset={v_reset}"
+    compiled = optimize(model, example, mode="inference", backend="torch")
     x = torch.rand(32, 3, 12) * 1.2
-    ref = _reference(model, example, x)
+    ref = _reference(compiled, example, x)
     assert 0.0 < ref.mean() < 1.0
     _check_exact(run_sequence_model(seq_path, x), ref, what + " sequence T=32")
     _check_exact(run_step_model(step_path, x), ref, what + " step T=32")
     x_long = torch.rand(256, 2, 12) * 1.2
-    ref_long = _reference(model, example, x_long)
+    ref_long = _reference(compiled, example, x_long)
     _check_rates(run_sequence_model(seq_path, x_long), ref_long, what + " sequence T=256")
     _check_rates(run_step_model(step_path, x_long), ref_long, what + " step T=256")
 
