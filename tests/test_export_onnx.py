@@ -493,3 +493,47 @@ def test_spikingjelly_models(sj, tmp_path) -> None:
         assert 0.0 < ref.mean() < 1.0
         _check_exact(run_sequence_model(seq_path, x), ref, f"SpikingJelly {name} sequence")
         _check_exact(run_step_model(step_path, x), ref, f"SpikingJelly {name} step")
+
+
+class _OpMix(nn.Module):
+    """Conv1d('same') + AvgPool1d, views on x.size(0)/x.shape[0], Conv2d with stride,
+    AdaptiveAvgPool2d, F.relu, scalar add/mul/sub, flatten method and function, cat, LeakyReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding="same")
+        self.p1 = nn.AvgPool1d(2)
+        self.sn1 = neuron.LIFNode()
+        self.c2 = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.ap = nn.AdaptiveAvgPool2d(2)
+        self.sn2 = neuron.IFNode()
+        self.fc = nn.Linear(16 + 12, 6)
+        self.act = nn.LeakyReLU(0.1)
+        self.sn3 = neuron.LIFNode(v_reset=None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.sn1(self.p1(self.c1(x.view(x.size(0), 2, 8))) * 2.0)
+        b = self.sn2(torch.relu(self.ap(self.c2(x.reshape(x.shape[0], 1, 4, 4)))) + 0.1)
+        z = torch.cat([a.flatten(1), torch.flatten(b, 1)], dim=1)
+        s = self.sn3(self.act(self.fc(z)) - 0.05)
+        return s, s  # the same value twice: two distinct graph outputs
+
+
+def test_synapse_op_mix_and_tuple_outputs(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _gain(_OpMix().eval(), 3.0)
+    example = torch.rand(EXAMPLE_T, 2, 16)
+    seq_path, step_path = tmp_path / "seq.onnx", tmp_path / "step.onnx"
+    export_onnx(model, seq_path, example)
+    m = export_onnx(model, step_path, example, mode="step")
+    assert [o.name for o in m.graph.output][:2] == ["output_0", "output_1"]
+    compiled = optimize(model, example, mode="inference", backend="torch")
+    x = torch.rand(32, 3, 16) * 2
+    functional.reset_net(compiled)
+    with torch.no_grad():
+        ref = compiled(x)[0].numpy()
+    assert 0.0 < ref.mean() < 1.0
+    for got in (run_sequence_model(seq_path, x), run_step_model(step_path, x)):
+        assert len(got) == 2
+        _check_exact(got[0], ref, "op mix output 0")
+        _check_exact(got[1], ref, "op mix output 1")

@@ -771,13 +771,17 @@ def _value_info(name: str, dtype: str | None, dims: Sequence[int | str]) -> onnx
     return helper.make_tensor_value_info(name, elem, list(dims))
 
 
-def _publish(b: GraphBuilder, value: str, public: str, taken: set[str]) -> str:
-    """Make ``value`` available under the graph-output name ``public``."""
-    if value not in taken and b.rename_output(value, public):
-        taken.add(public)
+def _publish(b: GraphBuilder, value: str, public: str, renamed: dict[str, str]) -> str:
+    """Make ``value`` available under the graph-output name ``public``.
+
+    The producing node's output is renamed when possible (no extra node); ``renamed`` remembers
+    earlier renames so a value published twice (or a graph input) gets an ``Identity`` instead.
+    """
+    source = renamed.get(value, value)
+    if source == value and b.rename_output(value, public):
+        renamed[value] = public
         return public
-    b.nodes.append(helper.make_node("Identity", [value], [public], name=f"n_{public}"))
-    taken.add(public)
+    b.nodes.append(helper.make_node("Identity", [source], [public], name=f"n_{public}"))
     return public
 
 
@@ -799,7 +803,7 @@ def _build(graph: Graph, mode: str, example: torch.Tensor) -> onnx.GraphProto:
         b = GraphBuilder(names, inits)
         emitter = _Emitter(graph, b)
         outs, nxt = emitter.run(x_public, {k: i.input for k, i in infos.items()}, infos)
-        taken = {x_public, *(i.input for i in infos.values())}
+        taken: dict[str, str] = {}
         out_vis = []
         for k, (value, src) in enumerate(outs):
             public = names.reserve("output" if len(outs) == 1 else f"output_{k}")
@@ -820,7 +824,7 @@ def _build(graph: Graph, mode: str, example: torch.Tensor) -> onnx.GraphProto:
     x_t = names.reserve("scan.x_t")
     emitter = _Emitter(graph, body)
     outs, nxt = emitter.run(x_t, {k: i.input for k, i in infos.items()}, infos)
-    taken = {x_t, *(i.input for i in infos.values())}
+    taken: dict[str, str] = {}
     body_out_vis = []
     for key, info in infos.items():
         _publish(body, nxt[key], info.output, taken)
