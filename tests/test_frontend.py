@@ -226,3 +226,54 @@ def test_trace_does_not_touch_model_state() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_step_mode_containers_ours() -> None:
+    model = nn.Sequential(
+        layer.StepModeContainer(False, "m", nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)),
+        layer.StepModeContainer(True, "m", neuron.LIFNode()),
+    )
+    x = torch.rand(T, N, 1, 6, 6) * 3
+    compiled = _same(model, x, "m")
+    ops = [n.op for n in compiled.graph]
+    assert ops == [
+        Op.INPUT,
+        Op.MERGE_TIME,
+        Op.CONV2D,
+        Op.BATCHNORM,
+        Op.SPLIT_TIME,
+        Op.NEURON,
+        Op.OUTPUT,
+    ]
+
+
+def test_spikingjelly_multi_step_only_containers(sj) -> None:
+    # SpikingJelly's MultiStepModule containers do not store a step_mode; still multi-step.
+    model = nn.Sequential(
+        sj.layer.MultiStepContainer(nn.Conv2d(1, 2, 3), sj.neuron.IFNode()),
+        sj.layer.SeqToANNContainer(nn.Flatten(), nn.Linear(2 * 4 * 4, 3)),
+    )
+    x = torch.rand(T, N, 1, 6, 6) * 3
+    assert model_step_mode(model) == "m"
+    compiled = _same(model, x, "m")
+    assert len(compiled.graph.find(Op.NEURON)) == 1
+    model2 = nn.Sequential(
+        sj.layer.StepModeContainer(False, "m", nn.Conv2d(1, 2, 3)),
+        sj.layer.StepModeContainer(True, "m", sj.neuron.LIFNode()),
+    )
+    _same(model2, x, "m")
+
+
+def test_stateful_dropout_runs_per_step_in_training() -> None:
+    model = nn.Sequential(layer.Conv2d(1, 2, 3), layer.Dropout(0.3), neuron.IFNode())
+    x = torch.rand(T, N, 1, 6, 6) * 3
+    compiled = snncompile.optimize(model, x)
+    (drop,) = compiled.graph.find(Op.DROPOUT)
+    assert drop.attrs["per_step"] and drop.module is not model[1]
+    # One mask per simulation, as in eager: the same elements are zero at every step.
+    y = compiled(x)
+    functional.reset_net(compiled)
+    mask = drop.module
+    assert mask.mask is None
+    compiled(x)
+    assert mask.mask is not None and y.shape == (T, N, 2, 4, 4)

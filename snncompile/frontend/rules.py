@@ -213,6 +213,9 @@ def _container_kind(module: nn.Module) -> Kind | None:
         return Kind.SEQ_CONTAINER
     if name == "MultiStepContainer":
         return Kind.STEP_CONTAINER
+    if name == "StepModeContainer" and getattr(module, "step_mode", None) == "m":
+        # Multi-step: stateless children run over [T*N, *], stateful ones step by step.
+        return Kind.STEP_CONTAINER if getattr(module, "stateful", True) else Kind.SEQ_CONTAINER
     return None
 
 

@@ -103,6 +103,12 @@ def model_step_mode(model: nn.Module) -> str:
         m = stack.pop()
         if isinstance(m, step_types) and getattr(m, "step_mode", None) == "m":
             return "m"
+        if isinstance(m, step_types):
+            # SpikingJelly's MultiStepModule classes support only 'm' and may not store it.
+            supported = getattr(m, "supported_step_mode", ("s", "m"))
+            supported = supported() if callable(supported) else supported
+            if tuple(supported) == ("m",):
+                return "m"
         info = classify_module(m) if m is not model else None
         if info is not None and info.kind in (Kind.SEQ_CONTAINER, Kind.STEP_CONTAINER):
             continue
