@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -141,7 +142,7 @@ class BaseMonitor:
         return False
 
     def __del__(self) -> None:
-        # Best effort: a monitor that goes away must not leave hooks writing into a dead buffer.
+        # A monitor that goes away takes its hooks with it (hooks only hold a weak reference).
         try:
             self.remove_hooks()
         except Exception:  # pragma: no cover - interpreter shutdown
@@ -174,9 +175,14 @@ class OutputMonitor(BaseMonitor):
                 self.hooks.append(module.register_forward_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str) -> Callable[..., None]:
+        # A weak reference: the module's hook must not keep a dropped monitor (and its records)
+        # alive; when the monitor is collected, __del__ removes the hook.
+        ref = weakref.ref(self)
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if self._enable:
-                self.record(name, self.function_on_output(_unwrap_single(output)))
+            mon = ref()
+            if mon is not None and mon._enable:
+                mon.record(name, mon.function_on_output(_unwrap_single(output)))
 
         return hook
 
@@ -208,8 +214,11 @@ class InputMonitor(BaseMonitor):
                 self.hooks.append(module.register_forward_pre_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str) -> Callable[..., None]:
+        ref = weakref.ref(self)  # see OutputMonitor._make_hook
+
         def hook(module: nn.Module, inputs: Any) -> None:
-            if self._enable:
-                self.record(name, self.function_on_input(_unwrap_single(inputs)))
+            mon = ref()
+            if mon is not None and mon._enable:
+                mon.record(name, mon.function_on_input(_unwrap_single(inputs)))
 
         return hook

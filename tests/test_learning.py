@@ -603,3 +603,14 @@ def test_docs_code_blocks_run():
 def test_public_surface():
     for name in learning.__all__:
         assert hasattr(learning, name)
+
+
+def test_dropped_learner_leaves_no_hooks():
+    import gc
+
+    fc, sn = nn.Linear(4, 2), nn.ReLU()
+    learner = STDPLearner("s", fc, sn, 2.0, 2.0)
+    assert len(fc._forward_pre_hooks) == 1 and len(sn._forward_hooks) == 1
+    del learner
+    gc.collect()
+    assert len(fc._forward_pre_hooks) == 0 and len(sn._forward_hooks) == 0

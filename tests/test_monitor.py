@@ -93,3 +93,15 @@ def test_records_match_spikingjelly_monitors(sj):
         assert ours.monitored_layers == theirs.monitored_layers
         assert ours.name_records_index == theirs.name_records_index
         assert all(torch.equal(a, b) for a, b in zip(ours.records, theirs.records, strict=True))
+
+
+def test_dropped_monitor_removes_its_hooks():
+    import gc
+
+    fc = nn.Linear(4, 3)
+    mon = InputMonitor(fc)
+    assert len(fc._forward_pre_hooks) == 1
+    del mon
+    gc.collect()
+    assert len(fc._forward_pre_hooks) == 0
+    fc(torch.rand(1, 4))  # no stale hook left behind
