@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from snncompile.learning import STDPLearner, stdp_multi_step
+from snncompile.learning import STDPLearner, stdp_multi_step, trace_sequence
 
 
 def _best_time(fn: Callable[[], object], repeat: int) -> float:
@@ -79,6 +79,30 @@ def bench_case(
     print(line, flush=True)
 
 
+def bench_traces(steps: int, per_step: int, repeat: int) -> None:
+    """Time the trace of a ``[steps, per_step]`` spike train: decay-matrix vs in-place vs naive."""
+    s = _spikes((steps, per_step))
+
+    def naive() -> torch.Tensor:
+        x, out = torch.zeros(per_step), []
+        for s_t in s.unbind(0):
+            x = x - x / 2.0 + s_t
+            out.append(x)
+        return torch.stack(out)
+
+    t_mm = _best_time(lambda: trace_sequence(s, None, 2.0, method="matmul"), repeat)
+    t_rec = _best_time(lambda: trace_sequence(s, None, 2.0, method="recurrence"), repeat)
+    t_naive = _best_time(naive, repeat)
+    ref = naive()
+    err = ((trace_sequence(s, None, 2.0, method="matmul") - ref).abs().max() / ref.max()).item()
+    print(
+        f"trace T={steps:<4} step={per_step:<8} matmul {t_mm * 1e3:8.3f} ms | in-place "
+        f"recurrence {t_rec * 1e3:8.3f} ms | naive loop {t_naive * 1e3:8.3f} ms "
+        f"(matmul rel err {err:.1e})",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -111,6 +135,8 @@ def main() -> None:
     )
     fc = nn.Linear(784, 256, bias=False)
     bench_case("Linear 784->256", fc, (t, n, 784), (t, n, 256), args.repeat, sj_learning)
+    for steps, per_step in ((16, 1024), (16, 16384), (16, 262144), (256, 2048), (1024, 512)):
+        bench_traces(steps, per_step, args.repeat)
     fc_long = nn.Linear(784, 256, bias=False)
     bench_case(
         "Linear 784->256, T=256", fc_long, (256, n, 784), (256, n, 256), args.repeat, sj_learning
