@@ -537,3 +537,27 @@ def test_synapse_op_mix_and_tuple_outputs(tmp_path) -> None:
         assert len(got) == 2
         _check_exact(got[0], ref, "op mix output 0")
         _check_exact(got[1], ref, "op mix output 1")
+
+
+class _UnregisteredSurrogate(surrogate.Sigmoid):
+    """A surrogate class with no expression form: its forward is still the Heaviside step."""
+
+
+@pytest.mark.parametrize("sg", ["Sigmoid", "ATan", "PiecewiseQuadratic", "Erf", "custom"])
+def test_surrogate_forms(sg: str, tmp_path) -> None:
+    """Non-spiking neurons emit the surrogate's primitive; an unknown surrogate still exports."""
+    torch.manual_seed(0)
+    fn = _UnregisteredSurrogate() if sg == "custom" else getattr(surrogate, sg)(spiking=False)
+    model = nn.Sequential(nn.Linear(6, 8), neuron.LIFNode(surrogate_function=fn)).eval()
+    _gain(model, 3.0)
+    example = torch.rand(EXAMPLE_T, 2, 6)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, example)
+    x = torch.rand(16, 3, 6) * 2
+    ref = _reference(model, example, x)
+    got = run_sequence_model(path, x)
+    if sg == "custom":
+        _check_exact(got, ref, "unregistered surrogate")
+    else:  # smooth outputs: ORT's transcendental functions may differ in the last bits
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        assert 0.0 < ref.min() and ref.max() < 1.0 or sg == "PiecewiseQuadratic"
