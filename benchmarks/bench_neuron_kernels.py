@@ -127,17 +127,18 @@ def make_torch_loop() -> Callable[[torch.Tensor], torch.Tensor]:
 
 # -- measurements ------------------------------------------------------------------------------
 def saved_bytes_per_element(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
-    """Bytes autograd keeps for backward (distinct storages) per element of ``x``."""
+    """Bytes autograd keeps for backward per element of ``x``: distinct storages of saved
+    tensors, not counting the input's own storage (the caller holds it anyway)."""
     seen: dict[int, int] = {}
+    xr = x.detach().requires_grad_()
+    own = xr.untyped_storage().data_ptr()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.requires_grad and t.grad_fn is None:  # the input itself is not extra memory
-            return t
         st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() != own:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
-    xr = x.detach().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         s = run(xr)
     del s

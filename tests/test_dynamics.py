@@ -222,7 +222,12 @@ def test_user_defined_neuron_fused_matches_torch_renderer(make):
         outs.append((s, vl, g))
     (s1, v1, g1), (s2, v2, g2) = outs
     assert s1.sum() > 0  # the test exercises firing
-    assert torch.equal(s1, s2) and torch.equal(v1, v2)
+    assert torch.equal(s1, s2)
+    if any(n.op is Op.EXP for n in toposort([d.charge])):
+        # exp: the kernel's (SIMD) expf and PyTorch's exp may differ in the last ulp.
+        torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-6)
+    else:  # + - * / only: bit-exact
+        assert torch.equal(v1, v2)
     for a, b in zip(g1, g2, strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from snncompile.codegen.render import C_TARGET, CUDA_TARGET, Target, render_block
 from snncompile.dynamics.neuron import NeuronDynamics, StepProgram
 
-SNN_BLOCK = 64  # neurons per OpenMP work item (a multiple of every SIMD width; 256 B per array)
+# Neurons per OpenMP work item: 4 KiB rows keep the strided [T, N] accesses streaming (hardware
+# prefetchers work within pages) while the state array stays in L1. 64 was 2-3x slower at T=64,
+# N=65,536; 1024 was best or near-best for both issue shapes (benchmarks/bench_neuron_kernels.py).
+SNN_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,17 @@ _C_HEADER = """\
 #include <stddef.h>
 #include <stdint.h>
 #define SNN_BLOCK {block}
+#if defined(SNN_USE_MVEC) && defined(__GLIBC__) && !defined(__clang__)
+/* SIMD variants from glibc's libmvec, so loops calling them vectorize. */
+__attribute__((simd("notinbranch"))) float expf(float);
+__attribute__((simd("notinbranch"))) float logf(float);
+#if __GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35)
+__attribute__((simd("notinbranch"))) float atanf(float);
+__attribute__((simd("notinbranch"))) float tanhf(float);
+__attribute__((simd("notinbranch"))) float erff(float);
+__attribute__((simd("notinbranch"))) float erfcf(float);
+#endif
+#endif
 """
 
 _C_FORWARD = """\
