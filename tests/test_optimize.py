@@ -17,6 +17,7 @@ import snncompile.functional as sc_functional
 from snncompile import layer as sc_layer
 from snncompile import neuron as sc_neuron
 from snncompile.api import optimize
+from snncompile.base import MemoryModule
 from snncompile.ir import Layout, Op
 
 T, N = 4, 3
@@ -281,11 +282,26 @@ def test_report_lists_passes() -> None:
     assert all(r.seconds >= 0 for r in compiled.records)
 
 
-def test_multi_step_only_module_in_single_step_model_is_an_error(sj) -> None:
-    class SeqOnly(sj.base.MultiStepModule, nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.cumsum(0)
+def test_module_that_cannot_run_opaquely_is_an_error() -> None:
+    class DictNeuron(MemoryModule):
+        """Stateful, unknown to every rule, and returns a dict per step."""
 
-    model = nn.Sequential(nn.Linear(3, 3), SeqOnly(), sc_neuron.IFNode())
-    with pytest.raises(ValueError, match=r"'1' \(SeqOnly\) only runs multi-step"):
-        optimize(model, torch.rand(T, N, 3))
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_memory("v", 0.0)
+
+        def single_step_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            self.v = self.v + x
+            return {"spike": (self.v >= 1.0).float()}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.odd = DictNeuron()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.odd(self.fc(x))["spike"]
+
+    with pytest.raises(ValueError, match=r"module 'odd' \(DictNeuron\) must run once per time"):
+        optimize(Net(), torch.rand(T, N, 3))

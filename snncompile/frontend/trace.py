@@ -261,6 +261,7 @@ class _Probe(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[str, tuple[tuple[int, ...], str] | None] = {}
+        self.kinds: dict[str, str] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -271,6 +272,14 @@ class _Probe(fx.Interpreter):
             self.shapes[n.name] = (tuple(out.shape), str(out.dtype).replace("torch.", ""))
         else:
             self.shapes[n.name] = None
+        if isinstance(out, torch.Tensor):
+            self.kinds[n.name] = "tensor"
+        elif (
+            isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out)
+        ):
+            self.kinds[n.name] = "tensors"
+        else:
+            self.kinds[n.name] = type(out).__name__
         return out
 
 
@@ -367,6 +376,7 @@ def _probe_shapes(
                 ) from err.exc
             second = probe2.shapes
         _reset_state(root)
+    probe.shapes["__kinds__"] = probe.kinds  # type: ignore[assignment]
     return probe.shapes, second
 
 
@@ -467,6 +477,7 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
             node.layout = _layout_of(in_nodes, Layout.NONE, fxn.name)
         if node.op is not Op.OUTPUT:
             node.shape, node.dtype = shape, dtype
+            node.meta["value_kind"] = shapes["__kinds__"].get(fxn.name, "tensor")
         if second is not None and shape is not None:
             rec2 = second.get(fxn.name)
             node.meta["batch_aligned"] = bool(

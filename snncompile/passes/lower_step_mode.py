@@ -73,6 +73,19 @@ def lower_step_mode(graph: Graph) -> PassResult:
                 node.shape = (T, *node.shape)
             notes["neuron"] += 1
         elif _per_step(node, [graph[i] for i in node.inputs], mode):
+            kind = node.meta.get("value_kind", "tensor")
+            if kind not in ("tensor", "tensors"):
+                what = (
+                    f"module {node.attrs.get('path')!r} ({type(node.module).__name__})"
+                    if (node.module is not None)
+                    else f"node %{node.name}"
+                )
+                raise LoweringError(
+                    f"{what} must run once per time step but returns a {kind}, which cannot be "
+                    "stacked over time: no rule understands it and it cannot be run opaquely. "
+                    "Make it return tensors, or describe it with "
+                    "snncompile.frontend.register_module_rule."
+                )
             node.layout = Layout.SEQ
             node.attrs["per_step"] = True
             if node.shape is not None:
