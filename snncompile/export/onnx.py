@@ -133,6 +133,10 @@ def ort_limits(version: str | None = None) -> tuple[int, int]:
     return limits
 
 
+def _min_ir(opset: int) -> int:
+    return int(helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
+
+
 def pick_versions(opset: int | None = None, ort_version: str | None = None) -> tuple[int, int]:
     """Return ``(opset, ir_version)`` to write for the installed (or given) onnxruntime.
 
@@ -143,6 +147,9 @@ def pick_versions(opset: int | None = None, ort_version: str | None = None) -> t
     onnx_max = onnx.defs.onnx_opset_version()
     if opset is None:
         opset = min(DEFAULT_OPSET, max_opset, onnx_max)
+        # Step down until the opset's IR version is one the runtime loads.
+        while opset > MIN_OPSET and _min_ir(opset) > max_ir:
+            opset -= 1
     if not isinstance(opset, int) or isinstance(opset, bool):
         raise OnnxExportError(f"export_onnx: opset must be an int or None, got {opset!r}")
     if opset < MIN_OPSET or opset > min(max_opset, onnx_max):
@@ -151,7 +158,7 @@ def pick_versions(opset: int | None = None, ort_version: str | None = None) -> t
             f"([{MIN_OPSET}, {min(max_opset, onnx_max)}] for onnxruntime/onnx installed); "
             "pass opset=None for the default."
         )
-    ir = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    ir = _min_ir(opset)
     if ir > max_ir:
         raise OnnxExportError(
             f"export_onnx: opset {opset} needs ONNX IR version {ir}, but the installed "
