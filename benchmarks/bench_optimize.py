@@ -5,7 +5,7 @@ T=8 and batch 32:
 
 * training step: forward + backward of the eager single-step model looped over T, versus the
   compiled module (``mode='train'``: convolutions over ``[T*N, ...]``, neurons multi-step,
-  BN with per-step statistics);
+  BN with per-step statistics computed for all steps in one call);
 * inference: eager eval-mode loop versus the compiled module with BN folded (``mode='inference'``).
 
 Both run in the same process on the same inputs; outputs are checked to match before timing.

@@ -322,3 +322,32 @@ def test_passes_argument_and_report() -> None:
     with pytest.raises(ValueError, match="unknown pass 'nope'"):
         snncompile.optimize(model, x, passes=["nope"])
     torch.testing.assert_close(plain(x), folded(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+    ids=["default", "cumulative", "nonaffine", "untracked"],
+)
+@pytest.mark.parametrize("dims", [1, 2])
+def test_training_batchnorm_keeps_per_step_statistics(kwargs: dict, dims: int) -> None:
+    bn = nn.BatchNorm1d(3, **kwargs) if dims == 1 else nn.BatchNorm2d(3, **kwargs)
+    shape = (2, 5) if dims == 1 else (2, 4, 4)
+    conv = nn.Conv1d(2, 3, 1) if dims == 1 else nn.Conv2d(2, 3, 1)
+    model = nn.Sequential(conv, bn, neuron.LIFNode())
+    ref = copy.deepcopy(model)
+    compiled = snncompile.optimize(model, torch.rand(T, N, *shape))
+    assert compiled.graph.find(Op.BATCHNORM)[0].attrs["per_step"]
+    for _ in range(2):
+        x = torch.randn(T, N, *shape) * 2
+        xr = x.clone().requires_grad_(True)
+        xc = x.clone().requires_grad_(True)
+        functional.reset_net(compiled)
+        y, y_ref = compiled(xc), _eager(ref, xr)
+        assert torch.equal(y, y_ref)
+        w = torch.randn_like(y)
+        (y * w).sum().backward()
+        (y_ref * w).sum().backward()
+        torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-4, atol=1e-5)
+        for b, b_ref in zip(model.buffers(), ref.buffers(), strict=True):
+            torch.testing.assert_close(b, b_ref)

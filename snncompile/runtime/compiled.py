@@ -22,7 +22,7 @@ from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
-from snncompile.runtime.step_loop import StepLoop
+from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
 
 
 class _Root(nn.Module):
@@ -101,6 +101,15 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             env[node.name] = fxg.call_method(
                 "unflatten", (env[node.inputs[0]], 0, (time_steps(), -1))
             )
+        elif (
+            node.attrs.get("per_step")
+            and node.op is Op.BATCHNORM
+            and isinstance(node.module, nn.modules.batchnorm._BatchNorm)
+            and len(node.inputs) == 1
+            and not kwargs_t
+        ):
+            attr = register(PerStepBatchNorm(node.module), f"{node.name}_per_step")
+            env[node.name] = fxg.call_module(attr, (env[node.inputs[0]],))
         elif node.attrs.get("per_step"):
             seq = tuple(graph[i].layout is Layout.SEQ and graph[i].is_tensor for i in node.inputs)
             loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from snncompile.ir.graph import Ref
@@ -79,3 +80,52 @@ class StepLoop(nn.Module):
         if self.module is None:
             return f"target={self.target!r}"
         return ""
+
+
+class PerStepBatchNorm(nn.Module):
+    """BatchNorm with per-time-step batch statistics, computed for all ``T`` steps at once.
+
+    A single-step model in training mode normalizes step ``t`` with the mean and variance of
+    that step's batch and updates the running statistics once per step. Viewing ``[T, N, C, *]``
+    as ``[N, T*C, *]`` makes every ``(t, c)`` pair its own channel, so one ``batch_norm`` call
+    computes exactly the per-step statistics (the same elements, reduced in the same order);
+    the ``T`` running-statistic updates are then applied in step order, like eager.
+    Without batch statistics (eval mode with running statistics) it normalizes ``[T*N, C, *]``.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        T = x.shape[0]
+        if not bn.training and bn.running_mean is not None:
+            return bn(x.flatten(0, 1)).unflatten(0, (T, -1))
+        N, C, rest = x.shape[1], x.shape[2], x.shape[3:]
+        z = x.transpose(0, 1).reshape(N, T * C, *rest)
+        w = bn.weight.repeat(T) if bn.weight is not None else None
+        b = bn.bias.repeat(T) if bn.bias is not None else None
+        track = bn.training and bn.track_running_stats and bn.running_mean is not None
+        if track:
+            # momentum 1.0 into fresh buffers leaves exactly each (t, c) batch mean/unbiased var.
+            mean = torch.zeros(T * C, dtype=bn.running_mean.dtype, device=x.device)
+            var = torch.ones(T * C, dtype=bn.running_var.dtype, device=x.device)
+            y = F.batch_norm(z, mean, var, w, b, True, 1.0, bn.eps)
+            self._update(mean.view(T, C), var.view(T, C))
+        else:
+            y = F.batch_norm(z, None, None, w, b, True, 0.0, bn.eps)
+        return y.reshape(N, T, C, *rest).transpose(0, 1)
+
+    @torch.no_grad()
+    def _update(self, means: torch.Tensor, variances: torch.Tensor) -> None:
+        bn = self.bn
+        for t in range(means.shape[0]):
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                m = 1.0 / float(bn.num_batches_tracked)
+            else:
+                m = bn.momentum
+            bn.running_mean.copy_(m * means[t] + (1.0 - m) * bn.running_mean)
+            bn.running_var.copy_(m * variances[t] + (1.0 - m) * bn.running_var)
