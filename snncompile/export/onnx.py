@@ -1009,7 +1009,7 @@ def _load_model(spec: str) -> nn.Module:
 
 
 def main_export(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``snncompile export MODEL --input-shape T,N,... -o out.onnx``.
+    """Command-line entry: ``snncompile export MODEL --input-shape T,N,... --out out.onnx``.
 
     ``MODEL`` is ``package.module:factory`` (a callable returning the model, or a module
     attribute) or a file written with ``torch.save(model)``. Returns the process exit code.
@@ -1019,7 +1019,8 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("model", help="package.module:factory, or a torch.save()d nn.Module file")
     p.add_argument("--input-shape", required=True, help="example input shape T,N,... e.g. 4,1,784")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("-o", "--output", "--out", dest="output", required=True, help="the .onnx file")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="only 'onnx' here")
     p.add_argument("--mode", choices=("sequence", "step"), default="sequence")
     p.add_argument("--opset", type=int, default=None)
     args = p.parse_args(argv)
