@@ -378,7 +378,10 @@ class _Emitter:
 
     def data(self, node: Node) -> str:
         """The node's first (data) input as an ONNX name."""
-        return self.tensor(node, self.arg(node, 0, "input", _T_missing))
+        value = self.arg(node, 0, "input", _T_missing)
+        if value is _T_missing:
+            raise self.fail(node, "has no recorded data input (no call arguments)")
+        return self.tensor(node, value)
 
     def dim(self, node: Node, d: int) -> int:
         """A dimension argument of the node, in per-step terms."""
