@@ -20,7 +20,7 @@ from typing import Any
 from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op, OpGroup
 
-_MODULE_OPS = frozenset({Op.NEURON, Op.OPAQUE_MODULE})
+_MODULE_OPS = frozenset({Op.NEURON, Op.FUSED_NEURON, Op.OPAQUE_MODULE})
 
 
 class IRVerificationError(ValueError):

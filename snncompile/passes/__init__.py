@@ -31,7 +31,11 @@ and stateless chains are ``flat``) and ``'chunking'`` (last). A later pass plugs
 ``graph.meta['backend']`` is the ``backend=`` given to :func:`snncompile.optimize`. A neuron
 node's ``attrs['_spec']`` is the module's ``NeuronSpec`` (snncompile neurons only; SpikingJelly
 neurons carry ``attrs['source'] == 'spikingjelly'`` and no spec) and ``node.module`` is the
-compiled module's own copy of the neuron (safe to reconfigure). Every pass output is verified;
+compiled module's own copy of the neuron (safe to reconfigure). The runtime runs ``NEURON`` and
+``FUSED_NEURON`` nodes by calling ``node.module`` on the ``[T, N, *]`` input (multi-step), so a
+fusion pass either reconfigures that copy (``node.module.backend = ...``) or replaces it with any
+module of the same signature; ``node.op`` tells later passes and exporters what happened, and
+``PassResult.notes`` end up in ``CompiledModule.report()``. Every pass output is verified;
 a pass that breaks the IR raises :class:`PassVerificationError` naming it and the passes before.
 """
 
