@@ -289,3 +289,27 @@ def test_tempdir_builds_leave_nothing_behind(fresh_cache):
     before = set(Path(tempfile.gettempdir()).glob("snncompile_build_*"))
     CpuKernel(lif_dynamics(tau=7.0))
     assert set(Path(tempfile.gettempdir()).glob("snncompile_build_*")) == before
+
+
+def test_workspace_pool_reuses_only_unreferenced_storage():
+    from snncompile.codegen.cpu import WorkspacePool
+
+    pool = WorkspacePool()
+    if not pool.enabled:
+        pytest.skip("this torch has no storage use counts")
+    shape = (4, 1 << 16)  # 1 MiB
+    a = pool.empty(shape)
+    a_ptr = a.data_ptr()
+    b = pool.empty(shape)
+    assert b.data_ptr() != a_ptr  # a is alive: not reused
+    view = a[1:]
+    del a
+    c = pool.empty(shape)
+    assert c.data_ptr() != a_ptr  # a view still holds the storage
+    del view
+    d = pool.empty(shape)
+    assert d.data_ptr() == a_ptr and d.shape == shape  # now idle: reused
+    small = pool.empty((8,))
+    assert small.numel() == 8
+    pool.release()
+    assert pool.empty(shape).data_ptr() not in (b.data_ptr(), c.data_ptr(), d.data_ptr())

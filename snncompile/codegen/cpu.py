@@ -37,6 +37,58 @@ def num_threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
 
 
+class WorkspacePool:
+    """Reuses the storage of large kernel outputs once nothing else references it.
+
+    A fresh multi-megabyte tensor page-faults on first touch (the kernel zero-fills every page),
+    which on the issue's shapes cost more than the neuron kernel itself. The pool keeps the
+    storages of large outputs it handed out and hands one out again when its use count shows
+    that only the pool still holds it (the caller dropped the spikes, autograd freed ``h`` after
+    backward, the optimizer cleared ``.grad``). Reused tensors are new tensors over the old
+    storage, never aliases of anything alive. :func:`release_workspaces` frees the idle ones.
+    """
+
+    MIN_BYTES = 1 << 20  # smaller allocations are cheap: the allocator reuses them anyway
+    PER_SIZE = 6  # a training step holds about three outputs of one size (spikes, h, grad_x)
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, str], list[torch.UntypedStorage]] = {}
+        self._lock = threading.Lock()
+        self.enabled = hasattr(torch._C, "_storage_Use_Count")
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialized CPU tensor of ``shape`` (from the pool when one is idle)."""
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        if not self.enabled or nbytes < self.MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        key = (nbytes, str(dtype))
+        with self._lock:
+            slots = self._free.setdefault(key, [])
+            for st in slots:
+                if torch._C._storage_Use_Count(st._cdata) == 1:  # only the pool holds it
+                    return torch.empty(0, dtype=dtype).set_(st, 0, shape)
+            t = torch.empty(shape, dtype=dtype)
+            slots.append(t.untyped_storage())
+            if len(slots) > self.PER_SIZE:
+                slots.pop(0)  # the pool forgets it; its current user keeps it alive
+            return t
+
+    def release(self) -> None:
+        """Forget every pooled storage (idle ones are freed now, busy ones when dropped)."""
+        with self._lock:
+            self._free.clear()
+
+
+WORKSPACES = WorkspacePool()
+
+
+def release_workspaces() -> None:
+    """Free the idle output buffers the CPU kernels keep for reuse."""
+    WORKSPACES.release()
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -74,10 +126,10 @@ class CpuKernel:
         Returns ``(spike_seq, h_seq or None, v_seq or None, v_last)``, all float32.
         """
         T, N = x_seq.shape
-        spikes = torch.empty_like(x_seq)
-        h_seq = torch.empty_like(x_seq) if need_h else None
-        v_seq = torch.empty_like(x_seq) if store_v_seq else None
-        v_last = torch.empty_like(v_init)
+        spikes = WORKSPACES.empty((T, N))
+        h_seq = WORKSPACES.empty((T, N)) if need_h else None
+        v_seq = WORKSPACES.empty((T, N)) if store_v_seq else None
+        v_last = WORKSPACES.empty((N,))
         self._fwd(
             _ptr(x_seq),
             _ptr(v_init),
@@ -109,8 +161,8 @@ class CpuKernel:
             raise ValueError(
                 f"{self.source.name}: this neuron's backward needs x_seq; pass the input."
             )
-        grad_x = torch.empty_like(h_seq)
-        grad_v0 = torch.empty_like(v_init)
+        grad_x = WORKSPACES.empty((T, N))
+        grad_v0 = WORKSPACES.empty((N,))
         grad_u = torch.empty((self.num_uniforms, N), dtype=torch.float32)
         self._bwd(
             _ptr(grad_spike_seq),
