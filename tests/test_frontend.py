@@ -101,7 +101,11 @@ def test_untraceable_submodule_is_opaque_and_runs() -> None:
     opaque = g.find(Op.OPAQUE_MODULE)
     assert [n.attrs["path"] for n in opaque] == ["gate"]
     assert "control flow" in opaque[0].attrs["reason"]
-    _same(model, x, "s")
+    compiled = _same(model, x, "s")
+    assert compiled.graph["gate"].attrs["per_step"] is True  # its branch depends on each step
+    xs = torch.cat([-torch.rand(1, N, 6) * 5, torch.rand(T - 1, N, 6) * 5])
+    functional.reset_net(compiled)
+    torch.testing.assert_close(compiled(xs), _eager(copy.deepcopy(model), xs, "s"))
 
 
 def test_strict_names_module_and_reason() -> None:
@@ -277,3 +281,36 @@ def test_stateful_dropout_runs_per_step_in_training() -> None:
     assert mask.mask is None
     compiled(x)
     assert mask.mask is not None and y.shape == (T, N, 2, 4, 4)
+
+
+def _scaled_clip(x: torch.Tensor) -> torch.Tensor:
+    if x.max() > 1:  # data dependent: fx must not trace into it
+        return x.clamp(max=1.0)
+    return x
+
+
+torch.fx.wrap("_scaled_clip")
+
+
+def test_wrapped_user_function_is_opaque_function() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.sn = neuron.IFNode()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.sn(_scaled_clip(self.fc(x)) * 2.0)
+
+    model = Net()
+    x = torch.rand(T, N, 3) * 3
+    g = snncompile.trace(model, x)
+    (node,) = g.find(Op.OPAQUE_FUNCTION)
+    assert node.target is _scaled_clip
+    compiled = _same(model, x, "s")
+    # Unknown code may read the whole batch (here: x.max()), so it runs once per step.
+    assert compiled.graph[node.name].attrs["per_step"] is True
+    # Steps whose maximum differs take different branches, exactly as in eager.
+    xs = torch.cat([torch.zeros(1, N, 3), torch.rand(T - 1, N, 3) * 3])
+    functional.reset_net(compiled)
+    torch.testing.assert_close(compiled(xs), _eager(copy.deepcopy(model), xs, "s"))

@@ -265,7 +265,9 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
     if origin.startswith("torch.nn") or origin.startswith("torch.ao.nn"):
         if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return None
-        return ModuleInfo(Op.OPAQUE_MODULE, Kind.STATELESS, {"type": type(module).__name__})
+        return ModuleInfo(
+            Op.OPAQUE_MODULE, Kind.STATELESS, {"type": type(module).__name__, "torch_nn": True}
+        )
     return None
 
 

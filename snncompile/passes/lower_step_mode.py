@@ -5,7 +5,8 @@ other stateful modules) carry state ``s``. Stacking its outputs over ``t`` is th
 stateless op ``g`` that never mixes samples, ``stack_t g(x_t) = unflatten(g(flatten(x)))`` with
 ``flatten: [T, N, *] -> [T*N, *]``, so ``g`` runs **once** over all steps (``flat`` layout). A
 neuron's ``T`` single steps equal one multi-step call on ``[T, N, *]`` (``seq`` layout). Every
-other op -- stateful opaque modules, batchnorm in training mode (per-step batch statistics and
+other op -- stateful or untraceable opaque modules and opaque functions (unknown code may
+look at the whole batch), batchnorm in training mode (per-step batch statistics and
 ``T`` running-statistic updates), ops whose output does not keep the batch in dimension 0 (found
 by the frontend's two-batch-size probe) -- runs in an explicit per-step loop (``seq`` layout,
 ``attrs['per_step']=True``), which is exact by definition. ``MERGE_TIME``/``SPLIT_TIME`` nodes are
@@ -15,6 +16,8 @@ once per step is refused (its calls interleave within a step).
 """
 
 from __future__ import annotations
+
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import POINTWISE_SYNAPSE, Layout, Op, OpGroup
@@ -32,7 +35,13 @@ def _aligned(node: Node) -> bool:
 def _per_step(node: Node, inputs: list[Node], mode: str) -> bool:
     if node.attrs.get("stateful"):
         return True
-    if node.op is Op.BATCHNORM:
+    if node.op is Op.OPAQUE_FUNCTION or (
+        node.op is Op.OPAQUE_MODULE and not node.attrs.get("torch_nn")
+    ):
+        # Unknown code (user functions, untraceable modules) may look at the whole batch, e.g.
+        # `if x.sum() > 0`; running it per step is the only choice that is always exact.
+        return True
+    if node.op is Op.BATCHNORM or isinstance(node.module, _BatchNorm):
         bn = node.module
         # Training graphs keep per-step statistics even if the model is in eval right now, so a
         # later compiled.train() stays exact; inference graphs use running statistics.
