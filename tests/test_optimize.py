@@ -203,7 +203,7 @@ def test_single_step_graph_is_lowered() -> None:
     compiled = optimize(model, torch.rand(T, N, *shape))
     g = compiled.graph
     assert all(n.layout is not Layout.STEP for n in g)
-    neurons = g.find(Op.NEURON)
+    neurons = g.find(Op.NEURON, Op.FUSED_NEURON)
     assert neurons and all(n.layout is Layout.SEQ and n.module.step_mode == "m" for n in neurons)
     convs = g.find(Op.CONV2D)
     assert convs and all(n.layout is Layout.FLAT for n in convs)
@@ -227,7 +227,7 @@ def test_optimizer_on_either_trains_both_and_state_is_separate() -> None:
     assert plif.v == 0.0
     compiled(x)
     assert plif.v == 0.0
-    compiled_neurons = compiled.graph.find(Op.NEURON)
+    compiled_neurons = compiled.graph.find(Op.NEURON, Op.FUSED_NEURON)
     assert isinstance(compiled_neurons[0].module.v, torch.Tensor)
     sc_functional.reset_net(compiled)
     assert all(n.module.v == 0.0 for n in compiled_neurons)
