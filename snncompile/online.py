@@ -594,8 +594,11 @@ def ottt_online_training(
     xs = x_seq.transpose(0, 1).unbind(0)
     targets = target_seq.transpose(0, 1)
 
-    batch_loss: torch.Tensor | float = 0.0
-    outputs: list[torch.Tensor] = []
+    # Both results are filled in place in buffers allocated at the first step: appending one
+    # small long-lived tensor per step (then stacking) interleaves them with each step's
+    # temporaries on the heap, and glibc's heap then grows with T although nothing leaks.
+    batch_loss: torch.Tensor | None = None
+    y_all: torch.Tensor | None = None
     if not online:
         optimizer.zero_grad()
     for t, x_t in enumerate(xs):
@@ -610,13 +613,15 @@ def ottt_online_training(
             optimizer.step()
         # Only this step's graph is used; cut the state so the next backward cannot reach it.
         _detach_states(memory_modules)
-        batch_loss = batch_loss + loss.detach()
-        outputs.append(y_t.detach())
+        if batch_loss is None or y_all is None:
+            batch_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+            y_all = y_t.new_empty((y_t.shape[0], steps, *y_t.shape[1:]))
+        batch_loss.add_(loss.detach())
+        y_all[:, t].copy_(y_t.detach())
     if not online:
         optimizer.step()
-    if not isinstance(batch_loss, torch.Tensor):
-        batch_loss = torch.zeros(())
-    y_all = torch.stack(outputs, dim=1) if outputs else torch.empty(0)
+    if batch_loss is None or y_all is None:  # T = 0
+        return torch.zeros(()), torch.empty(0)
     return batch_loss, y_all
 
 
