@@ -137,9 +137,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, init, shuffling")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--loss", choices=("mse", "ce"), default="mse", help="loss on the rates")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: this network is too small for intra-op parallelism "
+        "to pay, and extra threads spin against other processes on a busy machine)",
+    )
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.T < 1 or args.batch_size < 1 or args.lr <= 0:
-        parser.error("--epochs, --T and --batch-size must be >= 1 and --lr > 0")
+    if min(args.epochs, args.T, args.batch_size, args.threads) < 1 or args.lr <= 0:
+        parser.error("--epochs, --T, --batch-size and --threads must be >= 1 and --lr > 0")
     return args
 
 
@@ -150,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (seconds, mean over epochs), ``total_time``, ``epochs``, ``T`` and ``history`` (per epoch).
     """
     args = parse_args(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() is also called from tests
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     train_loader, test_loader = load_data(args.seed, args.batch_size)
