@@ -169,10 +169,29 @@ def test_spikingjelly_containers_and_neurons(sj) -> None:
     neurons = g.find(Op.NEURON)
     assert [n.attrs["kind"] for n in neurons] == ["plif", "lif"]
     assert all(n.attrs["source"] == "spikingjelly" for n in neurons)
+    # Rebuilt as snncompile neurons (so kernel fusion applies), with a NeuronSpec.
+    assert all(isinstance(n.module, neuron.BaseNode) and "_spec" in n.attrs for n in neurons)
     compiled = _same(model, x, "m")
-    # The PLIF copy shares the parameter w with the user's model.
-    plif = compiled.graph.find(Op.NEURON)[0].module
+    # The rebuilt PLIF shares the parameter w with the user's model.
+    plif = compiled.graph.find(Op.NEURON, Op.FUSED_NEURON)[0].module
     assert plif.w is model[1].w
+
+
+def test_spikingjelly_neuron_without_equivalent_runs_the_original(sj) -> None:
+    class MySurrogate(sj.surrogate.Sigmoid):
+        pass
+
+    model = nn.Sequential(
+        nn.Linear(3, 3),
+        sj.neuron.LIFNode(surrogate_function=MySurrogate()),
+        sj.neuron.IFNode(store_v_seq=True),
+    )
+    x = torch.rand(T, N, 3) * 3
+    g = snncompile.trace(model, x)
+    for node in g.find(Op.NEURON):
+        assert type(node.module) is type(model[int(node.attrs["path"])])
+        assert "_spec" not in node.attrs
+    _same(model, x, "s")
 
 
 def test_plain_torch_multi_step_sequence_code() -> None:
@@ -253,7 +272,7 @@ def test_spikingjelly_multi_step_only_containers(sj) -> None:
     x = torch.rand(T, N, 1, 6, 6) * 3
     assert model_step_mode(model) == "m"
     compiled = _same(model, x, "m")
-    assert len(compiled.graph.find(Op.NEURON)) == 1
+    assert len(compiled.graph.find(Op.NEURON, Op.FUSED_NEURON)) == 1
     model2 = nn.Sequential(
         sj.layer.StepModeContainer(False, "m", nn.Conv2d(1, 2, 3)),
         sj.layer.StepModeContainer(True, "m", sj.neuron.LIFNode()),

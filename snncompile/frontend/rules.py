@@ -341,3 +341,67 @@ def classify_call(target: Any, is_method: bool) -> Op:
     if origin.startswith("torch") or origin in ("_operator", "operator", "builtins", "math"):
         return Op.FUNCTION
     return Op.OPAQUE_FUNCTION
+
+
+# -- SpikingJelly neurons -> snncompile neurons --
+def _convert_surrogate(sj_surrogate: nn.Module) -> nn.Module | None:
+    import inspect
+
+    from snncompile import surrogate as sc_surrogate
+
+    name = type(sj_surrogate).__name__
+    if type(sj_surrogate).__module__ != "spikingjelly.activation_based.surrogate":
+        return None
+    ours = getattr(sc_surrogate, name, None)
+    if not isinstance(ours, type) or not issubclass(ours, nn.Module):
+        return None
+    kwargs: dict[str, Any] = {}
+    for pname in inspect.signature(ours.__init__).parameters:
+        if pname == "self":
+            continue
+        if not hasattr(sj_surrogate, pname):
+            return None
+        kwargs[pname] = getattr(sj_surrogate, pname)
+    try:
+        return ours(**kwargs)
+    except (TypeError, ValueError):
+        return None
+
+
+def convert_spikingjelly_neuron(module: nn.Module) -> nn.Module | None:
+    """An snncompile neuron equivalent to a SpikingJelly IF/LIF/PLIF node, or ``None``.
+
+    The new node has the same threshold, reset, tau/decay, ``detach_reset``, step mode and an
+    equivalent snncompile surrogate; for PLIF it *shares* the ``w`` parameter with the original.
+    Neurons with a surrogate snncompile does not have, or ``store_v_seq=True``, are not converted
+    (the caller then runs a copy of the original module).
+    """
+    sj = sj_modules()
+    if sj is None or getattr(module, "store_v_seq", False):
+        return None
+    from snncompile import neuron as sc_neuron
+
+    surrogate = _convert_surrogate(module.surrogate_function)
+    if surrogate is None:
+        return None
+    common = {
+        "v_threshold": float(module.v_threshold),
+        "v_reset": None if module.v_reset is None else float(module.v_reset),
+        "surrogate_function": surrogate,
+        "detach_reset": bool(module.detach_reset),
+        "step_mode": module.step_mode,
+    }
+    kind = type(module)
+    if kind is sj.neuron.IFNode:
+        new: nn.Module = sc_neuron.IFNode(**common)
+    elif kind is sj.neuron.LIFNode:
+        new = sc_neuron.LIFNode(
+            tau=float(module.tau), decay_input=bool(module.decay_input), **common
+        )
+    elif kind is sj.neuron.ParametricLIFNode:
+        new = sc_neuron.ParametricLIFNode(decay_input=bool(module.decay_input), **common)
+        new.w = module.w  # shared: training either model trains both
+    else:
+        return None
+    new.train(module.training)
+    return new

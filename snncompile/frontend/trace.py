@@ -21,8 +21,11 @@ How a model is read:
 4. **Modules in the IR.** Stateless layers are the user's own module objects (parameters and
    BN running statistics are shared). Stateful modules (neurons, dropout masks, opaque stateful
    blocks) are *copies that share parameters and buffers* but own their state, so the compiled
-   module's state is separate from the model's. SpikingJelly neurons are run as such copies of
-   the original SpikingJelly module (identical semantics by construction).
+   module's state is separate from the model's. SpikingJelly IF/LIF/PLIF neurons are rebuilt
+   as snncompile neurons with the same configuration and an equivalent surrogate (PLIF's ``w``
+   is shared), so kernel fusion applies to them; the differential tests check spikes and
+   gradients against the SpikingJelly model. A SpikingJelly neuron with no snncompile
+   equivalent (a custom surrogate, ``store_v_seq=True``) runs as a copy of the original module.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from snncompile.frontend.rules import (
     ModuleInfo,
     classify_call,
     classify_module,
+    convert_spikingjelly_neuron,
     is_stateful_module,
     memory_module_types,
+    neuron_attrs,
     step_module_types,
 )
 from snncompile.ir.graph import Graph, Node, Ref
@@ -420,9 +425,10 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
     copies: dict[int, nn.Module] = {}
     call_counts: dict[str, int] = {}
 
-    def own_copy(m: nn.Module) -> nn.Module:
+    def own_copy(m: nn.Module, convert: bool = False) -> nn.Module:
         if id(m) not in copies:
-            clone = copy_sharing_parameters(m)
+            converted = convert_spikingjelly_neuron(m) if convert else None
+            clone = converted if converted is not None else copy_sharing_parameters(m)
             _reset_state(clone)
             copies[id(m)] = clone
         return copies[id(m)]
@@ -542,7 +548,9 @@ def _module_node(
         )
     attrs = {"path": path, **info.attrs}
     if info.kind is Kind.NEURON:
-        clone = own_copy(module)
+        clone = own_copy(module, convert=True)
+        if type(clone) is not type(module):  # a SpikingJelly neuron rebuilt as ours
+            attrs = {"path": path, **neuron_attrs(clone), "source": "spikingjelly"}
         if path in plan.seq_neurons:
             clone.step_mode = "m"
         wanted = "m" if step_mode == "m" else "s"

@@ -29,8 +29,9 @@ and stateless chains are ``flat``) and ``'chunking'`` (last). A later pass plugs
     register_pass("fusion", fuse_neurons)          # both modes; modes=("inference",) to limit
 
 ``graph.meta['backend']`` is the ``backend=`` given to :func:`snncompile.optimize`. A neuron
-node's ``attrs['_spec']`` is the module's ``NeuronSpec`` (snncompile neurons only; SpikingJelly
-neurons carry ``attrs['source'] == 'spikingjelly'`` and no spec) and ``node.module`` is the
+node's ``attrs['_spec']`` is the module's ``NeuronSpec`` (SpikingJelly neurons rebuilt as ours
+have one too and carry ``attrs['source'] == 'spikingjelly'``; neurons run as an original
+SpikingJelly copy have no spec) and ``node.module`` is the
 compiled module's own copy of the neuron (safe to reconfigure). The runtime runs ``NEURON`` and
 ``FUSED_NEURON`` nodes by calling ``node.module`` on the ``[T, N, *]`` input (multi-step), so a
 fusion pass either reconfigures that copy (``node.module.backend = ...``) or replaces it with any
