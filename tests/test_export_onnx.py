@@ -29,6 +29,7 @@ from snncompile.export.onnx import (
     ort_limits,
     pick_versions,
 )
+from snncompile.ir.ops import Op
 from snncompile.onnx_runtime import StepRunner, make_session, run_sequence_model, run_step_model
 from snncompile.runtime.compiled import CompiledModule
 
@@ -227,6 +228,11 @@ def test_default_backend_and_eager_agree(tmp_path) -> None:
     compiled = optimize(model, example)  # mode from model.eval(), backend='auto'
     with torch.no_grad():
         _check_exact(got, compiled(x).numpy(), "vgg vs compiled(backend='auto')")
+    # exporting the compiled module itself (fused neuron nodes) gives the same model
+    assert compiled.graph.find(Op.FUSED_NEURON), "expected the fusion stage to fuse neurons"
+    export_onnx(compiled, tmp_path / "fused.onnx", example, mode="step")
+    _check_exact(run_step_model(tmp_path / "fused.onnx", x), got, "export of a fused module")
+    with torch.no_grad():
         functional.reset_net(model)
         eager = torch.stack([model(x[t]) for t in range(x.shape[0])]).numpy()
     _check_exact(got, eager, "vgg vs eager model")
