@@ -345,6 +345,17 @@ def test_streaming_runner_resets(tmp_path) -> None:
     np.testing.assert_array_equal(first, again)
 
 
+def test_sessions_do_not_spin(tmp_path) -> None:
+    m = export_onnx(mlp().eval(), None, torch.rand(2, 1, 4, 4), mode="step")
+    opts = make_session(m, threads=1).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 1
+    spin = make_session(m, threads=2, spinning=True).get_session_options()
+    assert spin.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert spin.intra_op_num_threads == 2
+
+
 def test_versions_are_what_onnxruntime_loads(tmp_path) -> None:
     import onnxruntime
 
