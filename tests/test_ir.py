@@ -177,3 +177,18 @@ def test_docs_ir_examples_run(tmp_path, monkeypatch) -> None:
     assert len(blocks) == 2
     for block in blocks:
         exec(compile(block.replace("/tmp/snn_graph.png", "snn_graph.png"), "ir.md", "exec"), {})
+
+
+def test_toposort_repairs_order_and_detects_cycles() -> None:
+    nodes = _tiny().nodes
+    g = Graph()
+    for node in [nodes[0], nodes[3], nodes[1], nodes[2], nodes[4]]:
+        g.add(node)  # relu_seq now comes before the relu it reads
+    with pytest.raises(IRVerificationError, match="defined after its reader"):
+        verify(g)
+    g.toposort()
+    verify(g)
+    assert [n.name for n in g] == ["x", "x_flat", "relu", "relu_seq", "output"]
+    g["x_flat"].inputs = ("relu",)
+    with pytest.raises(ValueError, match="cycle"):
+        g.toposort()
