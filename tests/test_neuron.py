@@ -357,8 +357,9 @@ def test_error_unknown_step_mode() -> None:
 
 
 def test_error_unknown_backend() -> None:
-    with pytest.raises(ValueError, match=r"LIFNode: unknown backend 'cuda'.*\('torch',\)"):
-        neuron.LIFNode(backend="cuda")
+    # 'cpu', 'cuda' and 'auto' are the fused backends (snncompile.runtime.fused_backends).
+    with pytest.raises(ValueError, match=r"LIFNode: unknown backend 'tpu'.*\('torch', 'cpu'"):
+        neuron.LIFNode(backend="tpu")
     node = neuron.IFNode()
     with pytest.raises(ValueError, match="supported backends"):
         node.backend = "triton"
@@ -442,8 +443,9 @@ def test_register_backend_dispatch() -> None:
         return node._multi_step_torch(x_seq)
 
     CountingLIF.register_backend("counting", impl)
-    assert CountingLIF.supported_backends == ("torch", "counting")
-    assert neuron.LIFNode.supported_backends == ("torch",)  # the parent is untouched
+    # The parent has torch plus the fused backends ('cpu', 'cuda', 'auto'); it stays untouched.
+    assert CountingLIF.supported_backends == (*neuron.LIFNode.supported_backends, "counting")
+    assert "counting" not in neuron.LIFNode.supported_backends
     with pytest.raises(ValueError, match="unknown backend 'counting'"):
         neuron.LIFNode(backend="counting")
     x = torch.rand(4, 2, 3) * 2

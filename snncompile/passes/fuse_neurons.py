@@ -1,0 +1,67 @@
+"""Neuron-kernel fusion: ``NEURON`` nodes become ``FUSED_NEURON`` nodes running generated kernels.
+
+Math: a multi-step neuron computes, for t = 1..T, ``h_t = H(v_{t-1}, x_t)``,
+``s_t = heaviside(h_t - v_th)``, ``v_t = reset(h_t, s_t)`` with T small PyTorch ops per step (and
+their autograd records). The fused node computes the same recurrence in one generated kernel per
+neuron configuration (:mod:`snncompile.dynamics` -> :mod:`snncompile.codegen`): identical spikes
+and membrane on float32 (same operations, same order), the BPTT backward derived symbolically
+from the same expressions, and only ``h`` saved for backward.
+
+Cases handled: snncompile ``IFNode`` / ``LIFNode`` / ``ParametricLIFNode`` in sequence layout
+(after step-mode lowering) whose surrogate has an expression form (Sigmoid, ATan,
+PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf). The node's module (the compiled
+model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or ``'auto'``,
+where ``'auto'`` picks the fused kernel or the torch loop per call by size and device). Left as
+they are: ``backend='torch'``; SpikingJelly's own neuron modules (they have no fused backend);
+neurons run per step (``attrs['per_step']``); subclasses with their own dynamics; other
+surrogates. Adjacent elementwise ops are not merged into the kernel yet.
+
+Registered in the pipeline's ``'fusion'`` stage (both modes) on import.
+"""
+
+from __future__ import annotations
+
+from snncompile.ir.graph import Graph
+from snncompile.ir.ops import Layout, Op
+from snncompile.passes.base import PassResult
+from snncompile.passes.pipeline import register_pass
+
+FUSED_BACKENDS = ("cpu", "cuda", "auto")
+
+
+def fuse_neurons(graph: Graph) -> PassResult:
+    """Turn fusable ``NEURON`` nodes into ``FUSED_NEURON`` nodes (see the module docstring)."""
+    from snncompile.runtime.fused import register_dynamics
+    from snncompile.runtime.fused_backends import dynamics_for
+
+    backend = graph.meta.get("backend", "auto")
+    if backend not in FUSED_BACKENDS:
+        return PassResult(graph, False, [f"backend={backend!r}: neurons left unfused"])
+    fused: list[str] = []
+    skipped: list[str] = []
+    for node in graph.find(Op.NEURON):
+        module = node.module
+        why = None
+        if node.layout is not Layout.SEQ or node.attrs.get("per_step"):
+            why = "not a multi-step neuron"
+        elif "_spec" not in node.attrs or module is None:
+            why = "no snncompile neuron spec (e.g. a SpikingJelly module)"
+        elif backend not in getattr(module, "supported_backends", ()):
+            why = f"{type(module).__name__} has no {backend!r} backend"
+        else:
+            dynamics = dynamics_for(module)
+            if dynamics is None:
+                why = "no expression form for its dynamics or surrogate"
+        if why is not None:
+            skipped.append(f"%{node.name}: {why}")
+            continue
+        module.backend = backend
+        node.op = Op.FUSED_NEURON
+        node.attrs["kernel"] = register_dynamics(dynamics)
+        node.attrs["fused_backend"] = backend
+        fused.append(node.name)
+    notes = [f"fused {len(fused)} neuron(s) with backend={backend!r}"] + skipped
+    return PassResult(graph, bool(fused), notes)
+
+
+register_pass("fusion", fuse_neurons, name="fuse_neurons")
