@@ -157,7 +157,7 @@ def bench_case(label: str, shape: tuple[int, ...], impls: dict, bw: float, repea
             print(f"  {name:12s} not installed (skipped)")
             continue
         slow = name != "snncompile"
-        reps = max(1, repeats // 4) if slow else repeats
+        reps = max(3, repeats // 2) if slow else repeats
 
         def fwd(run=run) -> None:
             with torch.no_grad():
@@ -220,6 +220,53 @@ def auto_threshold_sweep() -> None:
         print(f"  per-call overhead, T=1 N=16 forward ({name}): {t * 1e6:.1f} us")
 
 
+def cnn_training(repeats: int) -> None:
+    """A compiled spiking CNN's training step with fused neurons vs the torch loop."""
+    from torch import nn
+
+    from snncompile import functional, layer
+    from snncompile.api import optimize
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(
+            layer.Conv2d(1, 16, 3, padding=1, bias=False),
+            layer.BatchNorm2d(16),
+            sn.LIFNode(tau=TAU),
+            layer.MaxPool2d(2),
+            layer.Conv2d(16, 32, 3, padding=1, bias=False),
+            layer.BatchNorm2d(32),
+            sn.LIFNode(tau=TAU),
+            layer.MaxPool2d(2),
+            layer.Flatten(),
+            layer.Linear(32 * 7 * 7, 10),
+            sn.LIFNode(tau=TAU),
+        )
+        functional.set_step_mode(m, "m")
+        return m
+
+    x = torch.rand(16, 32, 1, 28, 28)
+    y = torch.randint(0, 10, (32,))
+    print("\n== compiled spiking CNN (T=16, N=32, 1x28x28), one SGD training step ==")
+    times = {}
+    for backend in ("torch", "cpu"):
+        model = net()
+        compiled = optimize(model, x, mode="train", backend=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(compiled=compiled, opt=opt) -> None:
+            functional.reset_net(compiled)
+            out = compiled(x).mean(0)
+            loss = nn.functional.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        times[backend] = _timeit(step, repeats)
+        print(f"  backend={backend!r:7s}: {times[backend] * 1e3:8.1f} ms/step")
+    print(f"  fused neurons speed-up: {times['torch'] / times['cpu']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -241,6 +288,7 @@ def main() -> None:
     bench_case("T=64, N=65,536", (64, 65536), impls, bw, repeats)
     bench_case("T=500, B=16, N=512", (500, 16, 512), impls, bw, repeats)
     bench_case("T=8, B=32, 64x32x32", (8, 32, 64, 32, 32), impls, bw, repeats)
+    cnn_training(repeats)
 
 
 if __name__ == "__main__":
