@@ -578,3 +578,39 @@ def test_surrogate_forms(sg: str, tmp_path) -> None:
     else:  # smooth outputs: ORT's transcendental functions may differ in the last bits
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
         assert 0.0 < ref.min() and ref.max() < 1.0 or sg == "PiecewiseQuadratic"
+
+
+class _RateReadout(nn.Module):
+    """The usual classifier ending: firing rate over time, then a linear readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = layer.Linear(4, 6, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.sn(self.fc(x))
+        return self.fc2(y.mean(0)) * 2.0, y.sum(dim=0), y
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMean's axes: attribute < 18 <= input
+def test_time_reductions_after_the_loop(opset: int, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _gain(_RateReadout().eval(), 4.0)
+    example = torch.rand(EXAMPLE_T, 2, 4)
+    path = tmp_path / "m.onnx"
+    m = export_onnx(model, path, example, opset=opset)
+    assert [n.op_type for n in m.graph.node].count("Scan") == 1
+    compiled = optimize(model, example, mode="inference", backend="torch")
+    x = torch.rand(30, 3, 4)
+    functional.reset_net(compiled)
+    with torch.no_grad():
+        readout, counts, spikes = (t.numpy() for t in compiled(x))
+    got = run_sequence_model(path, x)
+    assert 0.0 < spikes.mean() < 1.0
+    _check_exact(got[2], spikes, "per-step spikes next to reductions")
+    np.testing.assert_array_equal(got[1], counts)
+    np.testing.assert_allclose(got[0], readout, rtol=1e-6, atol=1e-6)
+    with pytest.raises(OnnxExportError, match=r"%mean .*reduces over time.*mode='sequence'"):
+        export_onnx(model, None, example, mode="step")

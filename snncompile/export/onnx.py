@@ -24,6 +24,8 @@ and the next states.
 * ``mode='sequence'``: the step graph is the body of one ONNX ``Scan`` over axis 0 of
   ``x: [T, N, *]`` (dynamic ``T`` and ``N``; the node count does not depend on ``T``). Initial
   states are built inside the graph (``ConstantOfShape`` with the batch size read from ``x``).
+  Reductions over time (``x.mean(0)``, ``x.sum(0)``: a firing-rate readout) and every node that
+  depends on them run after the ``Scan`` on the stacked per-step values.
 
 **Metadata** (``model.metadata_props``), so runtimes without Python can build the states:
 
@@ -217,6 +219,13 @@ class _T:
 
 
 @dataclasses.dataclass
+class _Stacked:
+    """A per-step value stacked over time by the ``Scan`` (``[T, N, *]``), after the loop."""
+
+    name: str
+
+
+@dataclasses.dataclass
 class _Unknown:
     """A non-tensor IR value (e.g. ``x.size(0)``) that the export does not compute."""
 
@@ -324,10 +333,33 @@ def neuron_dynamics(node: Node) -> tuple[NeuronDynamics, tuple[float, ...]]:
 class _Emitter:
     """Emits one time step of an IR graph into a :class:`GraphBuilder`."""
 
-    def __init__(self, graph: Graph, b: GraphBuilder) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        b: GraphBuilder,
+        *,
+        opset: int = DEFAULT_OPSET,
+        post: frozenset[str] = frozenset(),
+    ) -> None:
         self.graph = graph
         self.b = b
+        self.opset = opset
+        self.post = post  # nodes computed after the time loop, on [N, *] values
         self.env: dict[str, Any] = {}
+
+    def shift(self, node: Node) -> int:
+        """1 when the node's own dims are ``[T, N, *]`` (a sequence-level op), else 0."""
+        return 0 if node.name in self.post else _time_shift(node)
+
+    def step_shape(self, node: Node) -> tuple[int, ...] | None:
+        """Per-step feature shape (without batch) of a node's value."""
+        if node.name in self.post and node.shape is not None:
+            return tuple(node.shape[1:])
+        return _step_shape(node)
+
+    def lead(self, node: Node) -> int:
+        """How many leading (time/batch) dims the node's recorded shape has."""
+        return 2 if node.layout is Layout.SEQ and node.name not in self.post else 1
 
     # -- helpers for the op table --
     def fail(self, node: Node, why: str) -> OnnxExportError:
@@ -368,6 +400,12 @@ class _Emitter:
             return self.b.inits.add(value.detach().cpu().numpy(), f"{node.name}_const")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return self.b.scalar(float(value))
+        if isinstance(value, _Stacked):
+            raise self.fail(
+                node,
+                "mixes a whole-sequence value [T, N, ...] with values reduced over time; only "
+                "time reductions (mean/sum over dim 0) may read the per-step results",
+            )
         if isinstance(value, _Unknown):
             raise self.fail(
                 node,
@@ -385,7 +423,7 @@ class _Emitter:
 
     def dim(self, node: Node, d: int) -> int:
         """A dimension argument of the node, in per-step terms."""
-        shift = _time_shift(node)
+        shift = self.shift(node)
         if d >= 0 and shift:
             if d == 0:
                 raise self.fail(
@@ -398,7 +436,7 @@ class _Emitter:
 
     def in_shape(self, node: Node, i: int = 0) -> tuple[int, ...] | None:
         """Per-step feature shape of input ``i``."""
-        return _step_shape(self.graph[node.inputs[i]]) if node.inputs else None
+        return self.step_shape(self.graph[node.inputs[i]]) if node.inputs else None
 
     # -- the walk --
     def run(
@@ -414,13 +452,15 @@ class _Emitter:
         next_states: dict[str, str] = {}
         outputs: list[tuple[str, Node]] = []
         for node in self.graph:
+            if node.name in self.post:
+                continue  # computed after the time loop (see run_post)
             if node.op is Op.INPUT:
                 self.env[node.name] = _T(x_name)
             elif node.op is Op.CONSTANT:
                 value = node.attrs.get("_value")
                 self.env[node.name] = value
             elif node.op is Op.OUTPUT:
-                outputs = self._outputs(node)
+                outputs = self._outputs(node) if not self.post else []
             elif node.op.group is OpGroup.NEURON:
                 spike, v_next = self._neuron(node, states[node.name], infos[node.name])
                 self.env[node.name] = _T(spike)
@@ -428,20 +468,67 @@ class _Emitter:
             elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME):
                 self.env[node.name] = self.env[node.inputs[0]]
             else:
-                entry = SYNAPSE_OPS.get(node.op)
-                if entry is None:
-                    if not node.is_tensor and node.op in (Op.FUNCTION, Op.OPAQUE_FUNCTION):
-                        self.env[node.name] = _Unknown(node)  # e.g. x.size(0) for a view
-                        continue
-                    raise self.fail(
-                        node,
-                        "has no ONNX rendering. Supported ops: "
-                        + ", ".join(sorted(o.name for o in SYNAPSE_OPS))
-                        + ", neurons, MERGE_TIME/SPLIT_TIME. Replace it by a supported layer "
-                        "or register a rendering in snncompile.export.onnx.SYNAPSE_OPS.",
-                    )
-                self.env[node.name] = _T(entry(self, node))
+                self._synapse(node)
         return outputs, next_states
+
+    def _synapse(self, node: Node) -> None:
+        if _is_time_reduction(node):
+            raise self.fail(
+                node,
+                "reduces over time; in step mode each call sees one time step. Export with "
+                "mode='sequence' (time reductions run after the Scan) or leave the reduction "
+                "out of the exported model.",
+            )
+        entry = SYNAPSE_OPS.get(node.op)
+        if entry is None:
+            if not node.is_tensor and node.op in (Op.FUNCTION, Op.OPAQUE_FUNCTION):
+                self.env[node.name] = _Unknown(node)  # e.g. x.size(0) for a view
+                return
+            raise self.fail(
+                node,
+                "has no ONNX rendering. Supported ops: "
+                + ", ".join(sorted(o.name for o in SYNAPSE_OPS))
+                + ", neurons, MERGE_TIME/SPLIT_TIME, mean/sum over time (sequence mode). "
+                "Replace it by a supported layer or register a rendering in "
+                "snncompile.export.onnx.SYNAPSE_OPS.",
+            )
+        self.env[node.name] = _T(entry(self, node))
+
+    def crossing(self) -> list[Node]:
+        """Per-step values that nodes after the loop read, plus per-step graph outputs."""
+        out: dict[str, Node] = {}
+        for node in self.graph:
+            if node.name not in self.post:
+                continue
+            for name in node.inputs:
+                src = self.graph[name]
+                if name not in self.post and src.is_tensor and src.layout is not Layout.NONE:
+                    out.setdefault(name, src)
+        for name in self.graph.output_node.inputs:
+            if name not in self.post:
+                out.setdefault(name, self.graph[name])
+        return list(out.values())
+
+    def run_post(self, stacked: dict[str, str]) -> list[tuple[str, Node]]:
+        """Emit the nodes after the time loop; ``stacked`` maps IR names to ``[T, N, *]`` values.
+
+        Returns the graph outputs as ``[(value, IR node)]``.
+        """
+        for name, value in stacked.items():
+            self.env[name] = _Stacked(value)
+        for node in self.graph:
+            if node.name not in self.post:
+                continue
+            if node.op.group is OpGroup.NEURON:
+                raise self.fail(node, "a neuron after a reduction over time cannot be exported")
+            if _is_time_reduction(node):
+                self.env[node.name] = _T(_time_reduce(self, node))
+            else:
+                self._synapse(node)
+        outs = []
+        for value, src in self._outputs(self.graph.output_node):
+            outs.append((value, src))
+        return outs
 
     def _outputs(self, node: Node) -> list[tuple[str, Node]]:
         args = node.attrs.get("args") or (Ref(0),)
@@ -458,7 +545,8 @@ class _Emitter:
                 raise self.fail(node, f"the model returns {r!r}; only tensors can be exported")
             src = self.graph[node.inputs[r.index]]
             value = self.env[src.name]
-            out.append((self.tensor(node, value), src))
+            name = value.name if isinstance(value, _Stacked) else self.tensor(node, value)
+            out.append((name, src))
         return out
 
     def _neuron(self, node: Node, v_in: str, info: StateInfo) -> tuple[str, str]:
@@ -480,6 +568,50 @@ class _Emitter:
 
 
 _T_missing = object()
+
+
+# -- reductions over time (sequence mode, after the Scan) -----------------------------------------
+def _call_name(node: Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _is_time_reduction(node: Node) -> bool:
+    """``x.mean(0)`` / ``x.sum(0)`` / ``torch.mean(x, 0)`` on a ``[T, N, *]`` value."""
+    if node.op is not Op.FUNCTION or node.layout is not Layout.SEQ or node.attrs.get("per_step"):
+        return False
+    if _call_name(node) not in ("mean", "sum"):
+        return False
+    args = node.attrs.get("args") or ()
+    kwargs = dict(node.attrs.get("kwargs") or {})
+    dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.pop("keepdim", args[2] if len(args) > 2 else False)
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    return dim == 0 and keepdim is False and not kwargs and len(args) <= 3
+
+
+def _time_reduce(e: _Emitter, node: Node) -> str:
+    value = e.arg(node, 0, "input")
+    if not isinstance(value, _Stacked):
+        raise e.fail(node, "reduces over time a value that is not a per-step result")
+    op_type = "ReduceMean" if _call_name(node) == "mean" else "ReduceSum"
+    # ReduceSum takes axes as an input since opset 13, ReduceMean since opset 18.
+    if op_type == "ReduceSum" or e.opset >= 18:
+        axes = e.b.inits.int64([0], "time_axis")
+        return e.b.node(op_type, [value.name, axes], node.name, keepdims=0)
+    return e.b.node(op_type, [value.name], node.name, axes=[0], keepdims=0)
+
+
+def _post_loop_nodes(graph: Graph) -> frozenset[str]:
+    """Time reductions and every node that depends on one (they run after the loop)."""
+    post: set[str] = set()
+    for node in graph:
+        if node.op is Op.OUTPUT:
+            continue
+        if _is_time_reduction(node) or any(i in post for i in node.inputs):
+            post.add(node.name)
+    return frozenset(post)
 
 
 # -- the synapse op table: IR op -> emitter --------------------------------------------------------
@@ -612,8 +744,7 @@ def _reshape(e: _Emitter, node: Node) -> str:
     src = e.graph[node.inputs[0]] if node.inputs else None
     if src is None or node.shape is None or src.shape is None:
         raise e.fail(node, "needs known input and output shapes")
-    lead = 2 if node.layout is Layout.SEQ else 1
-    src_lead = 2 if src.layout is Layout.SEQ else 1
+    lead, src_lead = e.lead(node), e.lead(src)
     if (
         node.shape[:lead] != src.shape[:src_lead]
         or lead != src_lead
@@ -795,7 +926,7 @@ def _publish(b: GraphBuilder, value: str, public: str, renamed: dict[str, str]) 
     return public
 
 
-def _build(graph: Graph, mode: str, example: torch.Tensor) -> onnx.GraphProto:
+def _build(graph: Graph, mode: str, example: torch.Tensor, opset: int) -> onnx.GraphProto:
     names = NameSource()
     inits = Initializers(names)
     x_node = graph.input_nodes[0] if graph.input_nodes else None
@@ -811,7 +942,7 @@ def _build(graph: Graph, mode: str, example: torch.Tensor) -> onnx.GraphProto:
     if mode == "step":
         infos = _state_infos(graph, names, "")
         b = GraphBuilder(names, inits)
-        emitter = _Emitter(graph, b)
+        emitter = _Emitter(graph, b, opset=opset)
         outs, nxt = emitter.run(x_public, {k: i.input for k, i in infos.items()}, infos)
         taken: dict[str, str] = {}
         out_vis = []
@@ -828,23 +959,23 @@ def _build(graph: Graph, mode: str, example: torch.Tensor) -> onnx.GraphProto:
         g = helper.make_graph(b.nodes, "snncompile_step", in_vis, out_vis, inits.tensors)
         g.doc_string = json.dumps(_states_meta(infos))  # replaced by metadata in _finish
         return g
-    # sequence: the step graph as a Scan body
+    # sequence: the step graph as a Scan body; time reductions (and what follows) after it
+    post = _post_loop_nodes(graph)
     infos = _state_infos(graph, names, "scan.")
     body = GraphBuilder(names, inits)
     x_t = names.reserve("scan.x_t")
-    emitter = _Emitter(graph, body)
-    outs, nxt = emitter.run(x_t, {k: i.input for k, i in infos.items()}, infos)
+    emitter = _Emitter(graph, body, opset=opset, post=post)
+    _, nxt = emitter.run(x_t, {k: i.input for k, i in infos.items()}, infos)
     taken: dict[str, str] = {}
     body_out_vis = []
     for key, info in infos.items():
         _publish(body, nxt[key], info.output, taken)
         body_out_vis.append(_value_info(info.output, "float32", ["N", *info.shape]))
-    y_names = []
-    for k, (value, src) in enumerate(outs):
+    per_step = emitter.crossing()  # per-step values the loop stacks over T
+    for k, src in enumerate(per_step):
         public = names.reserve(f"scan.y_{k}")
-        _publish(body, value, public, taken)
+        _publish(body, emitter.tensor(src, emitter.env[src.name]), public, taken)
         body_out_vis.append(_value_info(public, src.dtype, ["N", *(_step_shape(src) or ())]))
-        y_names.append((public, src))
     body_in_vis = [_value_info(i.input, "float32", ["N", *i.shape]) for i in infos.values()]
     body_in_vis.append(_value_info(x_t, "float32", ["N", *feat]))
     body_graph = helper.make_graph(body.nodes, "snncompile_step", body_in_vis, body_out_vis)
@@ -860,23 +991,26 @@ def _build(graph: Graph, mode: str, example: torch.Tensor) -> onnx.GraphProto:
             value = helper.make_tensor("value", TensorProto.FLOAT, [1], [info.init])
             init_states.append(main.node("ConstantOfShape", [full], f"{info.node}_v0", value=value))
     final = [names.fresh(f"{i.node}_v_final") for i in infos.values()]
-    out_public = [
-        names.reserve("output" if len(outs) == 1 else f"output_{k}") for k in range(len(outs))
-    ]
+    stacked = [names.fresh(f"{src.name}_seq") for src in per_step]
     main.nodes.append(
         helper.make_node(
             "Scan",
             [*init_states, x_public],
-            [*final, *out_public],
+            [*final, *stacked],
             name="n_time_loop",
             body=body_graph,
             num_scan_inputs=1,
         )
     )
-    out_vis = [
-        _value_info(pub, src.dtype, ["T", "N", *(_step_shape(src) or ())])
-        for pub, (_, src) in zip(out_public, y_names, strict=True)
-    ]
+    after = _Emitter(graph, main, opset=opset, post=post)
+    outs = after.run_post({src.name: st for src, st in zip(per_step, stacked, strict=True)})
+    out_vis = []
+    renamed: dict[str, str] = {}
+    for k, (value, src) in enumerate(outs):
+        public = names.reserve("output" if len(outs) == 1 else f"output_{k}")
+        _publish(main, value, public, renamed)
+        lead = ["N"] if src.name in post else ["T", "N"]
+        out_vis.append(_value_info(public, src.dtype, [*lead, *(after.step_shape(src) or ())]))
     in_vis = [_value_info(x_public, "float32", ["T", "N", *feat])]
     g = helper.make_graph(main.nodes, "snncompile_sequence", in_vis, out_vis, inits.tensors)
     g.doc_string = json.dumps(_states_meta(infos))
@@ -933,7 +1067,7 @@ def export_onnx(
         )
     opset_v, ir_v = pick_versions(opset)
     graph = _inference_graph(model_or_compiled, example_input)
-    g = _build(graph, mode, example_input)
+    g = _build(graph, mode, example_input, opset_v)
     states = json.loads(g.doc_string)
     g.doc_string = ""
     model = helper.make_model(
