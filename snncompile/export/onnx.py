@@ -926,7 +926,10 @@ def _publish(b: GraphBuilder, value: str, public: str, renamed: dict[str, str]) 
     return public
 
 
-def _build(graph: Graph, mode: str, example: torch.Tensor, opset: int) -> onnx.GraphProto:
+def _build(
+    graph: Graph, mode: str, example: torch.Tensor, opset: int
+) -> tuple[onnx.GraphProto, list[dict[str, Any]]]:
+    """The ONNX graph for ``mode`` and the neuron-state metadata records."""
     names = NameSource()
     inits = Initializers(names)
     x_node = graph.input_nodes[0] if graph.input_nodes else None
@@ -957,8 +960,7 @@ def _build(graph: Graph, mode: str, example: torch.Tensor, opset: int) -> onnx.G
         in_vis = [_value_info(x_public, "float32", ["N", *feat])]
         in_vis += [_value_info(i.input, "float32", ["N", *i.shape]) for i in infos.values()]
         g = helper.make_graph(b.nodes, "snncompile_step", in_vis, out_vis, inits.tensors)
-        g.doc_string = json.dumps(_states_meta(infos))  # replaced by metadata in _finish
-        return g
+        return g, _states_meta(infos)
     # sequence: the step graph as a Scan body; time reductions (and what follows) after it
     post = _post_loop_nodes(graph)
     infos = _state_infos(graph, names, "scan.")
@@ -1013,8 +1015,7 @@ def _build(graph: Graph, mode: str, example: torch.Tensor, opset: int) -> onnx.G
         out_vis.append(_value_info(public, src.dtype, [*lead, *(after.step_shape(src) or ())]))
     in_vis = [_value_info(x_public, "float32", ["T", "N", *feat])]
     g = helper.make_graph(main.nodes, "snncompile_sequence", in_vis, out_vis, inits.tensors)
-    g.doc_string = json.dumps(_states_meta(infos))
-    return g
+    return g, _states_meta(infos)
 
 
 def _states_meta(infos: dict[str, StateInfo]) -> list[dict[str, Any]]:
@@ -1067,9 +1068,7 @@ def export_onnx(
         )
     opset_v, ir_v = pick_versions(opset)
     graph = _inference_graph(model_or_compiled, example_input)
-    g = _build(graph, mode, example_input, opset_v)
-    states = json.loads(g.doc_string)
-    g.doc_string = ""
+    g, states = _build(graph, mode, example_input, opset_v)
     model = helper.make_model(
         g,
         opset_imports=[helper.make_opsetid("", opset_v)],
