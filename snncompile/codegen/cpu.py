@@ -148,14 +148,16 @@ class CpuKernel:
         self,
         grad_spike_seq: torch.Tensor,
         grad_v_seq: torch.Tensor | None,
-        grad_v_last: torch.Tensor,
+        grad_v_last: torch.Tensor | None,
         h_seq: torch.Tensor,
         x_seq: torch.Tensor | None,
         v_init: torch.Tensor,
         uniforms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """BPTT through the whole sequence. Returns ``(grad_x_seq, grad_v_init,
-        grad_uniforms [U, N])``, all float32."""
+        """BPTT through the whole sequence (``grad_v_seq``/``grad_v_last`` None mean zero).
+
+        Returns ``(grad_x_seq, grad_v_init, grad_uniforms [U, N])``, all float32.
+        """
         T, N = h_seq.shape
         if "x" in self.source.backward_needs and x_seq is None:
             raise ValueError(

@@ -95,7 +95,7 @@ class CudaKernel:
         self,
         grad_spike_seq: torch.Tensor,
         grad_v_seq: torch.Tensor | None,
-        grad_v_last: torch.Tensor,
+        grad_v_last: torch.Tensor | None,
         h_seq: torch.Tensor,
         x_seq: torch.Tensor | None,
         v_init: torch.Tensor,

@@ -138,7 +138,7 @@ void {name}_backward(const float *restrict grad_spike_seq, const float *restrict
         const int64_t nb = (N - n0 < SNN_BLOCK) ? (N - n0) : SNN_BLOCK;
         float carry[SNN_BLOCK];
 {gu_decl}
-        for (int64_t j = 0; j < nb; ++j) carry[j] = grad_v_last[n0 + j];
+        for (int64_t j = 0; j < nb; ++j) carry[j] = grad_v_last ? grad_v_last[n0 + j] : 0.0f;
         for (int64_t t = T - 1; t >= 0; --t) {{
             const int64_t off = t * N + n0;
             if (grad_v_seq) for (int64_t j = 0; j < nb; ++j) carry[j] += grad_v_seq[off + j];
@@ -223,7 +223,7 @@ extern "C" __global__ void {name}_backward(
     const long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
 {uniforms}
-    float carry = grad_v_last[n];
+    float carry = grad_v_last ? grad_v_last[n] : 0.0f;
 {gu_decl}
     for (long long t = T - 1; t >= 0; --t) {{
         const long long off = t * N + n;

@@ -115,7 +115,7 @@ def _backward_impl(
     kernel_id: str,
     grad_spike_seq: torch.Tensor,
     grad_v_seq: torch.Tensor,
-    grad_v_last: torch.Tensor,
+    grad_v_last: torch.Tensor | None,
     h_seq: torch.Tensor,
     x_seq: torch.Tensor,
     v_init: torch.Tensor,
@@ -127,7 +127,7 @@ def _backward_impl(
     gx, gv0, gu = k.backward(
         grad_spike_seq.float().contiguous(),
         grad_v_seq.float().contiguous() if has_grad_v_seq else None,
-        grad_v_last.float().contiguous(),
+        grad_v_last.float().contiguous() if grad_v_last is not None else None,
         h_seq,
         x_seq.float().contiguous() if needs_x else None,
         v_init.float().contiguous(),
@@ -273,6 +273,9 @@ class FusedNeuronFunction(torch.autograd.Function):
         store_v_seq: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         out = _forward_impl(kernel_id, x_seq, v_init, uniforms, need_h, store_v_seq)
+        # Unused outputs (h, often v_seq or v_last) get None, not a zero-filled tensor: filling
+        # a [T, N] zero gradient cost more than the fused backward itself.
+        ctx.set_materialize_grads(False)
         ctx.kernel_id = kernel_id
         ctx.need_h = need_h
         ctx.save_for_backward(out[1], x_seq, v_init, uniforms)
@@ -290,7 +293,7 @@ class FusedNeuronFunction(torch.autograd.Function):
             ctx.kernel_id,
             _grad_or_zeros(g_spikes, x_seq),
             g_vseq if has_gv else _empty(x_seq),
-            _grad_or_zeros(g_vlast, v_init),
+            g_vlast,
             h_seq,
             x_seq,
             v_init,
