@@ -10,7 +10,7 @@ prediction is the arg-max of the read-out summed over the 8 steps.
   backward and one Adam update per time step; weight gradients from presynaptic traces).
 * **FPTT**: the same layers with plain ``LIFNode`` trained with
   :func:`snncompile.functional.fptt_online_training` (per-step update plus the FPTT running-average
-  regulariser).
+  regulariser, ``alpha = 1``).
 
 ``--compiled`` trains the :func:`snncompile.online.compile_online` forms of both networks
 instead (same results up to float rounding of fused kernels).
@@ -19,10 +19,10 @@ Then the script measures peak training memory against the sequence length ``T`` 
 BPTT (a whole sequence forward, one backward), OTTT and FPTT on the same network with random
 inputs of the same size, and plots ``outputs/online_memory.png``. Memory is measured honestly
 for torch's CPU tensors, which ``tracemalloc`` cannot see: every point runs in a forked child
-process, which creates its input batch, runs a 2-step warm-up, records its resident set size
-(``VmRSS``), resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), trains on
-one batch of ``T`` steps and reports the peak resident set size (``VmHWM``) minus that baseline.
-Linux only (``/proc``).
+process, which creates its input batch, records its resident set size (``VmRSS``), resets the
+kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), trains on one batch of ``T`` steps
+and reports the peak resident set size (``VmHWM``) minus that baseline (torch's one-time lazy
+initialisation included, the same for every ``T``). Linux only (``/proc``).
 
 Run ``python examples/online_digits.py`` (about a minute on 2 cores); ``--help`` lists the flags.
 """
@@ -57,6 +57,7 @@ HIDDEN = 128
 CLASSES = 10
 MEMORY_TS = (8, 32, 128, 512)
 MEMORY_BATCH = 128
+ALPHA = 1.0  # FPTT regularisation strength
 
 
 def load_sequences(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -119,6 +120,7 @@ def train_ottt(data: tuple[torch.Tensor, ...], epochs: int, compiled: bool, log:
     model = ottt_net()
     net = compile_online(model, x_tr[:64, 0]) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     gen = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         total = 0.0
@@ -129,6 +131,7 @@ def train_ottt(data: tuple[torch.Tensor, ...], epochs: int, compiled: bool, log:
             )
             functional.reset_net(net)
             total += loss.item()
+        schedule.step()
         log(
             f"  OTTT epoch {epoch + 1}: loss {total:.1f}, test accuracy "
             f"{accuracy(net, x_te, y_te):.3f}"
@@ -142,15 +145,17 @@ def train_fptt(data: tuple[torch.Tensor, ...], epochs: int, compiled: bool, log:
     torch.manual_seed(0)
     model = lif_net()
     net = compile_online(model, x_tr[:64, 0]) if compiled else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     w_ra = fptt_online_training_init_w_ra(optimizer)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     gen = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         for idx in batches(len(x_tr), 64, gen):
             x_seq = x_tr[idx].transpose(0, 1)  # FPTT is time first: [T, N, 16]
             target = y_tr[idx].unsqueeze(0).expand(ROWS, -1)
-            fptt_online_training(net, optimizer, x_seq, target, F.cross_entropy, 2.0, w_ra)
+            fptt_online_training(net, optimizer, x_seq, target, F.cross_entropy, ALPHA, w_ra)
             functional.reset_net(net)
+        schedule.step()
         log(f"  FPTT epoch {epoch + 1}: test accuracy {accuracy(net, x_te, y_te):.3f}")
     return accuracy(net, x_te, y_te)
 
@@ -186,7 +191,7 @@ def _train_once(method: str, x: torch.Tensor, y: torch.Tensor) -> None:
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         w_ra = fptt_online_training_init_w_ra(opt)
         fptt_online_training(
-            net, opt, x.transpose(0, 1), y.transpose(0, 1), F.cross_entropy, 2.0, w_ra
+            net, opt, x.transpose(0, 1), y.transpose(0, 1), F.cross_entropy, ALPHA, w_ra
         )
     elif method == "bptt":
         net = lif_net()
@@ -204,13 +209,13 @@ def _train_once(method: str, x: torch.Tensor, y: torch.Tensor) -> None:
 def memory_point(method: str, steps: int, batch: int) -> dict[str, float]:
     """Train one batch of ``steps`` steps; return the peak RSS increase over the baseline (MB).
 
-    The input batch is created before the baseline (it is data, not training memory). Runs in a
+    The input batch is created before the baseline (it is data, not training memory); the
+    increase includes torch's one-time lazy initialisation, the same for every ``T``. Runs in a
     forked child (:func:`measure_memory`): the peak mark is per process.
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, steps, FEATURES, generator=gen)
     y = torch.randint(0, CLASSES, (batch, steps), generator=gen)
-    _train_once(method, x[:, :2], y[:, :2])  # warm-up: allocator, autograd and optimizer paths
     base = _status_mb("VmRSS")
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs is not writable)")
