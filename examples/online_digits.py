@@ -279,7 +279,7 @@ def plot_memory(results: dict[str, list[dict[str, float]]], path: Path) -> None:
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("time steps T")
-    ax.set_ylabel("peak training memory over baseline (MB, max RSS)")
+    ax.set_ylabel("peak RSS minus pre-training RSS (MB)")
     ax.set_title(f"One training batch (N={MEMORY_BATCH}, 16-128-128-10 LIF MLP)")
     ax.grid(True, alpha=0.3)
     ax.legend()
