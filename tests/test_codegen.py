@@ -313,3 +313,16 @@ def test_workspace_pool_reuses_only_unreferenced_storage():
     assert small.numel() == 8
     pool.release()
     assert pool.empty(shape).data_ptr() not in (b.data_ptr(), c.data_ptr(), d.data_ptr())
+
+
+def test_cuda_kernel_signatures_match_the_launcher():
+    """The CuPy launcher passes 9 forward / 12 backward arguments (no GPU here to run them)."""
+    import re
+
+    src = generate(plif_dynamics(), "cuda").source
+    for kind, n_args in (("forward", 9), ("backward", 12)):
+        m = re.search(rf"__global__ void \w+_{kind}\((.*?)\)\s*\{{", src, re.S)
+        assert m is not None
+        params = [p for p in m.group(1).split(",") if p.strip()]
+        assert len(params) == n_args, (kind, params)
+        assert params[-2].split()[-1] == "T" and params[-1].split()[-1] == "N"
