@@ -279,8 +279,8 @@ class ReplaceforGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, x_r: torch.Tensor) -> torch.Tensor:
-        # Returning an input unchanged from a Function is allowed; autograd marks it as a view
-        # of the output so the graph stays consistent.
+        # Returning an input unchanged is allowed: autograd hands back a view of `x_r` that
+        # carries this Function's grad_fn, so the gradient goes to both inputs as backward says.
         return x_r
 
     @staticmethod
@@ -296,8 +296,8 @@ def _split_pair(x: Any, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
             got = f"a tensor of shape {tuple(x.shape)}"
         raise TypeError(
             f"{owner} expects the [spike, trace] pair an OTTTLIFNode emits in training mode, got "
-            f"{got}. Put it right after an OTTTLIFNode (or SpikeTraceOp) and keep the network in "
-            f"train() mode; in eval() mode OTTTSequential calls the wrapped module directly."
+            f"{got}. Put it right after an OTTTLIFNode (or SpikeTraceOp); in eval() mode the "
+            f"wrappers accept the plain spike tensor the neuron emits then."
         )
     return x[0], x[1]
 
@@ -340,8 +340,14 @@ class GradwithTrace(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, x: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Return ``module(spike)`` with trace-based parameter gradients (see the class doc)."""
+    def forward(self, x: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Return ``module(spike)`` with trace-based parameter gradients (see the class doc).
+
+        In eval mode a plain tensor (the spike an OTTT neuron emits in eval mode) is passed to
+        ``module`` as it is.
+        """
+        if isinstance(x, torch.Tensor) and not self.training:
+            return self.module(x)
         owner = f"GradwithTrace({type(self.module).__name__})"
         return _grad_with_trace(self.module, x, owner=owner)
 
@@ -361,8 +367,13 @@ class SpikeTraceOp(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, x: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Return ``[module(spike), module(trace)]``, the second computed without autograd."""
+    def forward(self, x: Sequence[torch.Tensor] | torch.Tensor) -> Any:
+        """Return ``[module(spike), module(trace)]``, the second computed without autograd.
+
+        In eval mode a plain tensor is passed to ``module`` as it is.
+        """
+        if isinstance(x, torch.Tensor) and not self.training:
+            return self.module(x)
         return _apply_to_spike_and_trace(
             self.module, x, owner=f"SpikeTraceOp({type(self.module).__name__})"
         )
@@ -378,10 +389,10 @@ class OTTTSequential(nn.Sequential):
     from traces) and turns the pair back into a tensor; a module without parameters is applied to
     both halves as :class:`SpikeTraceOp` would. Explicit ``GradwithTrace`` / ``SpikeTraceOp``
     members are called as they are. In eval mode OTTT neurons emit plain spikes, so this is an
-    ordinary ``nn.Sequential``.
+    ordinary ``nn.Sequential`` (explicit wrappers then pass the tensor to the module they wrap).
     """
 
-    def forward(self, input: Any) -> Any:  # noqa: A002 - nn.Sequential's argument name
+    def forward(self, input: Any) -> Any:
         """Run the members in order with the OTTT routing described in the class doc."""
         x = input
         for index, module in enumerate(self):
