@@ -332,7 +332,6 @@ def uniforms_for(
     return torch.cat(parts).float()
 
 
-@torch.compiler.assume_constant_result
 def _prepare(dynamics: NeuronDynamics, device_type: str) -> str:
     """Register ``dynamics`` and return its kernel id, or "" when CPU kernels cannot be built.
 
@@ -342,6 +341,11 @@ def _prepare(dynamics: NeuronDynamics, device_type: str) -> str:
     if device_type == "cpu" and not compiler_available():
         return ""
     return register_dynamics(dynamics)
+
+
+# What torch.compiler.assume_constant_result(_prepare) does (it only sets this marker), without
+# importing torch._dynamo when snncompile is imported (that import alone takes ~2 s).
+_prepare._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def fused_multi_step(
