@@ -293,3 +293,24 @@ def test_digits_accuracy_within_one_point_at_T256(one_thread) -> None:
     rate = simulate(snn, x_te, 256, encoder=ConstantEncoder(), chunk_size=128)
     snn_acc = (rate.argmax(1) == y_te).float().mean().item()
     assert snn_acc >= ann_acc - 0.01, (ann_acc, snn_acc)
+
+
+def test_converted_snn_compiles_and_chunks() -> None:
+    optimize = pytest.importorskip("snncompile.api").optimize
+    torch.manual_seed(0)
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3),
+    ).eval()
+    snn = convert(ann, torch.rand(32, 1, 4, 4), progress=False)
+    x_seq = torch.rand(20, 2, 1, 4, 4)
+    functional.reset_net(snn)
+    with torch.no_grad():
+        ref = snn(x_seq)
+    compiled = optimize(snn, x_seq[:4], chunk_size=6)
+    functional.reset_net(compiled)
+    assert torch.equal(compiled(x_seq), ref)
+    # reset_net on the compiled copy restores the half-threshold membrane too.
+    functional.reset_net(compiled)
+    nodes = [m for m in compiled.modules() if isinstance(m, HalfThresholdIFNode)]
+    assert len(nodes) == 2 and all(m.v == 0.5 for m in nodes)
