@@ -135,7 +135,7 @@ def _backward_impl(
     )
     # Per-neuron partial sums over time, reduced over neurons in float64 for accuracy.
     gu_sum = gu.sum(dim=1, dtype=torch.float64).float() if gu.numel() else uniforms.new_zeros(0)
-    return gx.to(x_seq.dtype), gv0, gu_sum
+    return gx.to(grad_spike_seq.dtype), gv0, gu_sum
 
 
 # -- custom ops (torch.compile / export) ----------------------------------------------------------
@@ -210,21 +210,29 @@ def _neuron_backward_fake(
     has_grad_v_seq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
-        torch.empty_like(x_seq),
+        torch.empty_like(grad_spike_seq),
         torch.empty_like(v_init, dtype=torch.float32),
         torch.empty_like(uniforms, dtype=torch.float32),
     )
 
 
+def _save(ctx: Any, kernel_id: str, x_seq: torch.Tensor, h_seq: torch.Tensor, *rest: Any) -> None:
+    # x is kept alive for backward only when the neuron's gradient reads it (e.g. PLIF): keeping
+    # a layer's input alive otherwise would cost 4 more bytes per neuron-step.
+    needs_x = "x" in _dynamics(kernel_id).step_program().backward_needs
+    ctx.kernel_id = kernel_id
+    ctx.x_dtype = x_seq.dtype
+    ctx.save_for_backward(h_seq, x_seq if needs_x else _empty(x_seq), *rest)
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     kernel_id, x_seq, v_init, uniforms, need_h, store_v_seq = inputs
-    ctx.kernel_id = kernel_id
     ctx.need_h = need_h
-    ctx.save_for_backward(output[1], x_seq, v_init, uniforms)
+    _save(ctx, kernel_id, x_seq, output[1], v_init, uniforms)
 
 
-def _grad_or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if g is None else g
+def _grad_or_zeros(g: torch.Tensor | None, ctx: Any, h_seq: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(h_seq.shape, dtype=ctx.x_dtype, device=h_seq.device) if g is None else g
 
 
 def _custom_backward(
@@ -241,11 +249,12 @@ def _custom_backward(
             "differentiated; call it with need_h=True when gradients are required."
         )
     has_gv = g_vseq is not None and g_vseq.numel() > 0
+    g_vlast = torch.zeros_like(v_init, dtype=torch.float32) if g_vlast is None else g_vlast
     gx, gv0, gu = neuron_backward(
         ctx.kernel_id,
-        _grad_or_zeros(g_spikes, x_seq),
-        g_vseq if has_gv else _empty(x_seq),
-        _grad_or_zeros(g_vlast, v_init),
+        _grad_or_zeros(g_spikes, ctx, h_seq),
+        g_vseq if has_gv else _empty(h_seq, ctx.x_dtype),
+        g_vlast,
         h_seq,
         x_seq,
         v_init,
@@ -276,9 +285,8 @@ class FusedNeuronFunction(torch.autograd.Function):
         # Unused outputs (h, often v_seq or v_last) get None, not a zero-filled tensor: filling
         # a [T, N] zero gradient cost more than the fused backward itself.
         ctx.set_materialize_grads(False)
-        ctx.kernel_id = kernel_id
         ctx.need_h = need_h
-        ctx.save_for_backward(out[1], x_seq, v_init, uniforms)
+        _save(ctx, kernel_id, x_seq, out[1], v_init, uniforms)
         ctx.mark_non_differentiable(out[1])
         return out
 
@@ -291,8 +299,8 @@ class FusedNeuronFunction(torch.autograd.Function):
         has_gv = g_vseq is not None and g_vseq.numel() > 0
         gx, gv0, gu = _backward_impl(
             ctx.kernel_id,
-            _grad_or_zeros(g_spikes, x_seq),
-            g_vseq if has_gv else _empty(x_seq),
+            _grad_or_zeros(g_spikes, ctx, h_seq),
+            g_vseq if has_gv else _empty(h_seq, ctx.x_dtype),
             g_vlast,
             h_seq,
             x_seq,
