@@ -337,3 +337,24 @@ def test_neuron_backend_falls_back_for_unsupported_surrogate():
     with pytest.warns(RuntimeWarning, match="no fused kernel"):
         s = node(x)
     assert torch.equal(s, ref(x))
+
+
+@pytest.mark.parametrize("make", [lif_dynamics, plif_dynamics], ids=["lif", "plif"])
+def test_backward_keeps_only_h_and_x_when_needed(make):
+    """Saved for backward: h (float32 [T, N]); the input only when the gradient reads it."""
+    d = make()
+    prebuild([d])
+    x = torch.randn(6, 300, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    params = {"w": torch.tensor(0.1, requires_grad=True)} if d.param_names else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_multi_step(d, x, 0.0, params)
+    big = [t for t in saved if t.numel() == x.numel()]
+    keeps_x = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in big)
+    assert keeps_x == ("x" in d.step_program().backward_needs)
+    assert len(big) == 1 + int(keeps_x)  # h, plus x for PLIF
