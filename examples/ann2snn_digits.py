@@ -119,6 +119,7 @@ def memory_worker(path: str, config: str, T: int) -> dict[str, float]:
     torch.set_num_threads(1)
     snn = torch.load(path, weights_only=False)
     x = torch.load(path + ".x", weights_only=False)
+    functional.reset_net(snn)
     with torch.no_grad():  # warm-up: first-call costs (fused-kernel load) are not part of T
         snn(x.unsqueeze(0).expand(CHUNK, *x.shape).contiguous())
     start = time.perf_counter()
@@ -138,7 +139,10 @@ def memory_worker(path: str, config: str, T: int) -> dict[str, float]:
 
 
 def measure_memory(snn: nn.Module, x: torch.Tensor) -> dict[str, dict[int, dict[str, float]]]:
+    from snncompile import functional
+
     path = os.path.join(tempfile.mkdtemp(prefix="ann2snn_digits_"), "snn.pt")
+    functional.reset_net(snn)  # do not ship the accuracy run's state to the workers
     torch.save(snn, path)
     torch.save(x[:MEM_BATCH].clone(), path + ".x")
     plan = {
