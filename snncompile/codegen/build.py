@@ -8,9 +8,9 @@
   ``-ffp-contract=off`` forbids FMA contraction for the same reason.
 * OpenMP: torch ships ``libgomp.so.1`` in ``torch/lib`` and loads it first. Our library is linked
   with ``-fopenmp`` against the same soname, so the dynamic loader resolves it to the copy torch
-  already loaded: one OpenMP runtime, one thread pool (checked in the tests through
-  ``/proc/self/maps``). Kernels also size their parallel region to ``torch.get_num_threads()``
-  so the pool is never oversubscribed.
+  already loaded: one OpenMP runtime, one thread pool (the tests check that our library's
+  ``omp_get_max_threads`` is torch's). Kernels size their parallel region to
+  ``torch.get_num_threads()`` (one thread for small calls), so the pool is never oversubscribed.
 * Cache: ``$SNNCOMPILE_CACHE_DIR`` or ``~/.cache/snncompile``; the file name is a hash of the
   source, the flags and the compiler's ``--version`` output. A library is built under a unique
   temporary name and moved in place with ``os.replace`` (atomic), so concurrent processes never see
