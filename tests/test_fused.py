@@ -358,3 +358,26 @@ def test_backward_keeps_only_h_and_x_when_needed(make):
     keeps_x = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in big)
     assert keeps_x == ("x" in d.step_program().backward_needs)
     assert len(big) == 1 + int(keeps_x)  # h, plus x for PLIF
+
+
+@pytest.mark.parametrize("sg", ["Sigmoid", "ATan", "PiecewiseQuadratic", "Erf"])
+def test_non_spiking_surrogate_runs_the_primitive(sg):
+    """surrogate(spiking=False): the neuron emits the smooth primitive; fused == torch path."""
+    from snncompile import neuron as sn
+    from snncompile import surrogate as sc
+
+    x = torch.randn(5, 3, 40)
+    outs = []
+    for backend in ("torch", "cpu"):
+        node = sn.LIFNode(
+            surrogate_function=getattr(sc, sg)(spiking=False), step_mode="m", backend=backend
+        )
+        xr = x.clone().requires_grad_()
+        y = node(xr)
+        (y.sum() + node.v.sum()).backward()
+        outs.append((y, node.v, xr.grad))
+    (y1, v1, g1), (y2, v2, g2) = outs
+    assert not torch.equal(y1, (y1 > 0.5).float())  # really smooth outputs
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v2, v1.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
