@@ -381,3 +381,17 @@ def test_non_spiking_surrogate_runs_the_primitive(sg):
     torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v2, v1.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_runs_the_torch_loop():
+    """Fused kernels are float32: float64 inputs keep full precision through the torch loop."""
+    from snncompile import neuron as sn
+
+    x = torch.randn(6, 4, 50, dtype=torch.float64)
+    ref = sn.LIFNode(step_mode="m")(x)
+    with pytest.warns(RuntimeWarning, match="float32"):
+        out = sn.LIFNode(step_mode="m", backend="cpu")(x)
+    assert out.dtype == torch.float64 and torch.equal(out, ref)
+    assert torch.equal(sn.LIFNode(step_mode="m", backend="auto")(x), ref)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        fused_multi_step(lif_dynamics(), x, 0.0)

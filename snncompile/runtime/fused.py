@@ -34,7 +34,8 @@ from snncompile.codegen.render import evaluate
 from snncompile.codegen.torch_backend import torch_multi_step
 from snncompile.dynamics.neuron import NeuronDynamics
 
-_LOW = (torch.float16, torch.bfloat16)
+#: Input dtypes the fused kernels take (state and arithmetic are float32 for all of them).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _registry: dict[str, NeuronDynamics] = {}
 _lock = threading.Lock()
 
@@ -376,6 +377,12 @@ def fused_multi_step(
     if x_seq.dim() < 1:
         raise ValueError(
             f"snncompile fused neuron {dynamics.name}: x_seq must be [T, *], got a 0-dim tensor."
+        )
+    if x_seq.dtype not in FUSED_DTYPES:
+        raise TypeError(
+            f"snncompile fused neuron {dynamics.name}: x_seq has dtype {x_seq.dtype}; fused "
+            "kernels compute in float32 and take float32/float16/bfloat16 inputs. Use the torch "
+            "path (snncompile.codegen.torch_backend.torch_multi_step or backend='torch')."
         )
     shape = x_seq.shape[1:]
     if not isinstance(v_init, torch.Tensor):

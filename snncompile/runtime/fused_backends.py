@@ -25,7 +25,12 @@ import torch
 
 from snncompile.dynamics.neuron import NeuronDynamics, from_spec
 from snncompile.dynamics.surrogates import SURROGATE_EXPRESSIONS
-from snncompile.runtime.fused import AUTO_MIN_ELEMENTS, AUTO_MIN_STEPS, fused_multi_step
+from snncompile.runtime.fused import (
+    AUTO_MIN_ELEMENTS,
+    AUTO_MIN_STEPS,
+    FUSED_DTYPES,
+    fused_multi_step,
+)
 
 _cache: dict[tuple[Any, ...], NeuronDynamics | None] = {}
 _warned: set[tuple[Any, ...]] = set()
@@ -116,6 +121,14 @@ def _make_impl(device_type: str) -> Any:
                 "expression form, or a subclass with its own charge)",
                 (type(node).__name__, device_type),
             )
+        if x_seq.dtype not in FUSED_DTYPES:
+            return _fallback(
+                node,
+                x_seq,
+                f"fused kernels compute in float32 and take float32/float16/bfloat16 inputs, "
+                f"not {x_seq.dtype}",
+                (type(node).__name__, device_type, str(x_seq.dtype)),
+            )
         if x_seq.device.type != device_type:
             raise RuntimeError(
                 f"{type(node).__name__}(backend={device_type!r}) got a tensor on "
@@ -131,6 +144,7 @@ def _auto_impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
     if (
         d is None
         or x_seq.device.type not in ("cpu", "cuda")
+        or x_seq.dtype not in FUSED_DTYPES
         or (x_seq.shape[0] < AUTO_MIN_STEPS and x_seq.numel() < AUTO_MIN_ELEMENTS)
         or (x_seq.device.type == "cuda" and not _cupy_available())
     ):
