@@ -29,8 +29,10 @@ two documented deviations: ``w_ra`` holds independent copies (see
 :func:`fptt_online_training_init_w_ra`), and a target shorter than the input raises an
 ``IndexError`` *before* any update instead of part-way through the sequence.
 
-Import note: :mod:`snncompile.layer` and :mod:`snncompile.functional` re-export the public names
-from here, so this module must not import them at module level (it would be an import cycle).
+Import note: :class:`OTTTLIFNode` and :class:`SLTTLIFNode` subclass ``LIFNode`` and are defined in
+:mod:`snncompile.neuron` (imported here); :mod:`snncompile.layer` and :mod:`snncompile.functional`
+re-export the other public names from here, so this module must not import them at module level
+(it would be an import cycle).
 """
 
 from __future__ import annotations
@@ -43,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from snncompile import surrogate
 from snncompile.base import MemoryModule
-from snncompile.neuron import BaseNode, LIFNode
+from snncompile.neuron import BaseNode, OTTTLIFNode, SLTTLIFNode
 
 __all__ = [
     "OTTTLIFNode",
@@ -60,209 +61,6 @@ __all__ = [
     "OnlineModule",
     "compile_online",
 ]
-
-
-# =================================================================================================
-# Neurons (single step only)
-# =================================================================================================
-_ONLINE_DEFAULT_SURROGATE = surrogate.Sigmoid()
-
-
-class _OnlineLIFNode(LIFNode):
-    """A single-step LIF whose membrane is detached at the start of every training step.
-
-    Detaching ``v`` is what makes the backward of step ``t`` independent of earlier steps, so the
-    graph (and memory) never spans more than one step. In eval mode the node is a plain LIF with
-    a Heaviside forward.
-    """
-
-    def __init__(
-        self,
-        tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function: nn.Module = _ONLINE_DEFAULT_SURROGATE,
-        detach_reset: bool = True,
-        step_mode: str = "s",
-        store_v_seq: bool = False,
-        *,
-        backend: str = "torch",
-    ) -> None:
-        if step_mode != "s":
-            raise ValueError(
-                f"{type(self).__name__} only supports step_mode='s': online training runs the "
-                f"network one step at a time so that memory does not grow with T. Call it once "
-                f"per step (ottt_online_training does), got step_mode={step_mode!r}."
-            )
-        if surrogate_function is _ONLINE_DEFAULT_SURROGATE:
-            surrogate_function = surrogate.Sigmoid()
-        super().__init__(
-            tau,
-            decay_input,
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
-
-    @property
-    def supported_step_mode(self) -> tuple[str, ...]:
-        """Only ``'s'``: these neurons exist to be stepped one time step at a time."""
-        return ("s",)
-
-    def _online_step(self, x: torch.Tensor) -> torch.Tensor:
-        self.v_float_to_tensor(x)
-        spike = self._fused_step(x)
-        if spike is not None:
-            return spike
-        if not self.training:
-            self.neuronal_charge(x)
-            spike = surrogate.heaviside(self.v - self.v_threshold)
-            self.neuronal_reset(spike)
-            return spike
-        self.v = self.v.detach()
-        self.neuronal_charge(x)
-        spike = self.neuronal_fire()
-        self.neuronal_reset(spike)
-        return spike
-
-    def _fused_step(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Run this step with the generated C/CUDA kernel if ``backend`` asks for it.
-
-        Returns None when the torch path should run instead: ``backend='torch'``, ``'auto'`` on a
-        step smaller than the fusion threshold, or a configuration without a kernel (a surrogate
-        with no expression form, or ``spiking=False``). The kernel computes the same LIF step;
-        spikes and ``v`` agree with the torch path exactly, input gradients to float rounding.
-        """
-        if self.backend == "torch" or not getattr(self.surrogate_function, "spiking", True):
-            return None
-        from snncompile.runtime import fused, fused_backends
-
-        if self.backend == "auto" and (
-            x.numel() < fused.AUTO_MIN_ELEMENTS or x.device.type not in ("cpu", "cuda")
-        ):
-            return None
-        if self.backend in ("cpu", "cuda") and x.device.type != self.backend:
-            raise RuntimeError(
-                f"{type(self).__name__}(backend={self.backend!r}) got a tensor on {x.device}; "
-                f"move the input to {self.backend} or use backend='auto'."
-            )
-        dynamics = fused_backends.dynamics_for(self)
-        if dynamics is None:
-            return None
-        v0 = self.v.detach() if self.training else self.v
-        spikes, v_last, _ = fused.fused_multi_step(dynamics, x.unsqueeze(0), v0, None)
-        self.v = v_last
-        return spikes[0]
-
-
-class OTTTLIFNode(_OnlineLIFNode):
-    """LIF neuron for OTTT: detached membrane and a presynaptic trace for the next layer.
-
-    Forward dynamics are a LIF's (:class:`snncompile.neuron.LIFNode`). In training mode the
-    membrane is detached at every step and the node also keeps ``trace = trace * (1 - 1/tau) +
-    spike`` (no gradient), returning ``[spike, trace]``; the next parametric layer must consume the
-    pair (:class:`OTTTSequential` or :class:`GradwithTrace`). In eval mode it returns the spike.
-    Defaults follow SpikingJelly: ``decay_input=False``, soft reset (``v_reset=None``),
-    ``detach_reset=True``. Single step only; ``store_v_seq`` is accepted for interface
-    compatibility and ignored.
-
-    Args:
-        tau: membrane time constant (> 1); also the trace's decay.
-        decay_input: whether the input is divided by ``tau`` during charge.
-        v_threshold: firing threshold.
-        v_reset: hard-reset value, or ``None`` for soft reset (subtract the threshold).
-        surrogate_function: surrogate spike function used in backward.
-        detach_reset: detach the spike in the reset path.
-        step_mode: must be ``'s'``.
-        store_v_seq: ignored (single-step node).
-        backend: must be ``'torch'``.
-    """
-
-    def __init__(
-        self,
-        tau: float = 2.0,
-        decay_input: bool = False,
-        v_threshold: float = 1.0,
-        v_reset: float | None = None,
-        surrogate_function: nn.Module = _ONLINE_DEFAULT_SURROGATE,
-        detach_reset: bool = True,
-        step_mode: str = "s",
-        store_v_seq: bool = False,
-        *,
-        backend: str = "torch",
-    ) -> None:
-        super().__init__(
-            tau,
-            decay_input,
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
-        self.register_memory("trace", None)
-
-    @staticmethod
-    def track_trace(spike: torch.Tensor, trace: torch.Tensor, tau: float) -> torch.Tensor:
-        """Return ``trace * (1 - 1/tau) + spike``, computed without autograd."""
-        with torch.no_grad():
-            return trace * (1.0 - 1.0 / tau) + spike
-
-    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Run one step: ``[spike, trace]`` in training mode, ``spike`` in eval mode."""
-        spike = self._online_step(x)
-        if not self.training:
-            return spike
-        if self.trace is None:
-            self.trace = torch.zeros_like(self.v)
-        self.trace = self.track_trace(spike, self.trace, self.tau)
-        return [spike, self.trace]
-
-
-class SLTTLIFNode(_OnlineLIFNode):
-    """LIF neuron for SLTT: the membrane is detached at every training step, no trace.
-
-    The gradient of step ``t``'s loss then flows only through the spatial (layer-to-layer) path
-    of step ``t``. Returns the spike in both modes. Defaults follow SpikingJelly:
-    ``decay_input=True``, hard reset to ``v_reset=0.0``, ``detach_reset=True``. Single step only;
-    arguments as :class:`OTTTLIFNode`.
-    """
-
-    def __init__(
-        self,
-        tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function: nn.Module = _ONLINE_DEFAULT_SURROGATE,
-        detach_reset: bool = True,
-        step_mode: str = "s",
-        store_v_seq: bool = False,
-        *,
-        backend: str = "torch",
-    ) -> None:
-        super().__init__(
-            tau,
-            decay_input,
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
-
-    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run one step and return the spike."""
-        return self._online_step(x)
 
 
 # =================================================================================================

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snncompile import neuron as our_neuron
 from snncompile import online
 from snncompile.online import (
     GradwithTrace,
@@ -99,7 +100,7 @@ NEURON_CONFIGS = [
 @pytest.mark.parametrize("training", [True, False])
 def test_neuron_matches_spikingjelly(sj, kind: str, cfg: dict, training: bool) -> None:
     sj_neuron = _sj_parts(sj)[0]
-    ours = getattr(online, kind)(**cfg).train(training)
+    ours = getattr(our_neuron, kind)(**cfg).train(training)
     theirs = getattr(sj_neuron, kind)(**cfg).train(training)
     xs = (torch.randn(6, 5, 7) * 1.5 + 0.6).unbind(0)
     for x in xs:
@@ -261,7 +262,7 @@ def _cnn(neuron, seq_cls) -> nn.Module:
 
 
 def test_ottt_sequential_eval_is_plain_sequential() -> None:
-    net = _mlp(online, OTTTSequential).eval()
+    net = _mlp(our_neuron, OTTTSequential).eval()
     plain = nn.Sequential(*net)
     x = torch.rand(4, 3, 4) * 2
     y = net(x)
@@ -270,7 +271,7 @@ def test_ottt_sequential_eval_is_plain_sequential() -> None:
 
 
 def test_ottt_sequential_explicit_wrappers_equal_automatic_routing() -> None:
-    auto = _cnn(online, OTTTSequential)
+    auto = _cnn(our_neuron, OTTTSequential)
     explicit = OTTTSequential(
         auto[0],
         auto[1],
@@ -329,13 +330,13 @@ def _seq_data(n_batches: int, shape: tuple[int, ...], out: int, t: int = 5):
 def test_ottt_online_training_matches_spikingjelly(sj, online_flag: bool, arch: str) -> None:
     neuron, layer, ol, sj_reset = _sj_parts(sj)
     if arch == "mlp":
-        ours, theirs = _mlp(online, OTTTSequential), _mlp(neuron, layer.OTTTSequential)
+        ours, theirs = _mlp(our_neuron, OTTTSequential), _mlp(neuron, layer.OTTTSequential)
         data = _seq_data(2, (3, 4), 3)
     elif arch == "cnn":
-        ours, theirs = _cnn(online, OTTTSequential), _cnn(neuron, layer.OTTTSequential)
+        ours, theirs = _cnn(our_neuron, OTTTSequential), _cnn(neuron, layer.OTTTSequential)
         data = _seq_data(2, (1, 4, 4), 3)
     else:
-        ours = _mlp(online, nn.Sequential, "SLTTLIFNode", last_lif=False)
+        ours = _mlp(our_neuron, nn.Sequential, "SLTTLIFNode", last_lif=False)
         theirs = _mlp(neuron, nn.Sequential, "SLTTLIFNode", last_lif=False)
         data = _seq_data(2, (3, 4), 3)
     theirs.load_state_dict(ours.state_dict())
@@ -350,7 +351,7 @@ def test_ottt_online_training_matches_spikingjelly(sj, online_flag: bool, arch: 
 
 
 def test_ottt_online_training_step_count_and_shapes() -> None:
-    net = _mlp(online, OTTTSequential)
+    net = _mlp(our_neuron, OTTTSequential)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     rec = _StepRecorder(opt)
     x, y = _seq_data(1, (3, 4), 3, t=6)[0]
@@ -367,7 +368,7 @@ def test_ottt_online_training_step_count_and_shapes() -> None:
 
 
 def test_short_target_raises_index_error_before_any_update() -> None:
-    net = _mlp(online, OTTTSequential)
+    net = _mlp(our_neuron, OTTTSequential)
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(IndexError, match="target_seq has 3 time steps but x_seq has 5"):
@@ -420,8 +421,6 @@ def _fptt_data(t: int = 5):
 @pytest.mark.parametrize("kind", ["LIFNode", "IFNode"])
 def test_fptt_online_training_matches_spikingjelly(sj, kind: str) -> None:
     neuron, _, ol, sj_reset = _sj_parts(sj)
-    import snncompile.neuron as our_neuron
-
     ours, theirs = _fptt_net(our_neuron, kind), _fptt_net(neuron, kind)
     theirs.load_state_dict(ours.state_dict())
     data = _fptt_data()
@@ -439,8 +438,6 @@ def test_fptt_online_training_matches_spikingjelly(sj, kind: str) -> None:
 
 def test_fptt_extra_pass_does_not_advance_state() -> None:
     """The gradient pass for w_ra restores the state: the dynamics see each input once."""
-    import snncompile.neuron as our_neuron
-
     net = _fptt_net(our_neuron, "LIFNode")
     x, y = _fptt_data(t=4)[0]
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: weights fixed, only state evolves
@@ -478,8 +475,6 @@ def test_fptt_w_ra_copy_vs_alias_changes_training(sj) -> None:
     Both implementations agree when given the same kind of list.
     """
     neuron, _, ol, sj_reset = _sj_parts(sj)
-    import snncompile.neuron as our_neuron
-
     data = _fptt_data()
     alias = lambda opt: [p.data for g in opt.param_groups for p in g["params"]]  # noqa: E731
     runs = {}
@@ -525,15 +520,13 @@ def test_fptt_w_ra_length_mismatch_is_a_clear_error() -> None:
 # Compiled models (compile_online)
 # =================================================================================================
 def _online_net(kind: str) -> nn.Module:
-    import snncompile.neuron as our_neuron
-
     torch.manual_seed(6)
     if kind == "ottt_mlp":
-        return _mlp(online, OTTTSequential)
+        return _mlp(our_neuron, OTTTSequential)
     if kind == "ottt_cnn":
-        return _cnn(online, OTTTSequential)
+        return _cnn(our_neuron, OTTTSequential)
     if kind == "sltt":
-        return _mlp(online, nn.Sequential, "SLTTLIFNode", last_lif=False)
+        return _mlp(our_neuron, nn.Sequential, "SLTTLIFNode", last_lif=False)
     return _fptt_net(our_neuron, "LIFNode")
 
 
@@ -591,7 +584,7 @@ def test_compiled_online_has_its_own_state_and_eval_mode() -> None:
 
 def test_compiled_online_matches_spikingjelly(sj) -> None:
     neuron, layer, ol, sj_reset = _sj_parts(sj)
-    ours = _mlp(online, OTTTSequential)
+    ours = _mlp(our_neuron, OTTTSequential)
     theirs = _mlp(neuron, layer.OTTTSequential)
     theirs.load_state_dict(ours.state_dict())
     compiled = online.compile_online(ours, torch.rand(4, 3, 4), backend="auto")
@@ -631,3 +624,18 @@ def test_docs_code_blocks_run(capsys) -> None:
     for index, block in enumerate(blocks):
         exec(compile(block, f"docs/online.md[block {index}]", "exec"), {"__name__": "__doc__"})
     assert "grad_with_trace" in capsys.readouterr().out  # the compiled routing was printed
+
+
+def test_public_names_where_spikingjelly_users_look() -> None:
+    from snncompile import functional, layer
+
+    assert our_neuron.OTTTLIFNode is OTTTLIFNode and our_neuron.SLTTLIFNode is SLTTLIFNode
+    for name in ("OTTTSequential", "GradwithTrace", "SpikeTraceOp", "ReplaceforGrad"):
+        assert getattr(layer, name) is getattr(online, name) and name in layer.__all__
+    for name in (
+        "fptt_online_training_init_w_ra",
+        "fptt_online_training",
+        "ottt_online_training",
+    ):
+        assert getattr(functional, name) is getattr(online, name) and name in functional.__all__
+    assert {"OTTTLIFNode", "SLTTLIFNode"} <= set(our_neuron.__all__)
