@@ -543,3 +543,14 @@ class StepModeContainer(nn.Sequential, StepModule):
 
     def extra_repr(self) -> str:
         return f"stateful={self.stateful}, step_mode={self.step_mode}"
+
+
+# Online-learning (OTTT) containers and wrappers, defined in snncompile.online.
+from snncompile.online import (  # noqa: E402
+    GradwithTrace,
+    OTTTSequential,
+    ReplaceforGrad,
+    SpikeTraceOp,
+)
+
+__all__ += ["GradwithTrace", "OTTTSequential", "ReplaceforGrad", "SpikeTraceOp"]
