@@ -545,3 +545,13 @@ def delay(x_seq: Tensor, delay_steps: int) -> Tensor:
     if delay_steps >= x_seq.shape[0]:
         return torch.zeros_like(x_seq)
     return torch.cat((x_seq.new_zeros((delay_steps, *x_seq.shape[1:])), x_seq[:-delay_steps]))
+
+
+# Online training loops (FPTT, OTTT/SLTT), defined in snncompile.online.
+from snncompile.online import (  # noqa: E402
+    fptt_online_training,
+    fptt_online_training_init_w_ra,
+    ottt_online_training,
+)
+
+__all__ += ["fptt_online_training", "fptt_online_training_init_w_ra", "ottt_online_training"]
