@@ -41,15 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snncompile import functional, neuron
-from snncompile.online import (
-    OTTTLIFNode,
-    OTTTSequential,
-    compile_online,
-    fptt_online_training,
-    fptt_online_training_init_w_ra,
-    ottt_online_training,
-)
+from snncompile import functional, layer, neuron
+from snncompile.online import compile_online
 
 ROWS = 8
 FEATURES = 16  # 8 pixels + one-hot row index
@@ -76,11 +69,11 @@ def load_sequences(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 def ottt_net() -> nn.Module:
     """The OTTT network: LIF layers with traces; the last Linear is the read-out."""
-    return OTTTSequential(
+    return layer.OTTTSequential(
         nn.Linear(FEATURES, HIDDEN),
-        OTTTLIFNode(),
+        neuron.OTTTLIFNode(),
         nn.Linear(HIDDEN, HIDDEN),
-        OTTTLIFNode(),
+        neuron.OTTTLIFNode(),
         nn.Linear(HIDDEN, CLASSES),
     )
 
@@ -126,7 +119,7 @@ def train_ottt(data: tuple[torch.Tensor, ...], epochs: int, compiled: bool, log:
         total = 0.0
         for idx in batches(len(x_tr), 64, gen):
             target = y_tr[idx].unsqueeze(1).expand(-1, ROWS)  # [N, T]: the label at every step
-            loss, _ = ottt_online_training(
+            loss, _ = functional.ottt_online_training(
                 net, optimizer, x_tr[idx], target, F.cross_entropy, online=True
             )
             functional.reset_net(net)
@@ -146,14 +139,16 @@ def train_fptt(data: tuple[torch.Tensor, ...], epochs: int, compiled: bool, log:
     model = lif_net()
     net = compile_online(model, x_tr[:64, 0]) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    w_ra = fptt_online_training_init_w_ra(optimizer)
+    w_ra = functional.fptt_online_training_init_w_ra(optimizer)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     gen = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         for idx in batches(len(x_tr), 64, gen):
             x_seq = x_tr[idx].transpose(0, 1)  # FPTT is time first: [T, N, 16]
             target = y_tr[idx].unsqueeze(0).expand(ROWS, -1)
-            fptt_online_training(net, optimizer, x_seq, target, F.cross_entropy, ALPHA, w_ra)
+            functional.fptt_online_training(
+                net, optimizer, x_seq, target, F.cross_entropy, ALPHA, w_ra
+            )
             functional.reset_net(net)
         schedule.step()
         log(f"  FPTT epoch {epoch + 1}: test accuracy {accuracy(net, x_te, y_te):.3f}")
@@ -185,12 +180,12 @@ def _train_once(method: str, x: torch.Tensor, y: torch.Tensor) -> None:
     if method == "ottt":
         net = ottt_net()
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
-        ottt_online_training(net, opt, x, y, F.cross_entropy, online=True)
+        functional.ottt_online_training(net, opt, x, y, F.cross_entropy, online=True)
     elif method == "fptt":
         net = lif_net()
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
-        w_ra = fptt_online_training_init_w_ra(opt)
-        fptt_online_training(
+        w_ra = functional.fptt_online_training_init_w_ra(opt)
+        functional.fptt_online_training(
             net, opt, x.transpose(0, 1), y.transpose(0, 1), F.cross_entropy, ALPHA, w_ra
         )
     elif method == "bptt":
