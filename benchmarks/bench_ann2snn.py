@@ -337,7 +337,7 @@ def main() -> None:
     rows = compare_spikingjelly(ann, x_tr, x_te, y_te, steps)
     if rows:
         print(f"\nSpikingJelly 2.0.0 Converter vs snncompile.ann2snn, same ANN ('small', "
-              f"(accuracy {ann_acc:.4f}), {len(x_te)} test images")
+              f"accuracy {ann_acc:.4f}), {len(x_te)} test images")
         print(f"{'mode':6s} {'T':>4s} {'SJ acc':>7s} {'SJ conv s':>9s} {'SJ sim s':>8s} "
               f"{'ours acc':>8s} {'ours v0=0':>9s} {'ours conv s':>11s} {'ours sim s':>10s}")
         for mode, T, sj_acc, sj_c, sj_t, acc, zacc, c, t in rows:
