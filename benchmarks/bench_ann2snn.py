@@ -21,7 +21,7 @@ Run: ``.venv/bin/python benchmarks/bench_ann2snn.py`` (several minutes on 2 shar
      ``compiled.stream(..., reduce='mean')`` with the chunk size it picked.
 
    Memory rows use batch ``N=64`` (``BENCH_MEM_BATCH`` overrides it), throughput rows ``N=16``,
-   ``T=1024``.
+   ``T=1024``; the eager chunked rows use chunks of 16 steps (``BENCH_CHUNK`` overrides it).
    Reported: peak RSS, the RSS just before the run (interpreter, torch, model, input), their
    difference, seconds and samples*steps per second. Checks: chunked peak at T=4096 <= 1.2x at
    T=64; multi-step peak at T=1024 >= 20x the chunked one (raw RSS, and above the pre-run RSS);
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 MEM_BATCH = int(os.environ.get("BENCH_MEM_BATCH", "64"))  # memory rows
 SPEED_BATCH = 16  # throughput rows
-CHUNK = 16  # eager chunked rows (small chunks keep activations in cache)
+CHUNK = int(os.environ.get("BENCH_CHUNK", "16"))  # eager chunked rows (small chunks: cache)
 
 
 def _rss_mb() -> float:
