@@ -639,3 +639,22 @@ def test_public_names_where_spikingjelly_users_look() -> None:
     ):
         assert getattr(functional, name) is getattr(online, name) and name in functional.__all__
     assert {"OTTTLIFNode", "SLTTLIFNode"} <= set(our_neuron.__all__)
+
+
+def test_our_loops_drive_spikingjelly_models(sj) -> None:
+    """State handling is duck-typed: our loops train SpikingJelly-built networks identically."""
+    neuron, layer, ol, sj_reset = _sj_parts(sj)
+    a, b = _mlp(neuron, layer.OTTTSequential), _mlp(neuron, layer.OTTTSequential)
+    b.load_state_dict(a.state_dict())
+    data = _seq_data(2, (3, 4), 3)
+    _assert_runs_equal(
+        _run_ottt(a, ottt_online_training, sj_reset, data, True),
+        _run_ottt(b, ol.ottt_online_training, sj_reset, data, True),
+    )
+    fa, fb = _fptt_net(neuron, "LIFNode"), _fptt_net(neuron, "LIFNode")
+    fb.load_state_dict(fa.state_dict())
+    init = fptt_online_training_init_w_ra
+    _assert_runs_equal(
+        _run_fptt(fa, fptt_online_training, init, sj_reset, _fptt_data(), 0.3),
+        _run_fptt(fb, ol.fptt_online_training, init, sj_reset, _fptt_data(), 0.3),
+    )
