@@ -274,3 +274,11 @@ def test_optimize_chunking_errors() -> None:
         optimize(CumulativeInput().eval(), _input(12), chunk_size=2)
     with pytest.raises(ValueError, match="either chunk_size or memory_budget"):
         optimize(_model(), x, chunk_size=2, memory_budget="1MB")
+
+
+def test_speed_cap_limits_budget_chunk_size() -> None:
+    model = measure_step_memory(_model(), _input(8))
+    budget = model.fixed + 1000 * (model.per_step + model.input_per_step + model.output_per_step)
+    assert model.chunk_size(budget) == 1000
+    assert model.chunk_size(budget, max_chunk_bytes=50 * model.per_step) == 50
+    assert model.chunk_size(budget, max_chunk_bytes=1) == 1

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = [
     "REDUCTIONS",
+    "SPEED_CHUNK_BYTES",
     "ChunkedModule",
     "StepMemory",
     "check_inference",
@@ -66,6 +67,13 @@ _UNITS = {
     "mib": 2**20,
     "gib": 2**30,
 }
+
+
+#: Speed cap applied when ``optimize(memory_budget=...)`` picks the chunk size: larger chunks do
+#: not run faster on CPU once their activations leave the caches (measured in
+#: benchmarks/bench_ann2snn.py: a bandwidth-bound CNN ran ~2x faster with 16 MB chunks than with
+#: 60-130 MB chunks; an overhead-bound one was as fast at 1 MB as at 50 MB).
+SPEED_CHUNK_BYTES = 16 * 2**20
 
 
 def parse_memory(budget: str | int | float) -> int:
@@ -304,14 +312,23 @@ class StepMemory:
     fixed: int
     example_steps: int
 
-    def chunk_size(self, budget_bytes: int, total_steps: int | None = None) -> int:
+    def chunk_size(
+        self,
+        budget_bytes: int,
+        total_steps: int | None = None,
+        max_chunk_bytes: int | None = None,
+    ) -> int:
         """Largest ``K`` with ``fixed + K * (per_step + input_step + output_step) <= budget``.
 
         A chunk holds its input slice, its activations and its output slice at once, hence the
-        three per-step terms; the result is clamped to ``[1, total_steps]``.
+        three per-step terms. With ``max_chunk_bytes``, ``K`` is also capped so that one chunk's
+        activations (``K * per_step``) stay below it (a speed cap, see
+        :data:`SPEED_CHUNK_BYTES`). The result is clamped to ``[1, total_steps]``.
         """
         per = max(1, self.per_step + self.input_per_step + self.output_per_step)
         k = max(1, (budget_bytes - self.fixed) // per)
+        if max_chunk_bytes is not None:
+            k = min(k, max(1, max_chunk_bytes // max(1, self.per_step)))
         if total_steps is not None:
             k = min(k, max(1, total_steps))
         return int(k)
@@ -412,8 +429,9 @@ def configure_chunking(
 ) -> int:
     """Set up chunked execution on a compiled module (called by :func:`snncompile.optimize`).
 
-    ``K`` is ``chunk_size`` if given, else computed from ``memory_budget`` by
-    :func:`chunk_size_for_budget` on the example input. The chunked run is checked against the
+    ``K`` is ``chunk_size`` if given, else the largest chunk that fits ``memory_budget``
+    (:meth:`StepMemory.chunk_size` on the example input's measurement), capped so that one
+    chunk's activations stay below :data:`SPEED_CHUNK_BYTES`. The chunked run is checked against the
     unchunked one on the example (:func:`verify_chunkable`), then ``compiled.chunk_size = K`` and
     ``compiled.memory_model`` (the :class:`StepMemory`, or None) are set. Returns ``K``.
     """
@@ -430,7 +448,7 @@ def configure_chunking(
         assert memory_budget is not None
         budget = parse_memory(memory_budget)
         model = measure_step_memory(runner, example_input)
-        k = model.chunk_size(budget)
+        k = model.chunk_size(budget, max_chunk_bytes=SPEED_CHUNK_BYTES)
     verify_chunkable(runner, example_input, k)
     compiled.chunk_size = k
     compiled.memory_model = model
