@@ -21,7 +21,8 @@ STEP_MODES = ("s", "m")
 
 
 def check_step_mode(step_mode: str, owner: str = "module") -> str:
-    """Return ``step_mode`` if it is ``'s'`` or ``'m'``, else raise a ValueError naming ``owner``."""
+    """Return ``step_mode`` if it is ``'s'`` or ``'m'``; otherwise raise a ValueError naming
+    ``owner``."""
     if step_mode not in STEP_MODES:
         raise ValueError(
             f"{owner}: step_mode must be 's' (single step, input [N, *]) or 'm' (multi step, "
@@ -104,7 +105,7 @@ class MemoryModule(nn.Module, StepModule):
 
     def detach(self) -> None:
         """Detach every tensor memory from the autograd graph (truncates BPTT here)."""
-        for name, value in self._memories.items():
+        for value in self._memories.values():
             if isinstance(value, torch.Tensor):
                 value.detach_()
 
