@@ -1,0 +1,1032 @@
+r"""NIR interop: :func:`export_nir` (snncompile IR -> ``nir.NIRGraph``) and :func:`import_nir`.
+
+`NIR <https://neuroir.org>`_ describes neurons as continuous-time ODEs; snncompile (like
+SpikingJelly) runs discrete steps. The bridge is the forward-Euler step ``dt`` (seconds), an
+explicit argument of both functions (default ``1e-4``, the value SpikingJelly and snnTorch use).
+The exported graph stores it in ``graph.metadata['snncompile.dt']``; :func:`import_nir` reads it
+back when ``dt`` is not given.
+
+**LIF.** NIR: ``tau dv/dt = (v_leak - v) + r I``. One Euler step of length ``dt`` gives
+``v' = v + (dt/tau) (v_leak - v) + (r dt / tau) I``: membrane retention ``beta = 1 - dt/tau``
+and input gain ``r dt / tau``. SpikingJelly's ``decay_input=True`` step
+``H = V + (X - (V - v_reset)) / tau_sj`` is that update with ``dt/tau = 1/tau_sj`` and gain
+``1/tau_sj``, so it exports as ``tau = tau_sj * dt``, ``r = 1``, ``v_leak = v_reset``.
+``decay_input=False`` (``H = V - (V - v_reset)/tau_sj + X``, gain 1) exports as
+``r = tau / dt = tau_sj``. ``ParametricLIFNode`` exports as a LIF with its current
+``tau_sj = 1 / sigmoid(w)``. Soft reset leaks towards 0, so ``v_leak = 0`` there.
+
+**IF.** NIR: ``C dv/dt = r I`` (``C = 1``); an Euler step adds ``r dt I``. We export ``IF``
+with ``r = 1/dt`` (gain 1), as SpikingJelly's exporter does. snnTorch and Sinabs read and write
+IF/I nodes with ``r = 1`` meaning "add ``r * I`` per step" (``dt`` ignored); import those with
+``import_nir(..., integrator='unit')``. The default ``integrator='euler'`` uses gain ``r * dt``.
+
+**Firing ties.** SpikingJelly (and snncompile) fire at ``H >= v_threshold``; the NIR text,
+snnTorch and Norse fire at ``H > v_threshold``. Both directions keep *our* rule: an imported
+graph fires on an exact tie where its source library would not. With continuous-valued inputs
+ties have probability zero; with spike inputs and thresholds that are sums of weights they do
+occur, and then results differ at those steps.
+
+**Soft reset.** NIR's neurons reset hard to ``v_reset``. Soft reset (``v_reset=None``,
+``V = H - S * v_threshold``) is written as ``v_reset = 0`` plus node metadata
+``{'snncompile.reset': 'subtract'}``, which ``nir.write`` / ``nir.read`` round-trip; we read it
+back and never turn soft into hard reset. A tool that ignores the metadata will run the node with
+a hard reset, so :func:`export_nir` warns (or refuses, ``soft_reset='error'``). A foreign node
+without the key is a hard reset, as the NIR spec says. Other ``v_reset`` values (e.g. ``-0.3``)
+travel in NIR's own ``v_reset`` field. Further metadata keys (``snncompile.neuron``,
+``snncompile.tau``, ``snncompile.plif_w``, ``snncompile.decay_input``, ``snncompile.surrogate``,
+``snncompile.detach_reset``) restore the exact module; they are checked against the NIR fields.
+
+**Recurrence.** A cycle in an imported graph becomes a
+:class:`snncompile.nir_modules.RecurrentBlock`: its nodes are stepped together, and the edges
+that leave a neuron inside the cycle carry that neuron's output of the *previous* step (zeros
+at the first step). A cycle without a neuron (an algebraic loop) is refused. See
+``docs/nir.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from snncompile.ir.graph import Graph, Node
+from snncompile.ir.ops import Layout, Op
+
+__all__ = ["DEFAULT_DT", "NIRExportError", "NIRImportError", "export_nir", "import_nir"]
+
+#: The Euler step used when none is given (what SpikingJelly's and snnTorch's exporters use).
+DEFAULT_DT = 1e-4
+#: Relative tolerance when recognising ``r == 1``, ``r == tau/dt`` or a gain of 1 in a file:
+#: float32 storage plus a few float32 operations in the writer give errors around 1e-6.
+RTOL = 1e-5
+
+_RESET_KEY = "snncompile.reset"
+_NEURON_TYPES = ("IF", "LIF", "LI", "I", "CubaLIF", "CubaLI")
+
+
+class NIRExportError(ValueError):
+    """The model cannot be written as NIR; the message names the IR node and what to do."""
+
+
+class NIRImportError(ValueError):
+    """The NIR graph cannot be imported; the message names the NIR node and what to do."""
+
+
+def _require_nir() -> Any:
+    try:
+        import nir
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "snncompile's NIR interop needs the 'nir' package: pip install snncompile[nir]"
+        ) from err
+    return nir
+
+
+def _check_dt(dt: Any, who: str) -> float:
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
+        raise ValueError(f"{who}: dt must be a positive number of seconds, got {dt!r}")
+    if not math.isfinite(float(dt)):
+        raise ValueError(f"{who}: dt must be finite, got {dt!r}")
+    return float(dt)
+
+
+# =================================================================================================
+# export
+# =================================================================================================
+def _export_graph(model_or_compiled: nn.Module, example_input: torch.Tensor) -> Graph:
+    """The optimized inference IR (BN folded, dropout gone, neurons as plain NEURON nodes)."""
+    from snncompile.api import optimize
+    from snncompile.runtime.compiled import CompiledModule
+
+    if isinstance(model_or_compiled, CompiledModule):
+        return model_or_compiled.graph
+    if not isinstance(model_or_compiled, nn.Module):
+        raise NIRExportError(
+            "export_nir: expected an nn.Module or a snncompile CompiledModule, got "
+            f"{type(model_or_compiled).__name__}"
+        )
+    return optimize(model_or_compiled, example_input, mode="inference", backend="torch").graph
+
+
+def _features(node: Node) -> tuple[int, ...]:
+    """Per-sample feature shape of a node's value (time and batch dims dropped)."""
+    if node.shape is None:
+        raise NIRExportError(f"export_nir: IR node %{node.name} has no recorded shape")
+    lead = 2 if node.layout is Layout.SEQ else 1
+    return tuple(int(d) for d in node.shape[lead:])
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().to(torch.float32).numpy().copy()
+
+
+class _Exporter:
+    """Walks the IR in order and builds NIR nodes and edges (mirrors the ONNX emitter)."""
+
+    def __init__(self, graph: Graph, dt: float, soft_reset: str) -> None:
+        self.nir = _require_nir()
+        self.graph = graph
+        self.dt = dt
+        self.soft_reset = soft_reset
+        self.nodes: dict[str, Any] = {}
+        self.edges: list[tuple[str, str]] = []
+        # IR value -> the NIR nodes whose outputs sum to it (NIR sums fan-in edges).
+        self.alias: dict[str, list[str]] = {}
+        self.soft_nodes: list[str] = []
+
+    def fail(self, node: Node, why: str) -> NIRExportError:
+        what = node.attrs.get("path") or (type(node.module).__name__ if node.module else "")
+        where = f"%{node.name} (op {node.op.name}{', ' + str(what) if what else ''})"
+        return NIRExportError(f"export_nir: IR node {where}: {why}")
+
+    def emit(self, node: Node, nir_node: Any, data_inputs: tuple[str, ...] | None = None) -> None:
+        name = node.name
+        self.nodes[name] = nir_node
+        for inp in node.inputs if data_inputs is None else data_inputs:
+            for src in self.alias[inp]:
+                self.edges.append((src, name))
+        self.alias[name] = [name]
+
+    def run(self) -> Any:
+        inputs = self.graph.input_nodes
+        if len(inputs) != 1:
+            raise NIRExportError(
+                f"export_nir: the model takes {len(inputs)} inputs; only single-input models "
+                "can be exported."
+            )
+        for node in self.graph:
+            entry = _EXPORT_OPS.get(node.op)
+            if entry is None:
+                raise self.fail(
+                    node,
+                    "has no NIR equivalent. Supported: "
+                    + ", ".join(sorted(o.name for o in _EXPORT_OPS))
+                    + " (Linear/Conv1d/Conv2d/AvgPool2d/SumPool via divisor_override=1/Flatten, "
+                    "IF/LIF/PLIF neurons). Replace the layer or leave it out of the exported "
+                    "model.",
+                )
+            entry(self, node)
+        if self.soft_nodes and self.soft_reset == "warn":
+            warnings.warn(
+                "export_nir: soft-reset neurons "
+                + ", ".join(self.soft_nodes)
+                + " are stored as NIR nodes with v_reset=0 and metadata "
+                "{'snncompile.reset': 'subtract'}; snncompile.import_nir restores them, but a "
+                "tool that ignores node metadata will run them with a hard reset to 0.",
+                stacklevel=3,
+            )
+        return self.nir.NIRGraph(
+            nodes=self.nodes,
+            edges=self.edges,
+            metadata={"snncompile.format": "1", "snncompile.dt": self.dt},
+            type_check=True,
+        )
+
+    # -- op handlers --
+    def input(self, node: Node) -> None:
+        self.nodes["input"] = self.nir.Input(input_type=np.array(_features(node)))
+        self.alias[node.name] = ["input"]
+
+    def output(self, node: Node) -> None:
+        args = node.attrs.get("args") or ()
+        if len(node.inputs) != 1 or (args and not hasattr(args[0], "index")):
+            raise self.fail(node, "the model must return a single tensor to be exported to NIR")
+        src = self.graph[node.inputs[0]]
+        self.nodes["output"] = self.nir.Output(output_type=np.array(_features(src)))
+        for s in self.alias[src.name]:
+            self.edges.append((s, "output"))
+
+    def passthrough(self, node: Node) -> None:
+        if len(node.inputs) != 1:
+            raise self.fail(node, "expected one input")
+        self.alias[node.name] = list(self.alias[node.inputs[0]])
+
+    def constant(self, node: Node) -> None:
+        self.alias[node.name] = []  # only meaningful as an operand of an op we refuse anyway
+
+    def add(self, node: Node) -> None:
+        srcs = [self.graph[i] for i in node.inputs]
+        if len(srcs) != 2 or any(s.op is Op.CONSTANT or not s.is_tensor for s in srcs):
+            raise self.fail(node, "only the sum of two computed tensors maps to NIR (fan-in)")
+        if any(_features(s) != _features(node) for s in srcs):
+            raise self.fail(node, "a broadcasting addition has no NIR form")
+        merged = self.alias[srcs[0].name] + self.alias[srcs[1].name]
+        if len(set(merged)) != len(merged):
+            raise self.fail(node, "adds a value to itself; NIR edges cannot express x + x")
+        self.alias[node.name] = merged
+
+    def linear(self, node: Node) -> None:
+        m = node.module
+        if not isinstance(m, nn.Linear):
+            raise self.fail(node, "functional linear layers are not exported; use nn.Linear")
+        if len(_features(self.graph[node.inputs[0]])) != 1:
+            raise self.fail(node, "NIR Affine/Linear takes a flat [features] input; flatten first")
+        if m.bias is None:
+            self.emit(node, self.nir.Linear(weight=_np(m.weight)))
+        else:
+            self.emit(node, self.nir.Affine(weight=_np(m.weight), bias=_np(m.bias)))
+
+    def conv(self, node: Node) -> None:
+        m = node.module
+        if not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            raise self.fail(node, "functional convolutions are not exported; use nn.Conv1d/2d")
+        if m.padding_mode != "zeros":
+            raise self.fail(node, f"padding_mode={m.padding_mode!r} has no NIR form; use 'zeros'")
+        spatial = _features(self.graph[node.inputs[0]])[1:]
+        bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_channels, np.float32)
+        pad = m.padding
+        if isinstance(m, nn.Conv1d):
+            self.emit(
+                node,
+                self.nir.Conv1d(
+                    input_shape=int(spatial[0]),
+                    weight=_np(m.weight),
+                    stride=int(m.stride[0]),
+                    padding=pad if isinstance(pad, str) else int(pad[0]),
+                    dilation=int(m.dilation[0]),
+                    groups=int(m.groups),
+                    bias=bias,
+                ),
+            )
+            return
+        self.emit(
+            node,
+            self.nir.Conv2d(
+                input_shape=(int(spatial[0]), int(spatial[1])),
+                weight=_np(m.weight),
+                stride=tuple(int(s) for s in m.stride),
+                padding=pad if isinstance(pad, str) else tuple(int(p) for p in pad),
+                dilation=tuple(int(d) for d in m.dilation),
+                groups=int(m.groups),
+                bias=bias,
+            ),
+        )
+
+    def avgpool(self, node: Node) -> None:
+        m = node.module
+        if not isinstance(m, nn.AvgPool2d):
+            raise self.fail(node, "only nn.AvgPool2d (2-d average/sum pooling) maps to NIR")
+        k = _pair(m.kernel_size)
+        s = _pair(m.stride if m.stride is not None else m.kernel_size)
+        p = _pair(m.padding)
+        if m.ceil_mode or (any(p) and not m.count_include_pad):
+            raise self.fail(node, "ceil_mode / count_include_pad=False have no NIR form")
+        kw = dict(kernel_size=np.array(k), stride=np.array(s), padding=np.array(p))
+        if m.divisor_override is None:
+            self.emit(node, self.nir.AvgPool2d(**kw))
+        elif m.divisor_override == 1:
+            self.emit(node, self.nir.SumPool2d(**kw))
+        else:
+            raise self.fail(node, f"divisor_override={m.divisor_override} has no NIR form")
+
+    def flatten(self, node: Node) -> None:
+        src = self.graph[node.inputs[0]]
+        fin, fout = _features(src), _features(node)
+        lead_in = 2 if src.layout is Layout.SEQ else 1
+        lead_out = 2 if node.layout is Layout.SEQ else 1
+        if src.shape is None or node.shape is None or (
+            src.shape[:lead_in] != node.shape[:lead_out]
+        ):
+            raise self.fail(node, "reshapes the time/batch dims; only feature flattening is NIR")
+        start = 0
+        while start < min(len(fin), len(fout)) and fin[start] == fout[start]:
+            start += 1
+        end = len(fin) - (len(fout) - start)
+        flat = fin[:start] + (int(np.prod(fin[start : end + 1])),) + fin[end + 1 :]
+        if start >= len(fin) or flat != fout:
+            if fin == fout:
+                self.passthrough(node)
+                return
+            raise self.fail(node, f"{list(fin)} -> {list(fout)} is not a flatten of feature dims")
+        self.emit(
+            node,
+            self.nir.Flatten(input_type={"input": np.array(fin)}, start_dim=start, end_dim=end),
+            data_inputs=(node.inputs[0],),
+        )
+
+    def neuron(self, node: Node) -> None:
+        if node.op is Op.FUSED_NEURON:
+            raise self.fail(
+                node,
+                "is a fused neuron kernel; export the model itself or a module compiled with "
+                "backend='torch'",
+            )
+        m = node.module
+        spec_fn = getattr(m, "dynamics_spec", None)
+        a = node.attrs
+        kind = spec_fn().kind if callable(spec_fn) else a.get("kind")
+        if kind not in ("if", "lif", "plif"):
+            raise self.fail(node, f"neuron kind {kind!r} has no NIR form (IF, LIF, PLIF do)")
+        shape = _features(node)
+        thr = float(a["v_threshold"])
+        v_reset = a["v_reset"]
+        soft = v_reset is None
+        if soft and self.soft_reset == "error":
+            raise self.fail(
+                node,
+                "uses soft reset (v_reset=None), which NIR cannot express without metadata; "
+                "pass soft_reset='warn' to export it with {'snncompile.reset': 'subtract'}",
+            )
+        v_r = 0.0 if soft else float(v_reset)
+        meta: dict[str, Any] = {
+            "snncompile.neuron": kind,
+            _RESET_KEY: "subtract" if soft else "hard",
+            "snncompile.detach_reset": int(bool(a.get("detach_reset", False))),
+        }
+        sg = getattr(m, "surrogate_function", None)
+        if sg is not None:
+            meta["snncompile.surrogate"] = type(sg).__name__
+            if isinstance(getattr(sg, "alpha", None), (int, float)):
+                meta["snncompile.surrogate_alpha"] = float(sg.alpha)
+        if soft:
+            self.soft_nodes.append(node.name)
+
+        def full(v: float) -> np.ndarray:
+            return np.full(shape, v, dtype=np.float64)
+
+        if kind == "if":
+            nir_node = self.nir.IF(
+                r=full(1.0 / self.dt),
+                v_threshold=full(thr),
+                v_reset=full(v_r),
+                metadata=meta,
+            )
+        else:
+            if kind == "plif":
+                w = getattr(m, "w", None)
+                if not isinstance(w, torch.Tensor):
+                    raise self.fail(node, "parametric LIF without its parameter w")
+                tau_sj = 1.0 / float(torch.sigmoid(w.detach().float().cpu()))
+                meta["snncompile.plif_w"] = float(w.detach().float().cpu())
+            else:
+                tau_sj = float(a["tau"])
+            decay_input = bool(a.get("decay_input", True))
+            meta["snncompile.tau"] = tau_sj
+            meta["snncompile.decay_input"] = int(decay_input)
+            nir_node = self.nir.LIF(
+                tau=full(tau_sj * self.dt),
+                r=full(1.0 if decay_input else tau_sj),
+                v_leak=full(v_r),
+                v_threshold=full(thr),
+                v_reset=full(v_r),
+                metadata=meta,
+            )
+        self.emit(node, nir_node, data_inputs=(node.inputs[0],))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1]))
+    return (int(v), int(v))
+
+
+_EXPORT_OPS: dict[Op, Callable[[_Exporter, Node], None]] = {
+    Op.INPUT: _Exporter.input,
+    Op.OUTPUT: _Exporter.output,
+    Op.CONSTANT: _Exporter.constant,
+    Op.MERGE_TIME: _Exporter.passthrough,
+    Op.SPLIT_TIME: _Exporter.passthrough,
+    Op.IDENTITY: _Exporter.passthrough,
+    Op.DROPOUT: _Exporter.passthrough,
+    Op.ADD: _Exporter.add,
+    Op.LINEAR: _Exporter.linear,
+    Op.CONV1D: _Exporter.conv,
+    Op.CONV2D: _Exporter.conv,
+    Op.AVGPOOL: _Exporter.avgpool,
+    Op.FLATTEN: _Exporter.flatten,
+    Op.RESHAPE: _Exporter.flatten,
+    Op.NEURON: _Exporter.neuron,
+    Op.FUSED_NEURON: _Exporter.neuron,
+}
+
+
+def export_nir(
+    model_or_compiled: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    dt: float = DEFAULT_DT,
+    path: str | Path | None = None,
+    soft_reset: str = "warn",
+) -> Any:
+    """Export an SNN (or a compiled module) to a ``nir.NIRGraph``.
+
+    Args:
+        model_or_compiled: A SpikingJelly-style model (single- or multi-step) or the result of
+            :func:`snncompile.optimize`. A model is compiled for inference first (batchnorm
+            folded into the convolutions, dropout removed).
+        example_input: A ``[T, N, ...]`` example; it fixes the per-sample shapes of the graph.
+        dt: Euler step in seconds that relates our per-step dynamics to NIR's time constants
+            (see the module docstring; stored in ``graph.metadata['snncompile.dt']``).
+        path: If given, the graph is also written there with ``nir.write``.
+        soft_reset: ``'warn'`` (default) writes soft-reset neurons with the metadata
+            ``{'snncompile.reset': 'subtract'}`` and warns that other tools will read a hard
+            reset; ``'ignore'`` does the same silently; ``'error'`` refuses them.
+
+    Returns:
+        The ``nir.NIRGraph`` (node names are the IR node names, plus ``input`` and ``output``).
+
+    Raises:
+        NIRExportError: an IR op has no NIR form (the message names the node), or the model
+            does not have a single input and a single tensor output.
+        ImportError: the ``nir`` package is missing (``pip install snncompile[nir]``).
+    """
+    nir = _require_nir()
+    dt = _check_dt(dt, "export_nir")
+    if soft_reset not in ("warn", "ignore", "error"):
+        raise ValueError(
+            f"export_nir: soft_reset must be 'warn', 'ignore' or 'error', got {soft_reset!r}"
+        )
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise NIRExportError("export_nir: example_input must be a [T, N, ...] tensor")
+    graph = _export_graph(model_or_compiled, example_input)
+    nir_graph = _Exporter(graph, dt, soft_reset).run()
+    if path is not None:
+        nir.write(str(path), nir_graph)
+    return nir_graph
+
+
+# =================================================================================================
+# import
+# =================================================================================================
+def _arr(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64)
+
+
+def _uniform(value: Any) -> float | None:
+    """The single value of an array whose entries are all equal, else ``None``."""
+    a = _arr(value)
+    if a.size == 0:
+        return None
+    first = float(a.reshape(-1)[0])
+    return first if bool(np.all(a == first)) else None
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= RTOL * max(abs(a), abs(b))
+
+
+def _snap_one(x: np.ndarray) -> np.ndarray:
+    """Entries within :data:`RTOL` of 1 become exactly 1 (a gain of 1 stored in float32)."""
+    x = np.array(x, dtype=np.float64)
+    x[np.abs(x - 1.0) <= RTOL] = 1.0
+    return x
+
+
+def _tidy(x: float) -> float:
+    """``x`` rounded to 12 significant digits when that moves it by at most a few ulps."""
+    y = float(f"{x:.12g}")
+    return y if abs(y - x) <= 8 * np.spacing(abs(x)) else x
+
+
+def _meta(node: Any) -> dict[str, Any]:
+    md = getattr(node, "metadata", None) or {}
+    out: dict[str, Any] = {}
+    for k, v in md.items():
+        if isinstance(v, bytes):
+            v = v.decode("utf8")
+        elif isinstance(v, np.ndarray) and v.shape == ():
+            v = v.item()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[str(k)] = v
+    return out
+
+
+class _Importer:
+    """Maps NIR nodes to modules and wires them into an ``fx.GraphModule``."""
+
+    def __init__(self, graph: Any, dt: float, integrator: str) -> None:
+        self.nir = _require_nir()
+        self.graph = graph
+        self.dt = dt
+        self.integrator = integrator
+
+    def fail(self, name: str, node: Any, why: str) -> NIRImportError:
+        return NIRImportError(f"import_nir: NIR node {name!r} ({type(node).__name__}): {why}")
+
+    # -- neurons --
+    def _reset(self, name: str, node: Any) -> str:
+        mode = _meta(node).get(_RESET_KEY, "hard")
+        if mode not in ("hard", "zero", "subtract"):
+            raise self.fail(
+                name, node, f"metadata {_RESET_KEY}={mode!r} is unknown (use 'hard' or 'subtract')"
+            )
+        return "subtract" if mode == "subtract" else "hard"
+
+    def _surrogate(self, node: Any) -> nn.Module | None:
+        from snncompile import surrogate
+
+        md = _meta(node)
+        cls = getattr(surrogate, str(md.get("snncompile.surrogate", "")), None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            return None
+        try:
+            if "snncompile.surrogate_alpha" in md:
+                return cls(alpha=float(md["snncompile.surrogate_alpha"]))
+            return cls()
+        except TypeError:
+            return None
+
+    def _sj_kwargs(self, node: Any, soft: bool, thr: float, v_reset: float) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            v_threshold=thr,
+            v_reset=None if soft else v_reset,
+            detach_reset=bool(_meta(node).get("snncompile.detach_reset", 0)),
+            step_mode="m",
+        )
+        sg = self._surrogate(node)
+        if sg is not None:
+            kw["surrogate_function"] = sg
+        return kw
+
+    def _soft_check(self, name: str, node: Any, soft: bool) -> None:
+        if soft and np.any(_arr(node.v_reset) != 0.0):
+            raise self.fail(
+                name, node, "soft reset (metadata 'subtract') with a nonzero v_reset field"
+            )
+
+    def map_if(self, name: str, node: Any) -> nn.Module:
+        from snncompile import neuron
+        from snncompile.nir_modules import NIRNeuron
+
+        soft = self._reset(name, node) == "subtract"
+        self._soft_check(name, node, soft)
+        r = _arr(node.r)
+        ours = _meta(node).get("snncompile.neuron") == "if"
+        gain = _snap_one(r * self.dt if (self.integrator == "euler" or ours) else r)
+        thr, v_r = _uniform(node.v_threshold), _uniform(node.v_reset)
+        if _uniform(gain) == 1.0 and thr is not None and v_r is not None:
+            return neuron.IFNode(**self._sj_kwargs(node, soft, thr, v_r))
+        return NIRNeuron(
+            beta=1.0,
+            gain=gain,
+            v_leak=0.0,
+            v_threshold=_arr(node.v_threshold),
+            v_reset=None if soft else _arr(node.v_reset),
+            surrogate_function=self._surrogate(node),
+        )
+
+    def _ours_lif(self, name: str, node: Any, soft: bool) -> nn.Module | None:
+        """The exact snncompile neuron recorded in our metadata (checked against the fields)."""
+        from snncompile import neuron
+
+        md = _meta(node)
+        kind = md.get("snncompile.neuron")
+        if kind not in ("lif", "plif"):
+            return None
+        tau_sj = float(md["snncompile.tau"])
+        decay_input = bool(md.get("snncompile.decay_input", 1))
+        tau, r = _uniform(node.tau), _uniform(node.r)
+        thr, v_r, v_leak = _uniform(node.v_threshold), _uniform(node.v_reset), _uniform(node.v_leak)
+        ok = (
+            None not in (tau, r, thr, v_r, v_leak)
+            and _close(tau / self.dt, tau_sj)
+            and _close(r, 1.0 if decay_input else tau_sj)
+            and v_leak == (0.0 if soft else v_r)
+        )
+        if not ok:
+            raise self.fail(
+                name,
+                node,
+                "its snncompile metadata does not match its LIF fields (edited after export, or "
+                f"imported with a different dt than the export's {self.dt}?); pass the export's "
+                "dt or drop the 'snncompile.neuron' metadata to import the fields as they are",
+            )
+        kw = self._sj_kwargs(node, soft, thr, v_r)
+        if kind == "plif":
+            m = neuron.ParametricLIFNode(init_tau=2.0, decay_input=decay_input, **kw)
+            with torch.no_grad():
+                m.w.fill_(float(md["snncompile.plif_w"]))
+            return m
+        return neuron.LIFNode(tau=tau_sj, decay_input=decay_input, **kw)
+
+    def map_lif(self, name: str, node: Any) -> nn.Module:
+        from snncompile import neuron
+
+        soft = self._reset(name, node) == "subtract"
+        self._soft_check(name, node, soft)
+        ours = self._ours_lif(name, node, soft)
+        if ours is not None:
+            return ours
+        tau, r, v_leak = _arr(node.tau), _arr(node.r), _arr(node.v_leak)
+        ut, ur, ul = _uniform(tau), _uniform(r), _uniform(node.v_leak)
+        thr, v_r = _uniform(node.v_threshold), _uniform(node.v_reset)
+        if None not in (ut, ur, ul, thr, v_r) and ut / self.dt > 1.0:
+            tau_sj = _tidy(ut / self.dt)
+            leak_ok = ul == (0.0 if soft else v_r)
+            for decay_input, want in ((True, 1.0), (False, ut / self.dt)):
+                if leak_ok and _close(ur, want):
+                    kw = self._sj_kwargs(node, soft, thr, v_r)
+                    return neuron.LIFNode(tau=tau_sj, decay_input=decay_input, **kw)
+        return self._general(name, node, tau, r, v_leak, node.v_threshold, soft)
+
+    def _general(
+        self, name: str, node: Any, tau: Any, r: Any, v_leak: Any, thr: Any, soft: bool
+    ) -> nn.Module:
+        from snncompile.nir_modules import NIRNeuron
+
+        tau = _arr(tau)
+        if np.any(~(tau > 0)):
+            raise self.fail(name, node, "tau must be positive")
+        ratio = self.dt / tau
+        return NIRNeuron(
+            beta=1.0 - ratio,
+            gain=_snap_one(_arr(r) * ratio),
+            v_leak=_arr(v_leak),
+            v_threshold=None if thr is None else _arr(thr),
+            v_reset=None if (soft or thr is None) else _arr(node.v_reset),
+            surrogate_function=self._surrogate(node),
+        )
+
+    def map_li(self, name: str, node: Any) -> nn.Module:
+        return self._general(name, node, node.tau, node.r, node.v_leak, None, False)
+
+    def map_i(self, name: str, node: Any) -> nn.Module:
+        from snncompile.nir_modules import NIRNeuron
+
+        r = _arr(node.r)
+        gain = _snap_one(r * self.dt if self.integrator == "euler" else r)
+        return NIRNeuron(beta=1.0, gain=gain, v_leak=0.0, v_threshold=None)
+
+    def map_cuba(self, name: str, node: Any) -> nn.Module:
+        from snncompile.nir_modules import NIRCubaNeuron
+
+        spiking = hasattr(node, "v_threshold")
+        soft = spiking and self._reset(name, node) == "subtract"
+        if spiking:
+            self._soft_check(name, node, soft)
+        tau_syn, tau_mem = _arr(node.tau_syn), _arr(node.tau_mem)
+        if np.any(~(tau_syn > 0)) or np.any(~(tau_mem > 0)):
+            raise self.fail(name, node, "tau_syn and tau_mem must be positive")
+        return NIRCubaNeuron(
+            alpha=1.0 - self.dt / tau_syn,
+            syn_gain=_snap_one(_arr(node.w_in) * self.dt / tau_syn),
+            beta=1.0 - self.dt / tau_mem,
+            gain=_snap_one(_arr(node.r) * self.dt / tau_mem),
+            v_leak=_arr(node.v_leak),
+            v_threshold=_arr(node.v_threshold) if spiking else None,
+            v_reset=None if (soft or not spiking) else _arr(node.v_reset),
+            surrogate_function=self._surrogate(node),
+        )
+
+    # -- synapses --
+    def map_affine(self, name: str, node: Any) -> nn.Module:
+        from snncompile import layer
+
+        w = _weight(node.weight)
+        if w.dim() != 2:
+            raise self.fail(name, node, f"weight must be 2-d [out, in], got {tuple(w.shape)}")
+        has_bias = hasattr(node, "bias")
+        m = layer.Linear(w.shape[1], w.shape[0], bias=has_bias, step_mode="m")
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if has_bias:
+                m.bias.copy_(_weight(node.bias).reshape(-1))
+        return m
+
+    def map_conv(self, name: str, node: Any) -> nn.Module:
+        from snncompile import layer
+
+        w = _weight(node.weight)
+        two_d = w.dim() == 4
+        cls = layer.Conv2d if two_d else layer.Conv1d
+        nd = 2 if two_d else 1
+        pad = node.padding
+        pad = str(pad) if isinstance(pad, (str, bytes, np.str_)) else _ints(pad, nd)
+        if isinstance(pad, str) and pad not in ("same", "valid"):
+            raise self.fail(name, node, f"padding {pad!r} is not 'same', 'valid' or integers")
+        m = cls(
+            int(w.shape[1]) * int(_scalar(node.groups)),
+            int(w.shape[0]),
+            tuple(int(k) for k in w.shape[2:]),
+            stride=_ints(node.stride, nd),
+            padding=pad,
+            dilation=_ints(node.dilation, nd),
+            groups=int(_scalar(node.groups)),
+            bias=True,
+            step_mode="m",
+        )
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(_weight(node.bias).reshape(-1))
+        return m
+
+    def map_pool(self, name: str, node: Any) -> nn.Module:
+        from snncompile import layer
+
+        divisor = 1 if type(node).__name__ == "SumPool2d" else None
+        return layer.AvgPool2d(
+            _ints(node.kernel_size, 2),
+            stride=_ints(node.stride, 2),
+            padding=_ints(node.padding, 2),
+            divisor_override=divisor,
+            step_mode="m",
+        )
+
+    def map_flatten(self, name: str, node: Any) -> nn.Module:
+        from snncompile import layer
+
+        start, end = int(_scalar(node.start_dim)), int(_scalar(node.end_dim))
+        return layer.Flatten(
+            start + 1 if start >= 0 else start, end + 1 if end >= 0 else end, step_mode="m"
+        )
+
+    def map_scale(self, name: str, node: Any) -> nn.Module:
+        from snncompile.nir_modules import Scale
+
+        return Scale(_arr(node.scale))
+
+    def map_threshold(self, name: str, node: Any) -> nn.Module:
+        from snncompile.nir_modules import Threshold
+
+        return Threshold(_arr(node.threshold))
+
+    def module_for(self, name: str, node: Any) -> nn.Module:
+        table: dict[str, Callable[[str, Any], nn.Module]] = {
+            "Affine": self.map_affine,
+            "Linear": self.map_affine,
+            "Conv1d": self.map_conv,
+            "Conv2d": self.map_conv,
+            "SumPool2d": self.map_pool,
+            "AvgPool2d": self.map_pool,
+            "Flatten": self.map_flatten,
+            "IF": self.map_if,
+            "LIF": self.map_lif,
+            "LI": self.map_li,
+            "I": self.map_i,
+            "CubaLIF": self.map_cuba,
+            "CubaLI": self.map_cuba,
+            "Scale": self.map_scale,
+            "Threshold": self.map_threshold,
+        }
+        kind = type(node).__name__
+        fn = table.get(kind)
+        if fn is None:
+            raise self.fail(
+                name,
+                node,
+                "has no snncompile equivalent. Supported: Input, Output, "
+                + ", ".join(table)
+                + ". Replace it in the source model (nested NIRGraph subgraphs: flatten them "
+                "first; Delay: not supported).",
+            )
+        return fn(name, node)
+
+    # -- wiring --
+    def build(self) -> fx.GraphModule:
+        from snncompile.nir_modules import RecurrentBlock
+
+        g = self.graph
+        names = list(g.nodes)
+        preds: dict[str, list[str]] = {n: [] for n in names}
+        succs: dict[str, list[str]] = {n: [] for n in names}
+        for a, b in g.edges:
+            if a not in preds or b not in preds:
+                raise NIRImportError(f"import_nir: edge ({a!r}, {b!r}) names a missing node")
+            preds[b].append(a)
+            succs[a].append(b)
+        inputs = [n for n in names if type(g.nodes[n]).__name__ == "Input"]
+        outputs = [n for n in names if type(g.nodes[n]).__name__ == "Output"]
+        if not inputs or not outputs:
+            raise NIRImportError("import_nir: the graph needs at least one Input and one Output")
+        comps = _sccs(names, succs)
+        root = nn.Module()
+        fxg = fx.Graph()
+        values: dict[str, fx.Node] = {}
+        used: set[str] = set()
+
+        def attr_name(base: str) -> str:
+            key = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "node"
+            if key[0].isdigit():
+                key = "n" + key
+            while key in used:
+                key += "_"
+            used.add(key)
+            return key
+
+        def summed(srcs: list[str]) -> fx.Node:
+            total = values[srcs[0]]
+            for s in srcs[1:]:
+                total = fxg.call_function(operator.add, (total, values[s]))
+            return total
+
+        for n in inputs:
+            values[n] = fxg.placeholder(attr_name(n))
+        # Components come out of Tarjan's algorithm in reverse topological order.
+        for comp in reversed(comps):
+            first = comp[0]
+            node = g.nodes[first]
+            kind = type(node).__name__
+            cyclic = len(comp) > 1 or first in succs[first]
+            if not cyclic:
+                if kind == "Input":
+                    continue
+                if not preds[first]:
+                    raise self.fail(first, node, "has no incoming edge")
+                if kind == "Output":
+                    values[first] = summed(preds[first])
+                    continue
+                key = attr_name(first)
+                root.add_module(key, self.module_for(first, node))
+                values[first] = fxg.call_module(key, (summed(preds[first]),))
+                continue
+            members = set(comp)
+            for n in comp:
+                if type(g.nodes[n]).__name__ in ("Input", "Output"):
+                    raise self.fail(n, g.nodes[n], "Input/Output nodes cannot be part of a cycle")
+            delayed = {
+                (a, b)
+                for b in comp
+                for a in preds[b]
+                if a in members and type(g.nodes[a]).__name__ in _NEURON_TYPES
+            }
+            order = _toposort_within(comp, preds, members, delayed)
+            if order is None:
+                raise NIRImportError(
+                    "import_nir: the cycle through nodes "
+                    + ", ".join(repr(c) for c in sorted(comp))
+                    + " contains no neuron, so it is an algebraic loop without a state to delay; "
+                    "NIR gives it no meaning. Put a neuron in the loop."
+                )
+            cells = []
+            for n in order:
+                cell = self.module_for(n, g.nodes[n])
+                for sub in cell.modules():
+                    if hasattr(sub, "step_mode") and "s" in getattr(
+                        sub, "supported_step_mode", ("s",)
+                    ):
+                        sub.step_mode = "s"
+                cells.append((n, cell))
+            sources = {b: [(a, (a, b) in delayed) for a in preds[b] if a in members] for b in comp}
+            ext_args: list[fx.Node] = []
+            entries: list[str] = []
+            for b in order:
+                outside = [a for a in preds[b] if a not in members]
+                if outside:
+                    ext_args.append(summed(outside))
+                    entries.append(b)
+            if not entries:
+                raise NIRImportError(
+                    f"import_nir: the cycle through {sorted(comp)} receives no input from the rest "
+                    "of the graph"
+                )
+            outs = [n for n in order if any(s not in members for s in succs[n])]
+            shapes = {}
+            for a, _ in delayed:
+                out_t = g.nodes[a].output_type.get("output")
+                if out_t is None:
+                    raise self.fail(a, g.nodes[a], "needs a known output shape inside a cycle")
+                shapes[a] = tuple(int(d) for d in np.asarray(out_t).reshape(-1))
+            block = RecurrentBlock(cells, sources, entries, outs, shapes, step_mode="m")
+            key = attr_name("recurrent_" + "_".join(order))
+            root.add_module(key, block)
+            res = fxg.call_module(key, tuple(ext_args))
+            if len(outs) == 1:
+                values[outs[0]] = res
+            else:
+                for i, n in enumerate(outs):
+                    values[n] = fxg.call_function(operator.getitem, (res, i))
+        result = [values[n] for n in outputs]
+        fxg.output(result[0] if len(result) == 1 else tuple(result))
+        gm = fx.GraphModule(root, fxg, class_name="NIRImported")
+        gm.meta_nir = {"dt": self.dt, "inputs": inputs, "outputs": outputs}  # type: ignore[attr-defined]
+        return gm
+
+
+def _weight(value: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
+def _scalar(value: Any) -> Any:
+    a = np.asarray(value)
+    return a.reshape(-1)[0].item() if a.size else a.item()
+
+
+def _ints(value: Any, n: int) -> Any:
+    a = np.asarray(value).reshape(-1)
+    vals = tuple(int(v) for v in a)
+    if len(vals) == 1:
+        vals = vals * n
+    return vals[0] if n == 1 else vals
+
+
+def _sccs(names: list[str], succs: dict[str, list[str]]) -> list[list[str]]:
+    """Strongly connected components (Tarjan, iterative), in reverse topological order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: list[list[str]] = []
+    counter = 0
+    for root in names:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack.add(v)
+            recurse = False
+            nbrs = succs[v]
+            while i < len(nbrs):
+                w = nbrs[i]
+                i += 1
+                if w not in index:
+                    work.append((v, i))
+                    work.append((w, 0))
+                    recurse = True
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            if recurse:
+                continue
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                order = {n: k for k, n in enumerate(names)}
+                out.append(sorted(comp, key=order.__getitem__))
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    return out
+
+
+def _toposort_within(
+    comp: list[str],
+    preds: dict[str, list[str]],
+    members: set[str],
+    delayed: set[tuple[str, str]],
+) -> list[str] | None:
+    """Order the members along the non-delayed edges, or ``None`` if those still form a cycle."""
+    deps = {b: {a for a in preds[b] if a in members and (a, b) not in delayed} for b in comp}
+    order: list[str] = []
+    ready = [n for n in comp if not deps[n]]
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for b in comp:
+            if n in deps[b]:
+                deps[b].discard(n)
+                if not deps[b] and b not in order and b not in ready:
+                    ready.append(b)
+    return order if len(order) == len(comp) else None
+
+
+def import_nir(
+    graph_or_path: Any,
+    *,
+    dt: float | None = None,
+    integrator: str = "euler",
+) -> nn.Module:
+    """Build a multi-step snncompile model from a NIR graph (or a file written by ``nir.write``).
+
+    The result is an ``fx.GraphModule`` of snncompile modules in ``step_mode='m'``: it takes
+    ``[T, N, *input shape]`` (one tensor per NIR ``Input``, in graph order) and returns
+    ``[T, N, *output shape]`` (a tuple for several ``Output`` nodes). Reset its state between
+    sequences with ``snncompile.functional.reset_net``; compile it with
+    ``snncompile.optimize(module, example_input)``.
+
+    Args:
+        graph_or_path: A ``nir.NIRGraph`` or the path of a NIR (HDF5) file.
+        dt: Euler step in seconds (see the module docstring). ``None`` takes
+            ``graph.metadata['snncompile.dt']`` when the graph was written by :func:`export_nir`,
+            else :data:`DEFAULT_DT` (``1e-4``, the SpikingJelly/snnTorch default).
+        integrator: How ``r`` of ``IF`` and ``I`` nodes is read: ``'euler'`` (default; the
+            membrane gains ``r * dt * I`` per step, SpikingJelly's and our convention) or
+            ``'unit'`` (gains ``r * I`` per step, snnTorch's and Sinabs' convention).
+
+    Raises:
+        NIRImportError: a node type or parameter set has no snncompile equivalent (the message
+            names the node), or the graph's structure cannot be run.
+        ImportError: the ``nir`` package is missing (``pip install snncompile[nir]``).
+    """
+    nir = _require_nir()
+    if integrator not in ("euler", "unit"):
+        raise ValueError(f"import_nir: integrator must be 'euler' or 'unit', got {integrator!r}")
+    graph = graph_or_path
+    if isinstance(graph_or_path, (str, Path)):
+        graph = nir.read(str(graph_or_path))
+    if not isinstance(graph, nir.NIRGraph):
+        raise TypeError(
+            f"import_nir: expected a nir.NIRGraph or a file path, got {type(graph).__name__}"
+        )
+    if dt is None:
+        md = _meta(graph)
+        dt = float(md["snncompile.dt"]) if "snncompile.dt" in md else DEFAULT_DT
+    dt = _check_dt(dt, "import_nir")
+    return _Importer(graph, dt, integrator).build()
