@@ -36,6 +36,8 @@ Learners consume ``(pre_spike, post_spike)`` pairs. By default they fill their i
 monitors (:mod:`snncompile.monitor`) with forward hooks on the synapse and the neuron; with
 ``hooks=False`` nothing is hooked and pairs are fed with :meth:`STDPLearner.record`, which is how a
 compiled model whose fused kernels never call the original modules can drive the same learner.
+``CompiledModule.attach(learner, ...)`` (:mod:`snncompile.runtime.learning_hooks`) does that for a
+model compiled with :func:`snncompile.optimize`, whatever layout its passes chose.
 """
 
 from __future__ import annotations
@@ -762,6 +764,10 @@ class _MonitoredLearner(MemoryModule):
 
     def _setup_monitors(self, synapse: nn.Module, sn: nn.Module | None, hooks: bool) -> None:
         self.synapse = synapse
+        # The neuron is remembered (not registered as a submodule, as in SpikingJelly) so that
+        # CompiledModule.attach(learner) can find the matching node of a compiled model.
+        self.__dict__["_sn"] = sn
+        self.__dict__["_close_callbacks"] = []
         self.in_spike_monitor: BaseMonitor = InputMonitor(
             synapse, function_on_input=torch.Tensor.detach, hooks=hooks
         )
@@ -811,7 +817,13 @@ class _MonitoredLearner(MemoryModule):
         self.out_spike_monitor.disable()
 
     def close(self) -> None:
-        """Remove the hooks and clear all state for good; a closed learner cannot be re-enabled."""
+        """Remove the hooks and clear all state for good; a closed learner cannot be re-enabled.
+
+        Hooks placed on a compiled model by ``CompiledModule.attach`` are removed too.
+        """
+        callbacks, self.__dict__["_close_callbacks"] = self.__dict__.get("_close_callbacks", []), []
+        for callback in callbacks:
+            callback()
         self.in_spike_monitor.close()
         self.out_spike_monitor.close()
         self.reset()

@@ -157,6 +157,7 @@ class CompiledModule(nn.Module):
         self.mode = mode
         self.backend = backend
         self.source_step_mode = graph.meta.get("step_mode", "s")
+        self._learning_hub: Any = None  # learning_hooks._LearningHub, created by attach()
 
     @property
     def graph(self) -> Graph:
@@ -182,6 +183,86 @@ class CompiledModule(nn.Module):
 
             return chunked_forward(self.gm, x, chunk)
         return self.gm(x)
+
+    def attach(
+        self,
+        learner: Any,
+        synapse: str | nn.Module | None = None,
+        neuron: str | nn.Module | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Any:
+        """Feed ``learner`` (STDP, MSTDP, MSTDP-ET) from a synapse -> neuron pair of this model.
+
+        Build the learner exactly as in SpikingJelly, on the *model's* modules, and hand it to
+        the compiled model, which re-targets it::
+
+            learner = STDPLearner('s', model.fc1, model.sn1, tau_pre=2.0, tau_post=2.0)
+            compiled = snncompile.optimize(model, x)
+            compiled.attach(learner, model=model)          # or neuron='sn1'
+
+        Why this API: the learner keeps SpikingJelly's constructor and its ``step()`` /
+        ``synapse.weight.grad`` contract unchanged, so the training loop is the eager one with
+        ``model`` replaced by ``compiled``; ``attach`` only decides where the spikes come from.
+        The learned weight is the model's own (the compiled model shares it), so an optimizer
+        over ``model.parameters()`` applies the update. The learner's own hooks on the model's
+        modules are removed: from now on only compiled calls feed it. The learner receives what
+        the eager model would have given it, whatever the compiled layout: per-step ``[N, ...]``
+        pairs for ``step_mode='s'`` (``T`` of them per compiled call, so a reward learner that
+        needs one pair per ``step(reward)`` is run on ``[1, N, ...]`` inputs), one ``[T, N, ...]``
+        pair per call for ``step_mode='m'``.
+
+        Args:
+            learner: an ``STDPLearner``, ``MSTDPLearner`` or ``MSTDPETLearner`` whose ``synapse``
+                is the layer to learn (its weight must be the weight the compiled node uses).
+            synapse: the synapse node: a node name (``compiled.graph``), a module path of the
+                model (``'fc1'``, ``'features.0'``) or a module object (the model's layer or the
+                compiled copy). Default: ``learner.synapse``.
+            neuron: the node whose output are the postsynaptic spikes, given the same ways. It
+                must consume the synapse's output, directly or through other nodes (as in
+                SpikingJelly, anything may sit in between; the learner checks that the shapes
+                fit). Default: the learner's ``sn``, or if that is ``None`` the first neuron
+                after the synapse when there is exactly one.
+            model: the model that was compiled; only needed to find a *model's* neuron object
+                (neurons of a compiled model are copies, so their objects differ).
+
+        Returns:
+            A :class:`~snncompile.runtime.learning_hooks.LearnerHandle`; ``handle.remove()``,
+            ``compiled.detach_learner(learner)`` or ``learner.close()`` remove every hook.
+
+        Raises:
+            AttachError: (a ``ValueError``) naming the nodes when a node does not exist, the pair
+                is not synapse -> neuron, the layer is not the learner's, or the synapse has a
+                BatchNorm folded into it (inference mode: compile with ``mode='train'``).
+        """
+        from snncompile.runtime.learning_hooks import attach_learner
+
+        return attach_learner(self, learner, synapse, neuron, model=model)
+
+    def detach_learner(self, learner: Any) -> None:
+        """Remove every hook that :meth:`attach` placed for ``learner`` (it stays usable)."""
+        hub = self._learning_hub
+        attached = [] if hub is None else [a for a in hub.attachments if a.learner is learner]
+        if not attached:
+            raise ValueError(
+                f"detach_learner: this {type(learner).__name__} is not attached to the compiled "
+                f"model (attached: {len(self.learners)} learner(s))."
+            )
+        for att in attached:
+            hub.remove(att)
+
+    @property
+    def learners(self) -> list[Any]:
+        """The learners currently attached with :meth:`attach`, in attach order."""
+        hub = self._learning_hub
+        return [] if hub is None else [a.learner for a in hub.attachments]
+
+    def _learning_hub_for(self) -> Any:
+        from snncompile.runtime.learning_hooks import _LearningHub
+
+        if self._learning_hub is None or self._learning_hub.gm is not self.gm:
+            self._learning_hub = _LearningHub(self.gm)
+        return self._learning_hub
 
     def stream(self, chunks: Any, reduce: str | None = None, reset: bool = False) -> Any:
         """Feed an iterator of ``[K_i, N, ...]`` input chunks, state carried between them.

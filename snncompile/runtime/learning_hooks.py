@@ -1,0 +1,481 @@
+"""STDP learners on compiled models: :meth:`CompiledModule.attach` and :class:`LearnerHandle`.
+
+A learner (:class:`~snncompile.learning.STDPLearner`, ``MSTDPLearner``, ``MSTDPETLearner``)
+learns from ``(synapse input, neuron output)`` spike pairs. In a compiled model these tensors do
+not look like the eager model's: after step-mode lowering a ``Linear``/``Conv`` runs once over
+``[T*N, ...]`` and the neuron runs multi-step over ``[T, N, ...]`` (possibly as a fused C kernel),
+and in a multi-step model the layer objects are copies that share the model's weights. This
+module hooks the module objects that the *compiled* graph calls for the chosen nodes, puts the
+recorded tensors back into the eager layout and feeds them to the learner with
+:meth:`~snncompile.learning.STDPLearner.record`:
+
+* synapse input: a ``flat`` value ``[T*N, ...]`` is unflattened with the ``T`` of the current
+  call (the size of the compiled input's time dimension, per chunk for chunked inference); a
+  ``seq`` value ``[T, N, ...]`` is kept; a layer run per step (``attrs['per_step']``) is called
+  ``T`` times with ``[N, ...]`` and the calls are stacked;
+* neuron output: the same three cases (a neuron is normally ``seq``; a stateful custom module
+  used as ``sn``, e.g. a winner-take-all wrapper, runs per step);
+* the pair ``[T, N, ...]`` / ``[T, N, ...]`` is recorded once per compiled call for a learner with
+  ``step_mode='m'``, and as ``T`` pairs ``[N, ...]`` (step after step) for ``step_mode='s'``,
+  exactly what the eager single-step model would have recorded with its own loop over ``T``.
+  ``MSTDPETLearner`` works on unbatched spikes: compiled models are batched, so its pairs need
+  ``N == 1`` and are recorded without the batch dimension.
+
+Hooks only record while the compiled module runs (a forward pre-hook and hook on its
+``fx.GraphModule`` open and close the window), so a layer shared with the user's eager model
+(training-mode single-step models run the model's own layer objects) does not feed the learner
+when the eager model runs. Everything this module registers is removed by
+:meth:`LearnerHandle.remove`, :meth:`CompiledModule.detach_learner` or ``learner.close()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from snncompile.ir.graph import Graph, Node
+from snncompile.ir.ops import Layout, OpGroup
+
+if TYPE_CHECKING:
+    from snncompile.runtime.compiled import CompiledModule
+
+__all__ = ["AttachError", "LearnerHandle", "attach_learner"]
+
+_SYNAPSE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class AttachError(ValueError):
+    """A learner cannot be attached to the requested nodes of a compiled model."""
+
+
+def _describe(node: Node) -> str:
+    path = node.attrs.get("path")
+    where = f" (module path {path!r})" if path is not None else ""
+    return f"%{node.name}{where}, {node.op.name}"
+
+
+def _module_nodes(graph: Graph) -> list[Node]:
+    return [n for n in graph if n.module is not None]
+
+
+def _listing(nodes: list[Node]) -> str:
+    return ", ".join(_describe(n) for n in nodes) if nodes else "none"
+
+
+@dataclasses.dataclass(eq=False)
+class _Attachment:
+    """One learner on one (synapse node, neuron node) pair, with its hooks and pending data."""
+
+    learner: Any
+    synapse: Node
+    neuron: Node
+    pre_layout: str  # 'flat' | 'seq' | 'step'
+    post_layout: str
+    hooks: list[RemovableHandle] = dataclasses.field(default_factory=list)
+    pre: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    post: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    on_close: Any = None  # the callback registered with the learner's close()
+
+
+class LearnerHandle:
+    """The attachment of one learner to a compiled model; :meth:`remove` takes its hooks off.
+
+    Attributes:
+        learner: the attached learner.
+        synapse: the name of the synapse node whose input is recorded.
+        neuron: the name of the neuron node whose output is recorded.
+    """
+
+    def __init__(self, hub: _LearningHub, attachment: _Attachment) -> None:
+        self._hub = hub
+        self._attachment = attachment
+        self.learner = attachment.learner
+        self.synapse = attachment.synapse.name
+        self.neuron = attachment.neuron.name
+
+    @property
+    def attached(self) -> bool:
+        """Whether the learner still receives spikes from the compiled model."""
+        return self._attachment in self._hub.attachments
+
+    def remove(self) -> None:
+        """Remove every hook of this attachment; the learner itself stays usable (idempotent)."""
+        self._hub.remove(self._attachment)
+
+    def __enter__(self) -> LearnerHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self.remove()
+        return False
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "removed"
+        return (
+            f"<LearnerHandle {type(self.learner).__name__} %{self.synapse} -> %{self.neuron} "
+            f"({state})>"
+        )
+
+
+class _LearningHub:
+    """Per compiled module: the attachments and the run window (``T`` of the current call)."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        self.gm = gm
+        self.attachments: list[_Attachment] = []
+        self.gm_hooks: list[RemovableHandle] = []
+        self.active = False
+        self.steps = 0
+
+    # -- run window ------------------------------------------------------------------------------
+    def _open(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        first = args[0] if args else None
+        if not isinstance(first, torch.Tensor) or first.dim() < 2:
+            raise RuntimeError(
+                "compiled model with learners: expected a [T, N, ...] tensor input, got "
+                f"{type(first).__name__}."
+            )
+        self.steps = int(first.shape[0])
+        for att in self.attachments:
+            att.pre.clear()
+            att.post.clear()
+        self.active = True
+
+    def _close(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.active = False
+        for att in list(self.attachments):
+            pre, post = att.pre[:], att.post[:]
+            att.pre.clear()
+            att.post.clear()
+            if pre or post:
+                self._deliver(att, pre, post)
+
+    def _ensure_gm_hooks(self) -> None:
+        if not self.gm_hooks:
+            self.gm_hooks.append(self.gm.register_forward_pre_hook(self._open))
+            self.gm_hooks.append(self.gm.register_forward_hook(self._close))
+
+    # -- layout conversion -----------------------------------------------------------------------
+    def _as_sequence(
+        self, chunks: list[torch.Tensor], layout: str, node: Node, what: str
+    ) -> torch.Tensor:
+        T = self.steps
+        if layout == "step":
+            if len(chunks) != T:
+                raise RuntimeError(
+                    f"learner on compiled model: {what} %{node.name} runs once per time step but "
+                    f"was called {len(chunks)} times for T={T} steps."
+                )
+            return torch.stack(chunks)
+        if len(chunks) != 1:
+            raise RuntimeError(
+                f"learner on compiled model: {what} %{node.name} was called {len(chunks)} times "
+                f"in one compiled call; a learner needs exactly one call per forward."
+            )
+        x = chunks[0]
+        if layout == "flat":
+            if x.dim() == 0 or x.shape[0] % T:
+                raise RuntimeError(
+                    f"learner on compiled model: {what} %{node.name} has shape {tuple(x.shape)}, "
+                    f"which is not [T*N, ...] for T={T}."
+                )
+            return x.unflatten(0, (T, -1))
+        if x.dim() == 0 or x.shape[0] != T:
+            raise RuntimeError(
+                f"learner on compiled model: {what} %{node.name} has shape {tuple(x.shape)}, "
+                f"which is not [T, N, ...] for T={T}."
+            )
+        return x
+
+    def _deliver(self, att: _Attachment, pre: list[torch.Tensor], post: list[torch.Tensor]) -> None:
+        from snncompile.learning import MSTDPETLearner
+
+        pre_seq = self._as_sequence(pre, att.pre_layout, att.synapse, "synapse")
+        post_seq = self._as_sequence(post, att.post_layout, att.neuron, "neuron")
+        learner = att.learner
+        if isinstance(learner, MSTDPETLearner):
+            if pre_seq.dim() < 3 or pre_seq.shape[1] != 1 or post_seq.shape[1] != 1:
+                raise RuntimeError(
+                    f"MSTDPETLearner on compiled nodes %{att.synapse.name} -> %{att.neuron.name}: "
+                    f"MSTDP-ET learns from unbatched spikes, so the compiled model must run with "
+                    f"batch size N=1 (got synapse input {tuple(pre_seq.shape)}, neuron output "
+                    f"{tuple(post_seq.shape)} as [T, N, ...])."
+                )
+            pre_seq, post_seq = pre_seq[:, 0], post_seq[:, 0]
+        if learner.step_mode == "m":
+            learner.record(pre_seq, post_seq)
+        else:
+            for p, q in zip(pre_seq.unbind(0), post_seq.unbind(0), strict=True):
+                learner.record(p, q)
+
+    # -- attach / remove --------------------------------------------------------------------------
+    def add(self, att: _Attachment) -> LearnerHandle:
+        ref = weakref.ref(self)
+
+        def on_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            hub = ref()
+            if hub is not None and hub.active and att.learner.in_spike_monitor.is_enable():
+                value = args[0] if args else None
+                if isinstance(value, torch.Tensor):
+                    att.pre.append(value.detach())
+
+        def on_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hub = ref()
+            if hub is not None and hub.active and att.learner.out_spike_monitor.is_enable():
+                if not isinstance(output, torch.Tensor):
+                    raise RuntimeError(
+                        f"learner on compiled model: neuron %{att.neuron.name} returned a "
+                        f"{type(output).__name__}, not a spike tensor."
+                    )
+                att.post.append(output.detach())
+
+        att.hooks.append(att.synapse.module.register_forward_pre_hook(on_pre))
+        att.hooks.append(att.neuron.module.register_forward_hook(on_post))
+        self.attachments.append(att)
+        self._ensure_gm_hooks()
+        handle = LearnerHandle(self, att)
+        att.on_close = handle.remove
+        att.learner.__dict__.setdefault("_close_callbacks", []).append(handle.remove)
+        return handle
+
+    def remove(self, att: _Attachment) -> None:
+        for h in att.hooks:
+            h.remove()
+        att.hooks.clear()
+        att.pre.clear()
+        att.post.clear()
+        callbacks = att.learner.__dict__.get("_close_callbacks", [])
+        if att.on_close is not None and att.on_close in callbacks:
+            callbacks.remove(att.on_close)
+        att.on_close = None
+        if att in self.attachments:
+            self.attachments.remove(att)
+        if not self.attachments:
+            for h in self.gm_hooks:
+                h.remove()
+            self.gm_hooks.clear()
+            self.active = False
+
+
+# ------------------------------------------------------------------------------------------------
+# resolving nodes
+# ------------------------------------------------------------------------------------------------
+def _nodes_for_module(graph: Graph, module: nn.Module, shared_tensors: bool) -> list[Node]:
+    exact = [n for n in graph if n.module is module]
+    if exact or not shared_tensors:
+        return exact
+    own = {id(t) for t in [*module.parameters(), *module.buffers()]}
+    if not own:
+        return []
+    return [
+        n
+        for n in _module_nodes(graph)
+        if any(id(t) in own for t in [*n.module.parameters(), *n.module.buffers()])
+    ]
+
+
+def _resolve(
+    graph: Graph, spec: str | nn.Module, role: str, model: nn.Module | None
+) -> Node:
+    """Find the node ``spec`` names: a node name, a module path, or a module object."""
+    if isinstance(spec, str):
+        if spec in graph:
+            return graph[spec]
+        by_path = [n for n in graph if n.attrs.get("path") == spec and n.module is not None]
+        if len(by_path) == 1:
+            return by_path[0]
+        if len(by_path) > 1:
+            raise AttachError(
+                f"attach: {role} {spec!r} names the module of several nodes ({_listing(by_path)}); "
+                f"pass one node name instead."
+            )
+        raise AttachError(
+            f"attach: the compiled graph has no node or module path {spec!r} for the {role}. "
+            f"Nodes that run modules: {_listing(_module_nodes(graph))} (see compiled.graph)."
+        )
+    if not isinstance(spec, nn.Module):
+        raise TypeError(
+            f"attach: {role} must be a node name, a module path (str) or an nn.Module, got "
+            f"{type(spec).__name__}."
+        )
+    nodes = _nodes_for_module(graph, spec, shared_tensors=True)
+    if not nodes and model is not None:
+        paths = {id(m): p for p, m in model.named_modules()}
+        if id(spec) not in paths:
+            raise AttachError(
+                f"attach: the {role} module {type(spec).__name__} is not a submodule of the "
+                f"model passed as model=."
+            )
+        return _resolve(graph, paths[id(spec)], role, None)
+    if not nodes:
+        folded = [n for n in graph if n.attrs.get("folded_bn") is not None]
+        hint = (
+            f" Layers with a BatchNorm folded into them (inference mode) are new modules: "
+            f"{_listing(folded)}."
+            if folded
+            else ""
+        )
+        raise AttachError(
+            f"attach: the {role} module {type(spec).__name__} is not run by the compiled model "
+            f"(neurons and other stateful modules of a compiled model are copies of the model's "
+            f"modules). Pass its node name or module path (e.g. {role}='sn1'), or the model as "
+            f"model=model so that its path can be looked up.{hint} Nodes that run modules: "
+            f"{_listing(_module_nodes(graph))}."
+        )
+    if len(nodes) > 1:
+        raise AttachError(
+            f"attach: the {role} module {type(spec).__name__} is run by several nodes "
+            f"({_listing(nodes)}); pass one node name instead."
+        )
+    return nodes[0]
+
+
+def _downstream(graph: Graph, start: Node) -> list[Node]:
+    """Nodes that read ``start``'s value directly or through other nodes, in graph order."""
+    users = graph.users_map()
+    seen: set[str] = set()
+    stack = [start.name]
+    while stack:
+        for user in users.get(stack.pop(), []):
+            if user.name not in seen:
+                seen.add(user.name)
+                stack.append(user.name)
+    return [n for n in graph if n.name in seen]
+
+
+def _first_neurons(graph: Graph, synapse: Node) -> list[Node]:
+    """The neuron nodes downstream of ``synapse`` with no other neuron on the way."""
+    users = graph.users_map()
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [synapse.name]
+    while stack:
+        for user in users.get(stack.pop(), []):
+            if user.name in seen:
+                continue
+            seen.add(user.name)
+            if user.op.group is OpGroup.NEURON:
+                found.append(user.name)
+            else:
+                stack.append(user.name)
+    return [n for n in graph if n.name in found]
+
+
+def _layout_of(graph: Graph, node: Node, value: Node) -> str:
+    if node.attrs.get("per_step"):
+        return "step"
+    if value.layout is Layout.FLAT:
+        return "flat"
+    if value.layout is Layout.SEQ:
+        return "seq"
+    raise AttachError(
+        f"attach: node %{node.name} reads or produces a {value.layout.value!r} value "
+        f"(%{value.name}); only flat [T*N, ...] and seq [T, N, ...] values can be recorded."
+    )
+
+
+def attach_learner(
+    compiled: CompiledModule,
+    learner: Any,
+    synapse: str | nn.Module | None = None,
+    neuron: str | nn.Module | None = None,
+    *,
+    model: nn.Module | None = None,
+) -> LearnerHandle:
+    """Attach ``learner`` to a (synapse, neuron) node pair of ``compiled``; see the module doc.
+
+    This is the implementation of :meth:`CompiledModule.attach`, which documents the arguments.
+    """
+    from snncompile.learning import _MonitoredLearner
+
+    if not isinstance(learner, _MonitoredLearner):
+        raise TypeError(
+            f"attach: expected an snncompile.learning learner (STDPLearner, MSTDPLearner, "
+            f"MSTDPETLearner), got {type(learner).__name__}."
+        )
+    learner._check_open()
+    graph = compiled.graph
+    hub = compiled._learning_hub_for()
+    if any(att.learner is learner for att in hub.attachments):
+        raise AttachError(
+            f"attach: this {type(learner).__name__} is already attached to the compiled model; "
+            f"call compiled.detach_learner(learner) first."
+        )
+
+    # -- the synapse ------------------------------------------------------------------------------
+    syn_node = _resolve(graph, learner.synapse if synapse is None else synapse, "synapse", model)
+    layer = syn_node.module
+    if syn_node.attrs.get("folded_bn") is not None:
+        raise AttachError(
+            f"attach: synapse {_describe(syn_node)} has the BatchNorm "
+            f"{syn_node.attrs['folded_bn']!r} folded into it (inference mode): it runs a new "
+            f"layer whose weight is a compile-time snapshot, not the model's weight, and the "
+            f"neuron sees BN(conv(x)). Compile with snncompile.optimize(model, x, mode='train') "
+            f"to learn this layer with STDP."
+        )
+    if not isinstance(layer, _SYNAPSE_TYPES):
+        raise AttachError(
+            f"attach: synapse {_describe(syn_node)} runs {type(layer).__name__}, not an "
+            f"nn.Linear / nn.Conv1d / nn.Conv2d; pick the layer whose weight is learned."
+        )
+    if layer.weight is not learner.synapse.weight:
+        raise AttachError(
+            f"attach: learner.synapse ({type(learner.synapse).__name__}) is not the layer that "
+            f"{_describe(syn_node)} runs: their weights are different tensors, so the learner "
+            f"would update a weight the compiled model does not use. Build the learner on the "
+            f"model's layer (the compiled model shares the model's weights in mode='train')."
+        )
+
+    # -- the neuron -------------------------------------------------------------------------------
+    candidates = _first_neurons(graph, syn_node)
+    sn_spec = neuron if neuron is not None else learner.__dict__.get("_sn")
+    if sn_spec is None:
+        if len(candidates) != 1:
+            raise AttachError(
+                f"attach: cannot choose the neuron after synapse {_describe(syn_node)}: the "
+                f"first neurons downstream are {_listing(candidates)}; pass neuron=<node name "
+                f"or module path>."
+            )
+        sn_node = candidates[0]
+    else:
+        sn_node = _resolve(graph, sn_spec, "neuron", model)
+    if sn_node.module is None:
+        raise AttachError(f"attach: neuron {_describe(sn_node)} runs no module to record from.")
+    downstream = _downstream(graph, syn_node)
+    if sn_node not in downstream:
+        raise AttachError(
+            f"attach: neuron {_describe(sn_node)} does not consume the output of synapse "
+            f"{_describe(syn_node)} (directly or through other nodes), so they are not a "
+            f"synapse -> neuron pair. Neurons downstream of %{syn_node.name}: "
+            f"{_listing([n for n in downstream if n.op.group is OpGroup.NEURON])}."
+        )
+    for node in (syn_node, sn_node):
+        runners = [n for n in graph if n.module is node.module]
+        if len(runners) > 1:
+            raise AttachError(
+                f"attach: the module of {_describe(node)} is also run by "
+                f"{_listing([n for n in runners if n is not node])}; a hook on it could not tell "
+                f"the calls apart. Use a separate module instance per call."
+            )
+    if not syn_node.inputs:
+        raise AttachError(f"attach: synapse {_describe(syn_node)} has no input to record.")
+    pre_layout = _layout_of(graph, syn_node, graph[syn_node.inputs[0]])
+    post_layout = _layout_of(graph, sn_node, sn_node)
+
+    # The learner's own hooks (on the eager model's modules) would record the wrong tensors or
+    # nothing at all: the compiled model feeds it from now on.
+    learner.in_spike_monitor.remove_hooks()
+    learner.out_spike_monitor.remove_hooks()
+    att = _Attachment(learner, syn_node, sn_node, pre_layout, post_layout)
+    return hub.add(att)
