@@ -45,6 +45,7 @@ at the first step). A cycle without a neuron (an algebraic loop) is refused. See
 
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 import warnings
@@ -804,7 +805,7 @@ class _Importer:
 
         def attr_name(base: str) -> str:
             key = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "node"
-            if key[0].isdigit():
+            if key[0].isdigit() or keyword.iskeyword(key):
                 key = "n" + key
             while key in used:
                 key += "_"
