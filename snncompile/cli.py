@@ -172,15 +172,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif args.mode == "train":
         model.train()
     x = _example_input(shape, args.seed)
-    if args.optimize:
-        compiled = snncompile.optimize(model, x, mode=args.mode, backend=args.backend)
-        graph = compiled.graph
-        print(graph)
+    from snncompile.frontend import FrontendError
+
+    try:
+        if args.optimize:
+            compiled = snncompile.optimize(model, x, mode=args.mode, backend=args.backend)
+            graph = compiled.graph
+            report = compiled.report()
+        else:
+            graph, report = snncompile.trace(model, x), None
+    except FrontendError as err:  # its message says where it failed and what to check
+        raise CliError(f"cannot trace the model: {err}", code=1) from None
+    print(graph)
+    if report is not None:
         print()
-        print(compiled.report())
-    else:
-        graph = snncompile.trace(model, x)
-        print(graph)
+        print(report)
     if args.dot:
         Path(args.dot).write_text(snncompile.ir.to_dot(graph))
         print(f"wrote {args.dot}", file=sys.stderr)

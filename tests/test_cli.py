@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -208,3 +209,17 @@ def test_help_and_no_command(capsys) -> None:
     assert cli.main(["--help"]) == 0
     assert "inspect" in capsys.readouterr().out
     assert cli.main([]) == 2
+
+
+def test_trace_failure_names_the_shape(capsys) -> None:
+    argv = ["inspect", f"{MODELS}:spiking_mlp", "--input-shape", "4,2,10"]  # expects 64 features
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot trace the model" in err and "(4, 2, 10)" in err and len(err.splitlines()) == 1
+
+
+def test_python_dash_m_snncompile(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["snncompile", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("snncompile", run_name="__main__")
+    assert exc.value.code == 0 and snncompile.__version__ in capsys.readouterr().out
