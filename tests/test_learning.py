@@ -588,18 +588,6 @@ def test_learner_record_errors():
         MSTDPLearner("m", 2, nn.Linear(5, 3), None, 2.0, 2.0)
 
 
-def test_docs_code_blocks_run():
-    """Every ```python block of docs/learning.md runs, in order, in one namespace."""
-    import pathlib
-    import re
-
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "learning.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
-    assert len(blocks) >= 5
-    namespace: dict = {}
-    exec(compile("\n".join(blocks), str(doc), "exec"), namespace)
-
-
 def test_public_surface():
     for name in learning.__all__:
         assert hasattr(learning, name)

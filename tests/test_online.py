@@ -613,19 +613,6 @@ def test_compile_online_errors() -> None:
         online.compile_online(misplaced, torch.rand(4, 3))
 
 
-def test_docs_code_blocks_run(capsys) -> None:
-    """Every ``python`` block of docs/online.md runs as written."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "online.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 5
-    for index, block in enumerate(blocks):
-        exec(compile(block, f"docs/online.md[block {index}]", "exec"), {"__name__": "__doc__"})
-    assert "grad_with_trace" in capsys.readouterr().out  # the compiled routing was printed
-
-
 def test_public_names_where_spikingjelly_users_look() -> None:
     from snncompile import functional, layer
 
