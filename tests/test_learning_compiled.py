@@ -269,10 +269,15 @@ def test_chunked_inference_feeds_the_same_pairs():
 # names, errors, detaching
 # ------------------------------------------------------------------------------------------------
 def all_hooks(*modules: nn.Module) -> int:
+    """Forward (pre-)hooks on every submodule, plus learning taps in compiled modules' code."""
     count = 0
     for root in modules:
         for m in root.modules():
             count += len(m._forward_hooks) + len(m._forward_pre_hooks)
+            if isinstance(m, torch.fx.GraphModule):
+                count += sum("learning_tap" in str(n.target) for n in m.graph.nodes)
+                count += sum("learning_tap" in name for name, _ in m.named_children())
+                count += m.code.count("learning_tap")
     return count
 
 
@@ -384,7 +389,8 @@ def test_detach_leaves_no_hooks_and_eager_runs_do_not_feed(mlp_compiled):
     learner = STDPLearner("s", model.fc1, model.sn1, tau_pre=2.0, tau_post=2.0)
     assert all_hooks(model) == 2  # the eager hooks of the SpikingJelly-style constructor
     handle = compiled.attach(learner, model=model)
-    assert all_hooks(model) == 1  # only our pre-hook on the shared fc1; sn1's hook is gone
+    assert all_hooks(model) == 0  # the learner's eager hooks are gone; the compiled code taps
+    assert compiled.gm.code.count("self.learning_tap_") == 2  # one tap per recorded value
     model(x[0])  # an eager run of the shared layer does not feed the compiled learner
     assert learner.step(on_grad=False) is None
     compiled(x)
@@ -424,3 +430,47 @@ def test_disabled_learner_records_nothing(mlp_compiled):
     assert learner.in_spike_monitor.records[0].shape == (4, 2, 12)
     assert learner.out_spike_monitor.records[0].shape == (4, 2, 8)
     learner.close()
+
+
+class Gated(nn.Module):
+    """Single-step: Linear -> a composite "neuron" (LIF times a fixed mask) traced through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = layer.Linear(10, 6, bias=False)
+        self.gate = GateLIF()
+        with torch.no_grad():
+            self.fc.weight.uniform_(0.0, 0.8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc(x))
+
+
+class GateLIF(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lif = neuron.LIFNode(tau=2.0)
+        self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lif(x) * self.mask
+
+
+def test_inlined_composite_neuron_is_recorded_by_its_output_node():
+    torch.manual_seed(7)
+    model = Gated()
+    twin = copy.deepcopy(model)
+    compiled = snncompile.optimize(model, spikes(5, 3, 10), backend="cpu")
+    learner = STDPLearner("s", model.fc, None, tau_pre=2.0, tau_post=2.0)
+    with pytest.raises(AttachError, match=r"'gate' has no node of its own.*%gate_lif"):
+        compiled.attach(learner, neuron="gate")
+    out_node = compiled.graph.output_node.inputs[0]  # the value the gated module returns
+    compiled.attach(learner, neuron=out_node)
+    eager = STDPLearner("s", twin.fc, twin.gate, tau_pre=2.0, tau_post=2.0)
+    for _ in range(3):
+        x = spikes(5, 3, 10)
+        torch.testing.assert_close(compiled(x), run_eager(twin, x, single_step=True))
+        torch.testing.assert_close(learner.step(on_grad=False), eager.step(on_grad=False))
+    learner.close()
+    eager.close()
+    assert all_hooks(model, twin, compiled) == 0

@@ -126,6 +126,10 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             )
         else:
             raise ValueError(f"lower_to_fx: node %{node.name} ({node.op.name}) has nothing to run")
+    for ir_name, value in env.items():
+        # Which IR node each fx node computes (learning_hooks taps values by IR node name).
+        if isinstance(value, fx.Node):
+            value.meta.setdefault("snn_node", ir_name)
     fxg.lint()
     return fx.GraphModule(root, fxg, class_name="SNNCompiled")
 

@@ -31,13 +31,11 @@ when the eager model runs. Everything this module registers is removed by
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+from torch import fx, nn
 
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import Layout, OpGroup
@@ -70,21 +68,34 @@ def _listing(nodes: list[Node]) -> str:
 
 @dataclasses.dataclass(eq=False)
 class _Attachment:
-    """One learner on one (synapse node, neuron node) pair, with its hooks and pending data."""
+    """One learner on one (synapse node, neuron node) pair, with its taps and pending input."""
 
     learner: Any
     synapse: Node
     neuron: Node
-    pre_layout: str  # 'flat' | 'seq' | 'step'
-    post_layout: str
-    hooks: list[RemovableHandle] = dataclasses.field(default_factory=list)
-    pre: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    post: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    pre_value: Node  # the value the synapse reads (its input)
+    taps: list[str] = dataclasses.field(default_factory=list)  # tap submodule names in the gm
+    pending: torch.Tensor | None = None  # the synapse input of the current call, [T, N, ...]
     on_close: Any = None  # the callback registered with the learner's close()
 
 
+class _Tap(nn.Module):
+    """A generated-code call that hands a value (and the call's input, for ``T``) to a callback."""
+
+    def __init__(self, callback: Any, what: str) -> None:
+        super().__init__()
+        self.callback = callback
+        self.what = what
+
+    def forward(self, value: Any, time_input: torch.Tensor) -> None:
+        self.callback(value, time_input)
+
+    def extra_repr(self) -> str:
+        return self.what
+
+
 class LearnerHandle:
-    """The attachment of one learner to a compiled model; :meth:`remove` takes its hooks off.
+    """The attachment of one learner to a compiled model; :meth:`remove` takes its taps out.
 
     Attributes:
         learner: the attached learner.
@@ -105,7 +116,7 @@ class LearnerHandle:
         return self._attachment in self._hub.attachments
 
     def remove(self) -> None:
-        """Remove every hook of this attachment; the learner itself stays usable (idempotent)."""
+        """Remove this attachment's taps; the learner itself stays usable (idempotent)."""
         self._hub.remove(self._attachment)
 
     def __enter__(self) -> LearnerHandle:
@@ -128,144 +139,135 @@ class LearnerHandle:
         )
 
 
-class _LearningHub:
-    """Per compiled module: the attachments and the run window (``T`` of the current call)."""
+def _as_sequence(value: Any, node: Node, time_input: torch.Tensor, what: str) -> torch.Tensor:
+    """``value`` of IR ``node`` (flat ``[T*N, ...]`` or seq ``[T, N, ...]``) as ``[T, N, ...]``."""
+    T = int(time_input.shape[0])
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        raise RuntimeError(
+            f"learner on compiled model: the {what} %{node.name} is a {type(value).__name__}, "
+            f"not a spike tensor."
+        )
+    value = value.detach()
+    if node.layout is Layout.FLAT:
+        if value.shape[0] % T:
+            raise RuntimeError(
+                f"learner on compiled model: the {what} %{node.name} has shape "
+                f"{tuple(value.shape)}, which is not [T*N, ...] for T={T}."
+            )
+        return value.unflatten(0, (T, -1))
+    if value.shape[0] != T:
+        raise RuntimeError(
+            f"learner on compiled model: the {what} %{node.name} has shape {tuple(value.shape)}, "
+            f"which is not [T, N, ...] for T={T}."
+        )
+    return value
 
-    def __init__(self, gm: nn.Module) -> None:
+
+def _deliver(att: _Attachment, pre_seq: torch.Tensor, post_seq: torch.Tensor) -> None:
+    from snncompile.learning import MSTDPETLearner
+
+    learner = att.learner
+    if isinstance(learner, MSTDPETLearner):
+        if pre_seq.dim() < 3 or pre_seq.shape[1] != 1 or post_seq.shape[1] != 1:
+            raise RuntimeError(
+                f"MSTDPETLearner on compiled nodes %{att.synapse.name} -> %{att.neuron.name}: "
+                f"MSTDP-ET learns from unbatched spikes, so the compiled model must run with "
+                f"batch size N=1 (got synapse input {tuple(pre_seq.shape)}, neuron output "
+                f"{tuple(post_seq.shape)} as [T, N, ...])."
+            )
+        pre_seq, post_seq = pre_seq[:, 0], post_seq[:, 0]
+    if learner.step_mode == "m":
+        learner.record(pre_seq, post_seq)
+    else:
+        for p, q in zip(pre_seq.unbind(0), post_seq.unbind(0), strict=True):
+            learner.record(p, q)
+
+
+class _LearningHub:
+    """Per compiled module: the attachments and their taps in the generated code."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.attachments: list[_Attachment] = []
-        self.gm_hooks: list[RemovableHandle] = []
-        self.active = False
-        self.steps = 0
+        self._count = 0
 
-    # -- run window ------------------------------------------------------------------------------
-    def _open(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        first = args[0] if args else None
-        if not isinstance(first, torch.Tensor) or first.dim() < 2:
-            raise RuntimeError(
-                "compiled model with learners: expected a [T, N, ...] tensor input, got "
-                f"{type(first).__name__}."
-            )
-        self.steps = int(first.shape[0])
-        for att in self.attachments:
-            att.pre.clear()
-            att.post.clear()
-        self.active = True
+    def _fx_nodes(self) -> dict[str, fx.Node]:
+        return {
+            n.meta["snn_node"]: n for n in self.gm.graph.nodes if "snn_node" in n.meta
+        }
 
-    def _close(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self.active = False
-        for att in list(self.attachments):
-            pre, post = att.pre[:], att.post[:]
-            att.pre.clear()
-            att.post.clear()
-            if pre or post:
-                self._deliver(att, pre, post)
+    def _time_input(self, graph: Graph, fx_nodes: dict[str, fx.Node]) -> fx.Node:
+        seq = [n for n in graph.input_nodes if n.layout is Layout.SEQ] or graph.input_nodes
+        if not seq or seq[0].name not in fx_nodes:
+            raise AttachError("attach: the compiled graph has no [T, N, ...] input to read T from.")
+        return fx_nodes[seq[0].name]
 
-    def _ensure_gm_hooks(self) -> None:
-        if not self.gm_hooks:
-            self.gm_hooks.append(self.gm.register_forward_pre_hook(self._open))
-            self.gm_hooks.append(self.gm.register_forward_hook(self._close))
-
-    # -- layout conversion -----------------------------------------------------------------------
-    def _as_sequence(
-        self, chunks: list[torch.Tensor], layout: str, node: Node, what: str
-    ) -> torch.Tensor:
-        T = self.steps
-        if layout == "step":
-            if len(chunks) != T:
-                raise RuntimeError(
-                    f"learner on compiled model: {what} %{node.name} runs once per time step but "
-                    f"was called {len(chunks)} times for T={T} steps."
+    def add(self, att: _Attachment, graph: Graph) -> LearnerHandle:
+        fx_nodes = self._fx_nodes()
+        for node in (att.pre_value, att.synapse, att.neuron):
+            if node.name not in fx_nodes:
+                raise AttachError(
+                    f"attach: node %{node.name} has no counterpart in the generated code "
+                    f"(compiled.gm); it cannot be recorded."
                 )
-            return torch.stack(chunks)
-        if len(chunks) != 1:
-            raise RuntimeError(
-                f"learner on compiled model: {what} %{node.name} was called {len(chunks)} times "
-                f"in one compiled call; a learner needs exactly one call per forward."
-            )
-        x = chunks[0]
-        if layout == "flat":
-            if x.dim() == 0 or x.shape[0] % T:
+        time_input = self._time_input(graph, fx_nodes)
+
+        def on_pre(value: Any, x: torch.Tensor) -> None:
+            if att.learner.in_spike_monitor.is_enable():
+                att.pending = _as_sequence(value, att.pre_value, x, "input of synapse")
+
+        def on_post(value: Any, x: torch.Tensor) -> None:
+            pre, att.pending = att.pending, None
+            if not att.learner.out_spike_monitor.is_enable() or pre is None:
+                return
+            post = _as_sequence(value, att.neuron, x, "neuron output")
+            if post.shape[0] != pre.shape[0]:
                 raise RuntimeError(
-                    f"learner on compiled model: {what} %{node.name} has shape {tuple(x.shape)}, "
-                    f"which is not [T*N, ...] for T={T}."
+                    f"learner on compiled model: synapse %{att.synapse.name} saw "
+                    f"{pre.shape[0]} steps but neuron %{att.neuron.name} {post.shape[0]}."
                 )
-            return x.unflatten(0, (T, -1))
-        if x.dim() == 0 or x.shape[0] != T:
-            raise RuntimeError(
-                f"learner on compiled model: {what} %{node.name} has shape {tuple(x.shape)}, "
-                f"which is not [T, N, ...] for T={T}."
-            )
-        return x
+            _deliver(att, pre, post)
 
-    def _deliver(self, att: _Attachment, pre: list[torch.Tensor], post: list[torch.Tensor]) -> None:
-        from snncompile.learning import MSTDPETLearner
-
-        pre_seq = self._as_sequence(pre, att.pre_layout, att.synapse, "synapse")
-        post_seq = self._as_sequence(post, att.post_layout, att.neuron, "neuron")
-        learner = att.learner
-        if isinstance(learner, MSTDPETLearner):
-            if pre_seq.dim() < 3 or pre_seq.shape[1] != 1 or post_seq.shape[1] != 1:
-                raise RuntimeError(
-                    f"MSTDPETLearner on compiled nodes %{att.synapse.name} -> %{att.neuron.name}: "
-                    f"MSTDP-ET learns from unbatched spikes, so the compiled model must run with "
-                    f"batch size N=1 (got synapse input {tuple(pre_seq.shape)}, neuron output "
-                    f"{tuple(post_seq.shape)} as [T, N, ...])."
-                )
-            pre_seq, post_seq = pre_seq[:, 0], post_seq[:, 0]
-        if learner.step_mode == "m":
-            learner.record(pre_seq, post_seq)
-        else:
-            for p, q in zip(pre_seq.unbind(0), post_seq.unbind(0), strict=True):
-                learner.record(p, q)
-
-    # -- attach / remove --------------------------------------------------------------------------
-    def add(self, att: _Attachment) -> LearnerHandle:
-        ref = weakref.ref(self)
-
-        def on_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
-            hub = ref()
-            if hub is not None and hub.active and att.learner.in_spike_monitor.is_enable():
-                value = args[0] if args else None
-                if isinstance(value, torch.Tensor):
-                    att.pre.append(value.detach())
-
-        def on_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            hub = ref()
-            if hub is not None and hub.active and att.learner.out_spike_monitor.is_enable():
-                if not isinstance(output, torch.Tensor):
-                    raise RuntimeError(
-                        f"learner on compiled model: neuron %{att.neuron.name} returned a "
-                        f"{type(output).__name__}, not a spike tensor."
-                    )
-                att.post.append(output.detach())
-
-        att.hooks.append(att.synapse.module.register_forward_pre_hook(on_pre))
-        att.hooks.append(att.neuron.module.register_forward_hook(on_post))
+        fxg = self.gm.graph
+        pre_name, post_name = self._fresh(), self._fresh()
+        self.gm.add_submodule(pre_name, _Tap(on_pre, f"input of %{att.synapse.name}"))
+        self.gm.add_submodule(post_name, _Tap(on_post, f"output of %{att.neuron.name}"))
+        with fxg.inserting_before(fx_nodes[att.synapse.name]):
+            fxg.call_module(pre_name, (fx_nodes[att.pre_value.name], time_input))
+        with fxg.inserting_after(fx_nodes[att.neuron.name]):
+            fxg.call_module(post_name, (fx_nodes[att.neuron.name], time_input))
+        att.taps = [pre_name, post_name]
+        self.gm.recompile()
         self.attachments.append(att)
-        self._ensure_gm_hooks()
         handle = LearnerHandle(self, att)
         att.on_close = handle.remove
         att.learner.__dict__.setdefault("_close_callbacks", []).append(handle.remove)
         return handle
 
+    def _fresh(self) -> str:
+        while True:
+            self._count += 1
+            name = f"learning_tap_{self._count}"
+            if not hasattr(self.gm, name):
+                return name
+
     def remove(self, att: _Attachment) -> None:
-        for h in att.hooks:
-            h.remove()
-        att.hooks.clear()
-        att.pre.clear()
-        att.post.clear()
+        if att.taps:
+            taps = set(att.taps)
+            for fxn in list(self.gm.graph.nodes):
+                if fxn.op == "call_module" and fxn.target in taps:
+                    self.gm.graph.erase_node(fxn)
+            for name in att.taps:
+                delattr(self.gm, name)
+            att.taps = []
+            self.gm.recompile()
+        att.pending = None
         callbacks = att.learner.__dict__.get("_close_callbacks", [])
         if att.on_close is not None and att.on_close in callbacks:
             callbacks.remove(att.on_close)
         att.on_close = None
         if att in self.attachments:
             self.attachments.remove(att)
-        if not self.attachments:
-            for h in self.gm_hooks:
-                h.remove()
-            self.gm_hooks.clear()
-            self.active = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,6 +301,18 @@ def _resolve(
             raise AttachError(
                 f"attach: {role} {spec!r} names the module of several nodes ({_listing(by_path)}); "
                 f"pass one node name instead."
+            )
+        inside = [
+            n
+            for n in graph
+            if str(n.attrs.get("path") or n.attrs.get("target") or "").startswith(spec + ".")
+        ]
+        if inside:
+            raise AttachError(
+                f"attach: module path {spec!r} has no node of its own: the frontend traced "
+                f"through its forward (its code is inlined; nodes inside it: {_listing(inside)}). "
+                f"Pass the name of the node that computes its output as {role}=<node name> "
+                f"(see print(compiled.graph))."
             )
         raise AttachError(
             f"attach: the compiled graph has no node or module path {spec!r} for the {role}. "
@@ -372,17 +386,13 @@ def _first_neurons(graph: Graph, synapse: Node) -> list[Node]:
     return [n for n in graph if n.name in found]
 
 
-def _layout_of(graph: Graph, node: Node, value: Node) -> str:
-    if node.attrs.get("per_step"):
-        return "step"
-    if value.layout is Layout.FLAT:
-        return "flat"
-    if value.layout is Layout.SEQ:
-        return "seq"
-    raise AttachError(
-        f"attach: node %{node.name} reads or produces a {value.layout.value!r} value "
-        f"(%{value.name}); only flat [T*N, ...] and seq [T, N, ...] values can be recorded."
-    )
+def _check_recordable(node: Node, what: str) -> None:
+    if not node.is_tensor or node.layout not in (Layout.FLAT, Layout.SEQ):
+        raise AttachError(
+            f"attach: the {what} {_describe(node)} is a {node.layout.value!r} value of shape "
+            f"{node.shape}; only tensors in flat [T*N, ...] or seq [T, N, ...] layout can be "
+            f"recorded."
+        )
 
 
 def attach_learner(
@@ -450,8 +460,6 @@ def attach_learner(
         sn_node = candidates[0]
     else:
         sn_node = _resolve(graph, sn_spec, "neuron", model)
-    if sn_node.module is None:
-        raise AttachError(f"attach: neuron {_describe(sn_node)} runs no module to record from.")
     downstream = _downstream(graph, syn_node)
     if sn_node not in downstream:
         raise AttachError(
@@ -460,22 +468,15 @@ def attach_learner(
             f"synapse -> neuron pair. Neurons downstream of %{syn_node.name}: "
             f"{_listing([n for n in downstream if n.op.group is OpGroup.NEURON])}."
         )
-    for node in (syn_node, sn_node):
-        runners = [n for n in graph if n.module is node.module]
-        if len(runners) > 1:
-            raise AttachError(
-                f"attach: the module of {_describe(node)} is also run by "
-                f"{_listing([n for n in runners if n is not node])}; a hook on it could not tell "
-                f"the calls apart. Use a separate module instance per call."
-            )
     if not syn_node.inputs:
         raise AttachError(f"attach: synapse {_describe(syn_node)} has no input to record.")
-    pre_layout = _layout_of(graph, syn_node, graph[syn_node.inputs[0]])
-    post_layout = _layout_of(graph, sn_node, sn_node)
+    pre_value = graph[syn_node.inputs[0]]
+    _check_recordable(pre_value, f"input of synapse {_describe(syn_node)},")
+    _check_recordable(sn_node, "neuron")
 
     # The learner's own hooks (on the eager model's modules) would record the wrong tensors or
     # nothing at all: the compiled model feeds it from now on.
     learner.in_spike_monitor.remove_hooks()
     learner.out_spike_monitor.remove_hooks()
-    att = _Attachment(learner, syn_node, sn_node, pre_layout, post_layout)
-    return hub.add(att)
+    att = _Attachment(learner, syn_node, sn_node, pre_value)
+    return hub.add(att, graph)
