@@ -210,11 +210,13 @@ class CompiledModule(nn.Module):
         ``model`` replaced by ``compiled``; ``attach`` only decides where the spikes come from.
         The learned weight is the model's own (the compiled model shares it), so an optimizer
         over ``model.parameters()`` applies the update. The learner's own hooks on the model's
-        modules are removed: from now on only compiled calls feed it. The learner receives what
-        the eager model would have given it, whatever the compiled layout: per-step ``[N, ...]``
-        pairs for ``step_mode='s'`` (``T`` of them per compiled call, so a reward learner that
-        needs one pair per ``step(reward)`` is run on ``[1, N, ...]`` inputs), one ``[T, N, ...]``
-        pair per call for ``step_mode='m'``.
+        modules are removed: from now on only compiled calls feed it, through two taps in the
+        generated code (see :mod:`snncompile.runtime.learning_hooks`), so fused kernels, layers
+        run over ``[T*N, ...]`` and traced-through modules are all handled. The learner receives
+        what the eager model would have given it, whatever the compiled layout: per-step
+        ``[N, ...]`` pairs for ``step_mode='s'`` (``T`` of them per compiled call, so a reward
+        learner that needs one pair per ``step(reward)`` is run on ``[1, N, ...]`` inputs), one
+        ``[T, N, ...]`` pair per call for ``step_mode='m'``.
 
         Args:
             learner: an ``STDPLearner``, ``MSTDPLearner`` or ``MSTDPETLearner`` whose ``synapse``
@@ -222,17 +224,20 @@ class CompiledModule(nn.Module):
             synapse: the synapse node: a node name (``compiled.graph``), a module path of the
                 model (``'fc1'``, ``'features.0'``) or a module object (the model's layer or the
                 compiled copy). Default: ``learner.synapse``.
-            neuron: the node whose output are the postsynaptic spikes, given the same ways. It
-                must consume the synapse's output, directly or through other nodes (as in
-                SpikingJelly, anything may sit in between; the learner checks that the shapes
-                fit). Default: the learner's ``sn``, or if that is ``None`` the first neuron
-                after the synapse when there is exactly one.
+            neuron: the node whose output are the postsynaptic spikes, given the same ways; any
+                node computing a tensor works (e.g. the output node of a composite module the
+                frontend traced through). It must consume the synapse's output, directly or
+                through other nodes (as in SpikingJelly, anything may sit in between, e.g. a
+                BatchNorm; the learner checks that the shapes fit). Default: the learner's
+                ``sn``, or if that is ``None`` the first neuron after the synapse when there is
+                exactly one.
             model: the model that was compiled; only needed to find a *model's* neuron object
                 (neurons of a compiled model are copies, so their objects differ).
 
         Returns:
             A :class:`~snncompile.runtime.learning_hooks.LearnerHandle`; ``handle.remove()``,
-            ``compiled.detach_learner(learner)`` or ``learner.close()`` remove every hook.
+            ``compiled.detach_learner(learner)`` or ``learner.close()`` remove the taps (and
+            nothing else is hooked).
 
         Raises:
             AttachError: (a ``ValueError``) naming the nodes when a node does not exist, the pair
@@ -244,7 +249,7 @@ class CompiledModule(nn.Module):
         return attach_learner(self, learner, synapse, neuron, model=model)
 
     def detach_learner(self, learner: Any) -> None:
-        """Remove every hook that :meth:`attach` placed for ``learner`` (it stays usable)."""
+        """Remove the taps that :meth:`attach` placed for ``learner`` (the learner stays usable)."""
         hub = self._learning_hub
         attached = [] if hub is None else [a for a in hub.attachments if a.learner is learner]
         if not attached:

@@ -3,29 +3,28 @@
 A learner (:class:`~snncompile.learning.STDPLearner`, ``MSTDPLearner``, ``MSTDPETLearner``)
 learns from ``(synapse input, neuron output)`` spike pairs. In a compiled model these tensors do
 not look like the eager model's: after step-mode lowering a ``Linear``/``Conv`` runs once over
-``[T*N, ...]`` and the neuron runs multi-step over ``[T, N, ...]`` (possibly as a fused C kernel),
-and in a multi-step model the layer objects are copies that share the model's weights. This
-module hooks the module objects that the *compiled* graph calls for the chosen nodes, puts the
-recorded tensors back into the eager layout and feeds them to the learner with
-:meth:`~snncompile.learning.STDPLearner.record`:
+``[T*N, ...]`` and the neuron runs multi-step over ``[T, N, ...]`` (possibly as a fused C kernel
+that never calls the model's neuron), in a multi-step model the layers are copies that share the
+model's weights, and a composite module used as ``sn`` may have been traced through so that no
+module of it runs at all. Module hooks therefore cannot see the right tensors. Instead,
+``attach`` adds two *taps* to the generated code (``compiled.gm``): small submodules called
+with the IR value the synapse reads and the IR value the chosen neuron node produces (plus the
+call's input, for ``T``). A tap puts its value back into the eager layout and the pair is fed
+to the learner with :meth:`~snncompile.learning.STDPLearner.record`:
 
-* synapse input: a ``flat`` value ``[T*N, ...]`` is unflattened with the ``T`` of the current
-  call (the size of the compiled input's time dimension, per chunk for chunked inference); a
-  ``seq`` value ``[T, N, ...]`` is kept; a layer run per step (``attrs['per_step']``) is called
-  ``T`` times with ``[N, ...]`` and the calls are stacked;
-* neuron output: the same three cases (a neuron is normally ``seq``; a stateful custom module
-  used as ``sn``, e.g. a winner-take-all wrapper, runs per step);
-* the pair ``[T, N, ...]`` / ``[T, N, ...]`` is recorded once per compiled call for a learner with
-  ``step_mode='m'``, and as ``T`` pairs ``[N, ...]`` (step after step) for ``step_mode='s'``,
-  exactly what the eager single-step model would have recorded with its own loop over ``T``.
-  ``MSTDPETLearner`` works on unbatched spikes: compiled models are batched, so its pairs need
-  ``N == 1`` and are recorded without the batch dimension.
+* a ``flat`` value ``[T*N, ...]`` is unflattened with the ``T`` of the current call (the length
+  of the compiled input, per chunk for chunked inference); a ``seq`` value ``[T, N, ...]`` (also
+  what per-step nodes produce, stacked) is kept;
+* the pair is recorded once per compiled call as ``[T, N, ...]`` / ``[T, N, ...]`` for a learner
+  with ``step_mode='m'``, and as ``T`` pairs ``[N, ...]`` (step after step) for
+  ``step_mode='s'``: exactly what the eager single-step model records in its own loop over
+  ``T``. ``MSTDPETLearner`` works on unbatched spikes: compiled models are batched, so it needs
+  ``N == 1`` and gets its pairs without the batch dimension.
 
-Hooks only record while the compiled module runs (a forward pre-hook and hook on its
-``fx.GraphModule`` open and close the window), so a layer shared with the user's eager model
-(training-mode single-step models run the model's own layer objects) does not feed the learner
-when the eager model runs. Everything this module registers is removed by
-:meth:`LearnerHandle.remove`, :meth:`CompiledModule.detach_learner` or ``learner.close()``.
+Because the taps live in the compiled code only, running the eager model (whose layers a
+training-mode compile shares) never feeds the learner, and a module called by several nodes is
+no problem. :meth:`LearnerHandle.remove`, :meth:`CompiledModule.detach_learner` and
+``learner.close()`` take the taps out of the code again (``compiled.gm`` is recompiled).
 """
 
 from __future__ import annotations
