@@ -1046,7 +1046,8 @@ class MSTDPLearner(_MonitoredLearner):
         if len(pairs) != 1:
             raise RuntimeError(
                 f"{owner}: {len(pairs)} spike pairs were recorded since the last step(); reward "
-                f"learners need exactly one forward step per step(reward) call."
+                f"learners need exactly one forward step per step(reward) call (a compiled "
+                f"model records T steps per call: run it on [1, N, ...] inputs)."
             )
         pre, post = pairs[0]
         if pre.dim() >= 1 and pre.shape[0] != self.batch_size:
@@ -1162,7 +1163,8 @@ class MSTDPETLearner(_MonitoredLearner):
         if len(pairs) != 1:
             raise RuntimeError(
                 f"{owner}: {len(pairs)} spike pairs were recorded since the last step(); reward "
-                f"learners need exactly one forward step per step(reward) call."
+                f"learners need exactly one forward step per step(reward) call (a compiled "
+                f"model records T steps per call: run it on [1, N, ...] inputs)."
             )
         pre, post = pairs[0]
         weight = self.synapse.weight

@@ -474,3 +474,16 @@ def test_inlined_composite_neuron_is_recorded_by_its_output_node():
     learner.close()
     eager.close()
     assert all_hooks(model, twin, compiled) == 0
+
+
+def test_copies_of_a_compiled_model_do_not_feed_the_learner(mlp_compiled, tmp_path):
+    model, compiled = mlp_compiled
+    learner = STDPLearner("m", model.fc1, None, tau_pre=2.0, tau_post=2.0)
+    compiled.attach(learner, neuron="sn1")
+    twin = copy.deepcopy(compiled)
+    twin(spikes(4, 2, 12))
+    torch.save(compiled, tmp_path / "compiled.pt")  # the taps pickle as no-ops
+    assert learner.step(on_grad=False) is None
+    compiled(spikes(4, 2, 12))
+    assert learner.step(on_grad=False) is not None
+    learner.close()

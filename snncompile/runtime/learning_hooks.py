@@ -87,7 +87,15 @@ class _Tap(nn.Module):
         self.what = what
 
     def forward(self, value: Any, time_input: torch.Tensor) -> None:
-        self.callback(value, time_input)
+        if self.callback is not None:
+            self.callback(value, time_input)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A deep copy or pickle of the compiled model keeps the tap as a no-op: the copy does not
+        # feed the learner (and the callback's closure need not be copyable).
+        state = self.__dict__.copy()
+        state["callback"] = None
+        return state
 
     def extra_repr(self) -> str:
         return self.what
