@@ -487,3 +487,19 @@ def test_copies_of_a_compiled_model_do_not_feed_the_learner(mlp_compiled, tmp_pa
     compiled(spikes(4, 2, 12))
     assert learner.step(on_grad=False) is not None
     learner.close()
+
+
+def test_reward_learners_explain_the_compiled_layout(mlp_compiled):
+    model, compiled = mlp_compiled
+    mstdp = MSTDPLearner("s", 2, model.fc1, None, tau_pre=2.0, tau_post=2.0)
+    compiled.attach(mstdp, neuron="sn1")
+    compiled(spikes(4, 2, 12))  # T=4 steps in one call
+    with pytest.raises(RuntimeError, match=r"4 spike pairs.*\[1, N, \.\.\.\]"):
+        mstdp.step(1.0)
+    mstdp.close()
+    et = MSTDPETLearner("s", model.fc1, None, tau_pre=2.0, tau_post=2.0, tau_trace=2.0)
+    compiled.attach(et, neuron="sn1")
+    with pytest.raises(RuntimeError, match=r"%fc1 -> %sn1.*N=1"):
+        compiled(spikes(1, 2, 12))
+    et.close()
+    assert all_hooks(model, compiled) == 0
