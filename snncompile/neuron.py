@@ -67,6 +67,10 @@ class NeuronSpec:
     ``sigmoid(w)`` with the learnable parameter ``w``); ``decay_input`` is ``False`` for IF;
     ``surrogate`` is the node's surrogate module (read ``surrogate.params`` and use
     ``type(surrogate).derivative``); ``w`` is the PLIF parameter itself (not compared).
+    ``v_init`` is the initial membrane potential (the value ``reset()`` restores) when it
+    differs from the reset value, e.g. ``v_threshold / 2`` for ann2snn's
+    ``HalfThresholdIFNode``; ``None`` means the usual start, ``v_reset`` (or 0.0 for soft
+    reset). It does not change the dynamics, only the initial state.
     """
 
     kind: Literal["if", "lif", "plif"]
@@ -77,6 +81,14 @@ class NeuronSpec:
     detach_reset: bool
     surrogate: nn.Module = field(compare=False)
     w: torch.Tensor | None = field(default=None, compare=False)
+    v_init: float | None = None
+
+    @property
+    def initial_v(self) -> float:
+        """The membrane potential a fresh (or reset) neuron starts from."""
+        if self.v_init is not None:
+            return self.v_init
+        return 0.0 if self.v_reset is None else self.v_reset
 
 
 def _as_float(owner: str, name: str, value: object, allow_none: bool = False) -> float | None:

@@ -4,14 +4,29 @@ Each ReLU of the ANN becomes ``VoltageScale(1/s) -> IF neuron (v_threshold=1, so
 VoltageScale(s)`` where ``s`` is the calibrated activation scale of that ReLU. The IF neuron's
 firing rate approximates ``clamp(x / s, 0, 1)``, so the rescaled rate approximates
 ``clamp(relu(x), 0, s)``.
+
+Both are first-class for the compiler (registered with the frontend below): a
+``HalfThresholdIFNode`` is a ``NEURON`` (plain IF dynamics, ``v_init`` in its ``NeuronSpec``),
+so ``snncompile.optimize`` fuses it and ``export_onnx`` starts its state at ``v_init``; a
+``VoltageScale`` is one ``ELEMENTWISE`` leaf (``x * scale``), not a traced
+``getattr``/``.to``/``mul`` chain, so it exports as a single ONNX ``Mul``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from snncompile.neuron import IFNode
+from snncompile.frontend.rules import (
+    Kind,
+    ModuleInfo,
+    register_module_rule,
+    register_neuron_subclass,
+)
+from snncompile.ir.ops import Op
+from snncompile.neuron import IFNode, NeuronSpec
 
 __all__ = ["HalfThresholdIFNode", "VoltageScale"]
 
@@ -62,5 +77,22 @@ class HalfThresholdIFNode(IFNode):
         self.set_reset_value("v", self.v_init)
         self.v = self.v_init
 
+    def dynamics_spec(self) -> NeuronSpec:
+        """The plain IF spec with ``v_init = v_threshold / 2`` (the start and reset value)."""
+        return dataclasses.replace(super().dynamics_spec(), v_init=float(self.v_init))
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, v_init={self.v_init}"
+
+
+def _voltage_scale_rule(module: nn.Module) -> ModuleInfo:
+    scale = module.scale
+    shape = tuple(scale.shape)
+    return ModuleInfo(Op.ELEMENTWISE, Kind.STATELESS, {"fn": "VoltageScale", "scale_shape": shape})
+
+
+# HalfThresholdIFNode changes only the initial membrane, so it may run as an IF NEURON (the
+# registration checks that it overrides none of the dynamics methods).
+register_neuron_subclass(HalfThresholdIFNode)
+# VoltageScale is pointwise and stateless: one leaf op (it never mixes samples or time steps).
+register_module_rule(VoltageScale, _voltage_scale_rule)

@@ -33,8 +33,10 @@ and the next states.
 * ``snncompile.states``: a JSON list, one object per neuron state in input order:
   ``{"node": IR node name, "input": state input name, "output": next-state output name,
   "shape": [-1, C, H, W] (-1 = batch), "dtype": "float32", "init": initial value}``. ``init`` is
-  ``v_reset`` (hard reset) or ``0.0`` (soft reset); the initial state is that value broadcast to
-  ``shape`` with the batch size filled in. Sequence-mode models list their (internal) states too.
+  the neuron's ``NeuronSpec.v_init`` when it has one (ann2snn's half-threshold IF neurons start
+  at ``v_threshold / 2``), else ``v_reset`` (hard reset) or ``0.0`` (soft reset); the initial
+  state is that value broadcast to ``shape`` with the batch size filled in. Sequence-mode models
+  list their (internal) states too and start their ``Scan`` from the same values.
 
 **Versions.** The opset defaults to :data:`DEFAULT_OPSET` (capped by what the installed
 onnxruntime implements) and the IR version is the smallest one that declares that opset
@@ -804,6 +806,13 @@ def _elementwise(e: _Emitter, node: Node) -> str:
     m = node.module
     if m is not None:
         x = e.data(node)
+        from snncompile.ann2snn.modules import VoltageScale
+
+        if isinstance(m, VoltageScale):
+            # x * scale; a per-channel scale [C, 1, ..., 1] broadcasts from the right over the
+            # per-step [N, C, *] value exactly as over [T*N, C, *] in PyTorch.
+            scale = m.scale.detach().to("cpu", torch.float32).numpy()
+            return b.node("Mul", [x, b.inits.add(scale, f"{node.name}_scale")], node.name)
         if isinstance(m, nn.ReLU):
             return b.node("Relu", [x], node.name)
         if isinstance(m, nn.ReLU6):
@@ -898,11 +907,25 @@ def _state_infos(graph: Graph, names: NameSource, prefix: str) -> dict[str, Stat
             input=names.reserve(f"{prefix}{node.name}.v"),
             output=names.reserve(f"{prefix}{node.name}.v_next"),
             shape=tuple(int(s) for s in shape),
-            init=dyn.reset_value,
+            init=_initial_v(node, dyn),
             dynamics=dyn,
             uniforms=uniforms,
         )
     return infos
+
+
+def _initial_v(node: Node, dyn: NeuronDynamics) -> float:
+    """The membrane a neuron starts from: ``NeuronSpec.v_init`` if set, else the reset value.
+
+    ``v_init`` differs from the reset value for ann2snn's ``HalfThresholdIFNode`` (half the
+    threshold); the dynamics, and therefore ``dyn.reset_value``, are the plain IF ones.
+    """
+    spec_fn = getattr(node.module, "dynamics_spec", None)
+    spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
+    v_init = getattr(spec, "v_init", None)
+    if v_init is None:
+        v_init = node.attrs.get("v_init")
+    return float(dyn.reset_value if v_init is None else v_init)
 
 
 def _value_info(name: str, dtype: str | None, dims: Sequence[int | str]) -> onnx.ValueInfoProto:
@@ -1100,7 +1123,9 @@ def onnx_initial_states(
     """The initial neuron states of a step-mode export: ``{state input name: array}``.
 
     Each array is ``[batch_size, *feature shape]`` filled with the neuron's initial membrane
-    potential (``v_reset``, or 0 for soft reset), read from the model's metadata.
+    potential (its ``v_init`` if it has one, e.g. ``v_threshold / 2`` for ann2snn's
+    ``HalfThresholdIFNode``; else ``v_reset``, or 0 for soft reset), read from the model's
+    metadata.
     """
     meta = _load_meta(path_or_model)
     if _STATES_KEY not in meta:

@@ -4,7 +4,8 @@
 layers, ``torch.nn.functional`` calls and tensor methods, residual adds and concatenations,
 flatten/reshape/view with symbolic batch sizes, and SpikingJelly 2.0.0 ``activation_based``
 models. Untraceable submodules become opaque leaves (or an error with ``strict=True``).
-:func:`register_module_rule` / :func:`register_neuron_type` extend the mapping.
+:func:`register_module_rule` / :func:`register_neuron_type` /
+:func:`register_neuron_subclass` extend the mapping.
 """
 
 from snncompile.frontend.rules import (
@@ -13,6 +14,7 @@ from snncompile.frontend.rules import (
     classify_call,
     classify_module,
     register_module_rule,
+    register_neuron_subclass,
     register_neuron_type,
 )
 from snncompile.frontend.trace import (
@@ -36,6 +38,7 @@ __all__ = [
     "merge_time",
     "model_step_mode",
     "register_module_rule",
+    "register_neuron_subclass",
     "register_neuron_type",
     "split_time",
     "trace_model",

@@ -63,6 +63,55 @@ def register_neuron_type(module_type: type) -> None:
     _NEURON_TYPES.add(module_type)
 
 
+#: Methods that define a neuron's dynamics (charge -> fire -> reset and the step loops). A class
+#: registered with :func:`register_neuron_subclass` must inherit all of them unchanged.
+DYNAMICS_METHODS = (
+    "neuronal_charge",
+    "neuronal_fire",
+    "neuronal_reset",
+    "_step",
+    "single_step_forward",
+    "multi_step_forward",
+    "_multi_step_torch",
+)
+
+
+def register_neuron_subclass(module_type: type) -> None:
+    """Treat instances of exactly ``module_type`` as the snncompile neuron it subclasses.
+
+    This is for subclasses of ``IFNode`` / ``LIFNode`` / ``ParametricLIFNode`` that change only
+    configuration -- e.g. :class:`snncompile.ann2snn.HalfThresholdIFNode`, whose membrane starts
+    at ``v_threshold / 2`` (reported through ``NeuronSpec.v_init``) -- and not the dynamics. The
+    compiler then fuses them and exporters render them from their ``NeuronSpec``, so overriding
+    any of :data:`DYNAMICS_METHODS` is refused here with a ``TypeError`` (register such a class
+    with :func:`register_module_rule` as an opaque stateful module instead). Only the exact type
+    is registered: its own subclasses are not accepted implicitly.
+    """
+    from snncompile import neuron as sc_neuron
+
+    bases = (sc_neuron.IFNode, sc_neuron.LIFNode, sc_neuron.ParametricLIFNode)
+    if not isinstance(module_type, type) or not issubclass(module_type, bases):
+        raise TypeError(
+            f"register_neuron_subclass: {module_type!r} is not a subclass of snncompile's "
+            "IFNode, LIFNode or ParametricLIFNode; use register_neuron_type or "
+            "register_module_rule for other neuron classes."
+        )
+    base = next(b for b in module_type.__mro__ if b in bases)
+    for method in DYNAMICS_METHODS:
+        owner = next((c for c in module_type.__mro__ if method in c.__dict__), None)
+        if owner is not None and owner not in base.__mro__:
+            raise TypeError(
+                f"register_neuron_subclass: {module_type.__name__} overrides {method} (defined "
+                f"in {owner.__name__}), so its dynamics are not {base.__name__}'s and its "
+                "NeuronSpec does not describe it. Register it with register_module_rule as an "
+                "opaque stateful module, or move the change into configuration."
+            )
+    _NEURON_SUBCLASSES.add(module_type)
+
+
+_NEURON_SUBCLASSES: set[type] = set()
+
+
 def sj_modules() -> Any | None:
     """SpikingJelly's ``activation_based`` package if it is already imported, else ``None``.
 
@@ -101,7 +150,13 @@ def is_stateful_module(module: nn.Module) -> bool:
 def _neuron_types() -> tuple[type, ...]:
     from snncompile import neuron as sc_neuron
 
-    types = {sc_neuron.IFNode, sc_neuron.LIFNode, sc_neuron.ParametricLIFNode, *_NEURON_TYPES}
+    types = {
+        sc_neuron.IFNode,
+        sc_neuron.LIFNode,
+        sc_neuron.ParametricLIFNode,
+        *_NEURON_TYPES,
+        *_NEURON_SUBCLASSES,
+    }
     sj = sj_modules()
     if sj is not None:
         types |= {sj.neuron.IFNode, sj.neuron.LIFNode, sj.neuron.ParametricLIFNode}
@@ -123,6 +178,10 @@ def neuron_attrs(module: nn.Module) -> dict[str, Any]:
         attrs["decay_input"] = spec.decay_input
         attrs["detach_reset"] = spec.detach_reset
         attrs["surrogate"] = type(spec.surrogate).__name__
+        v_init = getattr(spec, "v_init", None)
+        if v_init is not None:
+            # The membrane starts (and reset() restores it) here instead of at v_reset / 0.
+            attrs["v_init"] = v_init
         attrs["_spec"] = spec
         return attrs
     name = type(module).__name__

@@ -11,7 +11,11 @@ How a model is read:
    layers and plain ``torch.nn`` layers are leaves. ``SeqToANNContainer`` and (when all its
    children are neurons or stateless layers) ``MultiStepContainer`` are expanded into their
    children between explicit ``MERGE_TIME``/``SPLIT_TIME`` ops, and a multi-step stateless layer
-   becomes ``MERGE_TIME -> layer -> SPLIT_TIME``. A submodule fx cannot trace (data-dependent
+   becomes ``MERGE_TIME -> layer -> SPLIT_TIME``. Hand-written sequence code gets the same ops:
+   ``x_seq.flatten(0, 1)`` is ``MERGE_TIME`` and ``y.unflatten(0, (x_seq.size(0), -1))`` (or a
+   ``view``/``reshape`` to ``(T, -1, ...)`` with ``T`` read from a sequence) is ``SPLIT_TIME``
+   (rules and the fallback in the comment above :func:`_time_reshape`; ``ann2snn.convert``
+   emits this form). A submodule fx cannot trace (data-dependent
    control flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module
    itself; with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
 3. **Shapes.** The probe runs the example once (twice for single-step models, with batch sizes
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,7 +56,7 @@ from snncompile.frontend.rules import (
     step_module_types,
 )
 from snncompile.ir.graph import Graph, Node, Ref
-from snncompile.ir.ops import Layout, Op
+from snncompile.ir.ops import Layout, Op, OpGroup
 
 
 class FrontendError(ValueError):
@@ -420,90 +425,305 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
     work_root: nn.Module = model if traced_root is probe else _RootWrapper(model)
     shapes, second = _probe_shapes(gm, traced_root, example_input, step_mode)
 
-    graph = Graph({"step_mode": step_mode, "T": T, "N": N})
-    base = Layout.STEP if step_mode == "s" else Layout.SEQ
-    copies: dict[int, nn.Module] = {}
-    call_counts: dict[str, int] = {}
+    def build(recognise_time: bool) -> Graph:
+        graph = Graph({"step_mode": step_mode, "T": T, "N": N})
+        base = Layout.STEP if step_mode == "s" else Layout.SEQ
+        copies: dict[int, nn.Module] = {}
+        call_counts: dict[str, int] = {}
+        time_size_readers: set[str] = set()  # T-size values read only by recognised time reshapes
 
-    def own_copy(m: nn.Module, convert: bool = False) -> nn.Module:
-        if id(m) not in copies:
-            converted = convert_spikingjelly_neuron(m) if convert else None
-            clone = converted if converted is not None else copy_sharing_parameters(m)
-            _reset_state(clone)
-            copies[id(m)] = clone
-        return copies[id(m)]
+        def own_copy(m: nn.Module, convert: bool = False) -> nn.Module:
+            if id(m) not in copies:
+                converted = convert_spikingjelly_neuron(m) if convert else None
+                clone = converted if converted is not None else copy_sharing_parameters(m)
+                _reset_state(clone)
+                copies[id(m)] = clone
+            return copies[id(m)]
 
-    for fxn in gm.graph.nodes:
-        inputs: list[str] = []
+        for fxn in gm.graph.nodes:
+            inputs: list[str] = []
 
-        def ref(arg: fx.Node, _inputs: list[str] = inputs) -> Ref:
-            if arg.name not in _inputs:
-                _inputs.append(arg.name)
-            return Ref(_inputs.index(arg.name))
+            def ref(arg: fx.Node, _inputs: list[str] = inputs) -> Ref:
+                if arg.name not in _inputs:
+                    _inputs.append(arg.name)
+                return Ref(_inputs.index(arg.name))
 
-        args = fx.node.map_arg(fxn.args, ref)
-        kwargs = fx.node.map_arg(fxn.kwargs, ref)
-        in_nodes = [graph[i] for i in inputs]
-        rec = shapes.get(fxn.name)
-        shape, dtype = rec if rec is not None else (None, None)
-        node: Node
-        if fxn.op == "placeholder":
-            node = Node(fxn.name, Op.INPUT, layout=base)
-        elif fxn.op == "get_attr":
-            value = _fetch_attr(work_root, str(fxn.target))
-            node = Node(
-                fxn.name,
-                Op.CONSTANT,
-                layout=Layout.NONE,
-                attrs={"target": str(fxn.target), "_value": value},
-            )
-        elif fxn.op == "output":
-            node = Node("output", Op.OUTPUT, tuple(inputs), {"args": args}, layout=Layout.NONE)
-        elif fxn.op == "call_function" and fxn.target is merge_time:
-            node = Node(fxn.name, Op.MERGE_TIME, (inputs[0],), layout=Layout.FLAT)
-        elif fxn.op == "call_function" and fxn.target is split_time:
-            node = Node(fxn.name, Op.SPLIT_TIME, (inputs[0],), layout=Layout.SEQ)
-        elif fxn.op == "call_module":
-            path = str(fxn.target)
-            call_counts[path] = call_counts.get(path, 0) + 1
-            node = _module_node(
-                fxn.name, path, work_root, plan, step_mode, own_copy, args, kwargs, inputs
-            )
-            node.layout = _layout_of(in_nodes, base, fxn.name)
-        else:
-            is_method = fxn.op == "call_method"
-            op = classify_call(fxn.target, is_method)
-            node = Node(
-                fxn.name,
-                op,
-                tuple(inputs),
-                {"args": args, "kwargs": dict(kwargs)},
-                target=fxn.target,
-            )
-            node.layout = _layout_of(in_nodes, Layout.NONE, fxn.name)
-        if node.op is not Op.OUTPUT:
-            node.shape, node.dtype = shape, dtype
-            node.meta["value_kind"] = shapes["__kinds__"].get(fxn.name, "tensor")
-        if second is not None and shape is not None:
-            rec2 = second.get(fxn.name)
-            node.meta["batch_aligned"] = bool(
-                rec2 is not None
-                and len(shape) >= 1
-                and shape[0] == N
-                and rec2[0][0] == N + 1
-                and rec2[0][1:] == shape[1:]
-            )
-        graph.add(node)
+            args = fx.node.map_arg(fxn.args, ref)
+            kwargs = fx.node.map_arg(fxn.kwargs, ref)
+            in_nodes = [graph[i] for i in inputs]
+            rec = shapes.get(fxn.name)
+            shape, dtype = rec if rec is not None else (None, None)
+            node: Node
+            if fxn.op == "placeholder":
+                node = Node(fxn.name, Op.INPUT, layout=base)
+            elif fxn.op == "get_attr":
+                value = _fetch_attr(work_root, str(fxn.target))
+                node = Node(
+                    fxn.name,
+                    Op.CONSTANT,
+                    layout=Layout.NONE,
+                    attrs={"target": str(fxn.target), "_value": value},
+                )
+            elif fxn.op == "output":
+                node = Node("output", Op.OUTPUT, tuple(inputs), {"args": args}, layout=Layout.NONE)
+            elif fxn.op == "call_function" and fxn.target is merge_time:
+                node = Node(fxn.name, Op.MERGE_TIME, (inputs[0],), layout=Layout.FLAT)
+            elif fxn.op == "call_function" and fxn.target is split_time:
+                node = Node(fxn.name, Op.SPLIT_TIME, (inputs[0],), layout=Layout.SEQ)
+            elif fxn.op == "call_module":
+                path = str(fxn.target)
+                call_counts[path] = call_counts.get(path, 0) + 1
+                node = _module_node(
+                    fxn.name, path, work_root, plan, step_mode, own_copy, args, kwargs, inputs
+                )
+                node.layout = _layout_of(in_nodes, base, fxn.name)
+            elif recognise_time and (
+                (time_op := _time_reshape(fxn, args, kwargs, in_nodes, shape, T, N)) is not None
+            ):
+                # Hand-written sequence code: x_seq.flatten(0, 1) / y.unflatten(0, (T, -1)) ...
+                op, data = time_op
+                layout = Layout.FLAT if op is Op.MERGE_TIME else Layout.SEQ
+                node = Node(fxn.name, op, (data,), layout=layout)
+                node.meta["source_call"] = _call_label(fxn)
+                time_size_readers.update(i for i in inputs if i != data)
+            else:
+                is_method = fxn.op == "call_method"
+                op = classify_call(fxn.target, is_method)
+                node = Node(
+                    fxn.name,
+                    op,
+                    tuple(inputs),
+                    {"args": args, "kwargs": dict(kwargs)},
+                    target=fxn.target,
+                )
+                node.layout = _layout_of(in_nodes, Layout.NONE, fxn.name)
+                _tag_time_size(node, fxn, args, kwargs, in_nodes)
+            if node.op is not Op.OUTPUT:
+                node.shape, node.dtype = shape, dtype
+                node.meta["value_kind"] = shapes["__kinds__"].get(fxn.name, "tensor")
+            if second is not None and shape is not None:
+                rec2 = second.get(fxn.name)
+                node.meta["batch_aligned"] = bool(
+                    rec2 is not None
+                    and len(shape) >= 1
+                    and shape[0] == N
+                    and rec2[0][0] == N + 1
+                    and rec2[0][1:] == shape[1:]
+                )
+            graph.add(node)
 
-    if step_mode == "s":
-        shared = [
-            p
-            for p, c in call_counts.items()
-            if c > 1 and is_stateful_module(work_root.get_submodule(p))
-        ]
-        if shared:
-            graph.meta["shared_stateful"] = tuple(sorted(shared))
+        _drop_unused_time_sizes(graph, time_size_readers)
+        if step_mode == "s":
+            shared = [
+                p
+                for p, c in call_counts.items()
+                if c > 1 and is_stateful_module(work_root.get_submodule(p))
+            ]
+            if shared:
+                graph.meta["shared_stateful"] = tuple(sorted(shared))
+        return graph
+
+    try:
+        graph = build(recognise_time=True)
+        consistent = _time_layout_consistent(graph)
+    except FrontendError:  # e.g. a recognised flat value mixed with a seq-labelled one
+        consistent = False
+    if not consistent:
+        # Time reshapes were recognised but the code around them reshapes dimension 0 itself
+        # (e.g. a literal-T view): record everything the old way rather than mislabel values.
+        # Genuine errors are raised again by this second build.
+        graph = build(recognise_time=False)
     return graph
+
+
+# -- hand-written time reshapes -> MERGE_TIME / SPLIT_TIME ----------------------------------------
+# Sequence-level code (SpikingJelly's SeqToANNContainer does it, users write it by hand and
+# ann2snn.convert emits it) folds time into the batch with ``x_seq.flatten(0, 1)`` and unfolds it
+# with ``y.unflatten(0, (x_seq.size(0), -1))`` (or ``y.view(T, -1, ...)``/``reshape``). Recorded
+# as plain FLATTEN/FUNCTION nodes these would be ``seq``-labelled values whose dimension 0 is
+# really ``T*N``: the layout bookkeeping would be wrong, simplify_time_layout could not cancel
+# round trips and the ONNX exporter would refuse them (they "change the time/batch
+# dimensions"). They are exactly the IR's MERGE_TIME / SPLIT_TIME, so the frontend records them
+# as such. The rules are deliberately narrow, so every other reshape is recorded as before:
+#
+# * MERGE_TIME: ``flatten(0, 1)`` (method or ``torch.flatten``), or ``view``/``reshape`` to
+#   ``(-1, *x.shape[2:])`` with literal feature sizes, of a ``seq`` tensor whose recorded shape
+#   starts with the example's ``(T, N)``;
+# * SPLIT_TIME: ``unflatten(0, (t, -1))`` (method or ``torch.unflatten``), or ``view``/``reshape``
+#   to ``(t, -1, *y.shape[1:])``, of a ``flat`` tensor ``[T*N, *]``, where ``t`` is the time size
+#   *read from a sequence at run time* (``x_seq.size(0)``, ``x_seq.shape[0]``,
+#   ``x_seq.size()[0]``). A literal ``T`` is not recognised: it would silently fix ``T`` (and
+#   break chunked execution), so such code keeps its old recording. The IR's SPLIT_TIME reads
+#   ``T`` from the graph's sequence input at run time, which is the same value: every ``seq``
+#   value of a graph has the input's ``T`` (also per chunk).
+#
+# The ``size`` nodes that only fed recognised reshapes are dropped afterwards.
+_TIME_SIZE = "time_size"  # node.meta flag: the value is T, read from a seq tensor at run time
+_SEQ_SHAPE = "seq_shape"  # node.meta flag: the value is the full shape of a seq tensor
+
+
+def _call_label(fxn: fx.Node) -> str:
+    target = fxn.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    return f".{name}" if fxn.op == "call_method" else str(name)
+
+
+def _is_seq_tensor(node: Node, T: int, N: int) -> bool:
+    return (
+        node.layout is Layout.SEQ
+        and not node.attrs.get("per_step")
+        and node.shape is not None
+        and len(node.shape) >= 2
+        and tuple(node.shape[:2]) == (T, N)
+    )
+
+
+def _tag_time_size(
+    node: Node, fxn: fx.Node, args: Any, kwargs: Any, in_nodes: list[Node]
+) -> None:
+    """Flag ``x.size(0)``, ``x.shape``, ``x.size()`` and ``<shape>[0]`` of a ``seq`` tensor."""
+    first = args[0] if args else None
+    if not isinstance(first, Ref):
+        return
+    src = in_nodes[first.index]
+    nargs = len(args) + len(kwargs)
+    if fxn.op == "call_function" and fxn.target is operator.getitem:
+        if src.meta.get(_SEQ_SHAPE) and nargs == 2 and len(args) == 2 and args[1] == 0:
+            node.meta[_TIME_SIZE] = src.meta[_SEQ_SHAPE]
+        return
+    if src.layout is not Layout.SEQ or src.shape is None or len(src.shape) < 2:
+        return
+    if src.attrs.get("per_step"):
+        return
+    if fxn.op == "call_method" and fxn.target == "size":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if nargs == 1:
+            node.meta[_SEQ_SHAPE] = src.name
+        elif dim == 0 and nargs == 2:
+            node.meta[_TIME_SIZE] = src.name
+    elif fxn.op == "call_function" and fxn.target is getattr and tuple(args[1:]) == ("shape",):
+        node.meta[_SEQ_SHAPE] = src.name
+
+
+def _is_time_size(value: Any, in_nodes: list[Node]) -> bool:
+    return isinstance(value, Ref) and bool(in_nodes[value.index].meta.get(_TIME_SIZE))
+
+
+def _shape_args(fxn: fx.Node, args: Any, kwargs: Any) -> tuple[Any, ...] | None:
+    """The target shape of a ``view``/``reshape`` call, or ``None`` for other calls."""
+    if fxn.op == "call_method" and fxn.target in ("view", "reshape"):
+        if kwargs:
+            return None
+        rest = tuple(args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            rest = tuple(rest[0])
+        return rest
+    if fxn.op == "call_function" and fxn.target is torch.reshape:
+        shape = kwargs.get("shape", args[1] if len(args) > 1 else None)
+        if not isinstance(shape, (tuple, list)) or len(args) + len(kwargs) != 2:
+            return None
+        return tuple(shape)
+    return None
+
+
+def _time_reshape(
+    fxn: fx.Node,
+    args: Any,
+    kwargs: Any,
+    in_nodes: list[Node],
+    shape: tuple[int, ...] | None,
+    T: int,
+    N: int,
+) -> tuple[Op, str] | None:
+    """``(MERGE_TIME | SPLIT_TIME, data input name)`` for a recognised time reshape, or None."""
+    if fxn.op not in ("call_method", "call_function") or not args or shape is None:
+        return None
+    first = args[0]
+    if not isinstance(first, Ref):
+        return None
+    src = in_nodes[first.index]
+    if src.shape is None:
+        return None
+    name = fxn.target if fxn.op == "call_method" else None
+    is_flatten = name == "flatten" or (fxn.op == "call_function" and fxn.target is torch.flatten)
+    is_unflatten = name == "unflatten" or (
+        fxn.op == "call_function" and fxn.target is torch.unflatten
+    )
+    target_shape = _shape_args(fxn, args, kwargs)
+    if _is_seq_tensor(src, T, N):
+        merged = (T * N, *src.shape[2:])
+        if tuple(shape) != merged:
+            return None
+        if is_flatten:
+            start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+            end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+            if start == 0 and end == 1 and len(args) + len(kwargs) <= 3:
+                return Op.MERGE_TIME, src.name
+        elif target_shape is not None and target_shape == (-1, *src.shape[2:]):
+            return Op.MERGE_TIME, src.name
+        return None
+    if src.layout is not Layout.FLAT or not src.shape or src.shape[0] != T * N:
+        return None
+    if tuple(shape) != (T, N, *src.shape[1:]):
+        return None
+    if is_unflatten:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        sizes = kwargs.get("sizes", args[2] if len(args) > 2 else None)
+        if (
+            dim == 0
+            and isinstance(sizes, (tuple, list))
+            and len(sizes) == 2
+            and sizes[1] == -1
+            and _is_time_size(sizes[0], in_nodes)
+            and len(args) + len(kwargs) == 3
+        ):
+            return Op.SPLIT_TIME, src.name
+        return None
+    if (
+        target_shape is not None
+        and len(target_shape) == len(src.shape) + 1
+        and _is_time_size(target_shape[0], in_nodes)
+        and tuple(target_shape[1:]) == (-1, *src.shape[1:])
+    ):
+        return Op.SPLIT_TIME, src.name
+    return None
+
+
+def _time_layout_consistent(graph: Graph) -> bool:
+    """Whether every ``flat`` tensor is ``[T*N, *]`` and no stateful op runs on a ``flat`` value.
+
+    A recognised MERGE_TIME followed by user code that reshapes dimension 0 itself (a literal
+    ``view(8, -1, ...)``) would otherwise be labelled ``flat`` while holding ``[T, N, *]``.
+    """
+    tn = int(graph.meta["T"]) * int(graph.meta["N"])
+    for node in graph:
+        if node.layout is not Layout.FLAT:
+            continue
+        if node.op.group is OpGroup.NEURON or node.attrs.get("stateful"):
+            return False
+        if node.shape is not None and (not node.shape or node.shape[0] != tn):
+            return False
+    return True
+
+
+def _drop_unused_time_sizes(graph: Graph, candidates: set[str]) -> None:
+    """Remove T-size reads (``size``/``shape`` nodes) that only fed recognised time reshapes."""
+
+    def flagged(name: str) -> bool:
+        meta = graph[name].meta
+        return bool(meta.get(_TIME_SIZE) or meta.get(_SEQ_SHAPE))
+
+    pending = {n for n in candidates if n in graph and flagged(n)}
+    while pending:
+        users = graph.users_map()
+        free = [n for n in pending if not users[n]]
+        if not free:
+            return
+        for n in free:
+            pending.discard(n)
+            inputs = graph[n].inputs
+            graph.remove(n)
+            pending.update(i for i in inputs if i in graph and flagged(i))
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:

@@ -67,7 +67,7 @@ def chunk_forward(graph: Graph) -> PassResult:
                 f"[T, N, *] outputs; move the reduction over time out of the model (use "
                 f"compiled.stream(..., reduce='mean') instead)."
             )
-    # Opaque stateful modules (e.g. ann2snn's HalfThresholdIFNode) carry state across chunks too.
+    # Opaque stateful modules (e.g. unregistered neuron subclasses) carry state across chunks too.
     neurons = len(graph.find(Op.NEURON, Op.FUSED_NEURON)) + sum(
         1 for n in graph.find(Op.OPAQUE_MODULE) if n.attrs.get("stateful")
     )

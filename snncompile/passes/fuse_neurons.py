@@ -9,12 +9,16 @@ from the same expressions, and only ``h`` saved for backward.
 
 Cases handled: snncompile ``IFNode`` / ``LIFNode`` / ``ParametricLIFNode`` in sequence layout
 (after step-mode lowering) whose surrogate has an expression form (Sigmoid, ATan,
-PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf). The node's module (the compiled
-model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or ``'auto'``,
-where ``'auto'`` picks the fused kernel or the torch loop per call by size and device). Left as
-they are: ``backend='torch'``; SpikingJelly's own neuron modules (they have no fused backend);
-neurons run per step (``attrs['per_step']``); subclasses with their own dynamics; other
-surrogates. Adjacent elementwise ops are not merged into the kernel yet.
+PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf), and the subclasses registered
+with :func:`snncompile.frontend.rules.register_neuron_subclass` (ann2snn's
+``HalfThresholdIFNode``), which keep those dynamics and change only the initial membrane
+(``NeuronSpec.v_init``): the fused kernel starts from the module's own state ``v``, which the
+module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The node's module (the
+compiled model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or
+``'auto'``, where ``'auto'`` picks the fused kernel or the torch loop per call by size and
+device). Left as they are: ``backend='torch'``; SpikingJelly's own neuron modules (they have no
+fused backend); neurons run per step (``attrs['per_step']``); subclasses with their own
+dynamics; other surrogates. Adjacent elementwise ops are not merged into the kernel yet.
 
 Registered in the pipeline's ``'fusion'`` stage (both modes) on import.
 """
