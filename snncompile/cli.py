@@ -270,7 +270,7 @@ def _benchmark_scripts(directory: Path, only: Sequence[str] | None) -> list[Path
         return scripts
     by_name: dict[str, Path] = {}
     for s in scripts:
-        for key in (s.name, s.stem, s.stem.removeprefix("bench_")):
+        for key in (s.name, s.stem, s.name.removeprefix("bench_"), s.stem.removeprefix("bench_")):
             by_name[key] = s
     chosen: list[Path] = []
     for name in only:
