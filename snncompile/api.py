@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from snncompile.frontend.trace import trace_model
+from snncompile.frontend.trace import state_copy_memo, trace_model
 from snncompile.ir.graph import Graph
 from snncompile.ir.verify import verify
 from snncompile.passes.base import PassManager
@@ -85,7 +85,8 @@ def optimize(
     if mode == "inference" and model.training:
         # Inference compiles eval semantics without flipping the user's module flags: modules are
         # copied (parameters shared) and put in eval mode.
-        memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+        memo: dict[int, Any] = state_copy_memo(model)
+        memo.update({id(p): p for p in model.parameters()})
         work = copy.deepcopy(model, memo).eval()
     graph = trace_model(work, example_input, strict=strict)
     graph.meta.update(mode=mode, backend=backend)

@@ -326,3 +326,66 @@ def test_wrapped_user_function_is_opaque_function() -> None:
     xs = torch.cat([torch.zeros(1, N, 3), torch.rand(T - 1, N, 3) * 3])
     functional.reset_net(compiled)
     torch.testing.assert_close(compiled(xs), _eager(copy.deepcopy(model), xs, "s"))
+
+
+class LateralInhibition(nn.Module):
+    """Resets every membrane of a sample when any neuron of it fired (writes the neuron's v)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lif = neuron.LIFNode(tau=2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spike = self.lif(x)
+        fired = spike.sum(1, keepdim=True) > 0
+        self.lif.v = self.lif.v * (~fired)
+        return spike
+
+
+class WithInhibition(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.inh = LateralInhibition()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inh(self.fc(x))
+
+
+class RootWritesState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.lif = neuron.LIFNode(tau=2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spike = self.lif(self.fc(x))
+        self.lif.v = self.lif.v * 0.5  # a float at trace time: fx would bake in a constant
+        return spike
+
+
+def test_state_read_or_written_outside_its_module_runs_as_written() -> None:
+    x = torch.rand(8, N, 6) * 2
+    g = snncompile.trace(WithInhibition(), x)
+    (opaque,) = g.find(Op.OPAQUE_MODULE)
+    assert opaque.attrs["path"] == "inh" and "inh.lif.v" in opaque.attrs["reason"]
+    _same(WithInhibition(), x, "s")
+    g = snncompile.trace(RootWritesState(), x)
+    assert [n.attrs["path"] for n in g.find(Op.OPAQUE_MODULE)] == ["model"]
+    _same(RootWritesState(), x, "s")
+    with pytest.raises(FrontendError, match=r"strict=True.*'inh'.*state 'inh\.lif\.v'"):
+        snncompile.optimize(WithInhibition(), x, strict=True)
+
+
+def test_tracing_leaves_the_models_state_alone_and_accepts_live_state() -> None:
+    model = WithGate()
+    x = torch.rand(T, N, 6)
+    model(x[0] * 3)  # live, non-leaf state (autograd on): deepcopy alone would refuse it
+    live = [m.v for m in model.modules() if isinstance(m, neuron.BaseNode)]
+    assert any(isinstance(v, torch.Tensor) and v.grad_fn is not None for v in live)
+    for mode in ("train", "inference"):
+        compiled = snncompile.optimize(model, x, mode=mode)
+        after = [m.v for m in model.modules() if isinstance(m, neuron.BaseNode)]
+        assert all(a is b for a, b in zip(after, live, strict=True))
+        ref = copy.deepcopy(model, {id(v): v.detach() for v in live if isinstance(v, torch.Tensor)})
+        torch.testing.assert_close(compiled(x), _eager(ref, x, "s"))  # compiled starts reset

@@ -74,11 +74,30 @@ def split_time(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.unflatten(0, (like.shape[0], -1))
 
 
+def state_copy_memo(module: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo that copies live autograd state as detached tensors.
+
+    A model that ran with autograd and was not reset holds non-leaf state tensors (a neuron's
+    ``v`` or ``v_seq``), which ``copy.deepcopy`` refuses. Copies made by the compiler reset their
+    state anyway, so they get detached clones of those tensors instead.
+    """
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        stores = [vars(sub)]
+        memories = vars(sub).get("_memories")
+        if isinstance(memories, dict):
+            stores.append(memories)
+        for store in stores:
+            for value in store.values():
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    memo[id(value)] = value.detach().clone()
+    return memo
+
+
 def copy_sharing_parameters(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are the original tensors."""
-    memo: dict[int, Any] = {
-        id(t): t for t in itertools.chain(module.parameters(), module.buffers())
-    }
+    memo = state_copy_memo(module)
+    memo.update({id(t): t for t in itertools.chain(module.parameters(), module.buffers())})
     return copy.deepcopy(module, memo)
 
 
@@ -240,13 +259,101 @@ class SNNTracer(fx.Tracer):
         path = self.path_of_module(m)
         self._stack.append(path)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if not self.is_leaf_module(m, path):
+                check_no_state_writes(m, path)
+            return out
         except Exception as exc:
             if self.failure is None:
                 self.failure = (path, exc)
             raise
         finally:
             self._stack.pop()
+
+
+class StateWriteError(RuntimeError):
+    """Traced code outside a stateful module read or wrote that module's state."""
+
+
+class _StateSentinel:
+    """Stands in for a memory (e.g. a neuron's ``v``) while the model is traced.
+
+    Stateful modules are leaves, so only code *around* them (a parent's forward) can touch their
+    state during tracing, and fx records neither an attribute read (the value at trace time is
+    baked in as a constant) nor a write (it is lost). Any use of the sentinel raises, which turns
+    the module whose forward did it into an opaque module that runs as written.
+    """
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise StateWriteError(
+            f"its forward reads the state {self.owner!r} of a stateful module (e.g. a neuron's "
+            "membrane) from outside that module; torch.fx cannot record state reads or writes, "
+            "so this module must run as written"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        owner = next((a.owner for a in args if isinstance(a, _StateSentinel)), "?")
+        _StateSentinel(owner)._refuse()
+
+    def __repr__(self) -> str:
+        return f"<state {self.owner} during tracing>"
+
+
+for _dunder in (
+    "add radd sub rsub mul rmul truediv rtruediv floordiv rfloordiv mod rmod pow rpow matmul "
+    "rmatmul and rand or ror xor rxor lt le gt ge eq ne neg pos abs invert bool float int index "
+    "len iter getitem setitem array"
+).split():
+    setattr(_StateSentinel, f"__{_dunder}__", _StateSentinel._refuse)
+_StateSentinel.__hash__ = object.__hash__  # type: ignore[method-assign]  (eq is refused)
+
+
+def _memory_stores(root: nn.Module) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path, sub in root.named_modules():
+        memories = vars(sub).get("_memories")
+        if isinstance(memories, dict) and memories:
+            yield path, memories
+
+
+def check_no_state_writes(module: nn.Module, path: str) -> None:
+    """Raise :class:`StateWriteError` if tracing ``module``'s forward replaced a sentinel."""
+    written = [
+        f"{p}.{name}" if p else name
+        for p, memories in _memory_stores(module)
+        for name, value in memories.items()
+        if not isinstance(value, _StateSentinel)
+    ]
+    if written:
+        where = [f"{path}.{w}" if path else w for w in written]
+        raise StateWriteError(
+            f"its forward assigns to the state {where} of a stateful module (e.g. resetting a "
+            "neuron's membrane from outside the neuron); torch.fx cannot record state writes, so "
+            "this module must run as written"
+        )
+
+
+@contextlib.contextmanager
+def _state_guarded(root: nn.Module) -> Iterator[None]:
+    """Replace every memory of ``root``'s modules by a sentinel while tracing; restore after."""
+    saved = [(memories, dict(memories)) for _path, memories in _memory_stores(root)]
+    for path, memories in _memory_stores(root):
+        for name in memories:
+            memories[name] = _StateSentinel(f"{path}.{name}" if path else name)
+    try:
+        yield
+    finally:
+        for memories, before in saved:
+            memories.clear()
+            memories.update(before)
 
 
 class _RootWrapper(nn.Module):
@@ -300,7 +407,9 @@ def _trace(probe: nn.Module, plan: _Plan, strict: bool) -> tuple[fx.GraphModule,
     for _ in range(limit):
         tracer = SNNTracer(plan, probe)
         try:
-            fx_graph = tracer.trace(probe)
+            with _state_guarded(probe):
+                fx_graph = tracer.trace(probe)
+                check_no_state_writes(probe, "")  # the model's own forward
             return fx.GraphModule(tracer.root, fx_graph), probe
         except Exception as exc:
             path, err = tracer.failure if tracer.failure is not None else ("", exc)
@@ -312,9 +421,9 @@ def _trace(probe: nn.Module, plan: _Plan, strict: bool) -> tuple[fx.GraphModule,
             )
             if strict:
                 raise FrontendError(
-                    f"strict=True: torch.fx cannot trace {where}: {reason}. Remove the "
-                    "data-dependent control flow from it, or pass strict=False to run it as an "
-                    "opaque module."
+                    f"strict=True: torch.fx cannot trace {where}: {reason}. Rewrite it "
+                    "without data-dependent control flow or state access from outside the "
+                    "stateful module, or pass strict=False to run it as an opaque module."
                 ) from exc
             if not path or path in plan.opaque:
                 root_reason = reason
@@ -419,7 +528,7 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
         )
     step_mode = model_step_mode(model)
     T, N = int(example_input.shape[0]), int(example_input.shape[1])
-    probe = copy.deepcopy(model)
+    probe = copy.deepcopy(model, state_copy_memo(model))
     plan = _make_plan(probe, step_mode)
     gm, traced_root = _trace(probe, plan, strict)
     work_root: nn.Module = model if traced_root is probe else _RootWrapper(model)

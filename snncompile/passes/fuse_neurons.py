@@ -16,9 +16,11 @@ with :func:`snncompile.frontend.rules.register_neuron_subclass` (ann2snn's
 module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The node's module (the
 compiled model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or
 ``'auto'``, where ``'auto'`` picks the fused kernel or the torch loop per call by size and
-device). Left as they are: ``backend='torch'``; SpikingJelly's own neuron modules (they have no
-fused backend); neurons run per step (``attrs['per_step']``); subclasses with their own
-dynamics; other surrogates. Adjacent elementwise ops are not merged into the kernel yet.
+device). Left as they are: ``backend='torch'``; SpikingJelly neurons the frontend could not
+rebuild as snncompile neurons (a custom surrogate, ``store_v_seq=True``: they run as the original
+module; IF/LIF/PLIF are rebuilt, so they are fused); neurons run per step
+(``attrs['per_step']``); subclasses with their own dynamics; other surrogates. Adjacent
+elementwise ops are not merged into the kernel yet.
 
 Registered in the pipeline's ``'fusion'`` stage (both modes) on import.
 """
