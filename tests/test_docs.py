@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+CODE_PAGES = [*PAGES, REPO / "README.md"]  # the README's example runs too (it is not a site page)
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})(?P<info>[^`]*)$")
 _SKIP = re.compile(r"^\s*<!--\s*skip-test:(?P<reason>.*?)-->\s*$")
@@ -159,7 +160,7 @@ def test_every_page_is_in_the_nav() -> None:
 
 
 # -- the code blocks ----------------------------------------------------------------------------
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", CODE_PAGES, ids=[p.name for p in CODE_PAGES])
 def test_docs_block_conventions(page: Path) -> None:
     _check_conventions(page)
 
@@ -182,7 +183,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pipeline._REGISTERED.update(registry)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", CODE_PAGES, ids=[p.name for p in CODE_PAGES])
 def test_docs_python_blocks_run(page: Path, _isolated: Path) -> None:
     """The ```python blocks of one page run in order in one namespace."""
     blocks = [b for b in _python_blocks(page) if b.skip_reason is None]
