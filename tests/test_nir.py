@@ -119,6 +119,34 @@ def test_roundtrip_conv_net_and_compile(sum_pool, tmp_path):
     assert torch.equal(_run(compiled, x), ref)
 
 
+@pytest.mark.parametrize("channel_wise", [False, True])
+def test_converted_ann_roundtrip_keeps_scales_and_half_threshold_start(channel_wise, tmp_path):
+    from snncompile import ann2snn
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 5))
+    snn = ann2snn.convert(ann, torch.rand(32, 1, 8, 8), channel_wise=channel_wise,
+                          progress=False)
+    x = torch.rand(T, 3, 1, 8, 8)
+    ref = _run(snn, x)
+    with pytest.warns(UserWarning, match="snncompile.v_init"):
+        sc.export_nir(snn, x[:2], dt=1e-3, path=tmp_path / "model.nir")
+    g = nir.read(str(tmp_path / "model.nir"))
+    assert sum(isinstance(n, nir.Scale) for n in g.nodes.values()) == 4
+    ifs = [n for n in g.nodes.values() if isinstance(n, nir.IF)]
+    assert len(ifs) == 2 and all(n.metadata["snncompile.v_init"] == 0.5 for n in ifs)
+    back = sc.import_nir(g)
+    assert sum(isinstance(m, ann2snn.HalfThresholdIFNode) for m in back.modules()) == 2
+    assert torch.equal(_run(back, x), ref)
+    compiled = sc.optimize(back, x[:4])
+    assert torch.equal(_run(compiled, x), ref)
+    bad = nir.IF(r=np.full(3, 1e3), v_threshold=np.ones(3), v_reset=np.zeros(3),
+                 metadata={"snncompile.v_init": 0.3, "snncompile.reset": "subtract"})
+    with pytest.raises(NIRImportError, match="v_init=0.3 is only understood"):
+        sc.import_nir(_graph(nir.Input(np.array([3])), bad, nir.Output(np.array([3]))), dt=1e-3)
+
+
 def test_export_compiled_module_and_metadata(tmp_path):
     net = _mlp("lif", True, None)
     x = torch.rand(T, 4, 8) * 1.5

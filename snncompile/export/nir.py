@@ -36,6 +36,14 @@ travel in NIR's own ``v_reset`` field. Further metadata keys (``snncompile.neuro
 ``snncompile.tau``, ``snncompile.plif_w``, ``snncompile.decay_input``, ``snncompile.surrogate``,
 ``snncompile.detach_reset``) restore the exact module; they are checked against the NIR fields.
 
+**Converted SNNs.** ``ann2snn.convert`` wraps each IF neuron in ``VoltageScale`` layers; they
+export as NIR ``Scale`` nodes (the scale broadcast to the feature shape). Its half-threshold
+neurons start (and are reset by ``reset_net``) at ``v_init = v_threshold / 2``; NIR has no
+initial-state field, so the value travels as metadata ``{'snncompile.v_init': 0.5}``, which
+:func:`import_nir` reads back (an ``ann2snn.HalfThresholdIFNode``). A tool that ignores it
+starts the membrane at ``v_reset`` (0 for soft reset), like the zero-init conversion, so
+:func:`export_nir` warns.
+
 **Recurrence.** A cycle in an imported graph becomes a
 :class:`snncompile.nir_modules.RecurrentBlock`: its nodes are stepped together, and the edges
 that leave a neuron inside the cycle carry that neuron's output of the *previous* step (zeros
@@ -69,6 +77,7 @@ DEFAULT_DT = 1e-4
 RTOL = 1e-5
 
 _RESET_KEY = "snncompile.reset"
+_V_INIT_KEY = "snncompile.v_init"
 _NEURON_TYPES = ("IF", "LIF", "LI", "I", "CubaLIF", "CubaLI")
 
 
@@ -141,6 +150,7 @@ class _Exporter:
         # IR value -> the NIR nodes whose outputs sum to it (NIR sums fan-in edges).
         self.alias: dict[str, list[str]] = {}
         self.soft_nodes: list[str] = []
+        self.v_init_nodes: list[str] = []
 
     def fail(self, node: Node, why: str) -> NIRExportError:
         what = node.attrs.get("path") or (type(node.module).__name__ if node.module else "")
@@ -183,6 +193,15 @@ class _Exporter:
                 "tool that ignores node metadata will run them with a hard reset to 0.",
                 stacklevel=3,
             )
+        if self.v_init_nodes:
+            warnings.warn(
+                "export_nir: neurons "
+                + ", ".join(self.v_init_nodes)
+                + f" start from a membrane other than v_reset; NIR has no initial-state field, "
+                f"so it is stored as node metadata {_V_INIT_KEY!r}. snncompile.import_nir "
+                "restores it; a tool that ignores node metadata starts them at v_reset.",
+                stacklevel=3,
+            )
         return self.nir.NIRGraph(
             nodes=self.nodes,
             edges=self.edges,
@@ -222,6 +241,20 @@ class _Exporter:
         if len(set(merged)) != len(merged):
             raise self.fail(node, "adds a value to itself; NIR edges cannot express x + x")
         self.alias[node.name] = merged
+
+    def elementwise(self, node: Node) -> None:
+        from snncompile.ann2snn.modules import VoltageScale
+
+        m = node.module
+        if not isinstance(m, VoltageScale):
+            what = node.attrs.get("fn") or node.op.name
+            raise self.fail(
+                node, f"{what} has no NIR equivalent (of the elementwise ops, only ann2snn's "
+                "VoltageScale maps to NIR Scale)"
+            )
+        shape = _features(node)
+        scale = np.broadcast_to(_np(m.scale.detach().float()), shape).astype(np.float32)
+        self.emit(node, self.nir.Scale(scale=np.ascontiguousarray(scale)))
 
     def linear(self, node: Node) -> None:
         m = node.module
@@ -348,6 +381,15 @@ class _Exporter:
                 meta["snncompile.surrogate_alpha"] = float(sg.alpha)
         if soft:
             self.soft_nodes.append(node.name)
+        v_init = a.get("v_init")
+        if v_init is not None and float(v_init) != v_r:
+            if kind != "if" or not soft or float(v_init) != 0.5 * thr:
+                raise self.fail(
+                    node, f"starts at v_init={v_init}; only ann2snn's half-threshold IF neurons "
+                    "(soft reset, v_init = v_threshold / 2) can be exported with their start"
+                )
+            meta[_V_INIT_KEY] = float(v_init)
+            self.v_init_nodes.append(node.name)
 
         def full(v: float) -> np.ndarray:
             return np.full(shape, v, dtype=np.float64)
@@ -404,6 +446,7 @@ _EXPORT_OPS: dict[Op, Callable[[_Exporter, Node], None]] = {
     Op.FLATTEN: _Exporter.flatten,
     Op.RESHAPE: _Exporter.flatten,
     Op.NEURON: _Exporter.neuron,
+    Op.ELEMENTWISE: _Exporter.elementwise,
     Op.FUSED_NEURON: _Exporter.neuron,
 }
 
@@ -563,6 +606,9 @@ class _Importer:
         ours = _meta(node).get("snncompile.neuron") == "if"
         gain = _snap_one(r * self.dt if (self.integrator == "euler" or ours) else r)
         thr, v_r = _uniform(node.v_threshold), _uniform(node.v_reset)
+        v_init = _meta(node).get(_V_INIT_KEY)
+        if v_init is not None:
+            return self._half_threshold_if(name, node, soft, gain, thr, float(v_init))
         if _uniform(gain) == 1.0 and thr is not None and v_r is not None:
             return neuron.IFNode(**self._sj_kwargs(node, soft, thr, v_r))
         return NIRNeuron(
@@ -573,6 +619,22 @@ class _Importer:
             v_reset=None if soft else _arr(node.v_reset),
             surrogate_function=self._surrogate(node),
         )
+
+    def _half_threshold_if(
+        self, name: str, node: Any, soft: bool, gain: np.ndarray, thr: float | None, v_init: float
+    ) -> nn.Module:
+        """ann2snn's IF neuron that starts at half threshold (metadata ``snncompile.v_init``)."""
+        from snncompile.ann2snn.modules import HalfThresholdIFNode
+
+        if not (soft and thr is not None and _uniform(gain) == 1.0 and v_init == 0.5 * thr):
+            raise self.fail(
+                name,
+                node,
+                f"metadata {_V_INIT_KEY}={v_init} is only understood for soft-reset IF neurons "
+                "with gain 1 and v_init = v_threshold / 2 (ann2snn's half-threshold neurons); "
+                "remove the key to start at v_reset",
+            )
+        return HalfThresholdIFNode(v_threshold=thr, step_mode="m")
 
     def _ours_lif(self, name: str, node: Any, soft: bool) -> nn.Module | None:
         """The exact snncompile neuron recorded in our metadata (checked against the fields)."""
