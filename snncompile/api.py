@@ -14,6 +14,7 @@ from snncompile.ir.graph import Graph
 from snncompile.ir.verify import verify
 from snncompile.passes.base import PassManager
 from snncompile.passes.chunk import chunk_forward  # also registers the 'chunking' stage pass
+from snncompile.passes.fuse_elementwise import fuse_elementwise  # noqa: F401  (after it)
 from snncompile.passes.fuse_neurons import fuse_neurons  # noqa: F401  (registers 'fusion')
 from snncompile.passes.pipeline import build_pipeline
 from snncompile.runtime.chunked import configure_chunking

@@ -24,7 +24,7 @@ def _step_exprs(d: NeuronDynamics) -> dict[str, Expr]:
     exprs = _programs.get(d)
     if exprs is None:
         spike = d.fire(H)
-        exprs = {"h": d.charge, "s": spike, "v": d.reset(H, spike)}
+        exprs = {"h": d.charge, "s": d.emit(spike), "v": d.reset(H, spike)}
         _programs[d] = exprs
     return exprs
 
@@ -35,12 +35,15 @@ def torch_step(
     v: torch.Tensor,
     params: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step: returns ``(spike, v_next, h)`` in the dtype of ``x``/``v``."""
+    """One step: returns ``(spike, v_next, h)`` in the dtype of ``x``/``v``.
+
+    ``spike`` is what the neuron emits (times its ``output_gain``, if it has one).
+    """
     e = _step_exprs(dynamics)
     env = dict(params or {})
     env.update(v=v, x=x)
     h = evaluate({"h": e["h"]}, env)["h"]
-    out = evaluate({"s": e["s"], "v": e["v"]}, {"h": h})
+    out = evaluate({"s": e["s"], "v": e["v"]}, {**(params or {}), "h": h})
     return out["s"], out["v"], h
 
 

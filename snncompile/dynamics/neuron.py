@@ -7,14 +7,16 @@ surrogate. One step is, with SpikingJelly's operation order::
 
     h = H(v, x)
     s = heaviside(h - v_threshold)                  # surrogate gradient in backward
+    out = s * G if output_gain else s               # what the neuron emits (G: output_gain)
     r = detach(s) if detach_reset else s
     v = r * v_reset + (1.0 - r) * h                 # hard reset
     v = h - r * v_threshold                         # soft reset
 
 :meth:`NeuronDynamics.step_program` turns that into a :class:`StepProgram`: the forward step with
 sub-expressions that depend only on parameters hoisted into per-call *uniforms* (computed once in
-PyTorch, e.g. PLIF's ``sigmoid(w)``), and the backward step derived by :func:`~snncompile.
-dynamics.expr.grad`: given the saved ``h`` and the incoming gradients of the spike (``gs``) and of
+PyTorch, e.g. PLIF's ``sigmoid(w)``, or an output gain), and the backward step derived by
+:func:`~snncompile.dynamics.expr.grad`: given the saved ``h`` and the incoming gradients of the
+emitted (possibly scaled) spike (``gs``) and of
 the next membrane potential (``gv``), it gives the gradients of the input (``gx``), of the previous
 membrane potential (``gv_prev``) and of each uniform. When a gradient needs the previous ``v``
 (a non-linear charge), the program recomputes it from the previous step's saved ``h``, so only
@@ -69,10 +71,12 @@ STATE_VARS = ("v", "x")
 class StepProgram:
     """The per-neuron forward and backward step of one neuron configuration, as expressions.
 
-    Forward: ``h``, ``spike`` and ``v_next`` in the variables ``v``, ``x`` and the uniform
-    parameters ``u0, u1, ...``. Backward: ``grad_x``, ``grad_v`` (of the previous ``v``) and
-    ``grad_uniforms`` in ``h``, ``gs``, ``gv`` (and ``v``, ``x`` when the gradient needs them);
-    ``v_from_h_prev`` recomputes ``v`` from the previous step's ``h``.
+    Forward: ``h``, ``spike`` (what the neuron emits: the Heaviside spike, times the output gain
+    when the neuron has one) and ``v_next`` (reset with the unscaled spike) in the variables
+    ``v``, ``x``, ``h`` and the uniform parameters ``u0, u1, ...``. Backward: ``grad_x``,
+    ``grad_v`` (of the previous ``v``) and ``grad_uniforms`` in ``h``, ``gs``, ``gv`` (and ``v``,
+    ``x`` when the gradient needs them); ``v_from_h_prev`` recomputes ``v`` from the previous
+    step's ``h``.
     """
 
     h: Expr
@@ -99,6 +103,12 @@ class NeuronDynamics:
     leaves (per-call scalars, e.g. a learnable parameter; values are passed at call time) and
     numbers. ``v_reset=None`` selects the soft reset. With ``spiking=False`` the neuron emits the
     surrogate's smooth primitive instead of the Heaviside step.
+
+    ``output_gain`` (optional) is a parameter-only expression, e.g. ``param('out_gain')``: the
+    neuron emits ``spike * output_gain`` (one float32 multiply after the fire) while the reset
+    still uses the unscaled spike. With an input gain in the charge (``v + x * param('in_gain')``)
+    this is how a ``scale -> neuron -> scale`` chain becomes one kernel
+    (:mod:`snncompile.passes.fuse_elementwise`).
     """
 
     name: str
@@ -108,6 +118,7 @@ class NeuronDynamics:
     surrogate: SurrogateExpr = field(default_factory=lambda: SurrogateExpr("Sigmoid", (4.0,)))
     detach_reset: bool = False
     spiking: bool = True
+    output_gain: Expr | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.charge, Expr):
@@ -126,12 +137,27 @@ class NeuronDynamics:
                 f"NeuronDynamics {self.name!r}: the charge must not contain heaviside(); firing "
                 "is added by the neuron (v_threshold, surrogate)."
             )
+        gain = self.output_gain
+        if gain is not None and (not isinstance(gain, Expr) or not is_uniform(gain)):
+            raise ValueError(
+                f"NeuronDynamics {self.name!r}: output_gain must be an expression of param(...) "
+                f"leaves and numbers only (e.g. param('out_gain')), got {gain!r}; per-neuron "
+                "gains are not supported."
+            )
+        if gain is not None and any(n.op is Op.HEAVISIDE for n in toposort([gain])):
+            raise ValueError(
+                f"NeuronDynamics {self.name!r}: output_gain must not contain heaviside()."
+            )
         object.__setattr__(self, "surrogate", surrogate_expr(self.surrogate))
 
     @property
+    def _roots(self) -> list[Expr]:
+        return [self.charge] if self.output_gain is None else [self.charge, self.output_gain]
+
+    @property
     def param_names(self) -> tuple[str, ...]:
-        """Names of the per-call parameters the charge uses, sorted."""
-        return tuple(free_names([self.charge], Op.PARAM))
+        """Names of the per-call parameters the charge and the output gain use, sorted."""
+        return tuple(free_names(self._roots, Op.PARAM))
 
     @property
     def reset_value(self) -> float:
@@ -143,6 +169,11 @@ class NeuronDynamics:
         """The spike expression for pre-reset potential ``h``."""
         z = h - const(self.v_threshold)
         return heaviside(z, self.surrogate) if self.spiking else self.surrogate.primitive(z)
+
+    def emit(self, spike: Expr, gain: Expr | None = None) -> Expr:
+        """What the neuron outputs for ``spike``: ``spike * gain`` with an output gain."""
+        gain = self.output_gain if gain is None else gain
+        return spike if gain is None else spike * gain
 
     def reset(self, h: Expr, spike: Expr) -> Expr:
         """The post-reset potential for pre-reset ``h`` and ``spike``."""
@@ -174,6 +205,7 @@ class NeuronDynamics:
                 str(self.surrogate),
                 str(self.detach_reset),
                 str(self.spiking),
+                "" if self.output_gain is None else to_str(self.output_gain),
             ]
         )
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -183,14 +215,19 @@ class NeuronDynamics:
     def describe(self) -> str:
         """A one-line human-readable form."""
         reset = "soft" if self.v_reset is None else f"hard({self.v_reset})"
+        gain = "" if self.output_gain is None else f"; emit s * {to_str(self.output_gain)}"
         return (
             f"{self.name}: h = {to_str(self.charge)}; fire h >= {self.v_threshold} "
-            f"[{self.surrogate}]; reset {reset}; detach_reset={self.detach_reset}"
+            f"[{self.surrogate}]{gain}; reset {reset}; detach_reset={self.detach_reset}"
         )
 
 
-def _hoist_uniforms(charge: Expr) -> tuple[Expr, tuple[Expr, ...]]:
-    """Replace maximal parameter-only sub-trees that contain a PARAM by ``u0, u1, ...``."""
+def _hoist_uniforms(*roots: Expr) -> tuple[tuple[Expr, ...], tuple[Expr, ...]]:
+    """Replace maximal parameter-only sub-trees that contain a PARAM by ``u0, u1, ...``.
+
+    Returns the rewritten ``roots`` and the uniforms; the roots share one numbering (a sub-tree
+    used by several roots is one uniform).
+    """
     uniforms: list[Expr] = []
     mapping: dict[Expr, Expr] = {}
 
@@ -204,16 +241,19 @@ def _hoist_uniforms(charge: Expr) -> tuple[Expr, tuple[Expr, ...]]:
         for s in node.src:
             visit(s)
 
-    visit(charge)
-    return substitute(charge, mapping), tuple(uniforms)
+    for root in roots:
+        visit(root)
+    return tuple(substitute(r, mapping) for r in roots), tuple(uniforms)
 
 
 def _build_program(d: NeuronDynamics) -> StepProgram:
-    charge, uniforms = _hoist_uniforms(d.charge)
+    (charge, *rest), uniforms = _hoist_uniforms(*d._roots)
+    gain = rest[0] if rest else None
     u_leaves = tuple(param(f"u{i}") for i in range(len(uniforms)))
     spike = d.fire(charge)
     v_next = d.reset(charge, spike)
-    adj = grad({spike: GS, v_next: GV}, [X, V, *u_leaves])
+    # The incoming spike gradient is that of what the neuron emits (the scaled spike).
+    adj = grad({d.emit(spike, gain): GS, v_next: GV}, [X, V, *u_leaves])
     # The backward reads the saved h instead of recomputing the charge.
     to_h = {charge: H}
     grad_x = substitute(adj[X], to_h)
@@ -225,7 +265,7 @@ def _build_program(d: NeuronDynamics) -> StepProgram:
     v_next_h = d.reset(H, spike_h)
     return StepProgram(
         h=charge,
-        spike=spike_h,
+        spike=d.emit(spike_h, gain),
         v_next=v_next_h,
         uniforms=uniforms,
         grad_x=grad_x,

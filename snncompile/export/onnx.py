@@ -180,6 +180,10 @@ def _inference_graph(model_or_compiled: nn.Module, example_input: torch.Tensor) 
     if isinstance(model_or_compiled, CompiledModule):
         compiled = model_or_compiled
         graph = compiled.graph.copy()
+        # Scales merged into fused neurons (fuse_elementwise) are exported as the ops they were.
+        from snncompile.passes.fuse_elementwise import unfuse_elementwise
+
+        graph = unfuse_elementwise(graph).graph
         if compiled.mode != "inference" or compiled.training:
             warnings.warn(
                 "export_onnx: the compiled module was built for training; exporting it with "

@@ -7,7 +7,9 @@ file, each with its math in the docstring:
 * :func:`lower_step_mode` -- single-step graph -> sequence graph (stateless ops over
   ``[T*N, *]``, neurons as multi-step ops);
 * :func:`simplify_time_layout` -- cancel merge/split round trips;
-* :func:`fold_batchnorm` -- conv/linear + BN folding (inference).
+* :func:`fold_batchnorm` -- conv/linear + BN folding (inference);
+* ``fuse_neurons`` / ``fuse_elementwise`` (``'fusion'`` stage, registered on import) -- neurons
+  into generated kernels, then scalar ``VoltageScale`` neighbours into those kernels.
 
 The order lives in one list, :data:`~snncompile.passes.pipeline.PIPELINE`, with a comment per
 entry saying why it sits there.

@@ -19,8 +19,9 @@ compiled model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, 
 device). Left as they are: ``backend='torch'``; SpikingJelly neurons the frontend could not
 rebuild as snncompile neurons (a custom surrogate, ``store_v_seq=True``: they run as the original
 module; IF/LIF/PLIF are rebuilt, so they are fused); neurons run per step
-(``attrs['per_step']``); subclasses with their own dynamics; other surrogates. Adjacent
-elementwise ops are not merged into the kernel yet.
+(``attrs['per_step']``); subclasses with their own dynamics; other surrogates. Adjacent scalar
+``VoltageScale`` ops are merged into the kernel afterwards by
+:mod:`snncompile.passes.fuse_elementwise`.
 
 Registered in the pipeline's ``'fusion'`` stage (both modes) on import.
 """

@@ -54,6 +54,8 @@ PIPELINE: list[PipelineEntry | Stage] = [
     # BN folding needs conv -> BN adjacency in the final layout, so it runs after the cleanup.
     PipelineEntry("fold_batchnorm", fold_batchnorm, INFERENCE),
     # Kernel fusion sees the final op set and layouts (neurons as seq ops, synapses as flat).
+    # Its passes run in registration order: fuse_neurons, then fuse_elementwise (which imports
+    # fuse_neurons first), because merging scales needs FUSED_NEURON nodes to merge into.
     Stage("fusion"),
     # Chunking wraps whatever graph fusion left, bounding memory over T; it must come last.
     Stage("chunking"),

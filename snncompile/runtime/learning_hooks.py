@@ -480,6 +480,13 @@ def attach_learner(
     pre_value = graph[syn_node.inputs[0]]
     _check_recordable(pre_value, f"input of synapse {_describe(syn_node)},")
     _check_recordable(sn_node, "neuron")
+    if sn_node.attrs.get("merged"):
+        raise AttachError(
+            f"attach: neuron {_describe(sn_node)} has scales merged into its kernel "
+            f"(fuse_elementwise), so its value is the scaled spikes, not the spikes the learner "
+            f"needs. Compile without that pass: snncompile.optimize(..., passes=[...]) listing "
+            f"the passes you want but not 'fuse_elementwise'."
+        )
 
     # The learner's own hooks (on the eager model's modules) would record the wrong tensors or
     # nothing at all: the compiled model feeds it from now on.
