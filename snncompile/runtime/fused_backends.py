@@ -80,18 +80,28 @@ def dynamics_for(node: Any) -> NeuronDynamics | None:
     return _cache[key]
 
 
-def _params(node: Any, dynamics: NeuronDynamics) -> dict[str, torch.Tensor] | None:
-    names = dynamics.param_names
-    if not names:
-        return None
-    return {n: getattr(node, n) for n in names}
+def auto_fuses_size(x_seq: torch.Tensor) -> bool:
+    """Whether ``backend='auto'`` runs a call of this size fused (the ``AUTO_MIN_*`` rule)."""
+    return x_seq.shape[0] >= AUTO_MIN_STEPS or x_seq.numel() >= AUTO_MIN_ELEMENTS
 
 
-def _run_fused(node: Any, x_seq: torch.Tensor, dynamics: NeuronDynamics) -> torch.Tensor:
+def run_fused(
+    node: Any,
+    x_seq: torch.Tensor,
+    dynamics: NeuronDynamics,
+    extra_params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run ``dynamics`` fused from the neuron module ``node``'s state; update its ``v``/``v_seq``.
+
+    The charge's parameters are read from ``node`` by name, except those in ``extra_params``
+    (e.g. the gains of :class:`snncompile.runtime.scaled_neuron.ScaledNeuron`).
+    """
+    extra = extra_params or {}
+    params = {n: extra[n] if n in extra else getattr(node, n) for n in dynamics.param_names}
     node.v_float_to_tensor(x_seq[0])
     v0 = node.v
     spikes, v_last, v_seq = fused_multi_step(
-        dynamics, x_seq, v0, _params(node, dynamics), store_v_seq=node.store_v_seq
+        dynamics, x_seq, v0, params or None, store_v_seq=node.store_v_seq
     )
     node.v = v_last
     if node.store_v_seq:
@@ -134,7 +144,7 @@ def _make_impl(device_type: str) -> Any:
                 f"{type(node).__name__}(backend={device_type!r}) got a tensor on "
                 f"{x_seq.device}; move the input to {device_type} or use backend='auto'."
             )
-        return _run_fused(node, x_seq, d)
+        return run_fused(node, x_seq, d)
 
     return impl
 
@@ -145,11 +155,11 @@ def _auto_impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
         d is None
         or x_seq.device.type not in ("cpu", "cuda")
         or x_seq.dtype not in FUSED_DTYPES
-        or (x_seq.shape[0] < AUTO_MIN_STEPS and x_seq.numel() < AUTO_MIN_ELEMENTS)
+        or not auto_fuses_size(x_seq)
         or (x_seq.device.type == "cuda" and not _cupy_available())
     ):
         return node._multi_step_torch(x_seq)
-    return _run_fused(node, x_seq, d)
+    return run_fused(node, x_seq, d)
 
 
 def _cupy_available() -> bool:

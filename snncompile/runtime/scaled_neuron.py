@@ -28,13 +28,13 @@ from torch import nn
 
 from snncompile.dynamics.expr import param, substitute, var
 from snncompile.dynamics.neuron import NeuronDynamics
-from snncompile.runtime.fused import (
-    AUTO_MIN_ELEMENTS,
-    AUTO_MIN_STEPS,
-    compiler_available,
-    fused_multi_step,
+from snncompile.runtime.fused import compiler_available
+from snncompile.runtime.fused_backends import (
+    _cupy_available,
+    auto_fuses_size,
+    dynamics_for,
+    run_fused,
 )
-from snncompile.runtime.fused_backends import _cupy_available, dynamics_for
 
 __all__ = ["FUSED_DEVICES", "IN_GAIN", "OUT_GAIN", "ScaledNeuron", "scaled_dynamics"]
 
@@ -139,7 +139,7 @@ class ScaledNeuron(nn.Module):
         device = x_seq.device.type
         if device not in devices:
             return None
-        if thresholded and x_seq.shape[0] < AUTO_MIN_STEPS and x_seq.numel() < AUTO_MIN_ELEMENTS:
+        if thresholded and not auto_fuses_size(x_seq):
             return None
         if device == "cpu" and not compiler_available():
             return None
@@ -152,20 +152,12 @@ class ScaledNeuron(nn.Module):
         d = self.fused_dynamics(x_seq)
         if d is None:
             return self.unfused(x_seq)
-        neuron = self.neuron
-        params = {n: getattr(neuron, n) for n in d.param_names if n not in (IN_GAIN, OUT_GAIN)}
+        gains: dict[str, torch.Tensor] = {}
         if self.scale_in is not None:
-            params[IN_GAIN] = self.scale_in.scale
+            gains[IN_GAIN] = self.scale_in.scale
         if self.scale_out is not None:
-            params[OUT_GAIN] = self.scale_out.scale
-        neuron.v_float_to_tensor(x_seq[0])
-        spikes, v_last, v_seq = fused_multi_step(
-            d, x_seq, neuron.v, params, store_v_seq=neuron.store_v_seq
-        )
-        neuron.v = v_last
-        if neuron.store_v_seq:
-            neuron.v_seq = v_seq
-        return spikes
+            gains[OUT_GAIN] = self.scale_out.scale
+        return run_fused(self.neuron, x_seq, d, gains)
 
     def unfused(self, x_seq: torch.Tensor) -> torch.Tensor:
         """The chain as separate ops: ``scale_out(neuron(scale_in(x_seq)))``."""
