@@ -224,19 +224,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     model.eval()
     x = _example_input(shape, args.seed)
     if args.format == "onnx":
-        from snncompile.export.onnx import OnnxExportError
+        from snncompile.export.onnx import OnnxExportError, node_count
 
         mode = args.mode or "sequence"
         try:
             m = snncompile.export_onnx(model, args.output, x, mode=mode, opset=args.opset)
         except (OnnxExportError, ValueError, TypeError, NotImplementedError) as err:
             raise CliError(f"ONNX export failed: {err}", code=1) from None
-        nodes = len(m.graph.node) + sum(
-            len(a.g.node) for n in m.graph.node for a in n.attribute if a.type == a.GRAPH
-        )
         print(
             f"wrote {args.output}: ONNX, mode={mode}, opset={m.opset_import[0].version}, "
-            f"IR version {m.ir_version}, {nodes} nodes"
+            f"IR version {m.ir_version}, {node_count(m)} nodes"
         )
         return 0
     try:

@@ -1158,6 +1158,14 @@ def onnx_state_outputs(path_or_model: str | Path | onnx.ModelProto) -> dict[str,
 
 
 # -- command line ---------------------------------------------------------------------------------
+def node_count(model: onnx.ModelProto) -> int:
+    """Nodes of ``model``'s graph plus those of its subgraphs one level down (a ``Scan`` body)."""
+    graph = model.graph
+    return len(graph.node) + sum(
+        len(a.g.node) for n in graph.node for a in n.attribute if a.type == a.GRAPH
+    )
+
+
 def _load_model(spec: str) -> nn.Module:
     """``package.module:factory`` (a callable returning a module) or a ``torch.save``d module."""
     if ":" in spec and not Path(spec).exists():
@@ -1203,11 +1211,8 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     except OnnxExportError as err:
         print(f"snncompile export: {err}")
         return 1
-    n_nodes = len(m.graph.node) + sum(
-        len(a.g.node) for n in m.graph.node for a in n.attribute if a.type == a.GRAPH
-    )
     print(
         f"wrote {args.output}: mode={args.mode}, opset={m.opset_import[0].version}, "
-        f"IR version {m.ir_version}, {n_nodes} nodes"
+        f"IR version {m.ir_version}, {node_count(m)} nodes"
     )
     return 0

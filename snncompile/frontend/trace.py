@@ -81,17 +81,14 @@ def state_copy_memo(module: nn.Module) -> dict[int, Any]:
     ``v`` or ``v_seq``), which ``copy.deepcopy`` refuses. Copies made by the compiler reset their
     state anyway, so they get detached clones of those tensors instead.
     """
-    memo: dict[int, Any] = {}
-    for sub in module.modules():
-        stores = [vars(sub)]
-        memories = vars(sub).get("_memories")
-        if isinstance(memories, dict):
-            stores.append(memories)
-        for store in stores:
-            for value in store.values():
-                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                    memo[id(value)] = value.detach().clone()
-    return memo
+    stores = [vars(sub) for sub in module.modules()]  # plain attributes, e.g. v_seq
+    stores += [memories for _path, memories in _memory_stores(module)]
+    return {
+        id(value): value.detach().clone()
+        for store in stores
+        for value in store.values()
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None
+    }
 
 
 def copy_sharing_parameters(module: nn.Module) -> nn.Module:
