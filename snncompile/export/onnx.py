@@ -926,9 +926,9 @@ def _initial_v(node: Node, dyn: NeuronDynamics) -> float:
     """
     spec_fn = getattr(node.module, "dynamics_spec", None)
     spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
-    v_init = getattr(spec, "v_init", None)
-    if v_init is None:
-        v_init = node.attrs.get("v_init")
+    if spec is not None:
+        return float(spec.initial_v)
+    v_init = node.attrs.get("v_init")
     return float(dyn.reset_value if v_init is None else v_init)
 
 
