@@ -203,12 +203,14 @@ C_TEMPLATE = KernelTemplate(
     "                    v = v_init[n0 + j];\n"
     "                }}\n",
     state_decl="        float st_{name}[SNN_BLOCK];\n",
-    state_init="        for (int64_t j = 0; j < nb; ++j) st_{name}[j] = v_init[{i} * N + n0 + j];\n",
+    state_init="        for (int64_t j = 0; j < nb; ++j)\n"
+    "            st_{name}[j] = v_init[{i} * N + n0 + j];\n",
     saved_ptr="                float *restrict sv_{name} = h_seq + {k} * T * N + off;\n",
     load_state="                    const float {name} = st_{name}[j];\n",
     save_state="                    sv_{name}[j] = {name};\n",
     store_state="                    st_{name}[j] = {name}_next;\n",
-    state_last="        for (int64_t j = 0; j < nb; ++j) v_last[{i} * N + n0 + j] = st_{name}[j];\n",
+    state_last="        for (int64_t j = 0; j < nb; ++j)\n"
+    "            v_last[{i} * N + n0 + j] = st_{name}[j];\n",
     carry_decl="        float carry_{name}[SNN_BLOCK];\n",
     carry_init="        for (int64_t j = 0; j < nb; ++j)\n"
     "            carry_{name}[j] = grad_v_last ? grad_v_last[{i} * N + n0 + j] : 0.0f;\n",

@@ -17,7 +17,7 @@ import torch
 
 from snncompile.codegen.render import evaluate
 from snncompile.dynamics.expr import Expr, substitute
-from snncompile.dynamics.neuron import H, SPIKE, NeuronDynamics
+from snncompile.dynamics.neuron import SPIKE, H, NeuronDynamics
 
 _programs: dict[NeuronDynamics, dict[str, Expr]] = {}
 
