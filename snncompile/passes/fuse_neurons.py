@@ -39,7 +39,7 @@ FUSED_BACKENDS = ("cpu", "cuda", "auto")
 def fuse_neurons(graph: Graph) -> PassResult:
     """Turn fusable ``NEURON`` nodes into ``FUSED_NEURON`` nodes (see the module docstring)."""
     from snncompile.runtime.fused import register_dynamics
-    from snncompile.runtime.fused_backends import dynamics_for
+    from snncompile.runtime.fused_backends import REASONS, dynamics_for
 
     backend = graph.meta.get("backend", "auto")
     if backend not in FUSED_BACKENDS:
@@ -51,14 +51,14 @@ def fuse_neurons(graph: Graph) -> PassResult:
         why = None
         if node.layout is not Layout.SEQ or node.attrs.get("per_step"):
             why = "not a multi-step neuron"
-        elif "_spec" not in node.attrs or module is None:
-            why = "no snncompile neuron spec (e.g. a SpikingJelly module)"
+        elif module is None or not callable(getattr(module, "neuron_dynamics", None)):
+            why = "no snncompile neuron dynamics (e.g. a SpikingJelly module)"
         elif backend not in getattr(module, "supported_backends", ()):
             why = f"{type(module).__name__} has no {backend!r} backend"
         else:
             dynamics = dynamics_for(module)
             if dynamics is None:
-                why = "no expression form for its dynamics or surrogate"
+                why = REASONS.get(type(module), "no expression form for its dynamics")
         if why is not None:
             skipped.append(f"%{node.name}: {why}")
             continue

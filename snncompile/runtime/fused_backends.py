@@ -12,8 +12,9 @@
 Every fused backend falls back to the torch loop (silently for ``'auto'``, with one warning per
 configuration otherwise) when the neuron cannot be fused: a surrogate without an expression form
 (:data:`snncompile.dynamics.surrogates.SURROGATE_EXPRESSIONS`), or a subclass whose dynamics are
-not described by its ``NeuronSpec``. The membrane ``v`` a fused backend leaves in the node is
-float32 (the kernels' state precision), also for float16/bfloat16 inputs.
+not described by its class's ``define_dynamics`` (and could not be captured). The states a fused
+backend leaves in the node are float32 (the kernels' state precision), also for float16/bfloat16
+inputs.
 """
 
 from __future__ import annotations
@@ -23,61 +24,59 @@ from typing import Any
 
 import torch
 
-from snncompile.dynamics.neuron import NeuronDynamics, from_spec
-from snncompile.dynamics.surrogates import SURROGATE_EXPRESSIONS
+from snncompile.dynamics.neuron import NeuronDynamics
 from snncompile.runtime.fused import (
     AUTO_MIN_ELEMENTS,
     AUTO_MIN_STEPS,
     FUSED_DTYPES,
-    fused_multi_step,
+    fused_multi_step_states,
 )
 
-_cache: dict[tuple[Any, ...], NeuronDynamics | None] = {}
 _warned: set[tuple[Any, ...]] = set()
-# The classes whose step methods the NeuronSpec describes; a subclass overriding one of them has
-# dynamics of its own and runs in torch.
-_KNOWN_CLASSES: set[type] = set()
 _STEP_METHODS = ("neuronal_charge", "neuronal_fire", "neuronal_reset", "_step")
+#: Why the last :func:`dynamics_for` call of a class found no fused form (for pass notes).
+REASONS: dict[type, str] = {}
 
 
-def _spec_key(spec: Any) -> tuple[Any, ...]:
-    sg = spec.surrogate
-    params = getattr(sg, "params", None)
-    if params is None:
-        params = (getattr(sg, "alpha", None),)
-    return (
-        spec.kind,
-        spec.v_threshold,
-        spec.v_reset,
-        spec.tau,
-        spec.decay_input,
-        spec.detach_reset,
-        type(sg).__name__,
-        tuple(params),
-        bool(getattr(sg, "spiking", True)),
-    )
+def _owner(cls: type, method: str) -> type | None:
+    return next((c for c in cls.__mro__ if method in c.__dict__), None)
 
 
 def dynamics_for(node: Any) -> NeuronDynamics | None:
-    """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused."""
-    spec_fn = getattr(node, "dynamics_spec", None)
-    if spec_fn is None:
+    """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused.
+
+    The dynamics are the node's own definition (``node.neuron_dynamics()``, defined next to its
+    class). A subclass that overrides a step method below the class that defines its dynamics
+    has dynamics of its own: an overridden ``neuronal_charge`` of elementwise torch code is
+    captured into expressions (:mod:`snncompile.dynamics.capture`), checked against the method
+    itself; anything else runs as written. :data:`REASONS` keeps why a class is not fused.
+    """
+    fn = getattr(node, "neuron_dynamics", None)
+    if fn is None:
         return None
-    for method in _STEP_METHODS:
-        owner = next((c for c in type(node).__mro__ if method in c.__dict__), None)
-        if owner not in _KNOWN_CLASSES:
+    cls = type(node)
+    defining = _owner(cls, "define_dynamics")
+    if defining is None or defining.__dict__.get("define_dynamics") is None:
+        REASONS[cls] = "no define_dynamics()"
+        return None
+    overridden = [
+        m for m in _STEP_METHODS if (o := _owner(cls, m)) is not None and o not in defining.__mro__
+    ]
+    try:
+        if overridden == ["neuronal_charge"]:
+            from snncompile.dynamics.capture import captured_dynamics
+
+            return captured_dynamics(node)
+        if overridden:
+            REASONS[cls] = (
+                f"{cls.__name__} overrides {', '.join(overridden)} (only an overridden "
+                "neuronal_charge is captured)"
+            )
             return None
-    spec = spec_fn()
-    key = _spec_key(spec)
-    if key not in _cache:
-        if key[6] not in SURROGATE_EXPRESSIONS:
-            _cache[key] = None
-        else:
-            try:
-                _cache[key] = from_spec(spec)
-            except (ValueError, TypeError):
-                _cache[key] = None
-    return _cache[key]
+        return fn()
+    except (ValueError, TypeError, NotImplementedError) as err:
+        REASONS[cls] = str(err)
+        return None
 
 
 def auto_fuses_size(x_seq: torch.Tensor) -> bool:
@@ -99,11 +98,12 @@ def run_fused(
     extra = extra_params or {}
     params = {n: extra[n] if n in extra else getattr(node, n) for n in dynamics.param_names}
     node.v_float_to_tensor(x_seq[0])
-    v0 = node.v
-    spikes, v_last, v_seq = fused_multi_step(
-        dynamics, x_seq, v0, params or None, store_v_seq=node.store_v_seq
+    states = {n: getattr(node, n) for n in dynamics.state_names}
+    spikes, last, v_seq = fused_multi_step_states(
+        dynamics, x_seq, states, params or None, store_v_seq=node.store_v_seq
     )
-    node.v = v_last
+    for name, value in last.items():
+        setattr(node, name, value)
     if node.store_v_seq:
         node.v_seq = v_seq
     return spikes
@@ -124,11 +124,11 @@ def _make_impl(device_type: str) -> Any:
     def impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
         d = dynamics_for(node)
         if d is None:
+            why = REASONS.get(type(node), "no expression form for its dynamics")
             return _fallback(
                 node,
                 x_seq,
-                "this neuron configuration has no fused kernel (surrogate without an "
-                "expression form, or a subclass with its own charge)",
+                f"this neuron configuration has no fused kernel ({why})",
                 (type(node).__name__, device_type),
             )
         if x_seq.dtype not in FUSED_DTYPES:
@@ -174,9 +174,6 @@ def install() -> None:
     """Register the ``'cpu'``, ``'cuda'`` and ``'auto'`` backends on snncompile's neurons."""
     from snncompile import neuron
 
-    _KNOWN_CLASSES.update(
-        {neuron.BaseNode, neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode}
-    )
     neuron.BaseNode.register_backend("cpu", _make_impl("cpu"))
     neuron.BaseNode.register_backend("cuda", _make_impl("cuda"))
     neuron.BaseNode.register_backend("auto", _auto_impl)
