@@ -198,14 +198,14 @@ def test_kernels_write_only_their_outputs(kernels, threads, T, N):
     views = [o[1] for o in outs]
     k._launch(k._fwd, N, [x, v0, u, *views, T, N])
     s_c, h_c, vseq_c, vlast_c = cpu_kernel(d).forward(x, v0, u, True, True)
-    for (buf, view), ref in zip(outs, (s_c, h_c, vseq_c, vlast_c)):
+    for (buf, view), ref in zip(outs, (s_c, h_c, vseq_c, vlast_c), strict=True):
         assert torch.equal(view, ref)
         assert (buf[:PAD] == CANARY).all() and (buf[-PAD:] == CANARY).all()
     gs, gvs, gvl = torch.randn(T, N), torch.randn(T, N), torch.randn(N)
     bouts = [_padded((T, N), CANARY), _padded((N,), CANARY), _padded((1, N), CANARY)]
     k._launch(k._bwd, N, [gs, gvs, gvl, h_c, x, v0, u, *(o[1] for o in bouts), T, N])
     refs = cpu_kernel(d).backward(gs, gvs, gvl, h_c, x, v0, u)
-    for (buf, view), ref in zip(bouts, refs):
+    for (buf, view), ref in zip(bouts, refs, strict=True):
         assert _rel(view, ref) <= 1e-6
         assert (buf[:PAD] == CANARY).all() and (buf[-PAD:] == CANARY).all()
 
