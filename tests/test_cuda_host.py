@@ -270,3 +270,71 @@ def test_syncthreads_is_refused_not_emulated():
     src = 'extern "C" __global__ void k(float *y) { y[threadIdx.x] = 1.0f; __syncthreads(); }'
     with pytest.raises(RuntimeError, match="compiling CUDA kernels for the host failed"):
         load_host_library([src])
+
+
+# -- backend='cuda' where it cannot run ----------------------------------------------------------
+def _gpu_ready() -> bool:
+    from snncompile.runtime import fused_backends
+
+    return fused_backends.unavailable_reason("cuda") is None
+
+
+no_gpu = pytest.mark.skipif(_gpu_ready(), reason="a CUDA GPU and CuPy are present")
+
+
+def _small_net():
+    from torch import nn
+
+    from snncompile import functional, layer, neuron
+
+    net = nn.Sequential(layer.Linear(8, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 4))
+    functional.set_step_mode(net, "m")
+    return net
+
+
+@no_gpu
+def test_cuda_backend_without_a_gpu_fails_at_construction():
+    from snncompile import neuron
+
+    with pytest.raises(RuntimeError, match=r"LIFNode: backend='cuda' cannot run here: this "
+                       r"machine has no CUDA GPU.*backend='cpu'"):  # fmt: skip
+        neuron.LIFNode(tau=2.0, step_mode="m", backend="cuda")
+    node = neuron.ParametricLIFNode(step_mode="m", backend="cpu")
+    with pytest.raises(RuntimeError, match="ParametricLIFNode: backend='cuda' cannot run here"):
+        node.backend = "cuda"
+    assert node.backend == "cpu"
+
+
+@no_gpu
+def test_optimize_with_cuda_backend_without_a_gpu_fails_at_compile_time():
+    import snncompile
+
+    with pytest.raises(RuntimeError, match="optimize: backend='cuda' cannot run here: this "
+                       "machine has no CUDA GPU"):  # fmt: skip
+        snncompile.optimize(_small_net(), torch.randn(4, 2, 8), backend="cuda")
+
+
+def test_cupy_backend_name_suggests_cuda():
+    import snncompile
+    from snncompile import neuron
+
+    with pytest.raises(ValueError, match=r"unknown backend 'cupy'.*Did you mean backend='cuda'"):
+        neuron.LIFNode(backend="cupy")
+    with pytest.raises(ValueError, match=r"got 'cupy'\..*Did you mean backend='cuda'"):
+        snncompile.optimize(_small_net(), torch.randn(4, 2, 8), backend="cupy")
+    with pytest.raises(ValueError, match=r"unknown backend 'triton'; supported backends are "
+                       r"\('torch', 'cpu', 'cuda', 'auto'\)\.$"):  # fmt: skip
+        neuron.IFNode(backend="triton")
+
+
+def test_cuda_backend_check_names_what_is_missing(monkeypatch):
+    """GPU but no CuPy: the error says CuPy; GPU and CuPy: construction succeeds."""
+    from snncompile import neuron
+    from snncompile.runtime import fused_backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused_backends, "_cupy_available", lambda: False)
+    with pytest.raises(RuntimeError, match="IFNode: backend='cuda' cannot run here: CuPy is not"):
+        neuron.IFNode(step_mode="m", backend="cuda")
+    monkeypatch.setattr(fused_backends, "_cupy_available", lambda: True)
+    assert neuron.IFNode(step_mode="m", backend="cuda").backend == "cuda"
