@@ -293,9 +293,9 @@ def _assert_step_equal(eager, compiled, x, y, tol: float) -> None:
 
 def test_compiled_residual_snn_training_step_on_gpu_equals_eager():
     """A small spiking ResNet (conv-BN-LIF blocks, residual adds) compiled with the GPU backend."""
-    import snncompile
     from torch import nn
 
+    import snncompile
     from snncompile import functional, layer, neuron, surrogate
 
     class Block(nn.Module):
