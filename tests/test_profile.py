@@ -168,3 +168,42 @@ def test_profile_errors() -> None:
     p = snncompile.profile(net, torch.rand(2, 1, 3))
     with pytest.raises(KeyError, match="layers: 0, 1"):
         p["nope"]
+
+
+def test_plots_draw_the_recorded_data(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from snncompile import plot
+
+    torch.manual_seed(3)
+    net = nn.Sequential(layer.Linear(3, 6), neuron.LIFNode(tau=2.0), layer.Linear(6, 2),
+                        neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(net, "m")
+    x = torch.rand(9, 2, 3) * 3
+    p = snncompile.profile(net, x, record=True)
+    ax = plot.spike_raster(p, "1", sample=1)
+    offsets = ax.collections[0].get_offsets()
+    assert len(offsets) == int(p.spikes("1")[:, 1].sum())  # one dot per spike
+    ax.figure.savefig(tmp_path / "raster.png")
+    ax = plot.firing_rates(p)
+    heights = [b.get_height() for b in ax.patches]
+    assert heights == pytest.approx([p["1"].firing_rate, p["3"].firing_rate])
+    ax = plot.membrane_traces(p, "1", neurons=(0, 5), threshold=1.0)
+    assert ax.lines[0].get_ydata().tolist() == pytest.approx(p.membrane("1")[:, 0, 0].tolist())
+    ax.figure.savefig(tmp_path / "membrane.png")
+    assert (tmp_path / "membrane.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(IndexError, match="out of range"):
+        plot.membrane_traces(p, "1", neurons=(6,))
+
+
+@pytest.mark.slow
+def test_profile_example_writes_the_plots(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "profile_digits.py"
+    main = runpy.run_path(str(script))["main"]
+    out = main(["--epochs", "1", "--images", "8", "--T", "4", "--out", str(tmp_path)])
+    assert len(out["files"]) == 3 and all(Path(f).stat().st_size > 1000 for f in out["files"])
+    assert out["eager"]["totals"]["sops"] == out["compiled"]["totals"]["sops"]
