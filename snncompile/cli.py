@@ -341,11 +341,21 @@ def quick_args(script: Path) -> list[str]:
         return []
 
 
-def _run_benchmark(script: Path, argv: list[str]) -> tuple[int, float, list[str]]:
+def _echo(line: str) -> None:
+    """Print one line of a benchmark's output above the progress bar (if one is shown)."""
+    from tqdm import tqdm
+
+    tqdm.write(line.rstrip("\n"), file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _run_benchmark(
+    script: Path, argv: list[str], echo: Any = _echo
+) -> tuple[int, float, list[str]]:
     """Run one script, stream its output; return ``(exit code, seconds, ratio lines)``."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(script), *argv]
-    print(f"=== {script.name} {' '.join(argv)}".rstrip(), flush=True)
+    echo(f"=== {script.name} {' '.join(argv)}".rstrip())
     start = time.perf_counter()
     ratios: list[str] = []
     proc = subprocess.Popen(
@@ -360,8 +370,7 @@ def _run_benchmark(script: Path, argv: list[str]) -> tuple[int, float, list[str]
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            echo(line)
             if RATIO_RE.search(line):
                 ratios.append(line.strip())
         code = proc.wait()
@@ -377,9 +386,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     directory = Path(args.benchmarks_dir) if args.benchmarks_dir else _repo_root() / "benchmarks"
     scripts = _benchmark_scripts(directory, args.only)
     results = []
-    for script in scripts:
+    from snncompile.progress import progress_bar
+
+    bar = progress_bar(
+        scripts, desc="bench", unit="script", progress=not args.no_progress, leave=True
+    )
+    for script in bar:
+        bar.set_postfix_str(script.stem)
         argv = quick_args(script) if args.quick else []
         results.append((script.stem, *_run_benchmark(script, argv)))
+    bar.close()
     print()
     print("summary (lines with an Nx ratio, as each benchmark printed them)")
     name_w = max(len("benchmark"), *(len(r[0]) for r in results))
@@ -507,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmarks-dir",
         metavar="DIR",
         help="directory of bench_*.py scripts (default: benchmarks/ of the source checkout)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is shown only when stderr is a terminal anyway)",
     )
     p.set_defaults(func=cmd_bench)
 
