@@ -157,7 +157,7 @@ class Profile:
         }
 
     def as_dict(self) -> dict[str, Any]:
-        """Everything as plain Python numbers: ``{'layers': {name: {...}}, 'totals': {...}, ...}``."""
+        """Everything as plain numbers: ``{'layers': {name: {...}}, 'totals': {...}, ...}``."""
         layers = {}
         for r in self.rows:
             layers[r.name] = {
@@ -310,7 +310,8 @@ def _count_synapse(row: LayerStats, module: nn.Module, x: torch.Tensor, out: tor
                 padding: Any = module.padding
                 xf = x.float()
                 if module.padding_mode != "zeros":
-                    xf = F.pad(xf, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+                    pad = module._reversed_padding_repeated_twice
+                    xf = F.pad(xf, pad, mode=module.padding_mode)
                     padding = 0
                 ones = torch.ones((groups, w.shape[1], *w.shape[2:]), dtype=torch.float32,
                                   device=x.device)

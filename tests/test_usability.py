@@ -145,10 +145,10 @@ def test_cli_output_into_missing_directory(tmp_path: Path) -> None:
 
 def test_cli_and_python_share_the_nir_dt(tmp_path: Path) -> None:
     nir = pytest.importorskip("nir")
+    import inspect as _inspect
+
     from snncompile.export.nir import DEFAULT_DT
     from snncompile.export.nir import export_nir as real_export_nir
-
-    import inspect as _inspect
 
     assert _inspect.signature(real_export_nir).parameters["dt"].default == DEFAULT_DT
     path = tmp_path / "mlp.nir"
