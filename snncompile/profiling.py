@@ -518,7 +518,9 @@ def profile(model_or_compiled: nn.Module, x: torch.Tensor, *, record: bool = Fal
         model_or_compiled: An eager SNN (snncompile's or SpikingJelly 2.0.0's modules,
             single-step or multi-step) or a module returned by :func:`snncompile.optimize`.
             Its state is reset before and after the run (``functional.reset_net``); parameters
-            are not changed and no gradients are recorded.
+            are not changed and no gradients are recorded. It runs in its current mode: in
+            ``train()`` mode BatchNorm updates its running statistics as in any forward, so
+            profile in ``eval()`` mode unless that is what you want.
         x: The input, ``[T, N, ...]``. A single-step model is called once per step on
             ``x[t]``; a multi-step model (any submodule with ``step_mode='m'``) and a compiled
             module get the whole sequence.
