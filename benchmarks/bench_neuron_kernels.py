@@ -15,17 +15,25 @@ saved-tensor hooks, per neuron-step).
 
 Options: ``--quick`` (fewer repeats, skip the slowest peer runs beyond one repeat),
 ``--auto-threshold`` (the small-size sweep used to pick ``AUTO_MIN_ELEMENTS`` and the per-call
-overhead of the custom op vs the autograd.Function path).
+overhead of the custom op vs the autograd.Function path), ``--device cuda`` (everything on the
+GPU: snncompile's CUDA kernel with ``backend='cuda'``, SpikingJelly 2.0 with whatever GPU kernels
+it picks itself (Triton/CuPy), snnTorch and the torch loop on CUDA tensors, the device's own
+``copy_`` bandwidth, CUDA-event timing; the cases are LIF at T=64, N=1,048,576 and the two
+batched shapes above), ``--json PATH`` (the measured rows as JSON).
 
 Run: ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_neuron_kernels.py``
+(``scripts/gpu_check.sh`` runs ``--device cuda --quick``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,22 +42,36 @@ from snncompile.dynamics import lif_dynamics
 from snncompile.runtime.fused import fused_multi_step
 
 TAU = 2.0
+DEVICE = "cpu"  # set by --device
 
 
 def _timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()``; on CUDA measured with events around each call."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        if DEVICE == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
-    """Measured ``dst.copy_(src)`` bandwidth in GB/s (read + write)."""
-    src = torch.rand(nbytes // 4)
+def copy_bandwidth(nbytes: int | None = None) -> float:
+    """Measured ``dst.copy_(src)`` bandwidth in GB/s (read + write) on ``DEVICE``."""
+    if nbytes is None:
+        nbytes = 2**30 if DEVICE == "cuda" else 256 * 2**20  # far beyond the caches
+    src = torch.rand(nbytes // 4, device=DEVICE)
     dst = torch.empty_like(src)
     t = _timeit(lambda: dst.copy_(src), repeats=10, warmup=2)
     return 2 * nbytes / t / 1e9
@@ -57,7 +79,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
 
 # -- implementations ---------------------------------------------------------------------------
 def make_snncompile() -> Callable[[torch.Tensor], torch.Tensor]:
-    node = sn.LIFNode(tau=TAU, step_mode="m", backend="cpu")
+    node = sn.LIFNode(tau=TAU, step_mode="m", backend="cuda" if DEVICE == "cuda" else "cpu")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         node.reset()
@@ -71,7 +93,7 @@ def make_spikingjelly() -> Callable[[torch.Tensor], torch.Tensor] | None:
         from spikingjelly.activation_based import neuron
     except Exception:  # pragma: no cover - optional peer
         return None
-    node = neuron.LIFNode(tau=TAU, step_mode="m")
+    node = neuron.LIFNode(tau=TAU, step_mode="m").to(DEVICE)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         node.reset()
@@ -85,7 +107,7 @@ def make_snntorch() -> Callable[[torch.Tensor], torch.Tensor] | None:
         import snntorch
     except Exception:  # pragma: no cover - optional peer (pip install snntorch --no-deps)
         return None
-    lif = snntorch.Leaky(beta=1.0 - 1.0 / TAU, reset_mechanism="zero")
+    lif = snntorch.Leaky(beta=1.0 - 1.0 / TAU, reset_mechanism="zero").to(DEVICE)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         mem = torch.zeros_like(x[0])
@@ -145,10 +167,13 @@ def saved_bytes_per_element(run: Callable[[torch.Tensor], torch.Tensor], x: torc
     return sum(seen.values()) / x.numel()
 
 
-def bench_case(label: str, shape: tuple[int, ...], impls: dict, bw: float, repeats: int) -> None:
+def bench_case(
+    label: str, shape: tuple[int, ...], impls: dict, bw: float, repeats: int
+) -> dict[str, Any]:
+    """Time every implementation on one shape; print the table and return the numbers."""
     torch.manual_seed(0)
-    x = torch.randn(shape) * 1.2 + 0.4
-    g = torch.randn(shape)
+    x = (torch.randn(shape) * 1.2 + 0.4).to(DEVICE)
+    g = torch.randn(shape).to(DEVICE)
     numel = x.numel()
     print(f"\n== {label}: x {tuple(shape)} = {numel / 1e6:.2f} M neuron-steps ==")
     rows = {}
@@ -188,6 +213,19 @@ def bench_case(label: str, shape: tuple[int, ...], impls: dict, bw: float, repea
         f"({100 * fwd_bytes / base_f / 1e9 / bw:.0f}% of copy), forward+backward "
         f"{train_bytes / base_t / 1e9:.1f} GB/s ({100 * train_bytes / base_t / 1e9 / bw:.0f}%)"
     )
+    return {
+        "case": label,
+        "shape": list(shape),
+        "ms": {n: {"fwd": r[0] * 1e3, "fwd_bwd": r[1] * 1e3} for n, r in rows.items()},
+        "saved_bytes_per_elem": {n: r[2] for n, r in rows.items()},
+        "ratio_vs_snncompile": {
+            n: {"fwd": r[0] / base_f, "fwd_bwd": r[1] / base_t} for n, r in rows.items()
+        },
+        "pct_of_copy_bandwidth": {
+            "fwd": 100 * fwd_bytes / base_f / 1e9 / bw,
+            "fwd_bwd": 100 * train_bytes / base_t / 1e9 / bw,
+        },
+    }
 
 
 def auto_threshold_sweep() -> None:
@@ -245,12 +283,13 @@ def cnn_training(repeats: int) -> None:
         functional.set_step_mode(m, "m")
         return m
 
-    x = torch.rand(16, 32, 1, 28, 28)
-    y = torch.randint(0, 10, (32,))
+    x = torch.rand(16, 32, 1, 28, 28, device=DEVICE)
+    y = torch.randint(0, 10, (32,), device=DEVICE)
     print("\n== compiled spiking CNN (T=16, N=32, 1x28x28), one SGD training step ==")
     times = {}
-    for backend in ("torch", "cpu"):
-        model = net()
+    fused_backend = "cuda" if DEVICE == "cuda" else "cpu"
+    for backend in ("torch", fused_backend):
+        model = net().to(DEVICE)
         compiled = optimize(model, x, mode="train", backend=backend)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -264,20 +303,53 @@ def cnn_training(repeats: int) -> None:
 
         times[backend] = _timeit(step, repeats)
         print(f"  backend={backend!r:7s}: {times[backend] * 1e3:8.1f} ms/step")
-    print(f"  fused neurons speed-up: {times['torch'] / times['cpu']:.2f}x")
+    print(f"  fused neurons speed-up: {times['torch'] / times[fused_backend]:.2f}x")
+
+
+def _device_line() -> str:
+    if DEVICE != "cuda":
+        return f"device cpu, threads {torch.get_num_threads()}"
+    try:
+        import cupy
+
+        cupy_version = cupy.__version__
+    except ImportError:  # pragma: no cover - checked in main
+        cupy_version = "missing"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "missing"
+    return (
+        f"device {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, CuPy {cupy_version}, "
+        f"Triton {triton_version}"
+    )
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--auto-threshold", action="store_true", help="small-size sweep only")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write the measured rows as JSON")
+    parser.add_argument("--no-cnn", action="store_true", help="skip the compiled CNN step")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        from snncompile.runtime.fused_backends import unavailable_reason
+
+        why = unavailable_reason("cuda")
+        if why is not None:
+            print(f"bench_neuron_kernels --device cuda: {why}; nothing measured.")
+            sys.exit(2)
+    print(f"torch {torch.__version__}, {_device_line()}")
     if args.auto_threshold:
         auto_threshold_sweep()
         return
     bw = copy_bandwidth()
-    print(f"copy bandwidth (tensor.copy_, read+write): {bw:.1f} GB/s")
+    print(f"copy bandwidth on {DEVICE} (tensor.copy_, read+write): {bw:.1f} GB/s")
     impls = {
         "snncompile": make_snncompile(),
         "spikingjelly": make_spikingjelly(),
@@ -285,10 +357,18 @@ def main() -> None:
         "torch loop": make_torch_loop(),
     }
     repeats = 4 if args.quick else 8
-    bench_case("T=64, N=65,536", (64, 65536), impls, bw, repeats)
-    bench_case("T=500, B=16, N=512", (500, 16, 512), impls, bw, repeats)
-    bench_case("T=8, B=32, 64x32x32", (8, 32, 64, 32, 32), impls, bw, repeats)
-    cnn_training(repeats)
+    first = ("T=64, N=1,048,576", (64, 1 << 20)) if DEVICE == "cuda" else (
+        "T=64, N=65,536", (64, 65536))  # fmt: skip
+    results = [bench_case(*first, impls, bw, repeats)]
+    results.append(bench_case("T=500, B=16, N=512", (500, 16, 512), impls, bw, repeats))
+    results.append(bench_case("T=8, B=32, 64x32x32", (8, 32, 64, 32, 32), impls, bw, repeats))
+    if not args.no_cnn:
+        cnn_training(repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": _device_line(), "copy_bandwidth_gb_s": bw, "cases": results}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

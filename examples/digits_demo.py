@@ -106,7 +106,7 @@ def train_one_epoch(
     """Train for one pass over ``loader``; return the mean loss and the training accuracy."""
     net.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in tqdm(loader, desc=desc, leave=False):
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = images.to(device), labels.to(device)
         rate = forward_rate(net, images, T)
         loss = loss_fn(rate, labels, loss_kind)

@@ -17,6 +17,7 @@ from snncompile.passes.chunk import chunk_forward  # also registers the 'chunkin
 from snncompile.passes.fuse_elementwise import fuse_elementwise  # noqa: F401  (after it)
 from snncompile.passes.fuse_neurons import fuse_neurons  # noqa: F401  (registers 'fusion')
 from snncompile.passes.pipeline import build_pipeline
+from snncompile.runtime import fused_backends
 from snncompile.runtime.chunked import configure_chunking
 from snncompile.runtime.compiled import CompiledModule, lower_to_fx
 
@@ -81,7 +82,12 @@ def optimize(
     if mode not in MODES:
         raise ValueError(f"optimize: mode must be one of {MODES} or None, got {mode!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"optimize: backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(
+            f"optimize: backend must be one of {BACKENDS}, got {backend!r}."
+            + fused_backends.alias_hint(backend)
+        )
+    # Fail now, not at the first call, when the backend cannot run here (e.g. 'cuda', no GPU).
+    fused_backends.check_available(backend, "optimize")
     work = model
     if mode == "inference" and model.training:
         # Inference compiles eval semantics without flipping the user's module flags: modules are

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -34,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import snncompile
+import snncompile  # light: torch and onnx load on first use
 
 PROG = "snncompile"
 
@@ -141,13 +142,57 @@ def load_model(target: str) -> Any:
     if not isinstance(obj, nn.Module):
         if not callable(obj):
             raise CliError(f"{target!r} is neither an nn.Module nor a callable returning one")
-        obj = obj()
+        obj = _call_factory(obj, target)
     if not isinstance(obj, nn.Module):
         raise CliError(
             f"{target!r} returned {type(obj).__name__}, not an nn.Module; the factory must "
             f"return the model"
         )
     return obj
+
+
+def _call_factory(factory: Any, target: str) -> Any:
+    """Call ``factory()``; a factory that needs arguments, or that raises, is a usage error."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to check
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind()
+        except TypeError:
+            required = [
+                p.name
+                for p in signature.parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
+            raise CliError(
+                f"the factory {target!r} needs arguments ({', '.join(required)}), but the "
+                f"command line calls it without any; give the required parameters defaults or "
+                f"add a factory that takes none, e.g. def small(): return {target.split(':')[-1]}"
+                f"(...)"
+            ) from None
+    try:
+        return factory()
+    except Exception as err:  # the user's code failed: say where, without our traceback
+        raise CliError(
+            f"the factory {target!r} raised {type(err).__name__}: {err} (call it in Python "
+            f"to see the full traceback)"
+        ) from None
+
+
+def check_output_path(path: str, option: str) -> Path:
+    """Return ``path`` as a ``Path`` after checking that its directory exists."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(
+            f"{option} {path!r}: the directory {str(parent)!r} does not exist; create it first "
+            f"(mkdir -p {parent}) or write somewhere else"
+        )
+    if out.is_dir():
+        raise CliError(f"{option} {path!r} is a directory; give a file path")
+    return out
 
 
 def _is_factory(value: Any, module: ModuleType) -> bool:
@@ -171,6 +216,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model.eval()
     elif args.mode == "train":
         model.train()
+    for path, option in ((args.dot, "--dot"), (args.png, "--png")):
+        if path:
+            check_output_path(path, option)
     x = _example_input(shape, args.seed)
     from snncompile.frontend import FrontendError
 
@@ -220,6 +268,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "update snncompile or use --format onnx",
             code=1,
         )
+    check_output_path(args.output, "-o")
     model = load_model(args.model)
     model.eval()
     x = _example_input(shape, args.seed)
@@ -237,7 +286,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         return 0
     try:
-        g = export_nir(model, x, dt=args.dt, path=args.output)
+        from snncompile.export.nir import DEFAULT_DT
+
+        dt = DEFAULT_DT if args.dt is None else args.dt
+        g = export_nir(model, x, dt=dt, path=args.output)
     except ImportError as err:
         raise CliError(
             f"NIR export needs the 'nir' package ({err}); install it with `pip install nir`",
@@ -246,7 +298,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, NotImplementedError) as err:
         raise CliError(f"NIR export failed: {err}", code=1) from None
     count = len(getattr(g, "nodes", {}) or {})
-    print(f"wrote {args.output}: NIR, dt={args.dt}, {count} nodes")
+    print(f"wrote {args.output}: NIR, dt={dt:g}, {count} nodes")
     return 0
 
 
@@ -289,11 +341,21 @@ def quick_args(script: Path) -> list[str]:
         return []
 
 
-def _run_benchmark(script: Path, argv: list[str]) -> tuple[int, float, list[str]]:
+def _echo(line: str) -> None:
+    """Print one line of a benchmark's output above the progress bar (if one is shown)."""
+    from tqdm import tqdm
+
+    tqdm.write(line.rstrip("\n"), file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _run_benchmark(
+    script: Path, argv: list[str], echo: Any = _echo
+) -> tuple[int, float, list[str]]:
     """Run one script, stream its output; return ``(exit code, seconds, ratio lines)``."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(script), *argv]
-    print(f"=== {script.name} {' '.join(argv)}".rstrip(), flush=True)
+    echo(f"=== {script.name} {' '.join(argv)}".rstrip())
     start = time.perf_counter()
     ratios: list[str] = []
     proc = subprocess.Popen(
@@ -308,8 +370,7 @@ def _run_benchmark(script: Path, argv: list[str]) -> tuple[int, float, list[str]
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            echo(line)
             if RATIO_RE.search(line):
                 ratios.append(line.strip())
         code = proc.wait()
@@ -325,9 +386,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     directory = Path(args.benchmarks_dir) if args.benchmarks_dir else _repo_root() / "benchmarks"
     scripts = _benchmark_scripts(directory, args.only)
     results = []
-    for script in scripts:
+    from snncompile.progress import progress_bar
+
+    bar = progress_bar(
+        scripts, desc="bench", unit="script", progress=not args.no_progress, leave=True
+    )
+    for script in bar:
+        bar.set_postfix_str(script.stem)
         argv = quick_args(script) if args.quick else []
         results.append((script.stem, *_run_benchmark(script, argv)))
+    bar.close()
     print()
     print("summary (lines with an Nx ratio, as each benchmark printed them)")
     name_w = max(len("benchmark"), *(len(r[0]) for r in results))
@@ -434,7 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the newest "
                    "one the installed onnxruntime runs)")
-    p.add_argument("--dt", type=float, default=1.0, help="NIR only: the time step (default 1.0)")
+    p.add_argument(
+        "--dt",
+        type=float,
+        default=None,
+        help="NIR only: the Euler time step in seconds (default 1e-4, as snncompile.export_nir)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
     p.set_defaults(func=cmd_export)
 
@@ -450,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmarks-dir",
         metavar="DIR",
         help="directory of bench_*.py scripts (default: benchmarks/ of the source checkout)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is shown only when stderr is a terminal anyway)",
     )
     p.set_defaults(func=cmd_bench)
 

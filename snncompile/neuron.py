@@ -129,6 +129,10 @@ class BaseNode(MemoryModule):
     supported_backends: ClassVar[tuple[str, ...]] = ("torch",)
     #: Multi-step implementations of the non-'torch' backends: ``impl(node, x_seq) -> spikes``.
     _backend_impls: ClassVar[dict[str, Callable[[BaseNode, torch.Tensor], torch.Tensor]]] = {}
+    #: Availability checks run when a backend is chosen: ``check(owner)`` raises if it cannot run.
+    _backend_checks: ClassVar[dict[str, Callable[[str], None]]] = {}
+    #: Other libraries' backend names -> the supported backend they correspond to (error hints).
+    backend_aliases: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -179,15 +183,23 @@ class BaseNode(MemoryModule):
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in self.supported_backends:
+            hint = self.backend_aliases.get(value) if isinstance(value, str) else None
             raise ValueError(
                 f"{type(self).__name__}: unknown backend {value!r}; supported backends are "
                 f"{self.supported_backends}."
+                + (f" Did you mean backend={hint!r}?" if hint in self.supported_backends else "")
             )
+        check = self._backend_checks.get(value)
+        if check is not None:
+            check(type(self).__name__)
         self._backend = value
 
     @classmethod
     def register_backend(
-        cls, name: str, impl: Callable[[BaseNode, torch.Tensor], torch.Tensor]
+        cls,
+        name: str,
+        impl: Callable[[BaseNode, torch.Tensor], torch.Tensor],
+        check: Callable[[str], None] | None = None,
     ) -> None:
         """Make ``backend=name`` available on ``cls`` and its subclasses.
 
@@ -196,13 +208,17 @@ class BaseNode(MemoryModule):
         (matched to the input with ``node.v_float_to_tensor`` first) and set ``node.v_seq``
         when ``node.store_v_seq``. It may fall back to ``node._multi_step_torch(x_seq)``.
         Registering on :class:`BaseNode` reaches every subclass that has not registered
-        backends of its own.
+        backends of its own. ``check(owner)``, if given, runs whenever a node chooses this
+        backend (construction, ``node.backend = name``) and raises when it cannot run on this
+        machine (e.g. ``'cuda'`` without a GPU), naming ``owner`` (the node's class name).
         """
         if name == "torch":
             raise ValueError(f"{cls.__name__}: the 'torch' backend is built in.")
         if name not in cls.supported_backends:
             cls.supported_backends = (*cls.supported_backends, name)
         cls._backend_impls = {**cls._backend_impls, name: impl}
+        checks = {k: v for k, v in cls._backend_checks.items() if k != name}
+        cls._backend_checks = {**checks, name: check} if check is not None else checks
 
     @property
     def store_v_seq(self) -> bool:

@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from snncompile.base import MemoryModule
 from snncompile.neuron import BaseNode, OTTTLIFNode, SLTTLIFNode
+from snncompile.progress import progress_bar
 
 __all__ = [
     "OTTTLIFNode",
@@ -277,6 +278,8 @@ def fptt_online_training(
     f_loss_t: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     alpha: float,
     w_ra: list[torch.Tensor],
+    *,
+    progress: bool = True,
 ) -> None:
     """Train ``model`` on one sequence with FPTT, updating the weights at every time step.
 
@@ -303,6 +306,8 @@ def fptt_online_training(
         f_loss_t: per-step loss ``f_loss_t(y_t, target_t) -> scalar tensor``.
         alpha: the FPTT regularisation strength (> 0).
         w_ra: the running averages from :func:`fptt_online_training_init_w_ra`; updated in place.
+        progress: show a progress bar over the time steps when one sequence takes more than a
+            second and stderr is a terminal (``False``: never).
 
     Returns:
         None.
@@ -324,7 +329,11 @@ def fptt_online_training(
     memory_modules = _memory_modules(model)
     previous_grads: list[torch.Tensor | float] = [0.0] * len(parameters)
 
-    for t, x_t in enumerate(x_seq.unbind(0)):
+    bar = progress_bar(
+        x_seq.unbind(0), desc="fptt_online_training", total=steps, unit="step",
+        progress=progress, delay=1.0,
+    )
+    for t, x_t in enumerate(bar):
         target_t = target_seq[t]
         optimizer.zero_grad()
         loss = f_loss_t(model(x_t), target_t)
@@ -362,6 +371,8 @@ def ottt_online_training(
     target_seq: torch.Tensor,
     f_loss_t: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     online: bool,
+    *,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train ``model`` on a batch of sequences with OTTT (or SLTT), one step at a time.
 
@@ -382,6 +393,8 @@ def ottt_online_training(
         target_seq: targets ``[N, T, ...]`` (at least ``T`` steps on dim 1).
         f_loss_t: per-step loss ``f_loss_t(y_t, target_t) -> scalar tensor``.
         online: update every step (True) or once per sequence (False).
+        progress: show a progress bar over the time steps when one batch takes more than a
+            second and stderr is a terminal (``False``: never).
 
     Returns:
         ``(batch_loss, y_all)``: the sum of the detached step losses (a 0-dim tensor) and the
@@ -410,7 +423,10 @@ def ottt_online_training(
     y_all: torch.Tensor | None = None
     if not online:
         optimizer.zero_grad()
-    for t, x_t in enumerate(xs):
+    bar = progress_bar(
+        xs, desc="ottt_online_training", total=steps, unit="step", progress=progress, delay=1.0
+    )
+    for t, x_t in enumerate(bar):
         if online:
             optimizer.zero_grad()
         y_t = model(x_t)

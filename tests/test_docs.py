@@ -170,6 +170,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A temporary cwd; global state that examples may touch is restored afterwards."""
     from snncompile.passes import pipeline
 
+    pipeline.import_builtin_passes()  # registered before the snapshot, so a restore keeps them
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     registry = {k: list(v) for k, v in pipeline._REGISTERED.items()}

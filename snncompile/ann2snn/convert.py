@@ -215,7 +215,7 @@ def _calibrate(
     channel_wise: bool,
     progress: bool,
 ) -> list[torch.Tensor]:
-    from tqdm.auto import tqdm
+    from snncompile.progress import progress_bar
 
     calib = copy.deepcopy(gm)
     nodes = {n.name: n for n in calib.graph.nodes}
@@ -239,7 +239,9 @@ def _calibrate(
     if hasattr(data, "__len__") and not isinstance(data, torch.Tensor):
         total = len(data)
     with torch.no_grad():
-        for batch in tqdm(batches, desc="ann2snn calibration", total=total, disable=not progress):
+        bar = progress_bar(batches, desc="ann2snn calibration", total=total, unit="batch",
+                           progress=progress)
+        for batch in bar:
             calib(batch.to(device))
     return [obs.scale() for obs in observers]
 
@@ -267,7 +269,8 @@ def convert(
             The spike count after ``T`` steps is then ``round(T * rate)`` instead of
             ``floor(T * rate)``; on our digits CNN this reaches the ANN's accuracy by ``T = 16``,
             while zero initialisation lags far behind.
-        progress: show a tqdm progress bar during calibration.
+        progress: show a progress bar during calibration (only when stderr is a terminal;
+            ``False`` turns it off).
         backend: the neurons' multi-step backend: ``'auto'`` (default: the fused C kernel when
             the problem is large enough, else the torch loop), ``'cpu'``, ``'cuda'`` or
             ``'torch'``; see :mod:`snncompile.neuron`.

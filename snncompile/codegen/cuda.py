@@ -33,8 +33,8 @@ def _import_cupy() -> Any:
         import cupy
     except ImportError as exc:
         raise RuntimeError(
-            "snncompile: backend='cuda' needs CuPy (pip install cupy-cuda12x) and a CUDA GPU; "
-            "use backend='cpu' or 'torch' instead."
+            "snncompile: backend='cuda' needs CuPy (pip install cupy-cuda12x, or the build "
+            "matching your CUDA version) and a CUDA GPU; use backend='cpu' or 'torch' instead."
         ) from exc
     if not torch.cuda.is_available():
         raise RuntimeError(
@@ -44,17 +44,47 @@ def _import_cupy() -> Any:
     return cupy
 
 
+def launch_config(n: int, threads_per_block: int = THREADS_PER_BLOCK) -> tuple[int, int]:
+    """``(blocks, threads_per_block)`` of a one-thread-per-neuron launch over ``n`` neurons.
+
+    The last block is partly idle when ``n`` is not a multiple of the block size (the kernels
+    return early for ``n >= N``); at least one block is launched.
+    """
+    return max((n + threads_per_block - 1) // threads_per_block, 1), threads_per_block
+
+
+def pack_arguments(args: list[Any]) -> tuple[Any, ...]:
+    """Kernel arguments as CuPy takes them: tensors (and None) as ``uint64`` device pointers,
+    Python ints as ``int64`` (the kernels' ``long long``)."""
+    import numpy as np
+
+    return tuple(
+        np.uint64(0 if a is None else a.data_ptr())
+        if (a is None or isinstance(a, torch.Tensor))
+        else np.int64(a)
+        for a in args
+    )
+
+
 class CudaKernel:
-    """Forward and backward CUDA kernels of one neuron configuration (CuPy ``RawModule``)."""
+    """Forward and backward CUDA kernels of one neuron configuration (CuPy ``RawModule``).
+
+    :meth:`forward` / :meth:`backward` allocate the outputs and pass the arguments in the
+    kernels' order; :meth:`_load` and :meth:`_launch` are the only CuPy-specific parts (the
+    host emulation in :mod:`snncompile.codegen.cuda_host` replaces just those two).
+    """
 
     def __init__(self, dynamics: NeuronDynamics) -> None:
-        cupy = _import_cupy()
-        self._cupy = cupy
         self.dynamics = dynamics
         self.source: KernelSource = generate(dynamics, "cuda")
-        module = cupy.RawModule(code=self.source.source, options=NVRTC_OPTIONS)
-        self._fwd = module.get_function(f"{self.source.name}_forward")
-        self._bwd = module.get_function(f"{self.source.name}_backward")
+        self._fwd, self._bwd = self._load(self.source)
+
+    def _load(self, source: KernelSource) -> tuple[Any, Any]:
+        cupy = _import_cupy()
+        self._cupy = cupy
+        self._module = cupy.RawModule(code=source.source, options=NVRTC_OPTIONS)
+        self._per_device: dict[int, tuple[Any, Any]] = {}
+        return f"{source.name}_forward", f"{source.name}_backward"
 
     @property
     def num_uniforms(self) -> int:
@@ -62,17 +92,23 @@ class CudaKernel:
         return self.source.num_uniforms
 
     def _launch(self, fn: Any, n: int, args: list[Any]) -> None:
-        np = __import__("numpy")
-        packed = [
-            np.uint64(0 if a is None else a.data_ptr())
-            if (a is None or isinstance(a, torch.Tensor))
-            else np.int64(a)
-            for a in args
-        ]
-        stream = self._cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        blocks = (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-        with stream:
-            fn((max(blocks, 1),), (THREADS_PER_BLOCK,), tuple(packed))
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cupy = self._cupy
+        with cupy.cuda.Device(index):
+            # A RawModule is loaded per device: look the function up under the tensors' device.
+            funcs = self._per_device.get(index)
+            if funcs is None:
+                funcs = (
+                    self._module.get_function(self._fwd),
+                    self._module.get_function(self._bwd),
+                )
+                self._per_device[index] = funcs
+            kernel = funcs[0] if fn == self._fwd else funcs[1]
+            blocks, threads = launch_config(n)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+            with stream:
+                kernel((blocks,), (threads,), pack_arguments(args))
 
     def forward(
         self,

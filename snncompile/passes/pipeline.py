@@ -91,6 +91,16 @@ def registered_passes(stage: str) -> list[PipelineEntry]:
     return list(_REGISTERED[stage])
 
 
+def import_builtin_passes() -> None:
+    """Import the modules whose import registers the built-in stage passes (fusion, chunking).
+
+    ``import snncompile`` is lazy, so they may not be imported yet when a pipeline is built.
+    """
+    import snncompile.passes.chunk  # noqa: F401
+    import snncompile.passes.fuse_elementwise  # noqa: F401
+    import snncompile.passes.fuse_neurons  # noqa: F401
+
+
 def build_pipeline(mode: str, passes: Sequence[object] | None = None) -> list[tuple[str, Pass]]:
     """The ``(name, pass)`` list to run for ``mode``.
 
@@ -101,6 +111,7 @@ def build_pipeline(mode: str, passes: Sequence[object] | None = None) -> list[tu
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    import_builtin_passes()
     flat: list[PipelineEntry] = []
     for item in PIPELINE:
         if isinstance(item, Stage):

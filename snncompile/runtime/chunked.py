@@ -35,6 +35,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from snncompile.progress import progress_bar
+
 __all__ = [
     "REDUCTIONS",
     "SPEED_CHUNK_BYTES",
@@ -191,6 +193,7 @@ def chunked_forward(
     chunk_size: int,
     *,
     reduce: str | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Run the multi-step ``module`` on ``x_seq`` (``[T, N, *]``) in chunks of ``chunk_size`` steps.
 
@@ -200,6 +203,8 @@ def chunked_forward(
     full ``[T, N, *]`` output (written chunk by chunk into one preallocated tensor); with
     ``reduce='sum'`` or ``'mean'`` only the time-sum or time-mean ``[N, *]`` is kept, so memory
     does not grow with ``T``. Runs under ``torch.no_grad()``; raises in training mode.
+    A progress bar over the steps appears when the run takes more than a second and stderr is a
+    terminal; ``progress=False`` turns it off.
     """
     check_inference(module)
     _check_seq(x_seq, module)
@@ -208,17 +213,22 @@ def chunked_forward(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}.")
     T = x_seq.shape[0]
     acc = _Accumulator(module, reduce, T)
-    with torch.no_grad():
+    bar = progress_bar(desc="chunked forward", total=T, unit="step", progress=progress, delay=1.0)
+    with torch.no_grad(), bar:
         for chunk in x_seq.split(int(chunk_size), 0):
             acc.add(module(chunk), chunk.shape[0])
+            bar.update(chunk.shape[0])
     return acc.result()
 
 
-def _stream_outputs(module: nn.Module, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    with torch.no_grad():
+def _stream_outputs(
+    module: nn.Module, chunks: Iterable[torch.Tensor], bar: Any
+) -> Iterator[torch.Tensor]:
+    with torch.no_grad(), bar:
         for chunk in chunks:
             _check_seq(chunk, module)
             y = _as_tensor_output(module(chunk), module)
+            bar.update(chunk.shape[0])
             yield y
 
 
@@ -228,6 +238,8 @@ def stream(
     *,
     reduce: str | None = None,
     reset: bool = False,
+    progress: bool = True,
+    total_steps: int | None = None,
 ) -> Iterator[torch.Tensor] | torch.Tensor:
     """Feed an iterable of input chunks (each ``[K_i, N, *]``) through ``module`` in order.
 
@@ -236,13 +248,18 @@ def stream(
     (spike counts for a spiking output layer) and with ``reduce='mean'`` the time-mean (firing
     rate), of shape ``[N, *]``. Chunk sizes may vary. ``reset=True`` resets every stateful
     submodule first (otherwise the state carries on from previous calls, like a plain call).
-    Runs under ``torch.no_grad()``; raises in training mode.
+    Runs under ``torch.no_grad()``; raises in training mode. A progress bar over the steps (out
+    of ``total_steps`` when given) appears when the stream runs for more than a second and stderr
+    is a terminal; ``progress=False`` turns it off.
     """
     check_inference(module, "stream")
     _check_reduce(reduce)
     if reset:
         reset_states(module)
-    outputs = _stream_outputs(module, chunks)
+    bar = progress_bar(
+        desc="stream", total=total_steps, unit="step", progress=progress, delay=1.0
+    )
+    outputs = _stream_outputs(module, chunks, bar)
     if reduce is None:
         return outputs
     acc = _Accumulator(module, reduce, None)

@@ -15,6 +15,12 @@ configuration otherwise) when the neuron cannot be fused: a surrogate without an
 not described by its class's ``define_dynamics`` (and could not be captured). The states a fused
 backend leaves in the node are float32 (the kernels' state precision), also for float16/bfloat16
 inputs.
+
+Availability is checked when a backend is chosen, not when the first tensor arrives:
+``backend='cuda'`` on a machine without a CUDA GPU (or without CuPy) raises at construction,
+at ``node.backend = 'cuda'`` and in ``snncompile.optimize(..., backend='cuda')``
+(:func:`check_available`). Names other libraries use for the same thing (``'cupy'``, ``'gpu'``)
+are answered with the name used here (:data:`BACKEND_ALIASES`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from snncompile.runtime.fused import (
     FUSED_DTYPES,
     fused_multi_step_states,
 )
+
+#: Backend names of other libraries (SpikingJelly 0.0.0.x's ``'cupy'``) -> the backend here.
+BACKEND_ALIASES: dict[str, str] = {"cupy": "cuda", "gpu": "cuda"}
 
 _warned: set[tuple[Any, ...]] = set()
 _STEP_METHODS = ("neuronal_charge", "neuronal_fire", "neuronal_reset", "_step")
@@ -162,6 +171,38 @@ def _auto_impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
     return run_fused(node, x_seq, d)
 
 
+def alias_hint(backend: Any) -> str:
+    """A sentence suggesting the backend meant by another library's name, or ``""``."""
+    target = BACKEND_ALIASES.get(backend) if isinstance(backend, str) else None
+    if target is None:
+        return ""
+    return f" Did you mean backend={target!r}? (snncompile's name for its {backend} kernels)"
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None when it can."""
+    if backend != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU (torch.cuda.is_available() is False)"
+    if not _cupy_available():
+        return (
+            "CuPy is not installed; the CUDA kernels are compiled and launched through it "
+            "(pip install cupy-cuda12x, or the build matching your CUDA version)"
+        )
+    return None
+
+
+def check_available(backend: str, owner: str) -> None:
+    """Raise a RuntimeError naming ``owner`` when ``backend`` cannot run on this machine."""
+    why = unavailable_reason(backend)
+    if why is not None:
+        raise RuntimeError(
+            f"{owner}: backend={backend!r} cannot run here: {why}. Use backend='cpu' (the C "
+            "kernel), 'auto' (the fused kernel of each input's device) or 'torch'."
+        )
+
+
 def _cupy_available() -> bool:
     try:
         import cupy  # noqa: F401
@@ -175,5 +216,8 @@ def install() -> None:
     from snncompile import neuron
 
     neuron.BaseNode.register_backend("cpu", _make_impl("cpu"))
-    neuron.BaseNode.register_backend("cuda", _make_impl("cuda"))
+    neuron.BaseNode.register_backend(
+        "cuda", _make_impl("cuda"), check=lambda owner: check_available("cuda", owner)
+    )
+    neuron.BaseNode.backend_aliases = dict(BACKEND_ALIASES)
     neuron.BaseNode.register_backend("auto", _auto_impl)
