@@ -142,3 +142,34 @@ def test_cuda_sources_of_multistate_neurons_compile_with_nvcc(tmp_path):
         nvcc_command(str(src), str(tmp_path / "multi.ptx")), capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@needs_cc
+def test_cuda_kernels_of_multistate_neurons_run_on_the_host(monkeypatch):
+    """The exact CUDA sources, compiled for the host (codegen.cuda_host), agree with C."""
+    from snncompile.codegen.cuda_host import find_cxx, host_kernels
+    from snncompile.runtime import fused
+
+    if find_cxx() is None:
+        pytest.skip("no host C++ compiler to emulate the CUDA kernels")
+    ds = list(NEURONS.values())
+    kernels = host_kernels(ds)
+    torch.manual_seed(1)
+    for d in ds:
+        x_seq = (torch.randn(9, 300) * 1.5).requires_grad_()
+        st = {n: (torch.rand(300) * 0.3).requires_grad_() for n in d.state_names}
+        params = {n: torch.tensor(0.4, requires_grad=True) for n in d.param_names} or None
+        inputs = [x_seq, *st.values(), *(params or {}).values()]
+        outs = []
+        for host in (False, True):
+            with monkeypatch.context() as m:
+                if host:
+                    m.setattr(fused, "_kernel", lambda kid, device: kernels[fused._dynamics(kid)])
+                s, last, _ = fused_multi_step_states(d, x_seq, st, params)
+                loss = s.sum() + sum(last[n].sum() * (i + 2) for i, n in enumerate(last))
+                outs.append((s, last, torch.autograd.grad(loss, inputs)))
+        (s1, l1, g1), (s2, l2, g2) = outs
+        assert torch.equal(s1, s2), d.name
+        assert all(torch.equal(l1[n], l2[n]) for n in l1), d.name
+        for a_, b_ in zip(g1, g2, strict=True):
+            assert ((a_ - b_).abs().max() / b_.abs().max().clamp_min(1e-12)).item() < 1e-6
