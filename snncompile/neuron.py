@@ -852,3 +852,15 @@ class SLTTLIFNode(_OnlineLIFNode):
 
 
 __all__ += ["OTTTLIFNode", "SLTTLIFNode"]
+
+
+# -- more built-in neurons, one file each (snncompile.neurons), importable from here too -------
+from snncompile.neurons import (  # noqa: E402
+    ALIFNode,
+    CUBALIFNode,
+    EIFNode,
+    IzhikevichNode,
+    QIFNode,
+)
+
+__all__ += ["ALIFNode", "CUBALIFNode", "EIFNode", "IzhikevichNode", "QIFNode"]

@@ -249,6 +249,13 @@ class StateInfo:
     init: float
     dynamics: NeuronDynamics
     uniforms: tuple[float, ...]
+    state: str = "v"  # which state of the neuron ('v', or an extra state such as 'w')
+
+
+def state_key(node: str, state: str) -> str:
+    """The key of one neuron state in the exporter's tables: the node name for ``v``,
+    ``node/state`` for an extra state."""
+    return node if state == "v" else f"{node}/{state}"
 
 
 def _time_shift(node: Node) -> int:
@@ -286,6 +293,42 @@ def _sj_spec(node: Node) -> Any:
     )
 
 
+def _module_dynamics(node: Node) -> NeuronDynamics:
+    """The dynamics a snncompile neuron module defines (its captured charge for a subclass
+    that overrides ``neuronal_charge``). A spiking neuron whose surrogate has no expression form
+    exports all the same: its forward is the Heaviside step whatever the surrogate."""
+    from snncompile.dynamics.surrogates import SurrogateExpr
+    from snncompile.runtime.fused_backends import (
+        REASONS,
+        dynamics_for,
+        overridden_step_methods,
+    )
+
+    m = node.module
+    dyn = dynamics_for(m)
+    if dyn is not None:
+        return dyn
+    why = REASONS.get(type(m), "no expression form")
+    if not getattr(m.surrogate_function, "spiking", True):
+        raise OnnxExportError(
+            f"export_onnx: neuron node %{node.name} ({type(m).__name__}): {why} (a non-spiking "
+            "surrogate's forward must be rendered)."
+        )
+    try:
+        stand_in = m.define_dynamics(SurrogateExpr("Sigmoid", (4.0,)))
+    except NotImplementedError as err:
+        raise OnnxExportError(
+            f"export_onnx: neuron node %{node.name} ({type(m).__name__}) has no dynamics "
+            f"definition: {err}"
+        ) from err
+    if overridden_step_methods(type(m)):
+        raise OnnxExportError(
+            f"export_onnx: neuron node %{node.name} ({type(m).__name__}): {why}; it has no ONNX "
+            "rendering."
+        )
+    return stand_in
+
+
 def neuron_dynamics(node: Node) -> tuple[NeuronDynamics, tuple[float, ...]]:
     """The dynamics of a neuron IR node and the float32 values of its per-call uniforms.
 
@@ -295,6 +338,8 @@ def neuron_dynamics(node: Node) -> tuple[NeuronDynamics, tuple[float, ...]]:
     dyn = node.attrs.get("dynamics")
     m = node.module
     spec = None
+    if not isinstance(dyn, NeuronDynamics) and callable(getattr(m, "define_dynamics", None)):
+        dyn = _module_dynamics(node)
     if not isinstance(dyn, NeuronDynamics):
         spec_fn = getattr(m, "dynamics_spec", None)
         spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
@@ -468,9 +513,9 @@ class _Emitter:
             elif node.op is Op.OUTPUT:
                 outputs = self._outputs(node) if not self.post else []
             elif node.op.group is OpGroup.NEURON:
-                spike, v_next = self._neuron(node, states[node.name], infos[node.name])
+                spike, nxt = self._neuron(node, states, infos[node.name])
                 self.env[node.name] = _T(spike)
-                next_states[node.name] = v_next
+                next_states.update(nxt)
             elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME):
                 self.env[node.name] = self.env[node.inputs[0]]
             else:
@@ -555,22 +600,26 @@ class _Emitter:
             out.append((name, src))
         return out
 
-    def _neuron(self, node: Node, v_in: str, info: StateInfo) -> tuple[str, str]:
+    def _neuron(
+        self, node: Node, states: dict[str, str], info: StateInfo
+    ) -> tuple[str, dict[str, str]]:
+        """Emit one neuron step; return the spike and ``{state key: next-state value}``."""
         args = node.attrs.get("args") or (Ref(0),)
         if len(args) != 1 or node.attrs.get("kwargs"):
             raise self.fail(node, "a neuron must be called with exactly one input tensor")
         x = self.tensor(node, self.resolve(node, args[0]))
         program = info.dynamics.step_program()
-        names = {"x": x, "v": v_in}
+        names = {"x": x}
+        names.update({s: states[state_key(node.name, s)] for s in program.state_names})
         names.update({f"u{i}": self.b.scalar(u) for i, u in enumerate(info.uniforms)})
+        outputs = {"spike": program.spike, "v": program.v_next}
+        outputs.update(dict(zip(program.extra_states, program.state_next, strict=True)))
         try:
             h = render_onnx(self.b, {"h": program.h}, names)["h"]
-            out = render_onnx(
-                self.b, {"spike": program.spike, "v_next": program.v_next}, {**names, "h": h}
-            )
+            out = render_onnx(self.b, outputs, {**names, "h": h})
         except OnnxRenderError as err:
             raise self.fail(node, str(err)) from err
-        return out["spike"], out["v_next"]
+        return out["spike"], {state_key(node.name, s): out[s] for s in program.state_names}
 
 
 _T_missing = object()
@@ -906,16 +955,28 @@ def _state_infos(graph: Graph, names: NameSource, prefix: str) -> dict[str, Stat
                 "example input."
             )
         dyn, uniforms = neuron_dynamics(node)
-        infos[node.name] = StateInfo(
-            node=node.name,
-            input=names.reserve(f"{prefix}{node.name}.v"),
-            output=names.reserve(f"{prefix}{node.name}.v_next"),
-            shape=tuple(int(s) for s in shape),
-            init=_initial_v(node, dyn),
-            dynamics=dyn,
-            uniforms=uniforms,
-        )
+        for state in dyn.state_names:
+            init = _initial_v(node, dyn) if state == "v" else _initial_state(node, dyn, state)
+            infos[state_key(node.name, state)] = StateInfo(
+                node=node.name,
+                input=names.reserve(f"{prefix}{node.name}.{state}"),
+                output=names.reserve(f"{prefix}{node.name}.{state}_next"),
+                shape=tuple(int(s) for s in shape),
+                init=init,
+                dynamics=dyn,
+                uniforms=uniforms,
+                state=state,
+            )
     return infos
+
+
+def _initial_state(node: Node, dyn: NeuronDynamics, state: str) -> float:
+    """An extra state's start: the module's registered reset value, else the dynamics' init."""
+    reset_values = getattr(node.module, "_memories_rv", {})
+    value = reset_values.get(state)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float(dyn.initial_states[state])
 
 
 def _initial_v(node: Node, dyn: NeuronDynamics) -> float:
@@ -1018,8 +1079,10 @@ def _build(
             dims = inits.int64(list(info.shape), f"{info.node}_dims")
             full = main.node("Concat", [n, dims], f"{info.node}_shape", axis=0)
             value = helper.make_tensor("value", TensorProto.FLOAT, [1], [info.init])
-            init_states.append(main.node("ConstantOfShape", [full], f"{info.node}_v0", value=value))
-    final = [names.fresh(f"{i.node}_v_final") for i in infos.values()]
+            init_states.append(
+                main.node("ConstantOfShape", [full], f"{info.node}_{info.state}0", value=value)
+            )
+    final = [names.fresh(f"{i.node}_{i.state}_final") for i in infos.values()]
     stacked = [names.fresh(f"{src.name}_seq") for src in per_step]
     main.nodes.append(
         helper.make_node(
@@ -1049,6 +1112,7 @@ def _states_meta(infos: dict[str, StateInfo]) -> list[dict[str, Any]]:
     return [
         {
             "node": i.node,
+            "state": i.state,
             "input": i.input,
             "output": i.output,
             "shape": [-1, *i.shape],

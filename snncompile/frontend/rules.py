@@ -207,15 +207,9 @@ def _is_neuron(module: nn.Module) -> bool:
 def _spec_describes(module: nn.Module) -> bool:
     """Whether the module's ``NeuronSpec`` is its dynamics (no step method overridden below the
     class that defines them)."""
-    from snncompile.runtime.fused_backends import _STEP_METHODS, _owner
+    from snncompile.runtime.fused_backends import overridden_step_methods
 
-    cls = type(module)
-    defining = _owner(cls, "define_dynamics")
-    if defining is None:
-        return True
-    return all(
-        (o := _owner(cls, m)) is None or o in defining.__mro__ for m in _STEP_METHODS
-    )
+    return not overridden_step_methods(type(module))
 
 
 def neuron_attrs(module: nn.Module) -> dict[str, Any]:

@@ -51,6 +51,17 @@ def _owner(cls: type, method: str) -> type | None:
     return next((c for c in cls.__mro__ if method in c.__dict__), None)
 
 
+def overridden_step_methods(cls: type) -> list[str]:
+    """The step methods ``cls`` overrides below the class that defines its dynamics (empty when
+    its ``define_dynamics`` describes it as it is)."""
+    defining = _owner(cls, "define_dynamics")
+    if defining is None:
+        return []
+    return [
+        m for m in _STEP_METHODS if (o := _owner(cls, m)) is not None and o not in defining.__mro__
+    ]
+
+
 def dynamics_for(node: Any) -> NeuronDynamics | None:
     """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused.
 
@@ -68,9 +79,7 @@ def dynamics_for(node: Any) -> NeuronDynamics | None:
     if defining is None or defining.__dict__.get("define_dynamics") is None:
         REASONS[cls] = "no define_dynamics()"
         return None
-    overridden = [
-        m for m in _STEP_METHODS if (o := _owner(cls, m)) is not None and o not in defining.__mro__
-    ]
+    overridden = overridden_step_methods(cls)
     try:
         if overridden == ["neuronal_charge"]:
             from snncompile.dynamics.capture import captured_dynamics
