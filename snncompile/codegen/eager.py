@@ -50,7 +50,13 @@ class EagerStep:
     source: str
 
 
-def _function(name: str, args: list[str], outputs: list[Expr], namespace: dict[str, Any]) -> str:
+def _function(
+    name: str,
+    args: list[str],
+    outputs: list[Expr],
+    namespace: dict[str, Any],
+    as_tuple: bool = False,
+) -> str:
     lines = [f"def {name}({', '.join(args)}):"]
     rendered: dict[Expr, str] = {}
     for node in toposort(outputs):
@@ -75,7 +81,7 @@ def _function(name: str, args: list[str], outputs: list[Expr], namespace: dict[s
         lines.append(f"    {tmp} = {text}")
         rendered[node] = tmp
     results = ", ".join(rendered[o] for o in outputs)
-    lines.append(f"    return {results}{',' if len(outputs) > 1 else ''}")
+    lines.append(f"    return {results}{',' if as_tuple else ''}")
     return "\n".join(lines)
 
 
@@ -92,7 +98,13 @@ def eager_step(dynamics: NeuronDynamics) -> EagerStep:
     if extra:
         updates = [s.update for s in dynamics.states]
         parts.append(
-            _function("updates", ["_node", "x", "v", "h", "spike", *extra], updates, namespace)
+            _function(
+                "updates",
+                ["_node", "x", "v", "h", "spike", *extra],
+                updates,
+                namespace,
+                as_tuple=True,
+            )
         )
     source = "\n\n".join(parts) + "\n"
     exec(compile(source, f"<snncompile eager {dynamics.name}>", "exec"), namespace)  # noqa: S102

@@ -972,7 +972,7 @@ def _state_infos(graph: Graph, names: NameSource, prefix: str) -> dict[str, Stat
 
 def _initial_state(node: Node, dyn: NeuronDynamics, state: str) -> float:
     """An extra state's start: the module's registered reset value, else the dynamics' init."""
-    reset_values = getattr(node.module, "_memories_rv", {})
+    reset_values = getattr(node.module, "_memories_rv", None) or {}
     value = reset_values.get(state)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -986,7 +986,10 @@ def _initial_v(node: Node, dyn: NeuronDynamics) -> float:
     threshold); the dynamics, and therefore ``dyn.reset_value``, are the plain IF ones.
     """
     spec_fn = getattr(node.module, "dynamics_spec", None)
-    spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
+    try:
+        spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
+    except NotImplementedError:  # a neuron without a NeuronSpec: its registered start
+        return _initial_state(node, dyn, "v")
     if spec is not None:
         return float(spec.initial_v)
     v_init = node.attrs.get("v_init")
