@@ -199,3 +199,26 @@ def test_onnx_step_and_sequence_match_the_module(tmp_path, name: str):
     assert (run_sequence_model(seq, x.numpy()) == expect).all()
     assert (run_step_model(step, x.numpy()) == expect).all()
     assert 0.0 < expect.mean() < 1.0
+
+
+def test_nir_pattern_table_recognises_the_builtins_by_their_dynamics():
+    from snncompile.dynamics import if_dynamics, lif_dynamics, plif_dynamics
+    from snncompile.export.nir_patterns import classify
+
+    assert classify(if_dynamics())[0] == "if"
+    assert classify(lif_dynamics(3.0, True, v_reset=-0.1)) == (
+        "lif",
+        {"v_r": -0.1, "tau": 3.0, "decay_input": 1.0},
+    )
+    assert classify(lif_dynamics(3.0, False, v_reset=None))[1]["decay_input"] == 0.0
+    assert classify(plif_dynamics(False))[0] == "plif"
+    for name in ("QIFNode", "IzhikevichNode", "CUBALIFNode", "ALIFNode"):
+        cell = getattr(neuron, name)(surrogate_function=surrogate.ATan())
+        assert classify(cell.neuron_dynamics()) is None, name
+
+
+def test_nir_export_refuses_neurons_without_a_nir_form(tmp_path):
+    pytest.importorskip("nir")
+    model = nn.Sequential(nn.Linear(4, 4), neuron.QIFNode(step_mode="m"))
+    with pytest.raises(Exception, match="match no NIR neuron pattern"):
+        snncompile.export_nir(model, torch.randn(3, 2, 4), path=tmp_path / "m.nir")

@@ -509,28 +509,34 @@ def _sg(surrogate: Any) -> SurrogateExpr:
     return SurrogateExpr("Sigmoid", (4.0,)) if surrogate is None else surrogate_expr(surrogate)
 
 
+#: ``NeuronSpec.kind -> builder(spec, common keyword arguments)``: the compatibility path for
+#: records that carry a kind string (SpikingJelly modules the frontend did not rebuild). Neuron
+#: classes define their dynamics themselves (``BaseNode.define_dynamics``).
+SPEC_BUILDERS: dict[str, Any] = {
+    "if": lambda spec, common: if_dynamics(**common),
+    "lif": lambda spec, common: lif_dynamics(tau=spec.tau, decay_input=spec.decay_input, **common),
+    "plif": lambda spec, common: plif_dynamics(decay_input=spec.decay_input, **common),
+}
+
+
 def from_spec(spec: Any) -> NeuronDynamics:
-    """Build dynamics from a ``NeuronSpec``-like record (``snncompile.neuron``'s
-    ``dynamics_spec()``): fields ``kind`` ('if' | 'lif' | 'plif'), ``v_threshold``, ``v_reset``,
-    ``tau``, ``decay_input``, ``detach_reset``, ``surrogate`` (a surrogate module)."""
-    kind = spec.kind
+    """Build dynamics from a ``NeuronSpec``-like record (fields ``kind`` (a key of
+    :data:`SPEC_BUILDERS`), ``v_threshold``, ``v_reset``, ``tau``, ``decay_input``,
+    ``detach_reset``, ``surrogate`` (a surrogate module)). Kept for compatibility: neurons
+    define their dynamics next to their class."""
+    builder = SPEC_BUILDERS.get(spec.kind)
+    if builder is None:
+        raise ValueError(
+            f"snncompile.dynamics.from_spec: unknown neuron kind {spec.kind!r}; expected one of "
+            f"{sorted(SPEC_BUILDERS)} (neuron classes define their own dynamics instead)."
+        )
     common = dict(
         v_threshold=spec.v_threshold,
         v_reset=spec.v_reset,
         surrogate=spec.surrogate,
         detach_reset=spec.detach_reset,
     )
-    if kind == "if":
-        d = if_dynamics(**common)
-    elif kind == "lif":
-        d = lif_dynamics(tau=spec.tau, decay_input=spec.decay_input, **common)
-    elif kind == "plif":
-        d = plif_dynamics(decay_input=spec.decay_input, **common)
-    else:
-        raise ValueError(
-            f"snncompile.dynamics.from_spec: unknown neuron kind {kind!r}; expected 'if', "
-            "'lif' or 'plif'."
-        )
+    d = builder(spec, common)
     if not getattr(spec.surrogate, "spiking", True):
         d = dataclasses.replace(d, spiking=False)
     return d

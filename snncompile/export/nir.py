@@ -345,6 +345,23 @@ class _Exporter:
             data_inputs=(node.inputs[0],),
         )
 
+    def _dynamics_kind(self, node: Node) -> str:
+        """The NIR form of a snncompile neuron, from its dynamics (the pattern table)."""
+        from snncompile.dynamics.surrogates import SurrogateExpr
+        from snncompile.export.nir_patterns import classify
+        from snncompile.runtime.fused_backends import dynamics_for
+
+        m = node.module
+        dyn = dynamics_for(m) or m.define_dynamics(SurrogateExpr("Sigmoid", (4.0,)))
+        found = classify(dyn)
+        if found is None:
+            raise self.fail(
+                node,
+                f"its dynamics ({dyn.describe()}) match no NIR neuron pattern (IF, LIF, PLIF; "
+                "snncompile.export.nir_patterns.PATTERNS)",
+            )
+        return found[0]
+
     def neuron(self, node: Node) -> None:
         if node.op is Op.FUSED_NEURON:
             raise self.fail(
@@ -353,9 +370,10 @@ class _Exporter:
                 "backend='torch'",
             )
         m = node.module
-        spec_fn = getattr(m, "dynamics_spec", None)
         a = node.attrs
-        kind = spec_fn().kind if callable(spec_fn) else a.get("kind")
+        kind = a.get("kind")
+        if callable(getattr(m, "define_dynamics", None)):
+            kind = self._dynamics_kind(node)
         if kind not in ("if", "lif", "plif"):
             raise self.fail(node, f"neuron kind {kind!r} has no NIR form (IF, LIF, PLIF do)")
         shape = _features(node)
