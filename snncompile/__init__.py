@@ -29,12 +29,19 @@ def export_nir(
     return _export_nir(model_or_compiled, example_input, dt=dt, path=path, soft_reset=soft_reset)
 
 
-def import_nir(graph_or_path: Any, *, dt: float | None = None, integrator: str = "euler") -> Any:
+def import_nir(
+    graph_or_path: Any,
+    *,
+    dt: float | None = None,
+    integrator: str = "euler",
+    max_bytes: int | None = 2**30,
+) -> Any:
     """Build a multi-step model from a NIR graph or file; see
-    :func:`snncompile.export.nir.import_nir` (needs ``pip install snncompile[nir]``)."""
+    :func:`snncompile.export.nir.import_nir` (needs ``pip install snncompile[nir]``).
+    ``max_bytes`` (default 1 GiB) bounds what a file's datasets may declare in all."""
     from snncompile.export.nir import import_nir as _import_nir
 
-    return _import_nir(graph_or_path, dt=dt, integrator=integrator)
+    return _import_nir(graph_or_path, dt=dt, integrator=integrator, max_bytes=max_bytes)
 
 
 __all__ = ["base", "functional", "layer", "learning", "neuron", "surrogate", "__version__"]
