@@ -44,6 +44,15 @@ initial-state field, so the value travels as metadata ``{'snncompile.v_init': 0.
 starts the membrane at ``v_reset`` (0 for soft reset), like the zero-init conversion, so
 :func:`export_nir` warns.
 
+**Untrusted files.** :func:`import_nir` sums the sizes the file's datasets declare (shape times
+item size) before reading any data and refuses more than ``max_bytes`` (default 1 GiB; a tiny
+compressed file can declare gigabytes), refuses HDF5 soft/external links, and validates every
+field as snncompile's modules validate their arguments (finite values, ``tau > dt`` so that
+``beta = 1 - dt/tau`` lies in ``(0, 1)``, bias lengths, integer strides); each error is a
+:class:`NIRImportError` naming the NIR node and the field or metadata key. Surrogates travel as
+``snncompile.surrogate`` plus ``snncompile.surrogate_<param>`` keys, written only for snncompile's
+(and SpikingJelly's) own classes, matched by identity.
+
 **Recurrence.** A cycle in an imported graph becomes a
 :class:`snncompile.nir_modules.RecurrentBlock`: its nodes are stepped together, and the edges
 that leave a neuron inside the cycle carry that neuron's output of the *previous* step (zeros
