@@ -212,3 +212,12 @@ def test_registered_user_class_is_fused_with_its_own_gradient() -> None:
     finally:
         _CLASSES.pop(Triangle, None)
         SURROGATE_EXPRESSIONS.pop("TestTriangle", None)
+
+
+def test_register_surrogate_cannot_replace_a_built_in_form() -> None:
+    from snncompile.dynamics import SURROGATE_EXPRESSIONS, const
+
+    before = SURROGATE_EXPRESSIONS["ATan"]
+    with pytest.raises(ValueError, match="exists already"):
+        register_surrogate("ATan", lambda x, a: const(0.5), lambda x, a: const(7.0))
+    assert SURROGATE_EXPRESSIONS["ATan"] is before

@@ -202,6 +202,12 @@ def register_surrogate(
     instance of exactly that class get fused kernels; ``param_names`` name the attributes that
     hold its parameters. A class is never matched by its name.
     """
+    old = SURROGATE_EXPRESSIONS.get(name)
+    if old is not None and old != (primitive, derivative):
+        raise ValueError(
+            f"register_surrogate: an expression form named {name!r} exists already with other "
+            "builders; pick another name (kernels and caches identify a form by its name)"
+        )
     SURROGATE_EXPRESSIONS[name] = (primitive, derivative)
     if surrogate_class is not None:
         register_surrogate_class(surrogate_class, name, param_names)
