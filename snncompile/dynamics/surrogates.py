@@ -250,8 +250,10 @@ def _describe(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _resolve(surrogate: Any) -> tuple[SurrogateExpr | None, str | None]:
-    """The expression form of a surrogate module, or ``None`` and the reason there is none."""
+def resolve_surrogate(surrogate: Any) -> tuple[SurrogateExpr | None, str | None]:
+    """``(form, None)`` for a surrogate module with an expression form, else ``(None, why)``."""
+    if isinstance(surrogate, SurrogateExpr):
+        return surrogate, None
     cls = type(surrogate)
     entry = registered_form(cls)
     if entry is None:
@@ -291,7 +293,7 @@ def unfusable_reason(surrogate: Any) -> str | None:
     """Why ``surrogate`` (a module) has no expression form, or ``None`` when it has one."""
     if isinstance(surrogate, SurrogateExpr):
         return None
-    return _resolve(surrogate)[1]
+    return resolve_surrogate(surrogate)[1]
 
 
 def surrogate_expr(surrogate: Any) -> SurrogateExpr:
@@ -304,7 +306,7 @@ def surrogate_expr(surrogate: Any) -> SurrogateExpr:
     """
     if isinstance(surrogate, SurrogateExpr):
         return surrogate
-    expr, why = _resolve(surrogate)
+    expr, why = resolve_surrogate(surrogate)
     if expr is None:
         raise ValueError(f"snncompile.dynamics: {why}.")
     return expr

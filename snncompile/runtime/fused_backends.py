@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from snncompile.dynamics.neuron import NeuronDynamics, from_spec
-from snncompile.dynamics.surrogates import SurrogateExpr, surrogate_expr, unfusable_reason
+from snncompile.dynamics.surrogates import SurrogateExpr, resolve_surrogate
 from snncompile.runtime.fused import (
     AUTO_MIN_ELEMENTS,
     AUTO_MIN_STEPS,
@@ -55,11 +55,11 @@ def _spec_key(spec: Any, form: SurrogateExpr) -> tuple[Any, ...]:
     )
 
 
-def _blocker(node: Any) -> tuple[str | None, Any]:
-    """``(reason, spec)``: why ``node`` cannot be fused (None when it can) and its spec."""
+def _blocker(node: Any) -> tuple[str | None, Any, SurrogateExpr | None]:
+    """``(reason, spec, surrogate form)``: why ``node`` cannot be fused (None when it can)."""
     spec_fn = getattr(node, "dynamics_spec", None)
     if spec_fn is None:
-        return f"{type(node).__name__} has no dynamics_spec()", None
+        return f"{type(node).__name__} has no dynamics_spec()", None, None
     for method in _STEP_METHODS:
         owner = next((c for c in type(node).__mro__ if method in c.__dict__), None)
         if owner not in _KNOWN_CLASSES:
@@ -67,9 +67,11 @@ def _blocker(node: Any) -> tuple[str | None, Any]:
                 f"{type(node).__name__} overrides {method}() (its own dynamics, not described "
                 "by its NeuronSpec)",
                 None,
+                None,
             )
     spec = spec_fn()
-    return unfusable_reason(spec.surrogate), spec
+    form, why = resolve_surrogate(spec.surrogate)
+    return why, spec, form
 
 
 def fusion_blocker(node: Any) -> str | None:
@@ -79,7 +81,7 @@ def fusion_blocker(node: Any) -> str | None:
     not a registered surrogate class (matched by identity, see
     :func:`snncompile.dynamics.surrogates.unfusable_reason`) or has non-finite parameters.
     """
-    why, _ = _blocker(node)
+    why, _, _ = _blocker(node)
     if why is None and dynamics_for(node) is None:
         return "its configuration has no expression form"
     return why
@@ -90,10 +92,10 @@ def dynamics_for(node: Any) -> NeuronDynamics | None:
 
     The surrogate is identified by its class (and parameters), never by its class name.
     """
-    why, spec = _blocker(node)
-    if why is not None:
+    why, spec, form = _blocker(node)
+    if why is not None or form is None:
         return None
-    key = _spec_key(spec, surrogate_expr(spec.surrogate))
+    key = _spec_key(spec, form)
     if key not in _cache:
         try:
             _cache[key] = from_spec(spec)
