@@ -10,10 +10,12 @@
   node's torch loop.
 
 Every fused backend falls back to the torch loop (silently for ``'auto'``, with one warning per
-configuration otherwise) when the neuron cannot be fused: a surrogate without an expression form
-(:data:`snncompile.dynamics.surrogates.SURROGATE_EXPRESSIONS`), or a subclass whose dynamics are
-not described by its ``NeuronSpec``. The membrane ``v`` a fused backend leaves in the node is
-float32 (the kernels' state precision), also for float16/bfloat16 inputs.
+configuration otherwise) when the neuron cannot be fused (:func:`fusion_blocker` says why): a
+surrogate whose class is not registered with an expression form (matched by class identity, so a
+user's own ``class ATan`` is not snncompile's ATan; see :mod:`snncompile.dynamics.surrogates`),
+or a subclass whose dynamics are not described by its ``NeuronSpec``. The membrane ``v`` a fused
+backend leaves in the node is float32 (the kernels' state precision), also for float16/bfloat16
+inputs.
 
 Availability is checked when a backend is chosen, not when the first tensor arrives:
 ``backend='cuda'`` on a machine without a CUDA GPU (or without CuPy) raises at construction,
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from snncompile.dynamics.neuron import NeuronDynamics, from_spec
-from snncompile.dynamics.surrogates import SURROGATE_EXPRESSIONS
+from snncompile.dynamics.surrogates import SurrogateExpr, resolve_surrogate
 from snncompile.runtime.fused import (
     AUTO_MIN_ELEMENTS,
     AUTO_MIN_STEPS,
@@ -49,11 +51,7 @@ _KNOWN_CLASSES: set[type] = set()
 _STEP_METHODS = ("neuronal_charge", "neuronal_fire", "neuronal_reset", "_step")
 
 
-def _spec_key(spec: Any) -> tuple[Any, ...]:
-    sg = spec.surrogate
-    params = getattr(sg, "params", None)
-    if params is None:
-        params = (getattr(sg, "alpha", None),)
+def _spec_key(spec: Any, form: SurrogateExpr) -> tuple[Any, ...]:
     return (
         spec.kind,
         spec.v_threshold,
@@ -61,31 +59,57 @@ def _spec_key(spec: Any) -> tuple[Any, ...]:
         spec.tau,
         spec.decay_input,
         spec.detach_reset,
-        type(sg).__name__,
-        tuple(params),
-        bool(getattr(sg, "spiking", True)),
+        form,
+        bool(getattr(spec.surrogate, "spiking", True)),
     )
 
 
-def dynamics_for(node: Any) -> NeuronDynamics | None:
-    """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused."""
+def _blocker(node: Any) -> tuple[str | None, Any, SurrogateExpr | None]:
+    """``(reason, spec, surrogate form)``: why ``node`` cannot be fused (None when it can)."""
     spec_fn = getattr(node, "dynamics_spec", None)
     if spec_fn is None:
-        return None
+        return f"{type(node).__name__} has no dynamics_spec()", None, None
     for method in _STEP_METHODS:
         owner = next((c for c in type(node).__mro__ if method in c.__dict__), None)
         if owner not in _KNOWN_CLASSES:
-            return None
+            return (
+                f"{type(node).__name__} overrides {method}() (its own dynamics, not described "
+                "by its NeuronSpec)",
+                None,
+                None,
+            )
     spec = spec_fn()
-    key = _spec_key(spec)
+    form, why = resolve_surrogate(spec.surrogate)
+    return why, spec, form
+
+
+def fusion_blocker(node: Any) -> str | None:
+    """Why the neuron module ``node`` has no fused kernel, or ``None`` when it has one.
+
+    Reasons: no ``dynamics_spec``, a subclass with its own step methods, or a surrogate that is
+    not a registered surrogate class (matched by identity, see
+    :func:`snncompile.dynamics.surrogates.unfusable_reason`) or has non-finite parameters.
+    """
+    why, _, _ = _blocker(node)
+    if why is None and dynamics_for(node) is None:
+        return "its configuration has no expression form"
+    return why
+
+
+def dynamics_for(node: Any) -> NeuronDynamics | None:
+    """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused.
+
+    The surrogate is identified by its class (and parameters), never by its class name.
+    """
+    why, spec, form = _blocker(node)
+    if why is not None or form is None:
+        return None
+    key = _spec_key(spec, form)
     if key not in _cache:
-        if key[6] not in SURROGATE_EXPRESSIONS:
+        try:
+            _cache[key] = from_spec(spec)
+        except (ValueError, TypeError):
             _cache[key] = None
-        else:
-            try:
-                _cache[key] = from_spec(spec)
-            except (ValueError, TypeError):
-                _cache[key] = None
     return _cache[key]
 
 
@@ -133,13 +157,8 @@ def _make_impl(device_type: str) -> Any:
     def impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
         d = dynamics_for(node)
         if d is None:
-            return _fallback(
-                node,
-                x_seq,
-                "this neuron configuration has no fused kernel (surrogate without an "
-                "expression form, or a subclass with its own charge)",
-                (type(node).__name__, device_type),
-            )
+            why = "no fused kernel: " + (fusion_blocker(node) or "unsupported configuration")
+            return _fallback(node, x_seq, why, (type(node).__name__, device_type, why))
         if x_seq.dtype not in FUSED_DTYPES:
             return _fallback(
                 node,
