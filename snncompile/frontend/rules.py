@@ -141,6 +141,18 @@ def step_module_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def supported_step_modes(module: nn.Module) -> tuple[str, ...]:
+    """The step modes ``module`` supports: ``('s', 'm')`` unless it says otherwise.
+
+    SpikingJelly 2.0.0 defines ``supported_step_mode`` as a *method*; snncompile's modules and
+    older code use a tuple attribute. Both are read here.
+    """
+    supported = getattr(module, "supported_step_mode", ("s", "m"))
+    if callable(supported):
+        supported = supported()
+    return tuple(supported)
+
+
 def is_stateful_module(module: nn.Module) -> bool:
     """Whether ``module`` or any submodule keeps state across calls (is a ``MemoryModule``)."""
     types = memory_module_types()
@@ -318,7 +330,7 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
             Kind.STATEFUL if stateful else Kind.STATELESS,
             {"type": type(module).__name__},
             step_mode,
-            multi_only or step_mode == "m" and "s" not in module.supported_step_mode,
+            multi_only or step_mode == "m" and "s" not in supported_step_modes(module),
         )
     origin = type(module).__module__
     if origin.startswith("torch.nn") or origin.startswith("torch.ao.nn"):

@@ -54,6 +54,7 @@ from snncompile.frontend.rules import (
     memory_module_types,
     neuron_attrs,
     step_module_types,
+    supported_step_modes,
 )
 from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op, OpGroup
@@ -131,9 +132,7 @@ def model_step_mode(model: nn.Module) -> str:
             return "m"
         if isinstance(m, step_types):
             # SpikingJelly's MultiStepModule classes support only 'm' and may not store it.
-            supported = getattr(m, "supported_step_mode", ("s", "m"))
-            supported = supported() if callable(supported) else supported
-            if tuple(supported) == ("m",):
+            if supported_step_modes(m) == ("m",):
                 return "m"
         info = classify_module(m) if m is not model else None
         if info is not None and info.kind in (Kind.SEQ_CONTAINER, Kind.STEP_CONTAINER):
@@ -146,11 +145,27 @@ class _Plan:
     """Decisions made on the probe before tracing (paths are module qualified names)."""
 
     def __init__(self) -> None:
-        self.seq_layers: set[str] = set()  # multi-step stateless layers, set to 's' in the probe
+        self.seq_layers: set[str] = set()  # multi-step stateless layers, run as 's' copies
         self.seq_containers: set[str] = set()  # SeqToANNContainer: expanded
         self.step_containers: set[str] = set()  # MultiStepContainer: expanded
         self.seq_neurons: set[str] = set()  # neurons inside expanded MultiStepContainers
         self.opaque: dict[str, str] = {}  # forced leaves: path -> reason
+
+    def run_mode(self, path: str) -> str | None:
+        """The step mode the module at ``path`` runs in inside the traced program, if it differs
+        from its own: its calls receive ``[T*N, *]`` (``'s'``) or ``[T, N, *]`` (``'m'``).
+
+        The user's modules (and the probe's) keep their own ``step_mode``: forwards that read it
+        (``if self.avgpool.step_mode == 's'``) must see what the user set. The shape probe and
+        the IR run copies in this mode instead.
+        """
+        if path in self.opaque:
+            return None
+        if path in self.seq_layers:
+            return "s"
+        if path in self.seq_neurons:
+            return "m"
+        return None
 
 
 def _make_plan(probe: nn.Module, step_mode: str) -> _Plan:
@@ -183,9 +198,8 @@ def _make_plan(probe: nn.Module, step_mode: str) -> _Plan:
             )
             if ok and children:
                 plan.step_containers.add(path)
-                for (cpath, child), cinfo in zip(children, infos, strict=True):
+                for cpath, cinfo in zip((p for p, _ in children), infos, strict=True):
                     if cinfo is not None and cinfo.kind is Kind.NEURON:
-                        child.step_mode = "m"
                         plan.seq_neurons.add(cpath)
         elif (
             info.kind is Kind.STATELESS
@@ -193,7 +207,6 @@ def _make_plan(probe: nn.Module, step_mode: str) -> _Plan:
             and info.op is not Op.OPAQUE_MODULE
             and hasattr(m, "step_mode")
         ):
-            m.step_mode = "s"
             plan.seq_layers.add(path)
     return plan
 
@@ -372,10 +385,23 @@ class _ProbeError(Exception):
 
 
 class _Probe(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, plan: _Plan | None = None) -> None:
         super().__init__(gm)
+        self.plan = plan
         self.shapes: dict[str, tuple[tuple[int, ...], str] | None] = {}
         self.kinds: dict[str, str] = {}
+        self._mode_copies: dict[str, nn.Module] = {}
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mode = None if self.plan is None else self.plan.run_mode(str(target))
+        if mode is None:
+            return super().call_module(target, args, kwargs)
+        module = self._mode_copies.get(str(target))
+        if module is None:  # a copy in the mode the traced program runs it in (see _Plan)
+            module = copy_sharing_parameters(self.fetch_attr(str(target)))
+            module.step_mode = mode
+            self._mode_copies[str(target)] = module
+        return module(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -465,12 +491,12 @@ def _rng_kept() -> Iterator[None]:
 
 
 def _probe_shapes(
-    gm: fx.GraphModule, root: nn.Module, example: torch.Tensor, step_mode: str
+    gm: fx.GraphModule, root: nn.Module, example: torch.Tensor, step_mode: str, plan: _Plan
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     with torch.no_grad(), _rng_kept():
         x = example[0] if step_mode == "s" else example
         _reset_state(root)
-        probe = _Probe(gm)
+        probe = _Probe(gm, plan)
         try:
             probe.run(x)
         except _ProbeError as err:
@@ -478,7 +504,7 @@ def _probe_shapes(
         second = None
         if step_mode == "s":
             _reset_state(root)
-            probe2 = _Probe(gm)
+            probe2 = _Probe(gm, plan)
             try:
                 probe2.run(torch.cat([x, x[:1]]))
             except _ProbeError as err:
@@ -529,7 +555,7 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
     plan = _make_plan(probe, step_mode)
     gm, traced_root = _trace(probe, plan, strict)
     work_root: nn.Module = model if traced_root is probe else _RootWrapper(model)
-    shapes, second = _probe_shapes(gm, traced_root, example_input, step_mode)
+    shapes, second = _probe_shapes(gm, traced_root, example_input, step_mode, plan)
 
     def build(recognise_time: bool) -> Graph:
         graph = Graph({"step_mode": step_mode, "T": T, "N": N})
