@@ -290,6 +290,17 @@ def _container_kind(module: nn.Module) -> Kind | None:
     return None
 
 
+#: SpikingJelly containers whose forward depends on Python types of run-time values
+#: (``OTTTSequential`` passes ``[spike, trace]`` lists between modules in training): tracing them
+#: would record the wrong branch, so they always run as written.
+_AS_WRITTEN_CONTAINERS = ("OTTTSequential",)
+
+
+def _runs_as_written(module: nn.Module) -> bool:
+    origin = type(module).__module__
+    return origin.startswith("spikingjelly") and type(module).__name__ in _AS_WRITTEN_CONTAINERS
+
+
 def classify_module(module: nn.Module) -> ModuleInfo | None:
     """Describe a module the tracer keeps as a leaf, or ``None`` if it should be traced through.
 
@@ -304,6 +315,14 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
                 return info
     step_mode = getattr(module, "step_mode", None)
     step_mode = step_mode if step_mode in ("s", "m") else None
+    if _runs_as_written(module):
+        stateful = is_stateful_module(module)
+        return ModuleInfo(
+            Op.OPAQUE_MODULE,
+            Kind.STATEFUL if stateful else Kind.STATELESS,
+            {"type": type(module).__name__},
+            step_mode,
+        )
     ckind = _container_kind(module)
     if ckind is not None:
         return ModuleInfo(Op.OPAQUE_MODULE, ckind, {"container": type(module).__name__}, "m")
