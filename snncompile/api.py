@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 from snncompile.frontend.trace import state_copy_memo, trace_model
 from snncompile.ir.graph import Graph
 from snncompile.ir.verify import verify
-from snncompile.passes.base import PassManager
+from snncompile.passes.base import PassManager, PassRecord
 from snncompile.passes.chunk import chunk_forward  # also registers the 'chunking' stage pass
 from snncompile.passes.fuse_elementwise import fuse_elementwise  # noqa: F401  (after it)
 from snncompile.passes.fuse_neurons import fuse_neurons  # noqa: F401  (registers 'fusion')
@@ -95,7 +96,20 @@ def optimize(
         memo: dict[int, Any] = state_copy_memo(model)
         memo.update({id(p): p for p in model.parameters()})
         work = copy.deepcopy(model, memo).eval()
-    graph = trace_model(work, example_input, strict=strict)
+    def compile_part(part: nn.Module, part_input: torch.Tensor) -> nn.Module:
+        # A part of a module that runs as written (see snncompile.frontend.partial).
+        return optimize(part, part_input, mode=mode, backend=backend, passes=passes)
+
+    start = time.perf_counter()
+    graph = trace_model(work, example_input, strict=strict, compile_part=compile_part)
+    frontend = PassRecord(
+        "frontend",
+        False,
+        0,
+        len(graph),
+        time.perf_counter() - start,
+        list(graph.meta.get("frontend_notes", ())),
+    )
     graph.meta.update(mode=mode, backend=backend)
     if chunk_size is not None or memory_budget is not None:
         # Read by the 'chunking' stage pass (snncompile.passes.chunk), which validates the plan.
@@ -107,7 +121,7 @@ def optimize(
     compiled = CompiledModule(
         gm,
         graph,
-        manager.records,
+        [frontend, *manager.records],
         example_shape=tuple(example_input.shape),
         mode=mode,
         backend=backend,

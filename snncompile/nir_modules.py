@@ -35,9 +35,30 @@ from snncompile.base import MemoryModule, check_multi_step_input
 __all__ = ["NIRCubaNeuron", "NIRNeuron", "RecurrentBlock", "Scale", "Threshold"]
 
 
-def _buffer(value: Any) -> torch.Tensor:
-    """A float32 tensor of a parameter array (scalars stay 0-d and broadcast)."""
-    return torch.as_tensor(value, dtype=torch.float32).detach().clone()
+def _first_bad(t: torch.Tensor, ok: torch.Tensor) -> str:
+    idx = tuple(int(i) for i in torch.nonzero(~ok)[0]) if t.dim() else ()
+    return f"{float(t[idx])!r}" + (f" at index {idx}" if t.dim() else "")
+
+
+def _buffer(value: Any, owner: str = "", name: str = "") -> torch.Tensor:
+    """A float32 tensor of a parameter array (scalars stay 0-d and broadcast), checked finite."""
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    ok = torch.isfinite(t)
+    if owner and not bool(ok.all()):
+        raise ValueError(f"{owner}: {name} must be finite, got {_first_bad(t, ok)}.")
+    return t
+
+
+def _retention(owner: str, name: str, value: Any) -> torch.Tensor:
+    """A per-step retention (``1 - dt / tau``), checked to lie in ``(0, 1]``."""
+    t = _buffer(value, owner, name)
+    ok = (t > 0) & (t <= 1)
+    if not bool(ok.all()):
+        raise ValueError(
+            f"{owner}: {name} (the per-step retention 1 - dt/tau) must lie in (0, 1], got "
+            f"{_first_bad(t, ok)}; tau must be longer than the step dt."
+        )
+    return t
 
 
 def _spike(fn: nn.Module, h: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
@@ -84,13 +105,16 @@ class NIRNeuron(_StepLoop):
         step_mode: str = "m",
     ) -> None:
         super().__init__(step_mode=step_mode)
-        self.register_buffer("beta", _buffer(beta))
-        self.register_buffer("gain", _buffer(gain))
-        self.register_buffer("v_leak", _buffer(v_leak))
+        owner = type(self).__name__
+        self.register_buffer("beta", _retention(owner, "beta", beta))
+        self.register_buffer("gain", _buffer(gain, owner, "gain"))
+        self.register_buffer("v_leak", _buffer(v_leak, owner, "v_leak"))
         self.spiking = v_threshold is not None
         self.soft_reset = v_reset is None
-        self.register_buffer("v_threshold", _buffer(0.0 if v_threshold is None else v_threshold))
-        self.register_buffer("v_reset", _buffer(0.0 if v_reset is None else v_reset))
+        thr = 0.0 if v_threshold is None else v_threshold
+        self.register_buffer("v_threshold", _buffer(thr, owner, "v_threshold"))
+        v_r = 0.0 if v_reset is None else v_reset
+        self.register_buffer("v_reset", _buffer(v_r, owner, "v_reset"))
         self.surrogate_function = surrogate_function or surrogate.Sigmoid()
         self.register_memory("v", None)
 
@@ -140,8 +164,9 @@ class NIRCubaNeuron(_StepLoop):
         step_mode: str = "m",
     ) -> None:
         super().__init__(step_mode=step_mode)
-        self.register_buffer("alpha", _buffer(alpha))
-        self.register_buffer("syn_gain", _buffer(syn_gain))
+        owner = type(self).__name__
+        self.register_buffer("alpha", _retention(owner, "alpha", alpha))
+        self.register_buffer("syn_gain", _buffer(syn_gain, owner, "syn_gain"))
         self.membrane = NIRNeuron(
             beta, gain, v_leak, v_threshold, v_reset, surrogate_function, step_mode="s"
         )
@@ -159,7 +184,7 @@ class Scale(nn.Module):
 
     def __init__(self, scale: Any) -> None:
         super().__init__()
-        self.register_buffer("scale", _buffer(scale))
+        self.register_buffer("scale", _buffer(scale, "Scale", "scale"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scale ``x`` (any ``[..., *features]`` layout)."""
@@ -171,7 +196,7 @@ class Threshold(nn.Module):
 
     def __init__(self, threshold: Any, surrogate_function: nn.Module | None = None) -> None:
         super().__init__()
-        self.register_buffer("threshold", _buffer(threshold))
+        self.register_buffer("threshold", _buffer(threshold, "Threshold", "threshold"))
         self.surrogate_function = surrogate_function or surrogate.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +233,16 @@ class RecurrentBlock(MemoryModule):
     ) -> None:
         super().__init__(step_mode=step_mode)
         self.order = [name for name, _ in members]
-        self.cells = nn.ModuleDict({_key(name): m for name, m in members})
+        if len(set(self.order)) != len(self.order):
+            raise ValueError(f"RecurrentBlock: member names repeat: {self.order}")
+        # ModuleDict keys cannot hold dots; distinct names ('a.b', 'a_b') get distinct keys.
+        self.keys: dict[str, str] = {}
+        for name in self.order:
+            key = _key(name)
+            while key in self.keys.values():
+                key += "_"
+            self.keys[name] = key
+        self.cells = nn.ModuleDict({self.keys[name]: m for name, m in members})
         self.sources = {k: [tuple(s) for s in v] for k, v in sources.items()}
         self.entries = list(entries)
         self.outputs = list(outputs)
@@ -239,7 +273,7 @@ class RecurrentBlock(MemoryModule):
                 total = value if total is None else total + value
             if total is None:
                 raise ValueError(f"RecurrentBlock: member {name!r} received no input")
-            now[name] = self.cells[_key(name)](total)
+            now[name] = self.cells[self.keys[name]](total)
         self.prev = {name: now[name] for name in self.delayed_shapes}
         outs = tuple(now[name] for name in self.outputs)
         return outs[0] if len(outs) == 1 else outs

@@ -37,7 +37,9 @@ from snncompile.dynamics.surrogates import (
     SURROGATE_EXPRESSIONS,
     SurrogateExpr,
     register_surrogate,
+    register_surrogate_class,
     surrogate_expr,
+    unfusable_reason,
 )
 
 __all__ = [
@@ -65,9 +67,11 @@ __all__ = [
     "param",
     "plif_dynamics",
     "register_surrogate",
+    "register_surrogate_class",
     "sigmoid",
     "sqrt",
     "surrogate_expr",
+    "unfusable_reason",
     "tanh",
     "var",
     "where",

@@ -1,20 +1,29 @@
 """Surrogate gradients as expressions.
 
-Each surrogate of :mod:`snncompile.surrogate` with a fused-kernel form is registered here in
-:data:`SURROGATE_EXPRESSIONS`, keyed by its class name, as a pair of builders
-``(primitive(x, *params), derivative(x, *params))`` that return :class:`~snncompile.dynamics.expr.
-Expr` trees. The formulas are the ones :mod:`snncompile.surrogate` (and SpikingJelly 2.0.0)
-compute, written in the same arithmetic order, so a kernel's surrogate gradient agrees with the
-PyTorch one to float rounding. Python-scalar sub-expressions such as ``alpha / 2`` fold in double
-precision exactly as they do before PyTorch sees them.
+Each surrogate with a fused-kernel form is registered here in :data:`SURROGATE_EXPRESSIONS`,
+under an *expression name* (``'ATan'``), as a pair of builders ``(primitive(x, *params),
+derivative(x, *params))`` that return :class:`~snncompile.dynamics.expr.Expr` trees. The formulas
+are the ones :mod:`snncompile.surrogate` (and SpikingJelly 2.0.0) compute, written in the same
+arithmetic order, so a kernel's surrogate gradient agrees with the PyTorch one to float rounding.
+Python-scalar sub-expressions such as ``alpha / 2`` fold in double precision exactly as they do
+before PyTorch sees them.
 
-A :class:`SurrogateExpr` is the hashable record a ``HEAVISIDE`` node carries: the class name and
-the parameter values. :func:`surrogate_expr` builds one from a surrogate module instance.
+Surrogate *modules* are matched to expression forms by **class identity**, never by class name:
+``snncompile.surrogate.ATan`` and ``spikingjelly.activation_based.surrogate.ATan`` (registered
+lazily, once SpikingJelly has been imported) are the ATan form; a user's own ``class ATan`` or a
+subclass of ours, which may compute another gradient, has no form and runs as written (the
+reason comes from :func:`unfusable_reason`). :func:`register_surrogate` adds a form and, with
+``surrogate_class=``, the class that computes it.
+
+A :class:`SurrogateExpr` is the hashable record a ``HEAVISIDE`` node carries: the expression
+name and the parameter values (finite floats). :func:`surrogate_expr` builds one from a surrogate
+module instance.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +106,9 @@ def _erf_grad(x: Expr, alpha: float) -> Expr:
     return (alpha / math.sqrt(math.pi)) * exp(-z * z)
 
 
-#: ``class name -> (primitive builder, derivative builder)``; builders take ``(x, *params)``.
+#: ``expression name -> (primitive builder, derivative builder)``; builders take ``(x, *params)``.
+#: The names are the IR's names for the expression forms; surrogate *modules* are matched to them
+#: by class identity (:func:`register_surrogate_class`), never by their class name.
 SURROGATE_EXPRESSIONS: dict[str, tuple[Builder, Builder]] = {
     "Sigmoid": (_sigmoid_prim, _sigmoid_grad),
     "ATan": (_atan_prim, _atan_grad),
@@ -108,7 +119,7 @@ SURROGATE_EXPRESSIONS: dict[str, tuple[Builder, Builder]] = {
     "Erf": (_erf_prim, _erf_grad),
 }
 
-#: Default ``alpha`` of each registered surrogate (SpikingJelly's defaults).
+#: Default ``alpha`` of each built-in expression form (SpikingJelly's defaults).
 DEFAULT_ALPHA: dict[str, float] = {
     "Sigmoid": 4.0,
     "ATan": 2.0,
@@ -119,19 +130,98 @@ DEFAULT_ALPHA: dict[str, float] = {
     "Erf": 2.0,
 }
 
+# The forms that snncompile.surrogate and SpikingJelly both define under these class names.
+_BUILTIN_FORMS = tuple(SURROGATE_EXPRESSIONS)
 
-def register_surrogate(name: str, primitive: Builder, derivative: Builder) -> None:
-    """Register the expression form of a surrogate class called ``name``.
+#: The module that defines SpikingJelly 2.0.0's surrogate classes.
+SPIKINGJELLY_SURROGATE_MODULE = "spikingjelly.activation_based.surrogate"
 
-    ``primitive(x, *params)`` and ``derivative(x, *params)`` build expressions in ``x``. After
-    registration neurons using that surrogate class get fused kernels.
+# surrogate class (by identity) -> (expression name, names of the attributes holding its params).
+_CLASSES: dict[type, tuple[str, tuple[str, ...]]] = {}
+_loaded: set[str] = set()
+
+
+def _load_builtin_classes() -> None:
+    """Register snncompile's own classes, and SpikingJelly's once its module has been imported.
+
+    SpikingJelly is never imported here: an instance of one of its classes can only exist once
+    its module is in ``sys.modules``, so looking there at lookup time is enough.
     """
+    if "snncompile" not in _loaded:
+        from snncompile import surrogate as ours
+
+        for name in _BUILTIN_FORMS:
+            cls = getattr(ours, name, None)
+            if isinstance(cls, type):
+                _CLASSES.setdefault(cls, (name, ("alpha",)))
+        _loaded.add("snncompile")
+    if "spikingjelly" not in _loaded:
+        sj = sys.modules.get(SPIKINGJELLY_SURROGATE_MODULE)
+        if sj is not None:
+            # The same formulas in the same arithmetic order (tests/test_dynamics.py checks them
+            # against SpikingJelly's own backward).
+            for name in _BUILTIN_FORMS:
+                cls = getattr(sj, name, None)
+                if isinstance(cls, type):
+                    _CLASSES.setdefault(cls, (name, ("alpha",)))
+            _loaded.add("spikingjelly")
+
+
+def register_surrogate_class(
+    surrogate_class: type, name: str, param_names: tuple[str, ...] = ("alpha",)
+) -> None:
+    """Declare that instances of exactly ``surrogate_class`` compute the expression form ``name``.
+
+    ``param_names`` are the instance attributes that hold the form's parameters, in the order
+    its builders take them. Matching is by class identity: subclasses are not covered (they may
+    override the gradient) and must be registered themselves.
+    """
+    if not isinstance(surrogate_class, type):
+        raise TypeError(
+            f"register_surrogate_class: expected a class, got {type(surrogate_class).__name__}"
+        )
+    if name not in SURROGATE_EXPRESSIONS:
+        raise ValueError(
+            f"register_surrogate_class: no expression form named {name!r}; register one first "
+            f"with register_surrogate() (known: {sorted(SURROGATE_EXPRESSIONS)})"
+        )
+    _CLASSES[surrogate_class] = (name, tuple(str(p) for p in param_names))
+
+
+def register_surrogate(
+    name: str,
+    primitive: Builder,
+    derivative: Builder,
+    surrogate_class: type | None = None,
+    param_names: tuple[str, ...] = ("alpha",),
+) -> None:
+    """Register the expression form ``name`` of a surrogate, optionally for a surrogate class.
+
+    ``primitive(x, *params)`` and ``derivative(x, *params)`` build expressions in ``x``. With
+    ``surrogate_class`` (see :func:`register_surrogate_class`), neurons whose surrogate is an
+    instance of exactly that class get fused kernels; ``param_names`` name the attributes that
+    hold its parameters. A class is never matched by its name.
+    """
+    old = SURROGATE_EXPRESSIONS.get(name)
+    if old is not None and old != (primitive, derivative):
+        raise ValueError(
+            f"register_surrogate: an expression form named {name!r} exists already with other "
+            "builders; pick another name (kernels and caches identify a form by its name)"
+        )
     SURROGATE_EXPRESSIONS[name] = (primitive, derivative)
+    if surrogate_class is not None:
+        register_surrogate_class(surrogate_class, name, param_names)
+
+
+def registered_form(surrogate_class: type) -> tuple[str, tuple[str, ...]] | None:
+    """``(expression name, parameter attribute names)`` registered for exactly this class."""
+    _load_builtin_classes()
+    return _CLASSES.get(surrogate_class)
 
 
 @dataclass(frozen=True)
 class SurrogateExpr:
-    """A surrogate by class name and parameters; what a ``HEAVISIDE`` node carries."""
+    """An expression form by name and parameters; what a ``HEAVISIDE`` node carries."""
 
     name: str
     params: tuple[float, ...] = ()
@@ -156,28 +246,67 @@ class SurrogateExpr:
         return f"{self.name}({', '.join(repr(p) for p in self.params)})"
 
 
+def _describe(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resolve_surrogate(surrogate: Any) -> tuple[SurrogateExpr | None, str | None]:
+    """``(form, None)`` for a surrogate module with an expression form, else ``(None, why)``."""
+    if isinstance(surrogate, SurrogateExpr):
+        return surrogate, None
+    cls = type(surrogate)
+    entry = registered_form(cls)
+    if entry is None:
+        known = sorted({n for n, _ in _CLASSES.values()})
+        if cls.__name__ in SURROGATE_EXPRESSIONS:
+            return None, (
+                f"surrogate {_describe(cls)} is not snncompile's or SpikingJelly's "
+                f"{cls.__name__} (another class with that name, or a subclass); surrogates are "
+                "matched by class identity, not by name. To fuse it, register its gradient with "
+                "snncompile.dynamics.register_surrogate(..., surrogate_class=...)"
+            )
+        return None, (
+            f"surrogate {_describe(cls)} has no expression form; fused kernels support the "
+            f"surrogate classes {known} of snncompile.surrogate (and SpikingJelly's). Use "
+            f"backend='torch' for {cls.__name__}, or register its gradient with "
+            "snncompile.dynamics.register_surrogate(..., surrogate_class=...)"
+        )
+    name, param_names = entry
+    values = []
+    for pname in param_names:
+        p = getattr(surrogate, pname, None)
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            return None, (
+                f"surrogate {cls.__name__} parameter {pname}={p!r} is not a Python number; "
+                "fused kernels bake surrogate parameters into code. Use backend='torch'"
+            )
+        if not math.isfinite(float(p)):
+            return None, (
+                f"surrogate {cls.__name__} parameter {pname}={p!r} is not finite; fused kernels "
+                "need finite surrogate parameters"
+            )
+        values.append(float(p))
+    return SurrogateExpr(name, tuple(values)), None
+
+
+def unfusable_reason(surrogate: Any) -> str | None:
+    """Why ``surrogate`` (a module) has no expression form, or ``None`` when it has one."""
+    if isinstance(surrogate, SurrogateExpr):
+        return None
+    return resolve_surrogate(surrogate)[1]
+
+
 def surrogate_expr(surrogate: Any) -> SurrogateExpr:
     """Build a :class:`SurrogateExpr` from a surrogate module (ours or SpikingJelly's).
 
-    Raises ``ValueError`` naming the class when it has no registered expression form.
+    The module's class must be registered *by identity* (snncompile's and SpikingJelly's
+    Sigmoid, ATan, PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike and Erf are; others
+    through :func:`register_surrogate`); its parameters must be finite Python numbers. Raises
+    ``ValueError`` saying why otherwise (e.g. a user class that merely shares a built-in's name).
     """
     if isinstance(surrogate, SurrogateExpr):
         return surrogate
-    name = type(surrogate).__name__
-    if name not in SURROGATE_EXPRESSIONS:
-        raise ValueError(
-            f"snncompile.dynamics: surrogate {name} has no expression form; fused kernels "
-            f"support {sorted(SURROGATE_EXPRESSIONS)}. Use backend='torch' for {name}."
-        )
-    params = getattr(surrogate, "params", None)
-    if params is None:
-        params = (getattr(surrogate, "alpha", DEFAULT_ALPHA[name]),)
-    values = []
-    for p in params:
-        if not isinstance(p, (int, float)) or isinstance(p, bool):
-            raise ValueError(
-                f"snncompile.dynamics: surrogate {name} parameter {p!r} is not a Python number; "
-                "fused kernels bake surrogate parameters into code. Use backend='torch'."
-            )
-        values.append(float(p))
-    return SurrogateExpr(name, tuple(values))
+    expr, why = resolve_surrogate(surrogate)
+    if expr is None:
+        raise ValueError(f"snncompile.dynamics: {why}.")
+    return expr

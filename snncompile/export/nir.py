@@ -44,6 +44,15 @@ initial-state field, so the value travels as metadata ``{'snncompile.v_init': 0.
 starts the membrane at ``v_reset`` (0 for soft reset), like the zero-init conversion, so
 :func:`export_nir` warns.
 
+**Untrusted files.** :func:`import_nir` sums the sizes the file's datasets declare (shape times
+item size) before reading any data and refuses more than ``max_bytes`` (default 1 GiB; a tiny
+compressed file can declare gigabytes), refuses HDF5 soft/external links, and validates every
+field as snncompile's modules validate their arguments (finite values, ``tau > dt`` so that
+``beta = 1 - dt/tau`` lies in ``(0, 1)``, bias lengths, integer strides); each error is a
+:class:`NIRImportError` naming the NIR node and the field or metadata key. Surrogates travel as
+``snncompile.surrogate`` plus ``snncompile.surrogate_<param>`` keys, written only for snncompile's
+(and SpikingJelly's) own classes, matched by identity.
+
 **Recurrence.** A cycle in an imported graph becomes a
 :class:`snncompile.nir_modules.RecurrentBlock`: its nodes are stepped together, and the edges
 that leave a neuron inside the cycle carry that neuron's output of the *previous* step (zeros
@@ -56,6 +65,7 @@ from __future__ import annotations
 import keyword
 import math
 import operator
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -65,10 +75,18 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from snncompile.dynamics.surrogates import SPIKINGJELLY_SURROGATE_MODULE
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import Layout, Op
 
-__all__ = ["DEFAULT_DT", "NIRExportError", "NIRImportError", "export_nir", "import_nir"]
+__all__ = [
+    "DEFAULT_DT",
+    "DEFAULT_MAX_BYTES",
+    "NIRExportError",
+    "NIRImportError",
+    "export_nir",
+    "import_nir",
+]
 
 #: The Euler step used when none is given (what SpikingJelly's and snnTorch's exporters use).
 DEFAULT_DT = 1e-4
@@ -77,6 +95,17 @@ DEFAULT_DT = 1e-4
 RTOL = 1e-5
 
 _RESET_KEY = "snncompile.reset"
+_SURROGATE_KEY = "snncompile.surrogate"
+#: Default limit on the total declared size of the datasets of a NIR file (1 GiB).
+DEFAULT_MAX_BYTES = 2**30
+_MAX_DEPTH = 64
+# The node types nir.read knows (NIR 1.0).
+_NIR_NODE_TYPES = (
+    "Input", "Output", "NIRGraph", "Affine", "Linear", "Scale", "Conv1d", "Conv2d", "SumPool2d",
+    "AvgPool2d", "Flatten", "Delay", "Threshold", "I", "IF", "LI", "LIF", "CubaLI", "CubaLIF",
+)
+# Module attribute names a NIR node name must not take (fx.GraphModule's and nn.Module's own).
+_RESERVED_NAMES = frozenset(dir(fx.GraphModule)) | frozenset(vars(nn.Module())) | {"self"}
 _V_INIT_KEY = "snncompile.v_init"
 _NEURON_TYPES = ("IF", "LIF", "LI", "I", "CubaLIF", "CubaLI")
 
@@ -151,6 +180,7 @@ class _Exporter:
         self.alias: dict[str, list[str]] = {}
         self.soft_nodes: list[str] = []
         self.v_init_nodes: list[str] = []
+        self.unknown_surrogates: list[str] = []
 
     def fail(self, node: Node, why: str) -> NIRExportError:
         what = node.attrs.get("path") or (type(node.module).__name__ if node.module else "")
@@ -202,12 +232,47 @@ class _Exporter:
                 "restores it; a tool that ignores node metadata starts them at v_reset.",
                 stacklevel=3,
             )
+        if self.unknown_surrogates:
+            warnings.warn(
+                "export_nir: the surrogates of neurons "
+                + ", ".join(self.unknown_surrogates)
+                + " are not snncompile's or SpikingJelly's own surrogate classes, so they are "
+                "not recorded; import_nir gives those neurons the default Sigmoid surrogate "
+                "(same spikes, different training gradients).",
+                stacklevel=3,
+            )
         return self.nir.NIRGraph(
             nodes=self.nodes,
             edges=self.edges,
             metadata={"snncompile.format": "1", "snncompile.dt": self.dt},
             type_check=True,
         )
+
+    def surrogate_meta(self, node: Node, sg: Any, meta: dict[str, Any]) -> None:
+        """Record the surrogate as ``snncompile.surrogate`` (+ ``snncompile.surrogate_<param>``).
+
+        Only snncompile's own surrogate classes and SpikingJelly's classes of the same name (the
+        same math) are recorded, matched by class identity; another class (a user's, or a
+        subclass) cannot travel in NIR, so it is left out with a warning (the imported neuron
+        gets the default Sigmoid surrogate; spikes are unaffected, training gradients differ).
+        """
+        from snncompile import surrogate
+
+        cls = type(sg)
+        ours = surrogate.SURROGATES.get(cls.__name__)
+        sj = sys.modules.get(SPIKINGJELLY_SURROGATE_MODULE)
+        known = ours is not None and (
+            cls is ours or (sj is not None and getattr(sj, cls.__name__, None) is cls)
+        )
+        values = [getattr(sg, p, None) for p in ours.param_names] if known else []
+        if not known or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in values
+        ):
+            self.unknown_surrogates.append(f"%{node.name} ({cls.__module__}.{cls.__qualname__})")
+            return
+        meta[_SURROGATE_KEY] = cls.__name__
+        for pname, value in zip(ours.param_names, values, strict=True):
+            meta[f"{_SURROGATE_KEY}_{pname}"] = float(value)
 
     # -- op handlers --
     def input(self, node: Node) -> None:
@@ -394,9 +459,13 @@ class _Exporter:
         }
         sg = getattr(m, "surrogate_function", None)
         if sg is not None:
-            meta["snncompile.surrogate"] = type(sg).__name__
-            if isinstance(getattr(sg, "alpha", None), (int, float)):
-                meta["snncompile.surrogate_alpha"] = float(sg.alpha)
+            if not getattr(sg, "spiking", True):
+                raise self.fail(
+                    node,
+                    f"its surrogate {type(sg).__name__}(spiking=False) makes it emit the smooth "
+                    "primitive instead of spikes; NIR neurons spike. Export with spiking=True",
+                )
+            self.surrogate_meta(node, sg, meta)
         if soft:
             self.soft_nodes.append(node.name)
         v_init = a.get("v_init")
@@ -562,7 +631,12 @@ def _meta(node: Any) -> dict[str, Any]:
 
 
 class _Importer:
-    """Maps NIR nodes to modules and wires them into an ``fx.GraphModule``."""
+    """Maps NIR nodes to modules and wires them into an ``fx.GraphModule``.
+
+    Every parameter field is validated the way snncompile's modules validate their arguments
+    (finite values, a per-step retention ``beta = 1 - dt / tau`` in ``(0, 1)``, matching
+    shapes), and every error names the NIR node and the field.
+    """
 
     def __init__(self, graph: Any, dt: float, integrator: str) -> None:
         self.nir = _require_nir()
@@ -573,6 +647,73 @@ class _Importer:
     def fail(self, name: str, node: Any, why: str) -> NIRImportError:
         return NIRImportError(f"import_nir: NIR node {name!r} ({type(node).__name__}): {why}")
 
+    # -- validated field access --
+    def field(self, name: str, node: Any, fld: str, *, finite: bool = True) -> np.ndarray:
+        """Field ``fld`` of the node as a float64 array, checked to be numeric and finite."""
+        value = getattr(node, fld, None)
+        if value is None:
+            raise self.fail(name, node, f"field {fld!r} is missing")
+        try:
+            a = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise self.fail(name, node, f"field {fld!r} is not numeric ({err})") from err
+        if finite and a.size and not bool(np.all(np.isfinite(a))):
+            idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+            at = f" at index {idx}" if a.ndim else ""
+            raise self.fail(
+                name,
+                node,
+                f"field {fld!r} has the non-finite value {float(a[idx])!r}{at}; snncompile's "
+                "modules need finite parameters (as SpikingJelly's neurons do)",
+            )
+        return a
+
+    def retention(self, name: str, node: Any, fld: str) -> np.ndarray:
+        """``beta = 1 - dt / tau`` of time-constant field ``fld``, checked to lie in ``(0, 1)``."""
+        tau = self.field(name, node, fld)
+        bad = ~(tau > self.dt)
+        if bool(np.any(bad)):
+            idx = tuple(int(i) for i in np.argwhere(bad)[0]) if tau.ndim else ()
+            t = float(tau[idx])
+            beta = 1.0 - self.dt / t if t != 0 else -math.inf
+            at = f" at index {idx}" if tau.ndim else ""
+            raise self.fail(
+                name,
+                node,
+                f"field {fld!r} = {t!r} s{at} with dt = {self.dt} s gives a per-step retention "
+                f"beta = 1 - dt/{fld} = {beta:.6g}, outside (0, 1); snncompile's neurons need "
+                f"{fld} > dt (SpikingJelly: tau > 1 step). Pass a smaller dt, or fix {fld}.",
+            )
+        return 1.0 - self.dt / tau
+
+    def meta_float(self, name: str, node: Any, key: str, default: float | None = None) -> float:
+        """Metadata ``key`` as a finite float (``default`` when absent; absent and no default:
+        an error naming the key)."""
+        md = _meta(node)
+        if key not in md:
+            if default is None:
+                raise self.fail(
+                    name,
+                    node,
+                    f"metadata {key!r} is missing (its 'snncompile.neuron' metadata needs it); "
+                    "drop the 'snncompile.*' metadata to import the NIR fields as they are",
+                )
+            return default
+        value = md[key]
+        try:
+            out = float(value)
+        except (TypeError, ValueError) as err:
+            raise self.fail(name, node, f"metadata {key!r}={value!r} is not a number") from err
+        if not math.isfinite(out):
+            raise self.fail(name, node, f"metadata {key!r}={value!r} is not finite")
+        return out
+
+    def meta_flag(self, name: str, node: Any, key: str, default: bool) -> bool:
+        value = self.meta_float(name, node, key, float(default))
+        if value not in (0.0, 1.0):
+            raise self.fail(name, node, f"metadata {key!r}={value!r} must be 0 or 1")
+        return bool(value)
+
     # -- neurons --
     def _reset(self, name: str, node: Any) -> str:
         mode = _meta(node).get(_RESET_KEY, "hard")
@@ -582,60 +723,92 @@ class _Importer:
             )
         return "subtract" if mode == "subtract" else "hard"
 
-    def _surrogate(self, node: Any) -> nn.Module | None:
+    def _surrogate(self, name: str, node: Any) -> nn.Module | None:
+        """The surrogate recorded in our metadata (``snncompile.surrogate`` and its parameters
+        ``snncompile.surrogate_<param>``), or ``None`` (the module's default) without it."""
         from snncompile import surrogate
 
         md = _meta(node)
-        cls = getattr(surrogate, str(md.get("snncompile.surrogate", "")), None)
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        param_keys = sorted(k for k in md if k.startswith(_SURROGATE_KEY + "_"))
+        if _SURROGATE_KEY not in md:
+            if param_keys:
+                raise self.fail(
+                    name, node, f"metadata {param_keys[0]!r} without {_SURROGATE_KEY!r}"
+                )
             return None
+        sg_name = str(md[_SURROGATE_KEY])
+        cls = surrogate.SURROGATES.get(sg_name)
+        if cls is None:
+            raise self.fail(
+                name,
+                node,
+                f"metadata {_SURROGATE_KEY!r}={sg_name!r} is not a snncompile surrogate "
+                f"({', '.join(surrogate.SURROGATES)}); remove the key to use the default "
+                "Sigmoid(alpha=4)",
+            )
+        kwargs: dict[str, float] = {}
+        for key in param_keys:
+            pname = key[len(_SURROGATE_KEY) + 1 :]
+            if pname not in cls.param_names:
+                raise self.fail(
+                    name,
+                    node,
+                    f"metadata {key!r}: {sg_name} has no parameter {pname!r} (its parameters: "
+                    f"{', '.join(cls.param_names)})",
+                )
+            kwargs[pname] = self.meta_float(name, node, key)
         try:
-            if "snncompile.surrogate_alpha" in md:
-                return cls(alpha=float(md["snncompile.surrogate_alpha"]))
-            return cls()
-        except TypeError:
-            return None
+            return cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            keys = ", ".join(repr(k) for k in param_keys) or repr(_SURROGATE_KEY)
+            raise self.fail(name, node, f"metadata {keys}: {err}") from err
 
-    def _sj_kwargs(self, node: Any, soft: bool, thr: float, v_reset: float) -> dict[str, Any]:
+    def _sj_kwargs(
+        self, name: str, node: Any, soft: bool, thr: float, v_reset: float
+    ) -> dict[str, Any]:
         kw: dict[str, Any] = dict(
             v_threshold=thr,
             v_reset=None if soft else v_reset,
-            detach_reset=bool(_meta(node).get("snncompile.detach_reset", 0)),
+            detach_reset=self.meta_flag(name, node, "snncompile.detach_reset", False),
             step_mode="m",
         )
-        sg = self._surrogate(node)
+        sg = self._surrogate(name, node)
         if sg is not None:
             kw["surrogate_function"] = sg
         return kw
 
-    def _soft_check(self, name: str, node: Any, soft: bool) -> None:
-        if soft and np.any(_arr(node.v_reset) != 0.0):
+    def _spiking_fields(self, name: str, node: Any, soft: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(v_threshold, v_reset)``, finite; a soft reset needs ``v_reset == 0``."""
+        thr = self.field(name, node, "v_threshold")
+        v_reset = self.field(name, node, "v_reset")
+        if soft and np.any(v_reset != 0.0):
             raise self.fail(
                 name, node, "soft reset (metadata 'subtract') with a nonzero v_reset field"
             )
+        return thr, v_reset
 
     def map_if(self, name: str, node: Any) -> nn.Module:
         from snncompile import neuron
         from snncompile.nir_modules import NIRNeuron
 
         soft = self._reset(name, node) == "subtract"
-        self._soft_check(name, node, soft)
-        r = _arr(node.r)
+        thr_a, v_reset_a = self._spiking_fields(name, node, soft)
+        r = self.field(name, node, "r")
         ours = _meta(node).get("snncompile.neuron") == "if"
         gain = _snap_one(r * self.dt if (self.integrator == "euler" or ours) else r)
-        thr, v_r = _uniform(node.v_threshold), _uniform(node.v_reset)
-        v_init = _meta(node).get(_V_INIT_KEY)
-        if v_init is not None:
-            return self._half_threshold_if(name, node, soft, gain, thr, float(v_init))
+        thr, v_r = _uniform(thr_a), _uniform(v_reset_a)
+        if _V_INIT_KEY in _meta(node):
+            v_init = self.meta_float(name, node, _V_INIT_KEY)
+            return self._half_threshold_if(name, node, soft, gain, thr, v_init)
         if _uniform(gain) == 1.0 and thr is not None and v_r is not None:
-            return neuron.IFNode(**self._sj_kwargs(node, soft, thr, v_r))
+            return neuron.IFNode(**self._sj_kwargs(name, node, soft, thr, v_r))
         return NIRNeuron(
             beta=1.0,
             gain=gain,
             v_leak=0.0,
-            v_threshold=_arr(node.v_threshold),
-            v_reset=None if soft else _arr(node.v_reset),
-            surrogate_function=self._surrogate(node),
+            v_threshold=thr_a,
+            v_reset=None if soft else v_reset_a,
+            surrogate_function=self._surrogate(name, node),
         )
 
     def _half_threshold_if(
@@ -662,8 +835,8 @@ class _Importer:
         kind = md.get("snncompile.neuron")
         if kind not in ("lif", "plif"):
             return None
-        tau_sj = float(md["snncompile.tau"])
-        decay_input = bool(md.get("snncompile.decay_input", 1))
+        tau_sj = self.meta_float(name, node, "snncompile.tau")
+        decay_input = self.meta_flag(name, node, "snncompile.decay_input", True)
         tau, r = _uniform(node.tau), _uniform(node.r)
         thr, v_r, v_leak = _uniform(node.v_threshold), _uniform(node.v_reset), _uniform(node.v_leak)
         ok = (
@@ -680,59 +853,64 @@ class _Importer:
                 f"imported with a different dt than the export's {self.dt}?); pass the export's "
                 "dt or drop the 'snncompile.neuron' metadata to import the fields as they are",
             )
-        kw = self._sj_kwargs(node, soft, thr, v_r)
+        kw = self._sj_kwargs(name, node, soft, thr, v_r)
         if kind == "plif":
+            w = self.meta_float(name, node, "snncompile.plif_w")
             m = neuron.ParametricLIFNode(init_tau=2.0, decay_input=decay_input, **kw)
             with torch.no_grad():
-                m.w.fill_(float(md["snncompile.plif_w"]))
+                m.w.fill_(w)
             return m
+        if not tau_sj > 1.0:
+            raise self.fail(
+                name, node, f"metadata 'snncompile.tau'={tau_sj!r}: LIFNode needs tau > 1 step"
+            )
         return neuron.LIFNode(tau=tau_sj, decay_input=decay_input, **kw)
 
     def map_lif(self, name: str, node: Any) -> nn.Module:
         from snncompile import neuron
 
         soft = self._reset(name, node) == "subtract"
-        self._soft_check(name, node, soft)
+        thr_a, v_reset_a = self._spiking_fields(name, node, soft)
+        self.retention(name, node, "tau")
+        tau, r, v_leak = (self.field(name, node, f) for f in ("tau", "r", "v_leak"))
         ours = self._ours_lif(name, node, soft)
         if ours is not None:
             return ours
-        tau, r, v_leak = _arr(node.tau), _arr(node.r), _arr(node.v_leak)
-        ut, ur, ul = _uniform(tau), _uniform(r), _uniform(node.v_leak)
-        thr, v_r = _uniform(node.v_threshold), _uniform(node.v_reset)
+        ut, ur, ul = _uniform(tau), _uniform(r), _uniform(v_leak)
+        thr, v_r = _uniform(thr_a), _uniform(v_reset_a)
         if None not in (ut, ur, ul, thr, v_r) and ut / self.dt > 1.0:
             tau_sj = _tidy(ut / self.dt)
             leak_ok = ul == (0.0 if soft else v_r)
             for decay_input, want in ((True, 1.0), (False, ut / self.dt)):
-                if leak_ok and _close(ur, want):
-                    kw = self._sj_kwargs(node, soft, thr, v_r)
+                if leak_ok and _close(ur, want) and tau_sj > 1.0:
+                    kw = self._sj_kwargs(name, node, soft, thr, v_r)
                     return neuron.LIFNode(tau=tau_sj, decay_input=decay_input, **kw)
-        return self._general(name, node, tau, r, v_leak, node.v_threshold, soft)
+        return self._general(name, node, spiking=True, soft=soft)
 
-    def _general(
-        self, name: str, node: Any, tau: Any, r: Any, v_leak: Any, thr: Any, soft: bool
-    ) -> nn.Module:
+    def _general(self, name: str, node: Any, spiking: bool, soft: bool) -> nn.Module:
         from snncompile.nir_modules import NIRNeuron
 
-        tau = _arr(tau)
-        if np.any(~(tau > 0)):
-            raise self.fail(name, node, "tau must be positive")
-        ratio = self.dt / tau
+        beta = self.retention(name, node, "tau")
+        ratio = self.dt / self.field(name, node, "tau")
+        r, v_leak = self.field(name, node, "r"), self.field(name, node, "v_leak")
+        thr = self.field(name, node, "v_threshold") if spiking else None
+        v_reset = self.field(name, node, "v_reset") if spiking and not soft else None
         return NIRNeuron(
-            beta=1.0 - ratio,
-            gain=_snap_one(_arr(r) * ratio),
-            v_leak=_arr(v_leak),
-            v_threshold=None if thr is None else _arr(thr),
-            v_reset=None if (soft or thr is None) else _arr(node.v_reset),
-            surrogate_function=self._surrogate(node),
+            beta=beta,
+            gain=_snap_one(r * ratio),
+            v_leak=v_leak,
+            v_threshold=thr,
+            v_reset=v_reset,
+            surrogate_function=self._surrogate(name, node) if spiking else None,
         )
 
     def map_li(self, name: str, node: Any) -> nn.Module:
-        return self._general(name, node, node.tau, node.r, node.v_leak, None, False)
+        return self._general(name, node, spiking=False, soft=False)
 
     def map_i(self, name: str, node: Any) -> nn.Module:
         from snncompile.nir_modules import NIRNeuron
 
-        r = _arr(node.r)
+        r = self.field(name, node, "r")
         gain = _snap_one(r * self.dt if self.integrator == "euler" else r)
         return NIRNeuron(beta=1.0, gain=gain, v_leak=0.0, v_threshold=None)
 
@@ -741,72 +919,123 @@ class _Importer:
 
         spiking = hasattr(node, "v_threshold")
         soft = spiking and self._reset(name, node) == "subtract"
+        thr = v_reset = None
         if spiking:
-            self._soft_check(name, node, soft)
-        tau_syn, tau_mem = _arr(node.tau_syn), _arr(node.tau_mem)
-        if np.any(~(tau_syn > 0)) or np.any(~(tau_mem > 0)):
-            raise self.fail(name, node, "tau_syn and tau_mem must be positive")
+            thr, v_reset = self._spiking_fields(name, node, soft)
+        alpha = self.retention(name, node, "tau_syn")
+        beta = self.retention(name, node, "tau_mem")
+        tau_syn, tau_mem = self.field(name, node, "tau_syn"), self.field(name, node, "tau_mem")
         return NIRCubaNeuron(
-            alpha=1.0 - self.dt / tau_syn,
-            syn_gain=_snap_one(_arr(node.w_in) * self.dt / tau_syn),
-            beta=1.0 - self.dt / tau_mem,
-            gain=_snap_one(_arr(node.r) * self.dt / tau_mem),
-            v_leak=_arr(node.v_leak),
-            v_threshold=_arr(node.v_threshold) if spiking else None,
-            v_reset=None if (soft or not spiking) else _arr(node.v_reset),
-            surrogate_function=self._surrogate(node),
+            alpha=alpha,
+            syn_gain=_snap_one(self.field(name, node, "w_in") * self.dt / tau_syn),
+            beta=beta,
+            gain=_snap_one(self.field(name, node, "r") * self.dt / tau_mem),
+            v_leak=self.field(name, node, "v_leak"),
+            v_threshold=thr,
+            v_reset=None if soft else v_reset,
+            surrogate_function=self._surrogate(name, node) if spiking else None,
         )
 
     # -- synapses --
+    def weight(self, name: str, node: Any, fld: str = "weight") -> torch.Tensor:
+        return torch.as_tensor(self.field(name, node, fld).astype(np.float32))
+
+    def bias(self, name: str, node: Any, out_features: int) -> torch.Tensor:
+        b = self.weight(name, node, "bias").reshape(-1)
+        if b.numel() != out_features:
+            raise self.fail(
+                name,
+                node,
+                f"field 'bias' has {b.numel()} entries, but the weight has {out_features} "
+                "outputs",
+            )
+        return b
+
+    def ints(self, name: str, node: Any, fld: str, n: int, low: int) -> Any:
+        """Integer field ``fld`` (one value or ``n``), each ``>= low``."""
+        a = self.field(name, node, fld).reshape(-1)
+        if a.size not in (1, n) or not bool(np.all(a == np.round(a))) or bool(np.any(a < low)):
+            raise self.fail(
+                name,
+                node,
+                f"field {fld!r} = {a.tolist()} must be 1 or {n} integers >= {low}",
+            )
+        return _ints(a.astype(np.int64), n)
+
     def map_affine(self, name: str, node: Any) -> nn.Module:
         from snncompile import layer
 
-        w = _weight(node.weight)
+        w = self.weight(name, node)
         if w.dim() != 2:
-            raise self.fail(name, node, f"weight must be 2-d [out, in], got {tuple(w.shape)}")
+            raise self.fail(
+                name, node, f"field 'weight' must be 2-d [out, in], got shape {tuple(w.shape)}"
+            )
         has_bias = hasattr(node, "bias")
+        bias = self.bias(name, node, int(w.shape[0])) if has_bias else None
         m = layer.Linear(w.shape[1], w.shape[0], bias=has_bias, step_mode="m")
         with torch.no_grad():
             m.weight.copy_(w)
-            if has_bias:
-                m.bias.copy_(_weight(node.bias).reshape(-1))
+            if bias is not None:
+                m.bias.copy_(bias)
         return m
 
     def map_conv(self, name: str, node: Any) -> nn.Module:
         from snncompile import layer
 
-        w = _weight(node.weight)
+        w = self.weight(name, node)
+        if w.dim() not in (3, 4) or 0 in w.shape:
+            raise self.fail(
+                name,
+                node,
+                f"field 'weight' must be [out, in/groups, *kernel] with 1 or 2 kernel dims, got "
+                f"shape {tuple(w.shape)}",
+            )
         two_d = w.dim() == 4
         cls = layer.Conv2d if two_d else layer.Conv1d
         nd = 2 if two_d else 1
         pad = node.padding
-        pad = str(pad) if isinstance(pad, (str, bytes, np.str_)) else _ints(pad, nd)
-        if isinstance(pad, str) and pad not in ("same", "valid"):
-            raise self.fail(name, node, f"padding {pad!r} is not 'same', 'valid' or integers")
+        if isinstance(pad, (str, bytes, np.str_)):
+            pad = pad.decode("utf8", "replace") if isinstance(pad, bytes) else str(pad)
+            if pad not in ("same", "valid"):
+                raise self.fail(name, node, f"padding {pad!r} is not 'same', 'valid' or integers")
+        else:
+            pad = self.ints(name, node, "padding", nd, 0)
+        groups = int(self.ints(name, node, "groups", 1, 1))
+        if int(w.shape[0]) % groups:
+            raise self.fail(
+                name, node, f"field 'groups' = {groups} does not divide the {w.shape[0]} outputs"
+            )
+        bias = self.bias(name, node, int(w.shape[0]))
         m = cls(
-            int(w.shape[1]) * int(_scalar(node.groups)),
+            int(w.shape[1]) * groups,
             int(w.shape[0]),
             tuple(int(k) for k in w.shape[2:]),
-            stride=_ints(node.stride, nd),
+            stride=self.ints(name, node, "stride", nd, 1),
             padding=pad,
-            dilation=_ints(node.dilation, nd),
-            groups=int(_scalar(node.groups)),
+            dilation=self.ints(name, node, "dilation", nd, 1),
+            groups=groups,
             bias=True,
             step_mode="m",
         )
         with torch.no_grad():
             m.weight.copy_(w)
-            m.bias.copy_(_weight(node.bias).reshape(-1))
+            m.bias.copy_(bias)
         return m
 
     def map_pool(self, name: str, node: Any) -> nn.Module:
         from snncompile import layer
 
         divisor = 1 if type(node).__name__ == "SumPool2d" else None
+        kernel = self.ints(name, node, "kernel_size", 2, 1)
+        padding = self.ints(name, node, "padding", 2, 0)
+        if any(2 * p > k for p, k in zip(padding, kernel, strict=True)):
+            raise self.fail(
+                name, node, f"field 'padding' {padding} is more than half the kernel {kernel}"
+            )
         return layer.AvgPool2d(
-            _ints(node.kernel_size, 2),
-            stride=_ints(node.stride, 2),
-            padding=_ints(node.padding, 2),
+            kernel,
+            stride=self.ints(name, node, "stride", 2, 1),
+            padding=padding,
             divisor_override=divisor,
             step_mode="m",
         )
@@ -814,7 +1043,8 @@ class _Importer:
     def map_flatten(self, name: str, node: Any) -> nn.Module:
         from snncompile import layer
 
-        start, end = int(_scalar(node.start_dim)), int(_scalar(node.end_dim))
+        start = int(self.ints(name, node, "start_dim", 1, -(2**31)))
+        end = int(self.ints(name, node, "end_dim", 1, -(2**31)))
         return layer.Flatten(
             start + 1 if start >= 0 else start, end + 1 if end >= 0 else end, step_mode="m"
         )
@@ -822,12 +1052,12 @@ class _Importer:
     def map_scale(self, name: str, node: Any) -> nn.Module:
         from snncompile.nir_modules import Scale
 
-        return Scale(_arr(node.scale))
+        return Scale(self.field(name, node, "scale"))
 
     def map_threshold(self, name: str, node: Any) -> nn.Module:
         from snncompile.nir_modules import Threshold
 
-        return Threshold(_arr(node.threshold))
+        return Threshold(self.field(name, node, "threshold"))
 
     def module_for(self, name: str, node: Any) -> nn.Module:
         table: dict[str, Callable[[str, Any], nn.Module]] = {
@@ -858,7 +1088,13 @@ class _Importer:
                 + ". Replace it in the source model (nested NIRGraph subgraphs: flatten them "
                 "first; Delay: not supported).",
             )
-        return fn(name, node)
+        try:
+            return fn(name, node)
+        except NIRImportError:
+            raise
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError, AttributeError) as err:
+            # A module refused a value the checks above did not anticipate: still name the node.
+            raise self.fail(name, node, f"{type(err).__name__}: {err}") from err
 
     # -- wiring --
     def build(self) -> fx.GraphModule:
@@ -884,10 +1120,13 @@ class _Importer:
         used: set[str] = set()
 
         def attr_name(base: str) -> str:
-            key = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "node"
-            if key[0].isdigit() or keyword.iskeyword(key):
-                key = "n" + key
-            while key in used:
+            # An ASCII identifier that is no attribute of nn.Module / fx.GraphModule (a node
+            # called 'forward', 'graph' or 'training' must not shadow them) and not yet used.
+            key = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in base)
+            key = key or "node"
+            if key[0].isdigit() or keyword.iskeyword(key) or key in _RESERVED_NAMES:
+                key = "n_" + key
+            while key in used or key in _RESERVED_NAMES:
                 key += "_"
             used.add(key)
             return key
@@ -981,15 +1220,6 @@ class _Importer:
         return gm
 
 
-def _weight(value: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(value, dtype=np.float32))
-
-
-def _scalar(value: Any) -> Any:
-    a = np.asarray(value)
-    return a.reshape(-1)[0].item() if a.size else a.item()
-
-
 def _ints(value: Any, n: int) -> Any:
     a = np.asarray(value).reshape(-1)
     vals = tuple(int(v) for v in a)
@@ -1068,11 +1298,159 @@ def _toposort_within(
     return order if len(order) == len(comp) else None
 
 
+# =================================================================================================
+# reading files: declared sizes first, then the data
+# =================================================================================================
+def _describe_bytes(n: int) -> str:
+    return f"{n} bytes ({n / 2**30:.2f} GiB)" if n >= 2**20 else f"{n} bytes"
+
+
+def _declared_bytes(group: Any, where: str, depth: int, found: list[tuple[int, str, str]]) -> None:
+    """Collect ``(declared bytes, path, what)`` of every dataset under ``group`` (no data read).
+
+    The walk is the one ``nir.read`` makes (every member of every group); soft and external
+    links are refused (``nir.write`` writes none, and an external link reads another file), and
+    a nesting deeper than :data:`_MAX_DEPTH` (a hard-link cycle) is refused.
+    """
+    import h5py
+
+    if depth > _MAX_DEPTH:
+        raise NIRImportError(
+            f"import_nir: {where!r} is nested more than {_MAX_DEPTH} groups deep (a cycle of "
+            "HDF5 links?); a file written by nir.write is not"
+        )
+    for key in group.keys():
+        path = f"{where}/{key}"
+        link = group.get(key, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise NIRImportError(
+                f"import_nir: {path!r} is an HDF5 {type(link).__name__}; NIR files written by "
+                "nir.write contain only groups and datasets, and links could read other files"
+            )
+        item = group[key]
+        if isinstance(item, h5py.Group):
+            _declared_bytes(item, path, depth + 1, found)
+        elif isinstance(item, h5py.Dataset):
+            shape = item.shape or ()
+            count = 1
+            for d in shape:
+                count *= int(d)
+            found.append((count * int(item.dtype.itemsize), path, f"shape {shape}, {item.dtype}"))
+        else:  # pragma: no cover - h5py exposes only groups and datasets through hard links
+            raise NIRImportError(f"import_nir: {path!r} is neither a group nor a dataset")
+
+
+def _read_tree(group: Any) -> dict[str, Any]:
+    """The nested dict ``nir.read`` builds from the ``node`` group (after the size check)."""
+    import h5py
+
+    out: dict[str, Any] = {}
+    for key, item in group.items():
+        key = key.decode("utf8") if isinstance(key, bytes) else key
+        if isinstance(item, h5py.Group):
+            out[key] = _read_tree(item)
+        else:
+            value = item[()]
+            out[key] = value.decode("utf8") if isinstance(value, bytes) else value
+    return out
+
+
+def _node_from_tree(nir: Any, name: str, tree: Any) -> Any:
+    """One NIR node from its dict, with errors that name the node (and the field)."""
+    if not isinstance(tree, dict):
+        raise NIRImportError(f"import_nir: NIR node {name!r}: stored as a dataset, not a group")
+    kind = tree.get("type")
+    if isinstance(kind, np.ndarray) and kind.shape == ():
+        kind = kind.item()
+    if isinstance(kind, bytes):
+        kind = kind.decode("utf8", "replace")
+    known = [n for n in _NIR_NODE_TYPES if hasattr(nir, n)]
+    if kind not in known:
+        raise NIRImportError(
+            f"import_nir: NIR node {name!r}: field 'type' is {kind!r}, not a NIR node type "
+            f"({', '.join(known)})"
+        )
+    if kind == "NIRGraph":
+        return _graph_from_tree(nir, tree, f"subgraph {name!r}")
+    fields = dict(tree)
+    fields["type"] = kind
+    try:
+        return nir.dict2NIRNode(fields)
+    except Exception as err:  # noqa: BLE001 - any failure of the nir constructors
+        raise NIRImportError(
+            f"import_nir: NIR node {name!r} ({kind}): its fields cannot be read: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def _graph_from_tree(nir: Any, tree: dict[str, Any], what: str = "the graph") -> Any:
+    for key in ("nodes", "edges"):
+        if key not in tree:
+            raise NIRImportError(f"import_nir: {what} has no {key!r} entry")
+    nodes_tree = tree["nodes"]
+    if not isinstance(nodes_tree, dict):
+        raise NIRImportError(f"import_nir: {what}: 'nodes' must be a group of nodes")
+    nodes = {str(k): _node_from_tree(nir, str(k), v) for k, v in nodes_tree.items()}
+    raw = np.asarray(tree["edges"], dtype=object)
+    if raw.size and (raw.ndim != 2 or raw.shape[1] != 2):
+        raise NIRImportError(
+            f"import_nir: {what}: 'edges' must be a list of (source, target) pairs, got an array "
+            f"of shape {raw.shape}"
+        )
+    edges = []
+    for a, b in raw.reshape(-1, 2):
+        a = a.decode("utf8", "replace") if isinstance(a, bytes) else str(a)
+        b = b.decode("utf8", "replace") if isinstance(b, bytes) else str(b)
+        edges.append((a, b))
+    metadata = tree.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise NIRImportError(f"import_nir: {what}: 'metadata' must be a group")
+    try:
+        return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata, type_check=True)
+    except Exception as err:  # noqa: BLE001 - nir's structure and type checks
+        raise NIRImportError(
+            f"import_nir: {what} fails NIR's structure/type check: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _read_file(nir: Any, path: str | Path, max_bytes: int | None) -> Any:
+    """Read a NIR file like ``nir.read``, after checking its declared dataset sizes."""
+    import h5py
+
+    try:
+        f = h5py.File(str(path), "r")
+    except (OSError, ValueError) as err:
+        raise NIRImportError(
+            f"import_nir: cannot open {str(path)!r} as a NIR (HDF5) file: {err}"
+        ) from err
+    with f:
+        if "node" not in f or not isinstance(f.get("node", getlink=True), h5py.HardLink):
+            raise NIRImportError(
+                f"import_nir: {str(path)!r} has no 'node' group; it is not a file written by "
+                "nir.write"
+            )
+        found: list[tuple[int, str, str]] = []
+        _declared_bytes(f["node"], "node", 0, found)
+        total = sum(n for n, _, _ in found)
+        if max_bytes is not None and total > max_bytes:
+            size, where, what = max(found)
+            raise NIRImportError(
+                f"import_nir: {str(path)!r} declares {_describe_bytes(total)} of data in "
+                f"{len(found)} datasets, more than max_bytes={max_bytes}; the largest is "
+                f"{where!r} ({what}, {_describe_bytes(size)}). Nothing was read. A small file "
+                "can declare huge compressed arrays; if you trust this one, pass a larger "
+                "import_nir(..., max_bytes=...)."
+            )
+        tree = _read_tree(f["node"])
+    return _graph_from_tree(nir, tree)
+
+
 def import_nir(
     graph_or_path: Any,
     *,
     dt: float | None = None,
     integrator: str = "euler",
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> nn.Module:
     """Build a multi-step snncompile model from a NIR graph (or a file written by ``nir.write``).
 
@@ -1090,24 +1468,43 @@ def import_nir(
         integrator: How ``r`` of ``IF`` and ``I`` nodes is read: ``'euler'`` (default; the
             membrane gains ``r * dt * I`` per step, SpikingJelly's and our convention) or
             ``'unit'`` (gains ``r * I`` per step, snnTorch's and Sinabs' convention).
+        max_bytes: For a file: the most bytes its datasets may declare in all (shape times item
+            size, summed), checked before any data is read, because a small compressed file
+            can declare gigabytes. Default :data:`DEFAULT_MAX_BYTES` (1 GiB); ``None``: no limit.
 
     Raises:
-        NIRImportError: a node type or parameter set has no snncompile equivalent (the message
-            names the node), or the graph's structure cannot be run.
+        NIRImportError: a node type or parameter set has no snncompile equivalent, a parameter
+            is invalid (non-finite, ``tau <= dt``, a bias of the wrong length, ...), the file
+            declares more than ``max_bytes`` or is malformed, or the graph's structure cannot
+            be run; the message names the NIR node and the field.
         ImportError: the ``nir`` package is missing (``pip install snncompile[nir]``).
     """
     nir = _require_nir()
     if integrator not in ("euler", "unit"):
         raise ValueError(f"import_nir: integrator must be 'euler' or 'unit', got {integrator!r}")
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
+    ):
+        raise ValueError(
+            f"import_nir: max_bytes must be a non-negative int or None, got {max_bytes!r}"
+        )
     graph = graph_or_path
     if isinstance(graph_or_path, (str, Path)):
-        graph = nir.read(str(graph_or_path))
+        graph = _read_file(nir, graph_or_path, max_bytes)
     if not isinstance(graph, nir.NIRGraph):
         raise TypeError(
             f"import_nir: expected a nir.NIRGraph or a file path, got {type(graph).__name__}"
         )
     if dt is None:
         md = _meta(graph)
-        dt = float(md["snncompile.dt"]) if "snncompile.dt" in md else DEFAULT_DT
+        dt = DEFAULT_DT
+        if "snncompile.dt" in md:
+            try:
+                dt = float(md["snncompile.dt"])
+            except (TypeError, ValueError) as err:
+                raise NIRImportError(
+                    f"import_nir: graph metadata 'snncompile.dt'={md['snncompile.dt']!r} is not "
+                    "a number; pass dt= explicitly"
+                ) from err
     dt = _check_dt(dt, "import_nir")
     return _Importer(graph, dt, integrator).build()

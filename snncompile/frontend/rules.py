@@ -141,6 +141,18 @@ def step_module_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def supported_step_modes(module: nn.Module) -> tuple[str, ...]:
+    """The step modes ``module`` supports: ``('s', 'm')`` unless it says otherwise.
+
+    SpikingJelly 2.0.0 defines ``supported_step_mode`` as a *method*; snncompile's modules and
+    older code use a tuple attribute. Both are read here.
+    """
+    supported = getattr(module, "supported_step_mode", ("s", "m"))
+    if callable(supported):
+        supported = supported()
+    return tuple(supported)
+
+
 def is_stateful_module(module: nn.Module) -> bool:
     """Whether ``module`` or any submodule keeps state across calls (is a ``MemoryModule``)."""
     types = memory_module_types()
@@ -344,6 +356,17 @@ def _container_kind(module: nn.Module) -> Kind | None:
     return None
 
 
+#: SpikingJelly containers whose forward depends on Python types of run-time values
+#: (``OTTTSequential`` passes ``[spike, trace]`` lists between modules in training): tracing them
+#: would record the wrong branch, so they always run as written.
+_AS_WRITTEN_CONTAINERS = ("OTTTSequential",)
+
+
+def _runs_as_written(module: nn.Module) -> bool:
+    origin = type(module).__module__
+    return origin.startswith("spikingjelly") and type(module).__name__ in _AS_WRITTEN_CONTAINERS
+
+
 def classify_module(module: nn.Module) -> ModuleInfo | None:
     """Describe a module the tracer keeps as a leaf, or ``None`` if it should be traced through.
 
@@ -358,6 +381,14 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
                 return info
     step_mode = getattr(module, "step_mode", None)
     step_mode = step_mode if step_mode in ("s", "m") else None
+    if _runs_as_written(module):
+        stateful = is_stateful_module(module)
+        return ModuleInfo(
+            Op.OPAQUE_MODULE,
+            Kind.STATEFUL if stateful else Kind.STATELESS,
+            {"type": type(module).__name__},
+            step_mode,
+        )
     ckind = _container_kind(module)
     if ckind is not None:
         return ModuleInfo(Op.OPAQUE_MODULE, ckind, {"container": type(module).__name__}, "m")
@@ -384,7 +415,7 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
             Kind.STATEFUL if stateful else Kind.STATELESS,
             {"type": type(module).__name__},
             step_mode,
-            multi_only or step_mode == "m" and "s" not in module.supported_step_mode,
+            multi_only or step_mode == "m" and "s" not in supported_step_modes(module),
         )
     origin = type(module).__module__
     if origin.startswith("torch.nn") or origin.startswith("torch.ao.nn"):

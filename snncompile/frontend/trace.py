@@ -44,6 +44,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from snncompile.frontend.partial import (
+    CallRecord,
+    CompilePart,
+    GlueReport,
+    build_glue,
+    check_glue,
+    record_calls,
+)
 from snncompile.frontend.rules import (
     Kind,
     ModuleInfo,
@@ -54,6 +62,7 @@ from snncompile.frontend.rules import (
     memory_module_types,
     neuron_attrs,
     step_module_types,
+    supported_step_modes,
 )
 from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op, OpGroup
@@ -131,9 +140,7 @@ def model_step_mode(model: nn.Module) -> str:
             return "m"
         if isinstance(m, step_types):
             # SpikingJelly's MultiStepModule classes support only 'm' and may not store it.
-            supported = getattr(m, "supported_step_mode", ("s", "m"))
-            supported = supported() if callable(supported) else supported
-            if tuple(supported) == ("m",):
+            if supported_step_modes(m) == ("m",):
                 return "m"
         info = classify_module(m) if m is not model else None
         if info is not None and info.kind in (Kind.SEQ_CONTAINER, Kind.STEP_CONTAINER):
@@ -146,11 +153,28 @@ class _Plan:
     """Decisions made on the probe before tracing (paths are module qualified names)."""
 
     def __init__(self) -> None:
-        self.seq_layers: set[str] = set()  # multi-step stateless layers, set to 's' in the probe
+        self.seq_layers: set[str] = set()  # multi-step stateless layers, run as 's' copies
         self.seq_containers: set[str] = set()  # SeqToANNContainer: expanded
         self.step_containers: set[str] = set()  # MultiStepContainer: expanded
         self.seq_neurons: set[str] = set()  # neurons inside expanded MultiStepContainers
         self.opaque: dict[str, str] = {}  # forced leaves: path -> reason
+        self.state_access: set[str] = set()  # opaque because code touches a module's state
+
+    def run_mode(self, path: str) -> str | None:
+        """The step mode the module at ``path`` runs in inside the traced program, if it differs
+        from its own: its calls receive ``[T*N, *]`` (``'s'``) or ``[T, N, *]`` (``'m'``).
+
+        The user's modules (and the probe's) keep their own ``step_mode``: forwards that read it
+        (``if self.avgpool.step_mode == 's'``) must see what the user set. The shape probe and
+        the IR run copies in this mode instead.
+        """
+        if path in self.opaque:
+            return None
+        if path in self.seq_layers:
+            return "s"
+        if path in self.seq_neurons:
+            return "m"
+        return None
 
 
 def _make_plan(probe: nn.Module, step_mode: str) -> _Plan:
@@ -183,9 +207,8 @@ def _make_plan(probe: nn.Module, step_mode: str) -> _Plan:
             )
             if ok and children:
                 plan.step_containers.add(path)
-                for (cpath, child), cinfo in zip(children, infos, strict=True):
+                for cpath, cinfo in zip((p for p, _ in children), infos, strict=True):
                     if cinfo is not None and cinfo.kind is Kind.NEURON:
-                        child.step_mode = "m"
                         plan.seq_neurons.add(cpath)
         elif (
             info.kind is Kind.STATELESS
@@ -193,7 +216,6 @@ def _make_plan(probe: nn.Module, step_mode: str) -> _Plan:
             and info.op is not Op.OPAQUE_MODULE
             and hasattr(m, "step_mode")
         ):
-            m.step_mode = "s"
             plan.seq_layers.add(path)
     return plan
 
@@ -202,13 +224,19 @@ class SNNTracer(fx.Tracer):
     """An fx tracer that keeps neurons, stateful and known layers as leaves and expands
     SpikingJelly-style containers into explicit time-layout ops (see the module docstring)."""
 
-    def __init__(self, plan: _Plan, root: nn.Module) -> None:
+    def __init__(self, plan: _Plan, root: nn.Module, input_rank: int | None = None) -> None:
         super().__init__()
         self.plan = plan
+        self.input_rank = input_rank
         # Classify before tracing: during tracing fx records every parameter read as a node.
         self._leaf = {id(m): classify_module(m) is not None for m in root.modules()}
         self._stack: list[str] = []
         self.failure: tuple[str, BaseException] | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "placeholder" and self.input_rank is not None:
+            return _InputProxy(node, self, self.input_rank)
+        return super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.plan.opaque:
@@ -256,9 +284,12 @@ class SNNTracer(fx.Tracer):
         path = self.path_of_module(m)
         self._stack.append(path)
         try:
+            if self.is_leaf_module(m, path):
+                return super().call_module(m, forward, args, kwargs)
+            before = python_state(m)
             out = super().call_module(m, forward, args, kwargs)
-            if not self.is_leaf_module(m, path):
-                check_no_state_writes(m, path)
+            check_no_state_writes(m, path)
+            check_no_python_state(m, before)
             return out
         except Exception as exc:
             if self.failure is None:
@@ -268,8 +299,98 @@ class SNNTracer(fx.Tracer):
             self._stack.pop()
 
 
+class _InputProxy(fx.Proxy):
+    """The traced input: its rank is known (the compiled module checks every input's rank), so
+    ``x.ndim`` and ``x.dim()`` are plain ints and forwards that branch on them can be traced
+    (SpikingJelly's ``if x.ndim == 4: x = x.unsqueeze(0).repeat(T, ...)``). Sizes stay symbolic.
+    """
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, rank: int) -> None:
+        super().__init__(node, tracer)
+        self._rank = rank
+
+    @property
+    def ndim(self) -> int:
+        return self._rank
+
+    def dim(self) -> int:
+        return self._rank
+
+
 class StateWriteError(RuntimeError):
     """Traced code outside a stateful module read or wrote that module's state."""
+
+
+class PythonStateError(RuntimeError):
+    """A traced forward assigned a Python attribute (e.g. a step counter ``self.t += 1``)."""
+
+
+_TORCH_BOOKKEEPING = ("_memories", "_memories_rv", "_non_persistent_buffers_set")
+
+
+def python_state(module: nn.Module) -> dict[tuple[int, str], Any]:
+    """The attributes of ``module`` and its submodules, keyed by ``(id(submodule), name)``.
+
+    Plain attributes and the entries of ``_parameters``/``_buffers``/``_modules`` are recorded
+    (memories are guarded by :class:`_StateSentinel` instead; hook tables are skipped).
+    """
+    out: dict[tuple[int, str], Any] = {}
+    for sub in module.modules():
+        for key, value in vars(sub).items():
+            if (
+                key in _TORCH_BOOKKEEPING
+                or "hooks" in key
+                or key.startswith(("_state_dict", "_load"))
+            ):
+                continue
+            if key in ("_parameters", "_buffers", "_modules"):
+                out.update(((id(sub), f"{key}[{k!r}]"), v) for k, v in value.items())
+            else:
+                out[(id(sub), key)] = value
+    return out
+
+
+def restore_python_state(module: nn.Module, before: dict[tuple[int, str], Any]) -> list[str]:
+    """Put back the attributes recorded by :func:`python_state`; the changed names, sorted."""
+    after = python_state(module)
+    changed = [
+        k
+        for k in before.keys() | after.keys()
+        if before.get(k, _MISSING) is not after.get(k, _MISSING)
+    ]
+    subs = {id(m): m for m in module.modules()}
+    paths = {id(m): p for p, m in module.named_modules()}
+    for key in changed:
+        sub, name = subs[key[0]], key[1]
+        store, entry = vars(sub), name
+        if "[" in name:
+            table, entry = name.split("[", 1)
+            store, entry = vars(sub)[table], entry[:-2].strip("'")
+        if key in before:
+            store[entry] = before[key]
+        else:
+            store.pop(entry, None)
+    return sorted(f"{paths[k[0]]}.{k[1]}" if paths.get(k[0]) else k[1] for k in changed)
+
+
+def check_no_python_state(module: nn.Module, before: dict[tuple[int, str], Any]) -> None:
+    """Raise :class:`PythonStateError` if tracing ``module``'s forward assigned an attribute.
+
+    torch.fx runs the Python code of a traced forward once: an attribute it assigns (a step
+    counter, a cached tensor) would be baked into the graph as the constant it had at trace time,
+    and later calls would never update it. Such a module must run as written. The attributes are
+    put back as they were, so the retried trace sees the model unchanged.
+    """
+    names = restore_python_state(module, before)
+    if names:
+        raise PythonStateError(
+            f"its forward assigns the Python attribute(s) {names} (state kept outside tensors, "
+            "e.g. a step counter); torch.fx would bake the value it had while tracing into a "
+            "constant, so this module must run as written"
+        )
+
+
+_MISSING = object()
 
 
 class _StateSentinel:
@@ -372,10 +493,23 @@ class _ProbeError(Exception):
 
 
 class _Probe(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, plan: _Plan | None = None) -> None:
         super().__init__(gm)
+        self.plan = plan
         self.shapes: dict[str, tuple[tuple[int, ...], str] | None] = {}
         self.kinds: dict[str, str] = {}
+        self._mode_copies: dict[str, nn.Module] = {}
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mode = None if self.plan is None else self.plan.run_mode(str(target))
+        if mode is None:
+            return super().call_module(target, args, kwargs)
+        module = self._mode_copies.get(str(target))
+        if module is None:  # a copy in the mode the traced program runs it in (see _Plan)
+            module = copy_sharing_parameters(self.fetch_attr(str(target)))
+            module.step_mode = mode
+            self._mode_copies[str(target)] = module
+        return module(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -397,16 +531,21 @@ class _Probe(fx.Interpreter):
         return out
 
 
-def _trace(probe: nn.Module, plan: _Plan, strict: bool) -> tuple[fx.GraphModule, nn.Module]:
+def _trace(
+    probe: nn.Module, plan: _Plan, strict: bool, input_rank: int | None = None
+) -> tuple[fx.GraphModule, nn.Module]:
     """Trace ``probe``, retrying untraceable submodules as leaves. Returns (gm, traced root)."""
     limit = sum(1 for _ in probe.modules()) + 1
     root_reason = "the model's forward cannot be traced"
+    root_state = False
     for _ in range(limit):
-        tracer = SNNTracer(plan, probe)
+        tracer = SNNTracer(plan, probe, input_rank)
         try:
             with _state_guarded(probe):
+                before = python_state(probe)
                 fx_graph = tracer.trace(probe)
                 check_no_state_writes(probe, "")  # the model's own forward
+                check_no_python_state(probe, before)
             return fx.GraphModule(tracer.root, fx_graph), probe
         except Exception as exc:
             path, err = tracer.failure if tracer.failure is not None else ("", exc)
@@ -419,16 +558,22 @@ def _trace(probe: nn.Module, plan: _Plan, strict: bool) -> tuple[fx.GraphModule,
             if strict:
                 raise FrontendError(
                     f"strict=True: torch.fx cannot trace {where}: {reason}. Rewrite it "
-                    "without data-dependent control flow or state access from outside the "
-                    "stateful module, or pass strict=False to run it as an opaque module."
+                    "without data-dependent control flow, Python attributes assigned in forward "
+                    "or state access from outside the stateful module, or pass strict=False to "
+                    "run it as written (its parts compiled where possible)."
                 ) from exc
             if not path or path in plan.opaque:
                 root_reason = reason
+                root_state = isinstance(err, StateWriteError)
                 break
             plan.opaque[path] = reason
+            if isinstance(err, StateWriteError):
+                plan.state_access.add(path)
     # The model itself cannot be traced: run the whole thing as one opaque module.
     root = _RootWrapper(probe)
     plan.opaque["model"] = root_reason
+    if root_state:
+        plan.state_access.add("model")
     tracer = SNNTracer(plan, root)
     return fx.GraphModule(root, tracer.trace(root)), root
 
@@ -465,20 +610,29 @@ def _rng_kept() -> Iterator[None]:
 
 
 def _probe_shapes(
-    gm: fx.GraphModule, root: nn.Module, example: torch.Tensor, step_mode: str
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    gm: fx.GraphModule,
+    root: nn.Module,
+    example: torch.Tensor,
+    step_mode: str,
+    plan: _Plan,
+    watch: dict[str, nn.Module],
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, dict[str, CallRecord]]]:
+    """Run the traced program on the example: value shapes (for batch ``N``, and ``N+1`` for
+    single-step models) and the calls received by the submodules of the ``watch`` modules."""
     with torch.no_grad(), _rng_kept():
         x = example[0] if step_mode == "s" else example
         _reset_state(root)
-        probe = _Probe(gm)
+        probe = _Probe(gm, plan)
         try:
-            probe.run(x)
+            with contextlib.ExitStack() as stack:
+                calls = {p: stack.enter_context(record_calls(m)) for p, m in watch.items()}
+                probe.run(x)
         except _ProbeError as err:
             raise FrontendError(_example_error(example, step_mode, err, root)) from err.exc
         second = None
         if step_mode == "s":
             _reset_state(root)
-            probe2 = _Probe(gm)
+            probe2 = _Probe(gm, plan)
             try:
                 probe2.run(torch.cat([x, x[:1]]))
             except _ProbeError as err:
@@ -493,7 +647,7 @@ def _probe_shapes(
             second = probe2.shapes
         _reset_state(root)
     probe.shapes["__kinds__"] = probe.kinds  # type: ignore[assignment]
-    return probe.shapes, second
+    return probe.shapes, second, calls
 
 
 def _layout_of(inputs: list[Node], default: Layout, name: str) -> Layout:
@@ -506,12 +660,23 @@ def _layout_of(inputs: list[Node], default: Layout, name: str) -> Layout:
     return timed.pop()
 
 
-def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool = False) -> Graph:
+def trace_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    strict: bool = False,
+    compile_part: CompilePart | None = None,
+) -> Graph:
     """Capture ``model`` into an IR graph using ``example_input`` (``[T, N, *]``) for shapes.
 
     The graph's ``meta`` records ``step_mode`` (``'s'``/``'m'``), ``T`` and ``N``. For a
     single-step model the graph describes one step (``step`` layout); for a multi-step model it
     describes the whole sequence (``seq``/``flat`` layouts). See the module docstring.
+
+    ``compile_part(module, example)`` (``optimize`` passes one) enables partial compilation: a
+    module that runs as written gets its neuron-holding children compiled by it (see
+    :mod:`snncompile.frontend.partial`). ``graph.meta['frontend_notes']`` lists what runs as
+    written and why.
     """
     if not isinstance(example_input, torch.Tensor):
         raise FrontendError(
@@ -523,13 +688,65 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
             f"example_input must have shape [T, N, ...] (time, batch, features...), got shape "
             f"{tuple(example_input.shape)} with {example_input.dim()} dimension(s)"
         )
+    for dim, what in ((0, "T=0 time steps"), (1, "batch size N=0")):
+        if example_input.shape[dim] == 0:
+            raise FrontendError(
+                f"example_input of shape {tuple(example_input.shape)} has {what}; the example "
+                "is run through the model to record shapes, so it needs at least one time step "
+                "and one sample ([T, N, ...] with T >= 1 and N >= 1)"
+            )
+    if classify_module(model) is not None:
+        # The model is itself a leaf (e.g. one neuron, a compiled part): fx traces a root's
+        # forward without asking is_leaf_module, so trace a wrapper that calls it instead.
+        model = _RootWrapper(model)
     step_mode = model_step_mode(model)
     T, N = int(example_input.shape[0]), int(example_input.shape[1])
     probe = copy.deepcopy(model, state_copy_memo(model))
     plan = _make_plan(probe, step_mode)
-    gm, traced_root = _trace(probe, plan, strict)
+    input_rank = example_input.dim() - (1 if step_mode == "s" else 0)
+    gm, traced_root = _trace(probe, plan, strict, input_rank)
     work_root: nn.Module = model if traced_root is probe else _RootWrapper(model)
-    shapes, second = _probe_shapes(gm, traced_root, example_input, step_mode)
+    watch = {}
+    if compile_part is not None:
+        watch = {p: traced_root.get_submodule(p) for p in plan.opaque if p not in plan.state_access}
+    shapes, second, calls = _probe_shapes(gm, traced_root, example_input, step_mode, plan, watch)
+    glues: dict[str, nn.Module | None] = {}
+    notes: dict[str, list[str]] = {}
+
+    def make_glue(path: str, module: nn.Module) -> nn.Module | None:
+        """The module at ``path`` running as written with its parts compiled, or ``None``."""
+        if path not in glues:
+            reason = plan.opaque[path]
+            glue = None
+            if compile_part is not None and path in calls:
+                report = GlueReport()
+                display = "" if path == "model" else path
+                glue = build_glue(
+                    module,
+                    calls[path],
+                    compile_part,
+                    model_step_mode,
+                    path,
+                    display,
+                    reason,
+                    report,
+                )
+                if glue is not None:
+                    rec = calls[path].get("", None)
+                    failed = None
+                    if rec is not None:
+                        failed = check_glue(glue, rec.args, rec.kwargs)
+                    if failed is not None:
+                        glue = None
+                        reason = (
+                            f"{reason}; its parts were not compiled either: running it with "
+                            f"compiled parts failed ({failed})"
+                        )
+                    else:
+                        notes[path] = report.notes()
+            glues[path] = glue
+            notes.setdefault(path, [f"ran as written: {path!r}: {reason}"])
+        return glues[path]
 
     def build(recognise_time: bool) -> Graph:
         graph = Graph({"step_mode": step_mode, "T": T, "N": N})
@@ -580,7 +797,16 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
                 path = str(fxn.target)
                 call_counts[path] = call_counts.get(path, 0) + 1
                 node = _module_node(
-                    fxn.name, path, work_root, plan, step_mode, own_copy, args, kwargs, inputs
+                    fxn.name,
+                    path,
+                    work_root,
+                    plan,
+                    step_mode,
+                    own_copy,
+                    args,
+                    kwargs,
+                    inputs,
+                    make_glue,
                 )
                 node.layout = _layout_of(in_nodes, base, fxn.name)
             elif recognise_time and (
@@ -639,6 +865,8 @@ def trace_model(model: nn.Module, example_input: torch.Tensor, *, strict: bool =
         # (e.g. a literal-T view): record everything the old way rather than mislabel values.
         # Genuine errors are raised again by this second build.
         graph = build(recognise_time=False)
+    if notes:
+        graph.meta["frontend_notes"] = [line for p in sorted(notes) for line in notes[p]]
     return graph
 
 
@@ -684,9 +912,7 @@ def _is_seq_tensor(node: Node, T: int, N: int) -> bool:
     )
 
 
-def _tag_time_size(
-    node: Node, fxn: fx.Node, args: Any, kwargs: Any, in_nodes: list[Node]
-) -> None:
+def _tag_time_size(node: Node, fxn: fx.Node, args: Any, kwargs: Any, in_nodes: list[Node]) -> None:
     """Flag ``x.size(0)``, ``x.shape``, ``x.size()`` and ``<shape>[0]`` of a ``seq`` tensor."""
     first = args[0] if args else None
     if not isinstance(first, Ref):
@@ -849,6 +1075,7 @@ def _module_node(
     args: Any,
     kwargs: Any,
     inputs: list[str],
+    make_glue: Any,
 ) -> Node:
     module = work_root.get_submodule(path)
     template = {"args": args, "kwargs": dict(kwargs)}
@@ -856,13 +1083,13 @@ def _module_node(
         stateful = is_stateful_module(module)
         attrs = {"path": path, "type": type(module).__name__, "stateful": stateful}
         attrs["reason"] = plan.opaque[path]
-        return Node(
-            name,
-            Op.OPAQUE_MODULE,
-            tuple(inputs),
-            {**attrs, **template},
-            module=own_copy(module) if stateful else module,
-        )
+        glue = make_glue(path, module)
+        if glue is not None:  # runs as written, its neuron-holding parts compiled
+            attrs["stateful"] = True
+            run = glue
+        else:
+            run = own_copy(module) if stateful else module
+        return Node(name, Op.OPAQUE_MODULE, tuple(inputs), {**attrs, **template}, module=run)
     info: ModuleInfo | None = classify_module(module)
     assert info is not None, f"leaf {path} has no rule"
     if info.multi_step_only and step_mode == "s":

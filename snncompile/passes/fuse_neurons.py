@@ -19,7 +19,9 @@ compiled model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, 
 device). Left as they are: ``backend='torch'``; SpikingJelly neurons the frontend could not
 rebuild as snncompile neurons (a custom surrogate, ``store_v_seq=True``: they run as the original
 module; IF/LIF/PLIF are rebuilt, so they are fused); neurons run per step
-(``attrs['per_step']``); subclasses with their own dynamics; other surrogates. Adjacent scalar
+(``attrs['per_step']``); subclasses with their own dynamics; other surrogates (surrogates are
+matched by class identity, so a user's class named ``ATan`` or a subclass of ours is "other"; the
+report's note for the node says why it was left). Adjacent scalar
 ``VoltageScale`` ops are merged into the kernel afterwards by
 :mod:`snncompile.passes.fuse_elementwise`.
 
@@ -39,7 +41,7 @@ FUSED_BACKENDS = ("cpu", "cuda", "auto")
 def fuse_neurons(graph: Graph) -> PassResult:
     """Turn fusable ``NEURON`` nodes into ``FUSED_NEURON`` nodes (see the module docstring)."""
     from snncompile.runtime.fused import register_dynamics
-    from snncompile.runtime.fused_backends import REASONS, dynamics_for
+    from snncompile.runtime.fused_backends import dynamics_for, fusion_blocker
 
     backend = graph.meta.get("backend", "auto")
     if backend not in FUSED_BACKENDS:
@@ -58,7 +60,8 @@ def fuse_neurons(graph: Graph) -> PassResult:
         else:
             dynamics = dynamics_for(module)
             if dynamics is None:
-                why = REASONS.get(type(module), "no expression form for its dynamics")
+                why = fusion_blocker(module) or "no expression form for its dynamics"
+                why += "; it runs the torch loop"
         if why is not None:
             skipped.append(f"%{node.name}: {why}")
             continue

@@ -111,7 +111,11 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             attr = register(PerStepBatchNorm(node.module), f"{node.name}_per_step")
             env[node.name] = fxg.call_module(attr, (env[node.inputs[0]],))
         elif node.attrs.get("per_step"):
-            seq = tuple(graph[i].layout is Layout.SEQ and graph[i].is_tensor for i in node.inputs)
+            seq = tuple(
+                graph[i].layout is Layout.SEQ
+                and (graph[i].is_tensor or graph[i].meta.get("value_kind") == "tensors")
+                for i in node.inputs
+            )
             loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)
             attr = register(loop, f"{node.name}_loop")
             env[node.name] = fxg.call_module(attr, tuple(env[i] for i in node.inputs))
@@ -180,6 +184,11 @@ class CompiledModule(nn.Module):
                 f"compiled model: expected input of shape [T, N, ...] with "
                 f"{len(self.example_shape)} dimensions like the example "
                 f"{list(self.example_shape)}, got shape {list(x.shape)}"
+            )
+        if isinstance(x, torch.Tensor) and x.shape[0] == 0:
+            raise ValueError(
+                f"compiled model: the input of shape {list(x.shape)} has T=0 time steps; a "
+                "[T, N, ...] input needs T >= 1 (there is no output of a model run for no steps)"
             )
         chunk = getattr(self, "chunk_size", None)  # set by optimize(chunk_size/memory_budget)
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:

@@ -10,9 +10,11 @@
   node's torch loop.
 
 Every fused backend falls back to the torch loop (silently for ``'auto'``, with one warning per
-configuration otherwise) when the neuron cannot be fused: a surrogate without an expression form
-(:data:`snncompile.dynamics.surrogates.SURROGATE_EXPRESSIONS`), or a subclass whose dynamics are
-not described by its class's ``define_dynamics`` (and could not be captured). The states a fused
+configuration otherwise) when the neuron cannot be fused (:func:`fusion_blocker` says why): a
+surrogate whose class is not registered with an expression form (matched by class identity, so a
+user's own ``class ATan`` is not snncompile's ATan; see :mod:`snncompile.dynamics.surrogates`),
+or a subclass whose dynamics are not described by its class's ``define_dynamics`` (and could not
+be captured). The states a fused
 backend leaves in the node are float32 (the kernels' state precision), also for float16/bfloat16
 inputs.
 
@@ -97,6 +99,20 @@ def dynamics_for(node: Any) -> NeuronDynamics | None:
         return None
 
 
+def fusion_blocker(node: Any) -> str | None:
+    """Why the neuron module ``node`` has no fused kernel, or ``None`` when it has one.
+
+    Reasons: no dynamics definition, a subclass with its own step methods that could not be
+    captured, or a surrogate that is not a registered surrogate class (matched by identity, see
+    :func:`snncompile.dynamics.surrogates.resolve_surrogate`) or has non-finite parameters.
+    """
+    if dynamics_for(node) is not None:
+        return None
+    if not callable(getattr(node, "neuron_dynamics", None)):
+        return f"{type(node).__name__} has no dynamics definition (define_dynamics)"
+    return REASONS.get(type(node), "its configuration has no expression form")
+
+
 def auto_fuses_size(x_seq: torch.Tensor) -> bool:
     """Whether ``backend='auto'`` runs a call of this size fused (the ``AUTO_MIN_*`` rule)."""
     return x_seq.shape[0] >= AUTO_MIN_STEPS or x_seq.numel() >= AUTO_MIN_ELEMENTS
@@ -142,13 +158,8 @@ def _make_impl(device_type: str) -> Any:
     def impl(node: Any, x_seq: torch.Tensor) -> torch.Tensor:
         d = dynamics_for(node)
         if d is None:
-            why = REASONS.get(type(node), "no expression form for its dynamics")
-            return _fallback(
-                node,
-                x_seq,
-                f"this neuron configuration has no fused kernel ({why})",
-                (type(node).__name__, device_type),
-            )
+            why = "no fused kernel: " + (fusion_blocker(node) or "unsupported configuration")
+            return _fallback(node, x_seq, why, (type(node).__name__, device_type, why))
         if x_seq.dtype not in FUSED_DTYPES:
             return _fallback(
                 node,

@@ -37,6 +37,14 @@ def _stack(outputs: list[Any]) -> Any:
     raise TypeError(f"StepLoop: cannot stack per-step outputs of type {type(first).__name__}")
 
 
+def _unbind(x: Any) -> Any:
+    """``[T, ...] -> T`` steps; a list/tuple of sequences (per-step lists, stacked) -> T lists."""
+    if isinstance(x, (tuple, list)):
+        parts = [_unbind(v) for v in x]
+        return [type(x)(p[t] for p in parts) for t in range(len(parts[0]))]
+    return x.unbind(0)
+
+
 class StepLoop(nn.Module):
     """Call ``module`` (or ``target``) once per time step.
 
@@ -61,7 +69,7 @@ class StepLoop(nn.Module):
         self.seq_inputs = seq_inputs
 
     def forward(self, *inputs: Any) -> Any:
-        steps = [x.unbind(0) if s else None for x, s in zip(inputs, self.seq_inputs, strict=True)]
+        steps = [_unbind(x) if s else None for x, s in zip(inputs, self.seq_inputs, strict=True)]
         T = next(len(s) for s in steps if s is not None)
         outputs = []
         for t in range(T):
