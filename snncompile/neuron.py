@@ -52,6 +52,7 @@ from torch import nn
 from snncompile import surrogate
 from snncompile.base import MemoryModule, check_multi_step_input
 from snncompile.codegen.eager import EagerStep, eager_step
+from snncompile.dynamics.expr import var
 from snncompile.dynamics.neuron import (
     NeuronDynamics,
     if_dynamics,
@@ -65,6 +66,11 @@ __all__ = ["NeuronSpec", "BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
 # The signature default, like SpikingJelly's; each node replaces it by its own fresh copy so
 # that switching one node's surrogate (e.g. set_spiking_mode) never affects another node.
 _DEFAULT_SURROGATE = surrogate.Sigmoid()
+def _defining_class(cls: type) -> type:
+    """The class in ``cls``'s MRO that defines its dynamics (BaseNode at the latest)."""
+    return next(c for c in cls.__mro__ if "define_dynamics" in c.__dict__)
+
+
 # The eager forward calls the node's own surrogate module; the expressions it compiles need a
 # surrogate record only to be well-formed.
 _EAGER_SURROGATE = SurrogateExpr("Sigmoid", (4.0,))
@@ -256,10 +262,13 @@ class BaseNode(MemoryModule):
         eager forward, the fused kernels and their backward, ONNX, NIR and the frontend all read
         it. Subclasses define it next to their class; ``surrogate`` is filled in by
         :meth:`neuron_dynamics` (the eager forward calls the node's surrogate module instead).
+
+        The base definition has no charge of its own (``h = v``): a subclass either defines its
+        dynamics or overrides :meth:`neuronal_charge`, whose elementwise torch code is then
+        captured into this form (:mod:`snncompile.dynamics.capture`) to be fused and exported.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} must define define_dynamics(surrogate) (its charge, states, "
-            "threshold and reset as expressions) or override neuronal_charge."
+        return NeuronDynamics(
+            "base", var("v"), self.v_threshold, self.v_reset, surrogate, self.detach_reset
         )
 
     def neuron_dynamics(self) -> NeuronDynamics:
@@ -359,7 +368,7 @@ class BaseNode(MemoryModule):
         configuration, :mod:`snncompile.codegen.eager`).
         """
         step = self._eager()
-        if step is None:
+        if step is None or _defining_class(type(self)) is BaseNode:
             raise NotImplementedError(
                 f"{type(self).__name__} must define define_dynamics(surrogate) or override "
                 "neuronal_charge."
@@ -380,11 +389,9 @@ class BaseNode(MemoryModule):
 
     def neuronal_reset(self, spike: torch.Tensor) -> None:
         """Reset the membrane where ``spike`` fired (hard to ``v_reset``, soft by subtraction)."""
-        spike_d = spike.detach() if self.detach_reset else spike
-        if self.v_reset is None:
-            self.v = self.v - spike_d * self._theta()
-        else:
-            self.v = spike_d * self.v_reset + (1.0 - spike_d) * self.v
+        step = self._eager()
+        assert step is not None
+        self.v = step.reset(self, self.v, spike, *(getattr(self, n) for n in step.extra_states))
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         extra = self._extra_state_names()

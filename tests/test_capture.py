@@ -120,3 +120,26 @@ def test_capture_refuses_writes_to_other_attributes():
 
     assert dynamics_for(Writer(step_mode="m")) is None
     assert "assigns self.last_x" in REASONS[Writer]
+
+
+@needs_cc
+def test_registered_neuron_type_with_its_own_charge_is_fused_and_exported(tmp_path):
+    from snncompile.export.onnx import export_onnx
+    from snncompile.frontend import register_neuron_type
+    from snncompile.onnx_runtime import run_step_model
+
+    class Leaky(neuron.BaseNode):
+        def neuronal_charge(self, x: torch.Tensor) -> None:
+            self.v = self.v * 0.9 + x
+
+    register_neuron_type(Leaky)
+    model = nn.Sequential(nn.Linear(4, 16), Leaky(step_mode="m")).eval()
+    x = torch.randn(6, 2, 4) * 2.0
+    compiled = snncompile.optimize(model, x, backend="cpu")
+    assert compiled.graph.find(Op.FUSED_NEURON)
+    functional.reset_net(model)
+    with torch.no_grad():
+        expect = model(x)
+        assert torch.equal(compiled(x), expect)
+    export_onnx(model, tmp_path / "leaky.onnx", x, mode="step")
+    assert (run_step_model(tmp_path / "leaky.onnx", x.numpy()) == expect.numpy()).all()

@@ -10,14 +10,15 @@ into an :class:`EagerStep` of three Python functions, generated as source once p
 * ``threshold(node, *extra) -> theta`` (``None`` when the threshold is the constant
   ``v_threshold``)
 * ``updates(node, x, v, h, spike, *extra) -> next extra states`` (``None`` without extra states)
+* ``reset(node, h, spike, *extra) -> v`` (hard or soft, ``detach_reset`` applied)
 
 Parameters (``param(name)``) are read as ``node.<name>`` at call time, so a learnable parameter
 gets its gradient through PyTorch autograd. ``+ - * /`` and unary minus are Python operators on
 tensors and Python floats -- exactly the operations a hand-written ``self.v + (x - self.v) /
 self.tau`` performs, hence bit-identical to SpikingJelly's hand-written modules -- and every other
-op calls the torch renderer's table (:data:`snncompile.codegen.render.TORCH_OPS`). Firing (the
-node's surrogate module) and the reset stay in the module, so a surrogate without an expression
-form still runs eagerly.
+op calls the torch renderer's table (:data:`snncompile.codegen.render.TORCH_OPS`). Firing calls
+the node's surrogate module (the spike is an argument of ``reset`` and ``updates``), so a
+surrogate without an expression form still runs eagerly.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snncompile.codegen.render import TORCH_OPS
-from snncompile.dynamics.expr import Expr, Op, toposort
+from snncompile.dynamics.expr import Expr, Op, toposort, var
 from snncompile.dynamics.neuron import NeuronDynamics
 
 PY_OPS: dict[Op, str] = {
@@ -46,6 +47,7 @@ class EagerStep:
     charge: Callable[..., Any]
     threshold: Callable[..., Any] | None
     updates: Callable[..., tuple[Any, ...]] | None
+    reset: Callable[..., Any]
     extra_states: tuple[str, ...]
     source: str
 
@@ -106,12 +108,16 @@ def eager_step(dynamics: NeuronDynamics) -> EagerStep:
                 as_tuple=True,
             )
         )
+    spike = var("spike")
+    reset = dynamics.reset(var("h"), spike, dynamics.threshold)
+    parts.append(_function("reset", ["_node", "h", "spike", *extra], [reset], namespace))
     source = "\n\n".join(parts) + "\n"
     exec(compile(source, f"<snncompile eager {dynamics.name}>", "exec"), namespace)  # noqa: S102
     step = EagerStep(
         charge=namespace["charge"],
         threshold=namespace.get("threshold"),
         updates=namespace.get("updates"),
+        reset=namespace["reset"],
         extra_states=tuple(extra),
         source=source,
     )

@@ -78,10 +78,13 @@ def dynamics_for(node: Any) -> NeuronDynamics | None:
         return None
     cls = type(node)
     defining = _owner(cls, "define_dynamics")
-    if defining is None or defining.__dict__.get("define_dynamics") is None:
-        REASONS[cls] = "no define_dynamics()"
-        return None
     overridden = overridden_step_methods(cls)
+    from snncompile.neuron import BaseNode
+
+    if defining is None or (defining is BaseNode and "neuronal_charge" not in overridden):
+        # BaseNode's own definition has no charge: a subclass must define or override one.
+        REASONS[cls] = f"{cls.__name__} defines no dynamics (define_dynamics or neuronal_charge)"
+        return None
     try:
         if overridden == ["neuronal_charge"]:
             from snncompile.dynamics.capture import captured_dynamics
