@@ -295,10 +295,18 @@ class BaseNode(MemoryModule):
         d = self.__dict__
         if "_eager_cache" in d:
             return d["_eager_cache"]
+        # The eager step reads a constant threshold from the node at call time, so it may be a
+        # per-neuron tensor (functional.set_threshold_margin); the definition needs a number.
+        thr = d.get("v_threshold")
+        if isinstance(thr, torch.Tensor):
+            d["v_threshold"] = 1.0
         try:
             step: EagerStep | None = eager_step(self.define_dynamics(_EAGER_SURROGATE))
         except NotImplementedError:
             step = None
+        finally:
+            if isinstance(thr, torch.Tensor):
+                d["v_threshold"] = thr
         d["_eager_cache"] = step
         return step
 
@@ -391,7 +399,7 @@ class BaseNode(MemoryModule):
         """Reset the membrane where ``spike`` fired (hard to ``v_reset``, soft by subtraction)."""
         step = self._eager()
         assert step is not None
-        self.v = step.reset(self, self.v, spike, *(getattr(self, n) for n in step.extra_states))
+        self.v = step.reset(self, self.v, spike, self._theta())
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         extra = self._extra_state_names()

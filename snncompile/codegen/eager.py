@@ -10,7 +10,7 @@ into an :class:`EagerStep` of three Python functions, generated as source once p
 * ``threshold(node, *extra) -> theta`` (``None`` when the threshold is the constant
   ``v_threshold``)
 * ``updates(node, x, v, h, spike, *extra) -> next extra states`` (``None`` without extra states)
-* ``reset(node, h, spike, *extra) -> v`` (hard or soft, ``detach_reset`` applied)
+* ``reset(node, h, spike, theta) -> v`` (hard or soft, ``detach_reset`` applied)
 
 Parameters (``param(name)``) are read as ``node.<name>`` at call time, so a learnable parameter
 gets its gradient through PyTorch autograd. ``+ - * /`` and unary minus are Python operators on
@@ -108,9 +108,10 @@ def eager_step(dynamics: NeuronDynamics) -> EagerStep:
                 as_tuple=True,
             )
         )
-    spike = var("spike")
-    reset = dynamics.reset(var("h"), spike, dynamics.threshold)
-    parts.append(_function("reset", ["_node", "h", "spike", *extra], [reset], namespace))
+    # The threshold is an argument: the module passes its current value (the adaptive
+    # threshold's, or v_threshold, which may be a per-neuron tensor at run time).
+    reset = dynamics.reset(var("h"), var("spike"), var("theta"))
+    parts.append(_function("reset", ["_node", "h", "spike", "theta"], [reset], namespace))
     source = "\n\n".join(parts) + "\n"
     exec(compile(source, f"<snncompile eager {dynamics.name}>", "exec"), namespace)  # noqa: S102
     step = EagerStep(
