@@ -173,3 +173,14 @@ def test_cuda_kernels_of_multistate_neurons_run_on_the_host(monkeypatch):
         assert all(torch.equal(l1[n], l2[n]) for n in l1), d.name
         for a_, b_ in zip(g1, g2, strict=True):
             assert ((a_ - b_).abs().max() / b_.abs().max().clamp_min(1e-12)).item() < 1e-6
+
+
+def test_input_gain_scales_every_read_of_the_input():
+    from snncompile.runtime.scaled_neuron import scaled_dynamics
+
+    d = scaled_dynamics(NEURONS["cuba"], True, False)
+    x_seq = torch.randn(5, 30)
+    gain = torch.tensor(0.7)
+    s1, l1, _ = torch_multi_step_states(d, x_seq, None, {"in_gain": gain})
+    s2, l2, _ = torch_multi_step_states(NEURONS["cuba"], x_seq * gain, None)
+    assert torch.equal(s1, s2) and torch.equal(l1["c"], l2["c"])
