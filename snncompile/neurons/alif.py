@@ -63,15 +63,8 @@ class ALIFNode(BaseNode):
         beta = _as_float(owner, "beta", beta)
         if not isinstance(decay_input, bool):
             raise TypeError(f"{owner}: decay_input must be a bool.")
-        super().__init__(
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
+        base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)
+        super().__init__(*base, backend=backend)
         self.register_memory("a", 0.0)
         self.tau, self.tau_a, self.beta, self.decay_input = tau, tau_a, beta, decay_input
 

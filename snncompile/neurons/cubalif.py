@@ -50,15 +50,8 @@ class CUBALIFNode(BaseNode):
         v_decay = _as_float(owner, "v_decay", v_decay)
         if surrogate_function is _DEFAULT_RECT:
             surrogate_function = sg.Rect()
-        super().__init__(
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
+        base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)
+        super().__init__(*base, backend=backend)
         self.register_memory("c", 0.0)
         self.c_decay, self.v_decay = c_decay, v_decay
 

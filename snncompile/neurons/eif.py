@@ -50,15 +50,8 @@ class EIFNode(BaseNode):
             raise ValueError(f"{owner}: delta_T must be > 0, got {delta_T!r}.")
         theta_rh = _as_float(owner, "theta_rh", theta_rh)
         v_rest = _as_float(owner, "v_rest", v_rest)
-        super().__init__(
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
+        base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)
+        super().__init__(*base, backend=backend)
         check_rest(owner, self.v_threshold, v_rest, self.v_reset)
         self.tau, self.delta_T, self.theta_rh, self.v_rest = tau, delta_T, theta_rh, v_rest
 

@@ -59,15 +59,8 @@ class IzhikevichNode(BaseNode):
         }
         if values["tau_w"] == 0.0:
             raise ValueError(f"{owner}: tau_w must not be 0.")
-        super().__init__(
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
+        base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)
+        super().__init__(*base, backend=backend)
         self.register_memory("w", values["w_rest"])
         self.tau, self.a0 = tau, a0
         self.v_c, self.v_rest, self.w_rest = values["v_c"], values["v_rest"], values["w_rest"]

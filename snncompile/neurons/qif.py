@@ -57,15 +57,8 @@ class QIFNode(BaseNode):
             raise ValueError(f"{owner}: a0 must be > 0, got {a0!r}.")
         v_c = _as_float(owner, "v_c", v_c)
         v_rest = _as_float(owner, "v_rest", v_rest)
-        super().__init__(
-            v_threshold,
-            v_reset,
-            surrogate_function,
-            detach_reset,
-            step_mode,
-            store_v_seq,
-            backend=backend,
-        )
+        base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)
+        super().__init__(*base, backend=backend)
         check_rest(owner, self.v_threshold, v_rest, self.v_reset)
         self.tau, self.v_c, self.a0, self.v_rest = tau, v_c, a0, v_rest
 
