@@ -212,7 +212,11 @@ def test_nir_pattern_table_recognises_the_builtins_by_their_dynamics():
     )
     assert classify(lif_dynamics(3.0, False, v_reset=None))[1]["decay_input"] == 0.0
     assert classify(plif_dynamics(False))[0] == "plif"
-    for name in ("QIFNode", "IzhikevichNode", "CUBALIFNode", "ALIFNode"):
+    assert classify(neuron.CUBALIFNode(surrogate_function=surrogate.ATan()).neuron_dynamics()) == (
+        "cubalif",
+        {"v_decay": 0.75, "c_decay": 0.5},
+    )
+    for name in ("QIFNode", "IzhikevichNode", "ALIFNode"):
         cell = getattr(neuron, name)(surrogate_function=surrogate.ATan())
         assert classify(cell.neuron_dynamics()) is None, name
 
@@ -222,3 +226,23 @@ def test_nir_export_refuses_neurons_without_a_nir_form(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), neuron.QIFNode(step_mode="m"))
     with pytest.raises(Exception, match="match no NIR neuron pattern"):
         snncompile.export_nir(model, torch.randn(3, 2, 4), path=tmp_path / "m.nir")
+
+
+@pytest.mark.parametrize("v_reset", [0.0, -0.2])
+def test_cubalif_round_trips_through_nir_cubalif(tmp_path, v_reset):
+    pytest.importorskip("nir")
+    cell = neuron.CUBALIFNode(0.3, 0.8, 0.6, v_reset, surrogate.ATan(), step_mode="m")
+    model = nn.Sequential(nn.Linear(4, 8), cell).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    x = _input(9, (20, 3, 4))
+    functional.reset_net(model)
+    with torch.no_grad():
+        expect = model(x)
+    graph = snncompile.export_nir(model, x[:2], path=tmp_path / "cuba.nir")
+    assert any(type(n).__name__ == "CubaLIF" for n in graph.nodes.values())
+    back = snncompile.import_nir(tmp_path / "cuba.nir")
+    functional.reset_net(back)
+    with torch.no_grad():
+        assert torch.equal(back(x), expect)
+    assert 0.0 < expect.mean().item() < 1.0

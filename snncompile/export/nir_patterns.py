@@ -15,6 +15,7 @@ Patterns (``v_r``: the reset value the charge leaks to; ``tau``: the time consta
     lif     h = v - (v - v_r) / tau + x            decay_input = 0
     plif    h = v + (x - (v - v_r)) * sigmoid(w)   decay_input = 1   (w: the PLIF parameter)
     plif    h = v - (v - v_r) * sigmoid(w) + x     decay_input = 0
+    cubalif h = v * v_decay + (c * c_decay + x),   c <- c * c_decay + x   (one extra state c)
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def match(pattern: Expr, expr: Expr, binds: dict[str, float]) -> bool:
 
 @dataclass(frozen=True)
 class Pattern:
-    """One NIR neuron form: its kind, charge pattern and fixed attributes."""
+    """One NIR neuron form: its kind, charge pattern, extra states' update patterns (by name)
+    and fixed attributes."""
 
     kind: str
     charge: Expr
     fixed: tuple[tuple[str, float], ...] = ()
+    states: tuple[tuple[str, Expr], ...] = ()
 
 
 V, X = var("v"), var("x")
@@ -67,21 +70,35 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern("lif", V - (V - _VR) / _TAU + X, (("decay_input", 0.0),)),
     Pattern("plif", V + (X - (V - _VR)) * _K, (("decay_input", 1.0),)),
     Pattern("plif", V - (V - _VR) * _K + X, (("decay_input", 0.0),)),
+    Pattern(
+        "cubalif",
+        V * wild("v_decay") + (var("c") * wild("c_decay") + X),
+        states=(("c", var("c") * wild("c_decay") + X),),
+    ),
 )
 
 
 def classify(d: NeuronDynamics) -> tuple[str, dict[str, float]] | None:
     """``(kind, bound values)`` of the first pattern ``d`` matches, or ``None``.
 
-    Only single-state neurons with a constant threshold and without an output gain have a NIR
-    form here; the leak target ``v_r`` must be the reset value (as every built-in writes it).
+    Only neurons with a constant threshold and without an output gain have a NIR form here;
+    the extra states must be the pattern's (same names, matching updates, initial value 0), and
+    the leak target ``v_r`` must be the reset value (as every built-in writes it).
     """
-    if d.states or d.threshold is not None or d.output_gain is not None:
+    if d.threshold is not None or d.output_gain is not None:
         return None
     for p in PATTERNS:
+        if tuple(s.name for s in d.states) != tuple(n for n, _ in p.states):
+            continue
         binds: dict[str, float] = {}
-        if match(p.charge, d.charge, binds):
-            if "v_r" in binds and binds["v_r"] != d.reset_value:
-                continue
-            return p.kind, {**binds, **dict(p.fixed)}
+        if not match(p.charge, d.charge, binds):
+            continue
+        updates = {s.name: s for s in d.states}
+        if not all(
+            updates[n].init == 0.0 and match(u, updates[n].update, binds) for n, u in p.states
+        ):
+            continue
+        if "v_r" in binds and binds["v_r"] != d.reset_value:
+            continue
+        return p.kind, {**binds, **dict(p.fixed)}
     return None
