@@ -66,6 +66,11 @@ __all__ = ["NeuronSpec", "BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
 # The signature default, like SpikingJelly's; each node replaces it by its own fresh copy so
 # that switching one node's surrogate (e.g. set_spiking_mode) never affects another node.
 _DEFAULT_SURROGATE = surrogate.Sigmoid()
+#: Attributes a neuron writes while running (not configuration): setting them keeps its cached
+#: dynamics.
+_RUNTIME_ATTRS = frozenset({"v_seq", "training", "_backend", "_store_v_seq"})
+
+
 def _defining_class(cls: type) -> type:
     """The class in ``cls``'s MRO that defines its dynamics (BaseNode at the latest)."""
     return next(c for c in cls.__mro__ if "define_dynamics" in c.__dict__)
@@ -315,9 +320,10 @@ class BaseNode(MemoryModule):
         if memories is not None and name in memories:
             memories[name] = value  # state writes (every step) keep the caches
             return
-        # A configuration change (tau, v_threshold, surrogate_function, ...): rebuild lazily.
-        for key in ("_eager_cache", "_dyn_cache", "_captured"):
-            self.__dict__.pop(key, None)
+        if name not in _RUNTIME_ATTRS:
+            # A configuration change (tau, v_threshold, surrogate_function, ...): rebuild lazily.
+            for key in ("_eager_cache", "_dyn_cache", "_captured"):
+                self.__dict__.pop(key, None)
         super().__setattr__(name, value)
 
     # -- state ----------------------------------------------------------------------------------

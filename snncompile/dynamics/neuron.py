@@ -284,7 +284,11 @@ class NeuronDynamics:
     @property
     def param_names(self) -> tuple[str, ...]:
         """Names of the per-call parameters the expressions and the output gain use, sorted."""
-        return tuple(free_names(self._roots, Op.PARAM))
+        cached = self.__dict__.get("_param_names")
+        if cached is None:
+            cached = tuple(free_names(self._roots, Op.PARAM))
+            object.__setattr__(self, "_param_names", cached)
+        return cached
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -329,14 +333,19 @@ class NeuronDynamics:
         cached = self.__dict__.get("_program")
         if cached is not None:
             return cached
-        program = _build_program(self)
+        # Equal definitions (e.g. rebuilt by a module after a configuration change) share one
+        # program: building it (symbolic backward) costs about a millisecond.
+        program = _PROGRAMS.get(self)
+        if program is None:
+            program = _PROGRAMS.setdefault(self, _build_program(self))
         object.__setattr__(self, "_program", program)
         return program
 
     def key(self) -> str:
         """A short stable hash of the definition (names generated kernels)."""
-        cached = self.__dict__.get("_key")
+        cached = self.__dict__.get("_key") or _KEYS.get(self)
         if cached is not None:
+            object.__setattr__(self, "_key", cached)
             return cached
         parts = [
             self.name,
@@ -351,7 +360,7 @@ class NeuronDynamics:
         if self.states or self.threshold is not None:
             parts += [f"{s.name}={s.init!r}:{to_str(s.update)}" for s in self.states]
             parts.append("" if self.threshold is None else to_str(self.threshold))
-        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        key = _KEYS.setdefault(self, hashlib.sha256("|".join(parts).encode()).hexdigest()[:16])
         object.__setattr__(self, "_key", key)
         return key
 
@@ -365,6 +374,10 @@ class NeuronDynamics:
             f"{self.name}: h = {to_str(self.charge)}; fire h >= {thr} "
             f"[{self.surrogate}]{gain}; reset {reset}; detach_reset={self.detach_reset}{states}"
         )
+
+
+_PROGRAMS: dict[NeuronDynamics, StepProgram] = {}
+_KEYS: dict[NeuronDynamics, str] = {}
 
 
 def _hoist_uniforms(*roots: Expr) -> tuple[tuple[Expr, ...], tuple[Expr, ...]]:
