@@ -184,3 +184,27 @@ def test_input_gain_scales_every_read_of_the_input():
     s1, l1, _ = torch_multi_step_states(d, x_seq, None, {"in_gain": gain})
     s2, l2, _ = torch_multi_step_states(NEURONS["cuba"], x_seq * gain, None)
     assert torch.equal(s1, s2) and torch.equal(l1["c"], l2["c"])
+
+
+@needs_cc
+def test_custom_op_opcheck_with_extra_states():
+    """The torch.library custom op takes and returns the [S, N] states of multi-state neurons."""
+    from snncompile.codegen.cpu import prebuild
+    from snncompile.runtime.fused import register_dynamics
+
+    d = NEURONS["alif"]
+    prebuild([d])
+    kid = register_dynamics(d)
+    x = torch.randn(4, 16, requires_grad=True)
+    states = torch.zeros(2, 16, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.snncompile.neuron_forward.default,
+        (kid, x, states, torch.zeros(0), True, False),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    s1, l1, _ = fused_multi_step_states(d, x, {"v": 0.0, "a": 0.0}, use_custom_op=True)
+    s2, l2, _ = fused_multi_step_states(d, x, {"v": 0.0, "a": 0.0}, use_custom_op=False)
+    assert torch.equal(s1, s2) and torch.equal(l1["a"], l2["a"])
+    g1 = torch.autograd.grad(s1.sum() + l1["a"].sum(), x)[0]
+    g2 = torch.autograd.grad(s2.sum() + l2["a"].sum(), x)[0]
+    assert torch.equal(g1, g2)
