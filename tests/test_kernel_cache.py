@@ -65,15 +65,20 @@ def _expected_spikes(tau: float = 5.0) -> float:
     return s.sum().item()
 
 
-def _run_child(tmp_path: Path, cache: Path, tau: float = 5.0, extra_env: dict | None = None,
-               preexec=None):
+def _run_child(
+    tmp_path: Path, cache: Path, tau: float = 5.0, extra_env: dict | None = None, preexec=None
+):
     src = generate(_dyn(tau), "c")
     source_file = tmp_path / f"kernel_{tau}.c"
     source_file.write_text(src.source)
     env = {**os.environ, "SNNCOMPILE_CACHE_DIR": str(cache), **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-c", _child_script(source_file, src.name + "_forward")],
-        env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec,
     )
 
 
@@ -129,9 +134,10 @@ def test_foreign_library_under_the_entrys_name_is_rebuilt(cache):
     build.sidecar_path(mine).unlink()
     build.forget_loaded()
     _check_kernel_works(CpuKernel(_dyn(5.0)), 5.0)
-    assert json.loads(build.sidecar_path(mine).read_text())["sha256"] != json.loads(
-        build.sidecar_path(other).read_text()
-    )["sha256"]
+    assert (
+        json.loads(build.sidecar_path(mine).read_text())["sha256"]
+        != json.loads(build.sidecar_path(other).read_text())["sha256"]
+    )
     del k_other
 
 
@@ -212,8 +218,10 @@ def test_read_only_cache_dir_in_a_child_process(tmp_path):
         os.chmod(base, 0o755)
         ro = base / "cache"
         ro.mkdir()
-        os.chmod(ro, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH
-                 | stat.S_IXOTH)
+        os.chmod(
+            ro,
+            stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH,
+        )
         preexec = None
         if os.geteuid() == 0:
             uid = _nobody()
@@ -248,8 +256,8 @@ def test_concurrent_processes_compile_once(cache, tmp_path):
     log = tmp_path / "cc.log"
     wrapper = tmp_path / "cc-wrapper"
     wrapper.write_text(
-        f"#!/bin/sh\ncase \"$*\" in *--version*) ;; *) echo x >> {log} ;; esac\n"
-        f"exec {build.find_compiler()} \"$@\"\n"
+        f'#!/bin/sh\ncase "$*" in *--version*) ;; *) echo x >> {log} ;; esac\n'
+        f'exec {build.find_compiler()} "$@"\n'
     )
     wrapper.chmod(0o755)
     src = generate(_dyn(), "c")
@@ -259,7 +267,10 @@ def test_concurrent_processes_compile_once(cache, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _child_script(source_file, src.name + "_forward")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(4)
     ]

@@ -235,16 +235,19 @@ def cpu_signature() -> str:
 def cache_key(source: str, compiler: str, flags: tuple[str, ...]) -> str:
     """The full hex key of the library for ``source`` built by ``compiler`` with ``flags``."""
     h = hashlib.sha256()
-    for part in (source, "\0".join(flags), "\0".join(LDLIBS), compiler_version(compiler),
-                 cpu_signature()):
+    for part in (
+        source,
+        "\0".join(flags),
+        "\0".join(LDLIBS),
+        compiler_version(compiler),
+        cpu_signature(),
+    ):
         h.update(part.encode())
         h.update(b"\0\0")
     return h.hexdigest()
 
 
-def library_path(
-    source: str, compiler: str, flags: tuple[str, ...] | None = None
-) -> Path:
+def library_path(source: str, compiler: str, flags: tuple[str, ...] | None = None) -> Path:
     """Where the library for ``source`` built by ``compiler`` with ``flags`` is cached."""
     key = cache_key(source, compiler, flags or compile_flags())
     return cache_dir() / f"snnk_{key[:32]}.so"
@@ -352,7 +355,11 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _load_or_build(
-    path: Path, key: str, source: str, compiler: str, flags: tuple[str, ...],
+    path: Path,
+    key: str,
+    source: str,
+    compiler: str,
+    flags: tuple[str, ...],
     symbols: tuple[str, ...],
 ) -> ctypes.CDLL:
     data = _verified_bytes(path, key)
