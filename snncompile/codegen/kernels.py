@@ -291,6 +291,11 @@ def backward_body(program: StepProgram, target: Target) -> str:
     return render_block(target, outputs, prefix="b", indent=_BWD_INDENT)
 
 
+def _comment_text(text: str) -> str:
+    """``text`` made safe inside a ``/* ... */`` comment (one line, no comment terminator)."""
+    return " ".join(text.split()).replace("*/", "* /")
+
+
 def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
     """Generate the forward and backward kernel source of ``dynamics`` for ``target``."""
     template = TEMPLATES[target]
@@ -316,7 +321,7 @@ def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
         load_v = template.load_v_bwd.format(recompute=recompute)
     source = "\n".join(
         [
-            template.header.format(desc=dynamics.describe(), block=SNN_BLOCK),
+            template.header.format(desc=_comment_text(dynamics.describe()), block=SNN_BLOCK),
             template.forward.format(name=name, uniforms=uniforms, body=fwd_body),
             template.backward.format(
                 name=name,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from snncompile.dynamics.expr import Expr, Op, toposort
+from snncompile.dynamics.names import check_identifier
 
 
 def f32_literal(value: float) -> str:
@@ -100,13 +101,16 @@ def render_block(
     topological order, and each output name is declared last from its node.
     """
     names = dict(names or {})
+    for out_name in outputs:
+        check_identifier(out_name, "kernel output name")
     order = toposort(outputs.values())
     rendered: dict[Expr, str] = {}
     lines: list[str] = []
     counter = 0
     for node in order:
         if node.op is Op.VAR or node.op is Op.PARAM:
-            rendered[node] = names.get(node.arg, node.arg)
+            leaf = names.get(node.arg, node.arg)
+            rendered[node] = check_identifier(leaf, f"{node.op.name.lower()} name")
             continue
         if node.op is Op.CONST:
             rendered[node] = target.literal(node.arg)

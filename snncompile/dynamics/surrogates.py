@@ -29,6 +29,7 @@ from snncompile.dynamics.expr import (
     sigmoid,
     where,
 )
+from snncompile.dynamics.names import check_identifier
 
 Builder = Callable[..., Expr]
 
@@ -124,8 +125,10 @@ def register_surrogate(name: str, primitive: Builder, derivative: Builder) -> No
     """Register the expression form of a surrogate class called ``name``.
 
     ``primitive(x, *params)`` and ``derivative(x, *params)`` build expressions in ``x``. After
-    registration neurons using that surrogate class get fused kernels.
+    registration neurons using that surrogate class get fused kernels. ``name`` must be a C
+    identifier (it appears in generated kernel source).
     """
+    check_identifier(name, "surrogate name")
     SURROGATE_EXPRESSIONS[name] = (primitive, derivative)
 
 
