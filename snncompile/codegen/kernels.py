@@ -70,16 +70,19 @@ SNN_FN float snn_expf(float x)
     /* exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (k * LN2_HI is exact) */
     float xc = x > 88.8f ? 88.8f : x;
     xc = xc < -104.0f ? -104.0f : xc;
-    float kf = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
-    kf = (xc == xc) ? kf : 0.0f;
+    /* adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits */
+    const float big = xc * 1.44269504f + 12582912.0f;
+    const float kf = big - 12582912.0f;
     const float r = (xc - kf * 0.693145752f) - kf * 1.42860677e-6f;
     const float q = 0.5f + r * (0.166665763f + r * (0.0416664667f + r * (0.00836317521f
                     + r * 0.00139336439f)));
     const float p = 1.0f + (r + (r * r) * q);
-    const int k = (int)kf;
-    const int k1 = k / 2;
+    const int k = snn_f2i(big) - 0x4b400000; /* (garbage for NaN, whose p is NaN anyway) */
+    const int k1 = k >> 1;
     /* two power-of-two factors keep both normal; the last product rounds once (subnormals) */
-    return (p * snn_i2f((k1 + 127) << 23)) * snn_i2f((k - k1 + 127) << 23);
+    const float s1 = snn_i2f((int)((unsigned)(k1 + 127) << 23));
+    const float s2 = snn_i2f((int)((unsigned)(k - k1 + 127) << 23));
+    return (p * s1) * s2;
 }
 
 SNN_FN float snn_logf(float x)
