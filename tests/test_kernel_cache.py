@@ -146,7 +146,7 @@ def test_same_size_corruption_is_caught_by_the_checksum(cache):
     lib = _entry(cache)
     data = bytearray(lib.read_bytes())
     mid = len(data) // 2
-    data[mid : mid + 64] = bytes(64)  # same size, damaged code
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])  # same size, damaged
     lib.write_bytes(bytes(data))
     build.forget_loaded()
     _check_kernel_works(CpuKernel(_dyn()), 5.0)
