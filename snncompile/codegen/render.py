@@ -110,8 +110,8 @@ def render_block(
     counter = 0
     for node in order:
         if node.op is Op.VAR or node.op is Op.PARAM:
-            leaf = names.get(node.arg, node.arg)
-            rendered[node] = check_identifier(leaf, f"{node.op.name.lower()} name")
+            check_identifier(node.arg, f"{node.op.name.lower()} name")
+            rendered[node] = names.get(node.arg, node.arg)  # a mapped value is caller's code
             continue
         if node.op is Op.CONST:
             rendered[node] = target.literal(node.arg)
