@@ -8,7 +8,9 @@ input at run time, and per-step nodes run inside a :class:`~snncompile.runtime.s
 
 :class:`CompiledModule` wraps the result: it takes ``[T, N, *]`` input, holds its own copies of
 the stateful modules (reset them with ``functional.reset_net(compiled)``; the original model's
-state is never read or written), and exposes ``.graph`` and ``.report()``.
+state is never read or written), and exposes ``.graph`` and ``.report()``. Its ``state_dict()``
+and ``load_state_dict()`` use the model's keys (:mod:`snncompile.runtime.state_names`), so a
+checkpoint moves between a model and its compiled form both ways.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
+from snncompile.runtime.state_names import StateNames
 from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
 
 
@@ -152,6 +155,7 @@ class CompiledModule(nn.Module):
         example_shape: tuple[int, ...],
         mode: str,
         backend: str,
+        source: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.gm = gm
@@ -162,6 +166,47 @@ class CompiledModule(nn.Module):
         self.backend = backend
         self.source_step_mode = graph.meta.get("step_mode", "s")
         self._learning_hub: Any = None  # learning_hooks._LearningHub, created by attach()
+        self._state_names: StateNames | None = None
+        if source is not None:
+            names = StateNames(self, gm, graph, source)
+            if names.sources is not None:
+                self._sources = names.sources
+            self._state_names = names
+
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The model's state dict: the keys of ``model.state_dict()``, in the same order.
+
+        The values are the tensors this module runs with (shared with the model where the
+        compile shares them). In an inference compile with batchnorms folded, the folded
+        layers are derived values and do not appear: the state dict holds the original layer
+        and batchnorm tensors, exactly as the model's does (see
+        :mod:`snncompile.runtime.state_names`). Save it with ``torch.save(compiled.state_dict(),
+        path)``; it loads into the model, a fresh model or another compiled module.
+        """
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._state_names is None:
+            return sd
+        return self._state_names.to_model(sd, prefix)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # ``load_state_dict`` takes the model's keys: they are rewritten to the local ones here,
+        # before the children (``gm``, ``_sources``) load theirs; folded layers are recomputed.
+        if self._state_names is not None:
+            self._state_names.to_local(self, state_dict, prefix, missing_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def graph(self) -> Graph:

@@ -1,0 +1,302 @@
+"""From training to deployment: checkpoints of compiled modules, the export signature, streaming.
+
+Checkpoints: ``compiled.state_dict()`` has the model's keys, in the model's order, and the same
+values; it loads (strictly) into a fresh model, and a model's state dict loads into a compiled
+module -- whose outputs then equal those of a compile of the source model -- in train and
+inference compiles (batchnorms folded), for snncompile's and SpikingJelly's modules, PLIF's
+learnable ``w`` included, and across a fresh process with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import snncompile
+from snncompile import functional, layer, neuron
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- models ---------------------------------------------------------------------------------------
+def cnn_bn() -> nn.Module:
+    """Conv-BN-LIF CNN (multi-step), input ``[T, N, 1, 8, 8]``."""
+    net = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, bias=False),
+        layer.BatchNorm2d(4),
+        neuron.LIFNode(tau=2.0),
+        layer.MaxPool2d(2),
+        layer.Conv2d(4, 8, 3, padding=1),
+        layer.BatchNorm2d(8),
+        neuron.ParametricLIFNode(init_tau=3.0),
+        layer.Flatten(),
+        layer.Linear(8 * 4 * 4, 5),
+        neuron.LIFNode(tau=2.0),
+    )
+    functional.set_step_mode(net, "m")
+    return net
+
+
+def mlp_plif() -> nn.Module:
+    """Single-step MLP with a BatchNorm1d and two PLIF neurons, input ``[T, N, 4, 4]``."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(16, 12),
+        nn.BatchNorm1d(12),
+        neuron.ParametricLIFNode(init_tau=2.5),
+        nn.Dropout(0.1),
+        nn.Linear(12, 6),
+        neuron.ParametricLIFNode(v_reset=None),
+    )
+
+
+def _sj_model() -> nn.Module:
+    from spikingjelly.activation_based import functional as sf
+    from spikingjelly.activation_based import layer as sl
+    from spikingjelly.activation_based import neuron as sn
+
+    net = nn.Sequential(
+        sl.Conv2d(1, 4, 3, padding=1),
+        sl.BatchNorm2d(4),
+        sn.ParametricLIFNode(init_tau=2.0),
+        sl.MaxPool2d(2),
+        sl.Flatten(),
+        sl.Linear(4 * 4 * 4, 5),
+        sn.LIFNode(tau=2.0),
+    )
+    sf.set_step_mode(net, "m")
+    return net
+
+
+SHAPES = {"cnn_bn": (4, 2, 1, 8, 8), "mlp_plif": (4, 2, 4, 4), "sj": (4, 2, 1, 8, 8)}
+
+
+def _factory(name: str, sj: object = None) -> Callable[[], nn.Module]:
+    if name == "sj":
+        return _sj_model
+    return {"cnn_bn": cnn_bn, "mlp_plif": mlp_plif}[name]
+
+
+def _perturb(model: nn.Module, seed: int) -> nn.Module:
+    """Give every parameter and BN statistic values unlike a fresh model's (a 'trained' one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                t.fill_(7)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=gen) * 0.3)
+    return model
+
+
+def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    functional.reset_net(module)
+    with torch.no_grad():
+        out = module(x)
+    functional.reset_net(module)
+    return out
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The eager output over ``[T, N, ...]`` for single- or multi-step models."""
+    functional.reset_net(model)
+    with torch.no_grad():
+        if getattr(model[-1], "step_mode", "s") == "m":
+            out = model(x)
+        else:
+            out = torch.stack([model(x[t]) for t in range(x.shape[0])])
+    functional.reset_net(model)
+    return out
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("name", ["cnn_bn", "mlp_plif", "sj"])
+def test_state_dict_round_trips(name: str, mode: str, request: pytest.FixtureRequest) -> None:
+    if name == "sj":
+        request.getfixturevalue("sj")
+    factory = _factory(name)
+    x = torch.rand(*SHAPES[name]) * 2
+    model = _perturb(factory(), 1)
+    if mode == "inference":
+        model.eval()
+    compiled = snncompile.optimize(model, x, mode=mode, backend="torch")
+    ref = _run(compiled, x)
+
+    # 1. compiled -> model keys, values and order
+    sd = compiled.state_dict()
+    _assert_same_state(sd, model.state_dict())
+
+    # 2. compiled's state dict into a fresh model (strict): the fresh model computes the same
+    fresh = factory()
+    fresh.load_state_dict(sd)
+    if mode == "inference":
+        fresh.eval()
+    _assert_same_state(fresh.state_dict(), model.state_dict())
+    assert torch.equal(_eager(fresh, x), _eager(model, x))
+
+    # 3. a model's state dict into the compiled form of another (fresh) model: same outputs as
+    #    compiling the source model, folded batchnorms recomputed from the loaded tensors
+    other = factory()
+    if mode == "inference":
+        other.eval()
+    compiled_other = snncompile.optimize(other, x, mode=mode, backend="torch")
+    assert not torch.equal(_run(compiled_other, x), ref) or ref.sum() == 0
+    result = compiled_other.load_state_dict(model.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    _assert_same_state(compiled_other.state_dict(), model.state_dict())
+    if mode == "train":  # parameters stay shared with the model the compile came from
+        _assert_same_state(other.state_dict(), model.state_dict())
+    assert torch.equal(_run(compiled_other, x), ref)  # (train mode: BN uses batch statistics)
+
+    # 4. compiled -> compiled
+    third = snncompile.optimize(factory().train(mode == "train"), x, mode=mode, backend="torch")
+    third.load_state_dict(compiled.state_dict())
+    assert torch.equal(_run(third, x), ref)
+
+
+def test_fused_backend_and_inference_of_a_training_model() -> None:
+    """The fused C backend and an inference compile of a training-mode model name keys alike."""
+    x = torch.rand(4, 2, 1, 8, 8) * 2
+    model = _perturb(cnn_bn(), 2)  # training mode: the inference compile works on an eval copy
+    for kwargs in ({"mode": "inference"}, {"mode": "train", "backend": "cpu"}):
+        compiled = snncompile.optimize(model, x, **kwargs)
+        _assert_same_state(compiled.state_dict(), model.state_dict())
+        fresh = snncompile.optimize(cnn_bn(), x, **kwargs)
+        fresh.load_state_dict(compiled.state_dict())
+        assert torch.equal(_run(fresh, x), _run(compiled, x))
+
+
+def test_chunked_compile_state_dict() -> None:
+    x = torch.rand(8, 2, 4, 4)
+    model = _perturb(mlp_plif(), 3).eval()
+    compiled = snncompile.optimize(model, x, chunk_size=3)
+    _assert_same_state(compiled.state_dict(), model.state_dict())
+    fresh = snncompile.optimize(mlp_plif().eval(), x, chunk_size=3)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(_run(fresh, x), _run(compiled, x))
+
+
+def test_training_updates_show_in_both_state_dicts() -> None:
+    x = torch.rand(4, 2, 1, 8, 8) * 2
+    model = cnn_bn()
+    compiled = snncompile.optimize(model, x)
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.5)
+    for _ in range(2):
+        compiled(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        functional.reset_net(compiled)
+    _assert_same_state(compiled.state_dict(), model.state_dict())
+    assert int(model.state_dict()["1.num_batches_tracked"]) == 2
+
+
+def test_nested_compiled_module_uses_prefixed_model_keys() -> None:
+    x = torch.rand(4, 2, 4, 4)
+    model = _perturb(mlp_plif(), 4).eval()
+    wrapper = nn.ModuleDict({"net": snncompile.optimize(model, x)})
+    sd = wrapper.state_dict()
+    assert list(sd) == [f"net.{k}" for k in model.state_dict()]
+    other = nn.ModuleDict({"net": snncompile.optimize(mlp_plif().eval(), x)})
+    other.load_state_dict(sd)
+    assert torch.equal(_run(other["net"], x), _run(wrapper["net"], x))
+
+
+def test_load_errors_name_the_model_keys() -> None:
+    x = torch.rand(4, 2, 1, 8, 8)
+    compiled = snncompile.optimize(cnn_bn().eval(), x)
+    sd = cnn_bn().state_dict()
+    del sd["1.running_var"]
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as err:
+        compiled.load_state_dict(sd)
+    msg = str(err.value)
+    assert '"1.running_var"' in msg and '"extra.weight"' in msg and "gm." not in msg
+    bad = cnn_bn().state_dict()
+    bad["0.weight"] = torch.zeros(4, 1, 5, 5)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.weight"):
+        compiled.load_state_dict(bad)
+    before = compiled.state_dict()["0.weight"].clone()
+    partial = {"8.bias": torch.ones(5)}
+    res = compiled.load_state_dict(partial, strict=False)
+    assert "0.weight" in res.missing_keys and "gm" not in " ".join(res.missing_keys)
+    assert torch.equal(compiled.state_dict()["0.weight"], before)
+    assert torch.equal(compiled.state_dict()["8.bias"], torch.ones(5))
+
+
+def test_local_keys_of_older_checkpoints_still_load() -> None:
+    x = torch.rand(4, 2, 4, 4)
+    model = _perturb(mlp_plif(), 5).eval()
+    compiled = snncompile.optimize(model, x)
+    local = nn.Module.state_dict(compiled)  # the generated code's own names (gm._1.weight, ...)
+    assert all(k.startswith(("gm.", "_sources.")) for k in local)
+    fresh = snncompile.optimize(mlp_plif().eval(), x)
+    fresh.load_state_dict(local)
+    assert torch.equal(_run(fresh, x), _run(compiled, x))
+
+
+def test_deepcopy_of_compiled_keeps_model_keys() -> None:
+    x = torch.rand(4, 2, 1, 8, 8)
+    model = _perturb(cnn_bn(), 6).eval()
+    compiled = snncompile.optimize(model, x)
+    clone = copy.deepcopy(compiled)
+    _assert_same_state(clone.state_dict(), model.state_dict())
+
+
+def test_checkpoint_in_a_fresh_process(tmp_path: Path) -> None:
+    """Train compiled, save the state dict; another process loads it with weights_only=True."""
+    x = torch.rand(4, 2, 1, 8, 8) * 2
+    model = cnn_bn()
+    compiled = snncompile.optimize(model, x)
+    opt = torch.optim.Adam(compiled.parameters(), lr=0.05)
+    for _ in range(3):
+        compiled(x).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        functional.reset_net(compiled)
+    ckpt, data = tmp_path / "ckpt.pt", tmp_path / "data.pt"
+    torch.save(compiled.state_dict(), ckpt)
+    model.eval()
+    torch.save({"x": x, "y": _eager(model, x)}, data)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        import snncompile
+        from snncompile import functional
+        from test_deploy import cnn_bn
+        sd = torch.load({str(ckpt)!r}, weights_only=True)
+        ref = torch.load({str(data)!r}, weights_only=True)
+        model = cnn_bn()
+        model.load_state_dict(sd)                         # into a fresh model
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(ref["x"]), ref["y"])
+        functional.reset_net(model)
+        compiled = snncompile.optimize(cnn_bn().eval(), ref["x"])
+        compiled.load_state_dict(sd)                      # into a fresh compiled module
+        with torch.no_grad():
+            assert torch.equal(compiled(ref["x"]), ref["y"])
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
