@@ -10,6 +10,7 @@ learnable ``w`` included, and across a fresh process with ``torch.load(weights_o
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import textwrap
@@ -300,3 +301,143 @@ def test_checkpoint_in_a_fresh_process(tmp_path: Path) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# -- export signature, command line, metadata -------------------------------------------------
+def test_export_onnx_takes_model_example_path(tmp_path: Path) -> None:
+    x = torch.rand(3, 2, 4, 4)
+    model = mlp_plif().eval()
+    path = tmp_path / "m.onnx"
+    m = snncompile.export_onnx(model, x, path, mode="step")
+    assert path.is_file() and m.graph.name == "snncompile_step"
+    assert snncompile.export_onnx(model, x).graph.name == "snncompile_sequence"  # path optional
+    for old in ((path, x), (str(path), x), (None, x)):
+        with pytest.raises(TypeError, match=r"export_onnx\(model, example_input, path=None"):
+            snncompile.export_onnx(model, *old, mode="step")
+    with pytest.raises(TypeError, match="path must be a file path"):
+        snncompile.export_onnx(model, x, 3)
+
+
+_FACTORY_FILE = '''
+from torch import nn
+from snncompile import neuron
+
+def net():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 12), nn.BatchNorm1d(12), neuron.ParametricLIFNode(init_tau=2.5),
+        nn.Linear(12, 6), neuron.LIFNode(),
+    )
+'''
+
+
+def _cli_factory(tmp_path: Path) -> Path:
+    src = tmp_path / "factory_models.py"
+    src.write_text(_FACTORY_FILE)
+    return src
+
+
+def test_cli_export_loads_trained_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from snncompile.cli import main
+    from snncompile.onnx_runtime import run_step_model
+
+    src = _cli_factory(tmp_path)
+    spec = {"__name__": "factory_models"}
+    exec(compile(_FACTORY_FILE, str(src), "exec"), spec)  # noqa: S102
+    x = torch.rand(4, 2, 4, 4) * 2
+    model = _perturb(spec["net"](), 7)
+    with torch.no_grad():
+        model[4].bias.add_(1.0)  # enough drive for output spikes
+    compiled = snncompile.optimize(model, x, mode="train")
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(compiled.state_dict(), ckpt)  # a compiled module's checkpoint, model keys
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "full.pt")
+    out = tmp_path / "m.onnx"
+    code = main(["export", f"{src}:net", "--weights", str(ckpt), "--input-shape", "4,1,4,4",
+                 "--mode", "step", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "weights from" in capsys.readouterr().out
+    model.eval()
+    ref = _eager(model, x).numpy()
+    assert ref.any()
+    assert (run_step_model(out, x, threads=1) == ref).all()
+    out2 = tmp_path / "m2.onnx"
+    code = main(["export", f"{src}:net", "--weights", str(tmp_path / "full.pt"),
+                 "--weights-key", "model", "--input-shape", "4,1,4,4", "-o", str(out2)])
+    assert code == 0 and out2.is_file()
+
+
+def test_cli_export_never_unpickles(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from snncompile.cli import main
+
+    src = _cli_factory(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled module, not a state dict
+    torch.save({"model": {"a": torch.zeros(1)}, "epoch": 1}, tmp_path / "nested.pt")
+    torch.save({"0.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    base = ["export", f"{src}:net", "--input-shape", "4,1,4,4", "-o", str(tmp_path / "x.onnx")]
+    cases = {
+        "evil.pt": "weights_only=True",
+        "module.pt": "never unpickles",
+        "nested.pt": "--weights-key",
+        "wrong.pt": "does not fit the factory's model",
+        "missing.pt": "no such file",
+    }
+    for name, expect in cases.items():
+        assert main([*base, "--weights", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1, (name, err)
+    assert not marker.exists()
+    import snncompile.export.onnx as onnx_export
+
+    assert not hasattr(onnx_export, "main_export")
+    source = (REPO / "snncompile").rglob("*.py")
+    assert not any("weights_only=False" in p.read_text() for p in source)
+
+
+def _with_states(model, value: str):
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for p in m.metadata_props:
+        if p.key == "snncompile.states":
+            p.value = value
+    return m
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"a": 1}', "must be a JSON list"),
+        ("[1]", "record 0, field '(record)'"),
+        ('[{"input": "a", "output": "b", "shape": [-1, 2], "init": 0}]', "field 'node'"),
+        ('[{"node": "n", "input": "a", "output": "b", "init": 0}]', "field 'shape'"),
+        ('[{"node": "n", "input": "a", "output": "b", "shape": [2, 2], "init": 0}]', "'shape'"),
+        ('[{"node": "n", "input": "a", "output": "b", "shape": [-1, 2]}]', "field 'init'"),
+        ('[{"node": "n", "input": "a", "output": "b", "shape": [-1], "init": "x"}]', "'init'"),
+        ('[{"node": "n", "input": "a", "output": "b", "shape": [-1], "init": 0, "dtype": "q"}]',
+         "field 'dtype'"),
+    ],
+)
+def test_bad_states_metadata_names_model_and_field(value: str, expect: str, tmp_path) -> None:
+    from snncompile.export.onnx import OnnxMetadataError, onnx_initial_states
+    from snncompile.onnx_runtime import StreamingSession
+
+    good = snncompile.export_onnx(mlp_plif().eval(), torch.rand(3, 2, 4, 4), mode="step")
+    bad = _with_states(good, value)
+    with pytest.raises(OnnxMetadataError, match=re.escape(expect)) as err:
+        onnx_initial_states(bad, 2)
+    assert "graph 'snncompile_step'" in str(err.value) and "snncompile.states" in str(err.value)
+    path = tmp_path / "bad.onnx"
+    import onnx
+
+    onnx.save(bad, str(path))
+    with pytest.raises(OnnxMetadataError, match=re.escape(str(path))):
+        StreamingSession(path)
