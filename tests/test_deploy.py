@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -97,6 +98,8 @@ def _perturb(model: nn.Module, seed: int) -> nn.Module:
                 t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
             elif t.is_floating_point():
                 t.add_(torch.randn(t.shape, generator=gen) * 0.3)
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        last.bias.add_(1.0)  # enough drive that the output neurons spike
     return model
 
 
@@ -111,6 +114,7 @@ def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The eager output over ``[T, N, ...]`` for single- or multi-step models."""
     functional.reset_net(model)
+    torch.manual_seed(0)
     with torch.no_grad():
         if getattr(model[-1], "step_mode", "s") == "m":
             out = model(x)
@@ -441,3 +445,167 @@ def test_bad_states_metadata_names_model_and_field(value: str, expect: str, tmp_
     onnx.save(bad, str(path))
     with pytest.raises(OnnxMetadataError, match=re.escape(str(path))):
         StreamingSession(path)
+
+
+# -- streaming: T = 1 calls ------------------------------------------------------------------------
+class _RateReadout(nn.Module):
+    """A multi-step net with a time reduction (needs the time axis: no T = 1 program)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = layer.Linear(16, 6, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sn(self.fc(x.flatten(2))).mean(0, keepdim=True)
+
+
+def _stream(compiled: nn.Module, x: torch.Tensor, *, sequence_code: bool = False) -> torch.Tensor:
+    """``compiled`` called once per step; ``sequence_code``: through ``gm``, not the T = 1 path."""
+    run = compiled.gm if sequence_code else compiled
+    functional.reset_net(compiled)
+    torch.manual_seed(0)  # the same dropout masks for every run
+    with torch.no_grad():
+        out = torch.cat([run(x[t : t + 1]) for t in range(x.shape[0])])
+    functional.reset_net(compiled)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("cnn_bn", {"mode": "inference"}),
+        ("cnn_bn", {"mode": "train"}),
+        ("cnn_bn", {"mode": "inference", "backend": "cpu"}),
+        ("mlp_plif", {"mode": "train"}),  # single-step model: per-step batchnorm statistics
+        ("mlp_plif", {"mode": "inference", "backend": "torch"}),
+        ("sj", {"mode": "inference"}),
+    ],
+)
+def test_one_step_calls_equal_the_sequence(name, kwargs, request) -> None:
+    if name == "sj":
+        request.getfixturevalue("sj")
+    x = torch.rand(12, 2, *SHAPES[name][2:]) * 3
+    model = _perturb(_factory(name)(), 8)
+    if kwargs["mode"] == "inference":
+        model.eval()
+    compiled = snncompile.optimize(model, x[:4], **kwargs)
+    assert compiled._one_step is not None
+    twin = copy.deepcopy(compiled)  # same parameters and statistics, run through the gm code
+    got, want = _stream(compiled, x), _stream(twin, x, sequence_code=True)
+    assert want.any() and torch.equal(got, want)
+    _assert_same_state(compiled.state_dict(), twin.state_dict())  # BN statistics too
+    if kwargs["mode"] == "inference" or name == "mlp_plif":
+        # T = 1 calls are the sequence run step by step (a multi-step BN in training mode pools
+        # its statistics over the call, so only there do T = 1 calls differ from one T call)
+        assert torch.equal(got, _eager(copy.deepcopy(model), x))
+
+
+def test_one_step_gradients_equal_the_sequence() -> None:
+    x = torch.rand(6, 2, 1, 8, 8) * 3
+    model = _perturb(cnn_bn(), 9)
+    compiled = snncompile.optimize(model, x)
+    grads, outs = [], []
+    for run in (compiled.gm, compiled):  # the sequence code at T = 1, then the T = 1 program
+        functional.reset_net(compiled)
+        compiled.zero_grad()
+        out = torch.cat([run(x[t : t + 1]) for t in range(6)])  # BPTT through the carried state
+        (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([p.grad.clone() for p in compiled.parameters()])
+        outs.append(out.detach())
+    assert torch.equal(*outs) and outs[0].any()
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_one_step_falls_back_where_it_must() -> None:
+    from snncompile.monitor import OutputMonitor
+
+    x = torch.rand(5, 2, 4, 4) * 3
+    readout = _RateReadout().eval()
+    compiled = snncompile.optimize(readout, x)
+    assert compiled._one_step is None  # mean over time: runs the sequence code
+    with torch.no_grad():
+        assert torch.equal(compiled(x[:1]), readout(x[:1]))
+    # a monitor hooks a neuron of the compiled module: T = 1 calls still feed it
+    model = _perturb(cnn_bn(), 10).eval()
+    xs = torch.rand(5, 2, 1, 8, 8) * 3
+    compiled = snncompile.optimize(model, xs)
+    mon = OutputMonitor(compiled, neuron.LIFNode)
+    ref = _run(compiled, xs)
+    n_seq = len(mon.records)
+    mon.clear_recorded_data()
+    assert torch.equal(_stream(compiled, xs), ref)
+    assert len(mon.records) == 5 * n_seq
+    mon.remove_hooks()
+    # store_v_seq on a compiled neuron: the multi-step call keeps v_seq
+    sn = next(m for m in compiled.modules() if isinstance(m, neuron.LIFNode))
+    sn.store_v_seq = True
+    with torch.no_grad():
+        compiled(xs[:1])
+    assert sn.v_seq is not None and sn.v_seq.shape[0] == 1
+    functional.reset_net(compiled)
+
+
+def test_one_step_program_survives_copies_and_pickles() -> None:
+    import io
+
+    x = torch.rand(5, 2, 1, 8, 8) * 3
+    model = _perturb(cnn_bn(), 11).eval()
+    compiled = snncompile.optimize(model, x)
+    ref = _stream(compiled, x)
+    clone = copy.deepcopy(compiled)
+    assert clone._one_step is compiled._one_step
+    assert torch.equal(_stream(clone, x), ref)
+    buf = io.BytesIO()
+    torch.save(compiled, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # test-only: our own object
+    assert loaded._one_step is None and torch.equal(_stream(loaded, x), ref)
+
+
+def test_attached_learner_sees_one_step_calls() -> None:
+    from snncompile.learning import STDPLearner
+
+    x = (torch.rand(4, 2, 8) > 0.5).float()
+    model = nn.Sequential(layer.Linear(8, 4, bias=False), neuron.IFNode(v_threshold=0.5))
+    functional.set_step_mode(model, "m")
+    compiled = snncompile.optimize(model, x)
+    learner = STDPLearner("m", model[0], model[1], tau_pre=2.0, tau_post=2.0)
+    compiled.attach(learner, model=model)
+
+    def boom(gm, x):
+        raise AssertionError("the T = 1 program ran with a learner attached")
+
+    compiled._one_step = boom
+    with torch.no_grad():
+        compiled(x[:1])
+    assert len(learner.in_spike_monitor.records) == 1
+    learner.close()
+
+
+def test_streaming_session_equals_compiled_step_by_step(tmp_path: Path) -> None:
+    from snncompile.onnx_runtime import StreamingSession
+
+    x = torch.rand(20, 3, 1, 8, 8) * 3
+    model = _perturb(cnn_bn(), 12).eval()
+    compiled = snncompile.optimize(model, x[:4])
+    path = tmp_path / "step.onnx"
+    snncompile.export_onnx(model, x[:4], path, mode="step")
+    session = StreamingSession(path, threads=1)
+    functional.reset_net(compiled)
+    with torch.no_grad():
+        for t in range(20):
+            y = session.step(x[t])
+            assert np.array_equal(y, compiled(x[t : t + 1])[0].numpy()), t
+        assert session.batch_size == 3 and set(session.states) == set(session.state_inputs)
+        with pytest.raises(ValueError, match="reset"):
+            session.step(x[0, :1])
+        session.reset()
+        functional.reset_net(compiled)
+        for t in range(5):  # another batch size after reset
+            y = session.step(x[t, :1].numpy())
+            assert np.array_equal(y, compiled(x[t : t + 1, :1])[0].numpy()), t
+    seq = snncompile.export_onnx(model, x[:4], tmp_path / "seq.onnx")
+    with pytest.raises(ValueError, match="sequence-mode"):
+        StreamingSession(seq)

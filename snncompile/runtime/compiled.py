@@ -24,6 +24,7 @@ from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
+from snncompile.runtime.one_step import build_one_step
 from snncompile.runtime.state_names import StateNames
 from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
 
@@ -48,6 +49,7 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
     fxg = fx.Graph()
     env: dict[str, Any] = {}
     registered: dict[int, str] = {}
+    attrs: dict[str, str] = {}  # IR node name -> the attribute of the root it runs / reads
     time_size: list[fx.Node] = []
 
     def register(obj: Any, name: str) -> str:
@@ -94,7 +96,9 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
         if node.op is Op.INPUT:
             env[node.name] = fxg.placeholder(node.name)
         elif node.op is Op.CONSTANT:
-            attr = register(node.attrs["_value"], node.attrs.get("target", node.name))
+            attr = attrs[node.name] = register(
+                node.attrs["_value"], node.attrs.get("target", node.name)
+            )
             env[node.name] = fxg.get_attr(attr)
         elif node.op is Op.OUTPUT:
             fxg.output(fill(args_t[0] if len(args_t) == 1 else args_t, node))
@@ -111,15 +115,16 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             and len(node.inputs) == 1
             and not kwargs_t
         ):
-            attr = register(PerStepBatchNorm(node.module), f"{node.name}_per_step")
+            per_step_bn = PerStepBatchNorm(node.module)
+            attr = attrs[node.name] = register(per_step_bn, f"{node.name}_per_step")
             env[node.name] = fxg.call_module(attr, (env[node.inputs[0]],))
         elif node.attrs.get("per_step"):
             seq = tuple(graph[i].layout is Layout.SEQ and graph[i].is_tensor for i in node.inputs)
             loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)
-            attr = register(loop, f"{node.name}_loop")
+            attr = attrs[node.name] = register(loop, f"{node.name}_loop")
             env[node.name] = fxg.call_module(attr, tuple(env[i] for i in node.inputs))
         elif node.module is not None:
-            attr = register(node.module, node.name)
+            attr = attrs[node.name] = register(node.module, node.name)
             env[node.name] = fxg.call_module(attr, fill(args_t, node), fill(kwargs_t, node))
         elif isinstance(node.target, str):
             env[node.name] = fxg.call_method(node.target, fill(args_t, node), fill(kwargs_t, node))
@@ -134,7 +139,9 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
         if isinstance(value, fx.Node):
             value.meta.setdefault("snn_node", ir_name)
     fxg.lint()
-    return fx.GraphModule(root, fxg, class_name="SNNCompiled")
+    gm = fx.GraphModule(root, fxg, class_name="SNNCompiled")
+    gm.meta["snn_attrs"] = attrs  # read by runtime.one_step, which calls the same attributes
+    return gm
 
 
 class CompiledModule(nn.Module):
@@ -166,6 +173,11 @@ class CompiledModule(nn.Module):
         self.backend = backend
         self.source_step_mode = graph.meta.get("step_mode", "s")
         self._learning_hub: Any = None  # learning_hooks._LearningHub, created by attach()
+        self.chunk_size: int | None = None  # set by optimize(chunk_size=/memory_budget=)
+        # T = 1 calls (streaming) run this program: the same modules, no time-layout reshapes,
+        # neurons stepped directly (see snncompile.runtime.one_step); None when it cannot.
+        self._one_step = build_one_step(graph, gm)
+        self._ndim = len(self.example_shape)
         self._state_names: StateNames | None = None
         if source is not None:
             names = StateNames(self, gm, graph, source)
@@ -219,14 +231,27 @@ class CompiledModule(nn.Module):
         return list(self._records)
 
     def forward(self, x: Any) -> Any:
-        """Run the compiled model on ``x`` of shape ``[T, N, *]``."""
+        """Run the compiled model on ``x`` of shape ``[T, N, *]``.
+
+        A ``T = 1`` call (one time step, e.g. streaming with the state carried between calls)
+        takes a shorter path with the same result, unless learners are attached.
+        """
+        one_step = self._one_step
+        if (
+            one_step is not None
+            and type(x) is torch.Tensor
+            and x.dim() == self._ndim
+            and x.shape[0] == 1
+            and (self._learning_hub is None or not self._learning_hub.attachments)
+        ):
+            return one_step(self.gm, x)
         if isinstance(x, torch.Tensor) and x.dim() != len(self.example_shape):
             raise ValueError(
                 f"compiled model: expected input of shape [T, N, ...] with "
                 f"{len(self.example_shape)} dimensions like the example "
                 f"{list(self.example_shape)}, got shape {list(x.shape)}"
             )
-        chunk = getattr(self, "chunk_size", None)  # set by optimize(chunk_size/memory_budget)
+        chunk = self.chunk_size
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
             from snncompile.runtime.chunked import chunked_forward
 
