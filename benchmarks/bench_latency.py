@@ -6,7 +6,9 @@ state carried between calls. Per-step latency at batch 1 over ``T`` steps (defau
 * **eager, 's'**: the model in single-step mode, ``model(x[t])`` (``[N, ...]`` per call);
 * **eager, 'm'**: the model in multi-step mode called with ``x[t:t+1]`` (``[1, N, ...]``);
 * **compiled**: ``snncompile.optimize(model, example, mode='inference')`` called with
-  ``x[t:t+1]`` (its neurons keep their state between calls);
+  ``x[t:t+1]`` (its neurons keep their state between calls), which takes the module's ``T = 1``
+  path (:mod:`snncompile.runtime.one_step`); for comparison, the same calls through the
+  sequence code (``compiled.gm``), which is what a ``T = 1`` call ran before that path existed;
 * **ORT step**: the ``mode='step'`` ONNX export under onnxruntime, one call per step, states fed
   back (:class:`snncompile.onnx_runtime.StreamingSession`);
 * **ORT sequence**: the ``mode='sequence'`` export, one call over all ``T`` steps (not
@@ -140,6 +142,10 @@ def bench_model(name: str, model: nn.Module, feat: tuple[int, ...], args: argpar
         functional.reset_net(compiled)
         return [compiled(f)[0] for f in frames]
 
+    def sequence_code_steps() -> list[torch.Tensor]:
+        functional.reset_net(compiled)
+        return [compiled.gm(f)[0] for f in frames]  # what a T=1 call ran before its own path
+
     def ort_steps() -> list[np.ndarray]:
         session.reset()
         return [session.step(s) for s in np_steps]
@@ -151,6 +157,7 @@ def bench_model(name: str, model: nn.Module, feat: tuple[int, ...], args: argpar
         "eager, step_mode='s'": eager_single,
         "eager, step_mode='m', T=1 calls": eager_multi,
         "compiled, T=1 calls": compiled_steps,
+        "compiled, sequence code at T=1": sequence_code_steps,
         "ORT step (StreamingSession)": ort_steps,
         f"ORT sequence (one call, T={T})": ort_sequence,
     }

@@ -609,3 +609,40 @@ def test_streaming_session_equals_compiled_step_by_step(tmp_path: Path) -> None:
     seq = snncompile.export_onnx(model, x[:4], tmp_path / "seq.onnx")
     with pytest.raises(ValueError, match="sequence-mode"):
         StreamingSession(seq)
+
+
+def _sj_zoo():
+    """SpikingJelly's spiking_resnet module; its torchvision import (pretrained-weight download
+    only) gets a stub when torchvision is missing (it does not install beside this torch)."""
+    import types
+
+    try:
+        import spikingjelly.activation_based.model.spiking_resnet as zoo
+    except ImportError:
+        for name in ("torchvision", "torchvision.models", "torchvision.models.utils"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["torchvision.models.utils"].load_state_dict_from_url = None  # type: ignore
+        import spikingjelly.activation_based.model.spiking_resnet as zoo
+    return zoo
+
+
+def test_spikingjelly_zoo_resnet_checkpoint_round_trip(sj) -> None:
+    zoo = _sj_zoo()
+    sn, sg = sj.neuron, sj.surrogate
+
+    def make() -> nn.Module:
+        return zoo.spiking_resnet18(
+            spiking_neuron=sn.IFNode, surrogate_function=sg.ATan(), detach_reset=True
+        ).eval()
+
+    torch.manual_seed(0)
+    model = _perturb(make(), 13)
+    x = torch.rand(2, 1, 3, 16, 16)
+    compiled = snncompile.optimize(model, x)  # inference: 20 batchnorms folded
+    _assert_same_state(compiled.state_dict(), model.state_dict())
+    other = snncompile.optimize(make(), x)
+    other.load_state_dict(compiled.state_dict())
+    assert torch.equal(_run(other, x), _run(compiled, x))
+    fresh = make()
+    fresh.load_state_dict(compiled.state_dict())
+    _assert_same_state(fresh.state_dict(), model.state_dict())
