@@ -125,6 +125,7 @@ def optimize(
         example_shape=tuple(example_input.shape),
         mode=mode,
         backend=backend,
+        source=work,  # the state dict speaks the model's keys (work has the model's structure)
     )
     if mode == "inference":
         compiled.eval()

@@ -46,9 +46,7 @@ onnxruntime implements) and the IR version is the smallest one that declares tha
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -73,11 +71,12 @@ __all__ = [
     "MIN_OPSET",
     "ORT_LIMITS",
     "OnnxExportError",
+    "OnnxMetadataError",
     "export_onnx",
-    "main_export",
     "onnx_initial_states",
     "ort_limits",
     "pick_versions",
+    "read_states",
 ]
 
 #: The opset written by default: old enough for every onnxruntime of the last years, new enough
@@ -1059,24 +1058,36 @@ def _states_meta(infos: dict[str, StateInfo]) -> list[dict[str, Any]]:
     ]
 
 
+_SIGNATURE = "export_onnx(model, example_input, path=None, *, mode='sequence', opset=None)"
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, Path)) or hasattr(value, "__fspath__")
+
+
 def export_onnx(
     model_or_compiled: nn.Module,
-    path: str | Path | None,
     example_input: torch.Tensor,
+    path: str | Path | None = None,
     *,
     mode: str = "sequence",
     opset: int | None = None,
 ) -> onnx.ModelProto:
     """Export an SNN (or a compiled module) to ONNX for inference and return the model.
 
+    The argument order is that of :func:`snncompile.export_nir` and ``torch.onnx.export``:
+    the model, an example input, then the file. A call in the order of older snncompile
+    releases (``export_onnx(model, path, example_input)``) is refused with a ``TypeError`` that
+    shows this order.
+
     Args:
         model_or_compiled: A SpikingJelly-style model (single- or multi-step) or the result of
             :func:`snncompile.optimize`. A model is compiled with ``mode='inference'`` first
             (BN folded, dropout removed); a training-mode model or compiled module is exported
             with inference semantics and a warning.
-        path: Where to write the ``.onnx`` file (``None``: only return the model).
         example_input: A float32 ``[T, N, ...]`` example (shapes of the per-sample features are
             fixed by it; ``T`` and ``N`` stay dynamic).
+        path: Where to write the ``.onnx`` file (``None``, the default: only return the model).
         mode: ``'sequence'`` -- input ``[T, N, ...]``, output like the compiled module, the time
             loop one ONNX ``Scan``; ``'step'`` -- one time step with explicit state inputs and
             outputs (see the module docstring for names, order and metadata).
@@ -1087,8 +1098,22 @@ def export_onnx(
         OnnxExportError: an IR node/op has no ONNX rendering (the message names both), or the
             model/options cannot be exported.
     """
+    if _is_path(example_input) or (
+        example_input is None and isinstance(path, torch.Tensor)
+    ):
+        raise TypeError(
+            f"export_onnx: the example input comes second and the file path third: {_SIGNATURE} "
+            f"(the order of export_nir and torch.onnx.export). Got example_input="
+            f"{example_input!r}; call it as export_onnx(model, x, {str(example_input)!r}, "
+            f"mode={mode!r})."
+        )
     if mode not in ("sequence", "step"):
         raise OnnxExportError(f"export_onnx: mode must be 'sequence' or 'step', got {mode!r}")
+    if path is not None and not _is_path(path):
+        raise TypeError(
+            f"export_onnx: path must be a file path (str or os.PathLike) or None, got "
+            f"{type(path).__name__}; the signature is {_SIGNATURE}."
+        )
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise OnnxExportError(
             "export_onnx: example_input must be a [T, N, ...] tensor (time, batch, features)"
@@ -1113,12 +1138,85 @@ def export_onnx(
     return model
 
 
-def _load_meta(path_or_model: str | Path | onnx.ModelProto) -> dict[str, str]:
+class OnnxMetadataError(ValueError):
+    """A model's ``snncompile.*`` metadata is missing or malformed; the message names the model
+    and the field."""
+
+
+def describe_model(path_or_model: str | Path | onnx.ModelProto) -> str:
+    """How error messages name a model: its path, or its graph's name for a ``ModelProto``."""
+    if isinstance(path_or_model, onnx.ModelProto):
+        return f"ONNX model (graph {path_or_model.graph.name!r})"
+    return f"ONNX model {str(path_or_model)!r}"
+
+
+def load_metadata(path_or_model: str | Path | onnx.ModelProto) -> dict[str, str]:
+    """A model's ``metadata_props`` as a dict (the file is read without external data)."""
     if isinstance(path_or_model, onnx.ModelProto):
         model = path_or_model
     else:
         model = onnx.load(str(path_or_model), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
+
+
+def read_states(
+    path_or_model: str | Path | onnx.ModelProto, meta: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The validated ``snncompile.states`` records of a model (see the module docstring).
+
+    Raises:
+        OnnxMetadataError: the key is missing, is not JSON, or a record lacks a field or has a
+            field of the wrong type; the message names the model, the record and the field.
+    """
+    meta = load_metadata(path_or_model) if meta is None else meta
+    who = describe_model(path_or_model)
+    if _STATES_KEY not in meta:
+        raise OnnxMetadataError(
+            f"{who} has no {_STATES_KEY!r} metadata; was it written by snncompile.export_onnx?"
+        )
+    try:
+        records = json.loads(meta[_STATES_KEY])
+    except json.JSONDecodeError as err:
+        raise OnnxMetadataError(
+            f"{who}: metadata {_STATES_KEY!r} is not valid JSON ({err}); it must be a JSON list "
+            "of state records written by snncompile.export_onnx."
+        ) from None
+    if not isinstance(records, list):
+        raise OnnxMetadataError(
+            f"{who}: metadata {_STATES_KEY!r} must be a JSON list of state records, got "
+            f"{type(records).__name__}"
+        )
+
+    def bad(k: int, field: str, want: str, got: Any) -> OnnxMetadataError:
+        return OnnxMetadataError(
+            f"{who}: metadata {_STATES_KEY!r} record {k}, field {field!r}: expected {want}, "
+            f"got {got!r}"
+        )
+
+    out = []
+    for k, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise bad(k, "(record)", "a JSON object", rec)
+        for field in ("node", "input", "output"):
+            if not isinstance(rec.get(field), str) or not rec[field]:
+                raise bad(k, field, "a non-empty string", rec.get(field, "<missing>"))
+        shape = rec.get("shape", "<missing>")
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or shape[0] != -1
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or any(d < 1 for d in shape[1:])
+        ):
+            raise bad(k, "shape", "a list [-1, d1, d2, ...] of ints (-1: the batch axis)", shape)
+        dtype = rec.get("dtype", "float32")
+        if dtype not in _DTYPES:
+            raise bad(k, "dtype", f"one of {sorted(_DTYPES)}", dtype)
+        init = rec.get("init", "<missing>")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not np.isfinite(init):
+            raise bad(k, "init", "a finite number", init)
+        out.append({**rec, "dtype": dtype, "init": float(init)})
+    return out
 
 
 def onnx_initial_states(
@@ -1129,90 +1227,34 @@ def onnx_initial_states(
     Each array is ``[batch_size, *feature shape]`` filled with the neuron's initial membrane
     potential (its ``v_init`` if it has one, e.g. ``v_threshold / 2`` for ann2snn's
     ``HalfThresholdIFNode``; else ``v_reset``, or 0 for soft reset), read from the model's
-    metadata.
+    metadata (:func:`read_states`).
     """
-    meta = _load_meta(path_or_model)
-    if _STATES_KEY not in meta:
-        raise ValueError(
-            "onnx_initial_states: the model has no snncompile.states metadata; was it written "
-            "by snncompile.export_onnx?"
-        )
+    meta = load_metadata(path_or_model)
+    states = read_states(path_or_model, meta)
     if meta.get("snncompile.mode") != "step":
         raise ValueError(
-            "onnx_initial_states: this is a sequence-mode model; it builds its initial states "
-            "inside the graph and takes no state inputs. Export with mode='step' to stream."
+            f"onnx_initial_states: {describe_model(path_or_model)} is a sequence-mode model; it "
+            "builds its initial states inside the graph and takes no state inputs. Export with "
+            "mode='step' to stream."
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"onnx_initial_states: batch_size must be an int >= 1, got {batch_size}")
     out: dict[str, np.ndarray] = {}
-    for s in json.loads(meta[_STATES_KEY]):
+    for s in states:
         shape = [batch_size if d == -1 else int(d) for d in s["shape"]]
-        out[s["input"]] = np.full(shape, s["init"], dtype=np.dtype(s.get("dtype", "float32")))
+        out[s["input"]] = np.full(shape, s["init"], dtype=np.dtype(s["dtype"]))
     return out
 
 
 def onnx_state_outputs(path_or_model: str | Path | onnx.ModelProto) -> dict[str, str]:
     """``{state input name: next-state output name}`` of a step-mode export (from metadata)."""
-    meta = _load_meta(path_or_model)
-    return {s["input"]: s["output"] for s in json.loads(meta.get(_STATES_KEY, "[]"))}
+    return {s["input"]: s["output"] for s in read_states(path_or_model)}
 
 
-# -- command line ---------------------------------------------------------------------------------
+# -- helpers for the command line ---------------------------------------------------------------
 def node_count(model: onnx.ModelProto) -> int:
     """Nodes of ``model``'s graph plus those of its subgraphs one level down (a ``Scan`` body)."""
     graph = model.graph
     return len(graph.node) + sum(
         len(a.g.node) for n in graph.node for a in n.attribute if a.type == a.GRAPH
     )
-
-
-def _load_model(spec: str) -> nn.Module:
-    """``package.module:factory`` (a callable returning a module) or a ``torch.save``d module."""
-    if ":" in spec and not Path(spec).exists():
-        mod_name, attr = spec.split(":", 1)
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
-    else:
-        model = torch.load(spec, weights_only=False, map_location="cpu")
-    if not isinstance(model, nn.Module):
-        raise SystemExit(f"snncompile export: {spec!r} did not give an nn.Module")
-    return model
-
-
-def main_export(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``snncompile export MODEL --input-shape T,N,... --out out.onnx``.
-
-    ``MODEL`` is ``package.module:factory`` (a callable returning the model, or a module
-    attribute) or a file written with ``torch.save(model)``. Returns the process exit code.
-    """
-    p = argparse.ArgumentParser(
-        prog="snncompile export", description="Export an SNN to ONNX for inference."
-    )
-    p.add_argument("model", help="package.module:factory, or a torch.save()d nn.Module file")
-    p.add_argument("--input-shape", required=True, help="example input shape T,N,... e.g. 4,1,784")
-    p.add_argument("-o", "--output", "--out", dest="output", required=True, help="the .onnx file")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="only 'onnx' here")
-    p.add_argument("--mode", choices=("sequence", "step"), default="sequence")
-    p.add_argument("--opset", type=int, default=None)
-    args = p.parse_args(argv)
-    try:
-        shape = [int(s) for s in args.input_shape.replace("x", ",").split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--input-shape must be integers like 4,1,784, got {args.input_shape!r}")
-    if len(shape) < 2:
-        p.error("--input-shape needs at least T and N")
-    model = _load_model(args.model)
-    model.eval()
-    example = torch.rand(*shape)
-    try:
-        m = export_onnx(model, args.output, example, mode=args.mode, opset=args.opset)
-    except OnnxExportError as err:
-        print(f"snncompile export: {err}")
-        return 1
-    print(
-        f"wrote {args.output}: mode={args.mode}, opset={m.opset_import[0].version}, "
-        f"IR version {m.ir_version}, {node_count(m)} nodes"
-    )
-    return 0
