@@ -83,7 +83,27 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             time_size.append(fxg.call_method("size", (env[seq_input.name], 0)))
         return time_size[0]
 
+    # T of a flat [T*N, *] value is read from the sequence it was merged from, not from the
+    # graph input: a forward that builds its sequence itself (x.unsqueeze(0).repeat(T, ...) of
+    # an [N, *] input) has an input whose dimension 0 is the batch, not T.
+    merged_from: dict[str, str] = {}
+    time_of: dict[str, fx.Node] = {}
+
+    def time_steps_of(node: Node) -> fx.Node:
+        origin = merged_from.get(node.inputs[0]) if node.inputs else None
+        if origin is None:
+            return time_steps()
+        if origin not in time_of:
+            time_of[origin] = fxg.call_method("size", (env[origin], 0))
+        return time_of[origin]
+
     for node in graph.nodes:
+        if node.op is Op.MERGE_TIME and node.inputs:
+            merged_from[node.name] = node.inputs[0]
+        elif node.layout is Layout.FLAT:
+            origin = next((merged_from[i] for i in node.inputs if i in merged_from), None)
+            if origin is not None:
+                merged_from[node.name] = origin
         args_t = node.attrs.get("args")
         if args_t is None:
             args_t = tuple(Ref(i) for i in range(len(node.inputs)))
@@ -99,7 +119,7 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             env[node.name] = fxg.call_method("flatten", (env[node.inputs[0]], 0, 1))
         elif node.op is Op.SPLIT_TIME:
             env[node.name] = fxg.call_method(
-                "unflatten", (env[node.inputs[0]], 0, (time_steps(), -1))
+                "unflatten", (env[node.inputs[0]], 0, (time_steps_of(node), -1))
             )
         elif (
             node.attrs.get("per_step")
@@ -181,6 +201,11 @@ class CompiledModule(nn.Module):
                 f"{len(self.example_shape)} dimensions like the example "
                 f"{list(self.example_shape)}, got shape {list(x.shape)}"
             )
+        guard = self._modules.get("shape_guard")  # runtime.shape_guard, set by optimize
+        if guard is not None:
+            other = guard.select(self, x)  # another program for another input shape
+            if other is not None:
+                return other(x)
         chunk = getattr(self, "chunk_size", None)  # set by optimize(chunk_size/memory_budget)
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
             from snncompile.runtime.chunked import chunked_forward
@@ -307,6 +332,15 @@ class CompiledModule(nn.Module):
             f"snncompile: mode={self.mode}, backend={self.backend}, source step_mode="
             f"{self.source_step_mode}, {len(self._graph)} IR nodes"
         )
+        if any(r.name == "fold_batchnorm" and r.modified for r in self._records):
+            lines.append(
+                "note: BatchNorm was folded into conv/linear weights; outputs are not bit-exact "
+                "with the eager model (~1e-6 relative on pre-activations can flip spikes near "
+                "threshold). Compile with fold_batchnorm=False for exact eval outputs."
+            )
+        guard = self._modules.get("shape_guard")
+        if guard is not None:
+            lines.extend(guard.describe())
         return head + "\n" + "\n".join(lines)
 
     def extra_repr(self) -> str:
