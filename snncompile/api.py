@@ -19,7 +19,7 @@ from snncompile.passes.fuse_neurons import fuse_neurons  # noqa: F401  (register
 from snncompile.passes.pipeline import build_pipeline
 from snncompile.runtime.chunked import configure_chunking
 from snncompile.runtime.compiled import CompiledModule, lower_to_fx
-from snncompile.runtime.shape_guard import ShapeGuard, signature
+from snncompile.runtime.shape_guard import ShapeGuard, program_key, signature
 
 MODES = ("train", "inference")
 BACKENDS = ("auto", "torch", "cpu", "cuda")
@@ -95,12 +95,21 @@ def optimize(
         fold_batchnorm=fold_batchnorm,
     )
     compiled = _compile(model, example_input, **options)
-
-    def recompile(x: torch.Tensor) -> CompiledModule:
-        return _compile(model, x, **options)
-
-    compiled.shape_guard = ShapeGuard(recompile, signature(example_input))
+    compiled.shape_guard = ShapeGuard(
+        _Recompile(model, options), signature(example_input), program_key(compiled)
+    )
     return compiled
+
+
+class _Recompile:
+    """Compiles ``model`` again on another input with the first compile's options (picklable)."""
+
+    def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
+        self.model = model
+        self.options = options
+
+    def __call__(self, x: torch.Tensor) -> CompiledModule:
+        return _compile(self.model, x, **self.options)
 
 
 def _compile(

@@ -118,14 +118,18 @@ class ShapeGuard(nn.Module):
             first compile and returns the new :class:`~snncompile.runtime.compiled.CompiledModule`
             (without a guard of its own).
         first: The signature of the example the owning compiled module was traced with.
+        first_key: :func:`program_key` of the owning compiled module, taken before anything
+            (learner taps) changes its generated code.
     """
 
-    def __init__(self, recompile: Callable[[torch.Tensor], Any], first: Signature | None) -> None:
+    def __init__(
+        self, recompile: Callable[[torch.Tensor], Any], first: Signature | None, first_key: str
+    ) -> None:
         super().__init__()
         # Plain attributes (not submodules): nothing here is part of the module tree.
         self._recompile = recompile
         self._variants: list[Any] = []  # CompiledModules other than the owner
-        self._keys: list[str] = []  # program_key of the owner (index 0) then of each variant
+        self._keys = [first_key]  # program_key of the owner (index 0) then of each variant
         self._by_signature: dict[Signature, int] = {} if first is None else {first: 0}
         self._first = first
         self._active = 0  # index of the program that ran last (0 = the owner)
@@ -200,8 +204,6 @@ class ShapeGuard(nn.Module):
         return variant
 
     def _compile(self, owner: nn.Module, x: torch.Tensor, sig: Signature) -> int:
-        if not self._keys:
-            self._keys.append(program_key(owner))
         try:
             new = self._recompile(x)
         except Exception as exc:
