@@ -795,8 +795,9 @@ def _adaptive_avgpool(e: _Emitter, node: Node) -> str:
     if m is None or shape is None:
         raise e.fail(node, "needs an nn.AdaptiveAvgPool module and a known input shape")
     spatial = list(shape[1:])
-    out = _pair(m.output_size, len(spatial))
-    out = [sp if o is None else o for o, sp in zip(out, spatial, strict=True)]
+    size = m.output_size
+    out = list(size) if isinstance(size, (tuple, list)) else [size] * len(spatial)
+    out = [int(sp if o is None else o) for o, sp in zip(out, spatial, strict=True)]
     x = e.data(node)
     if all(o == 1 for o in out):
         return e.b.node("GlobalAveragePool", [x], node.name)
