@@ -230,7 +230,8 @@ def main() -> None:
         e, o, t = row.get("eager"), row.get("snncompile"), row.get("torch.compile")
         if "error" in row:
             print(
-                f"{row['model']:18} {row['mode']:4} {_ms(e):>9} {'-':>8} {_ms(t):>8}  ({row['error']})"
+                f"{row['model']:18} {row['mode']:4} {_ms(e):>9} {'-':>8} {_ms(t):>8}  "
+                f"({row['error']})"
             )
             continue
         ve = e / o if e and o else float("nan")
