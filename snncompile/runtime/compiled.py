@@ -3,12 +3,16 @@
 :func:`lower_to_fx` turns a sequence-form graph into Python code through torch.fx: module nodes
 become ``call_module`` of the very module objects the IR holds (so parameters stay shared and
 training works), functions and methods are called as recorded, ``MERGE_TIME`` is
-``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read from the
-input at run time, and per-step nodes run inside a :class:`~snncompile.runtime.step_loop.StepLoop`.
+``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read at run time
+from the sequence the value was merged from (the input's ``T``, unless ``forward`` builds its own
+sequence from an ``[N, *]`` input), and per-step nodes run inside a
+:class:`~snncompile.runtime.step_loop.StepLoop`.
 
 :class:`CompiledModule` wraps the result: it takes ``[T, N, *]`` input, holds its own copies of
 the stateful modules (reset them with ``functional.reset_net(compiled)``; the original model's
-state is never read or written), and exposes ``.graph`` and ``.report()``.
+state is never read or written), and exposes ``.graph`` and ``.report()``. Its ``shape_guard``
+(:mod:`snncompile.runtime.shape_guard`) sends inputs of shapes other than the example's to
+programs re-traced for them.
 """
 
 from __future__ import annotations
