@@ -243,3 +243,36 @@ def test_signature_of_inputs() -> None:
     assert signature((torch.zeros(2), torch.zeros(1, 4))) == ((2,), (1, 4))
     assert signature(3) is None
     assert format_signature(((2,), (1, 4))) == "([2], [1, 4])"
+
+
+def test_chunked_inference_at_other_shapes() -> None:
+    net = _mstep_net().eval()
+    compiled = snncompile.optimize(net, torch.rand(8, 2, 2, 6, 6), chunk_size=3)
+    for shape in ((8, 2), (5, 4), (13, 1)):
+        x = torch.rand(*shape, 2, 6, 6)
+        functional.reset_net(net)
+        with torch.no_grad():
+            ref = net(x)
+            functional.reset_net(compiled)
+            got = compiled(x)
+        functional.reset_net(net)
+        assert torch.equal(got, ref), f"T, N = {shape}"
+    assert set(compiled.shape_guard.signatures.values()) == {0}
+
+
+def test_copies_and_device_moves_keep_the_guard() -> None:
+    import copy
+
+    net = _mstep_net()
+    compiled = snncompile.optimize(net, torch.rand(4, 2, 2, 6, 6), passes=[_tag_batch])
+    x3 = torch.rand(4, 3, 2, 6, 6)
+    compiled(x3)  # creates specialisation 1
+    functional.reset_net(compiled)
+    twin = copy.deepcopy(compiled)
+    functional.reset_net(twin)
+    assert torch.equal(twin(x3), compiled(x3))
+    functional.reset_net(compiled)
+    compiled.double()
+    spec = compiled.shape_guard.program(compiled, 1)
+    assert all(p.dtype == torch.float64 for p in spec.parameters())
+    assert not any(k.startswith("shape_guard") for k in compiled.state_dict())
