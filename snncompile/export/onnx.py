@@ -345,11 +345,13 @@ class _Emitter:
         *,
         opset: int = DEFAULT_OPSET,
         post: frozenset[str] = frozenset(),
+        passthrough: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = graph
         self.b = b
         self.opset = opset
         self.post = post  # nodes computed after the time loop, on [N, *] values
+        self.passthrough = passthrough  # nodes that are the identity at one step (a repeat)
         self.env: dict[str, Any] = {}
 
     def shift(self, node: Node) -> int:
@@ -470,7 +472,7 @@ class _Emitter:
                 spike, v_next = self._neuron(node, states[node.name], infos[node.name])
                 self.env[node.name] = _T(spike)
                 next_states[node.name] = v_next
-            elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME):
+            elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME) or node.name in self.passthrough:
                 self.env[node.name] = self.env[node.inputs[0]]
             else:
                 self._synapse(node)
@@ -573,6 +575,69 @@ class _Emitter:
 
 
 _T_missing = object()
+
+
+# -- a sequence built inside forward: x.unsqueeze(0).repeat(T, 1, ...) --------------------------
+@dataclasses.dataclass
+class _RepeatOverTime:
+    """``x.unsqueeze(0).repeat(T, 1, ...)`` (or ``.expand(T, -1, ...)``) of the model input."""
+
+    names: tuple[str, str]  # the unsqueeze node and the repeat node
+    repeats: tuple[int, ...]  # ONNX Tile repeats: (T, 1, ..., 1)
+
+
+def _int_sizes(node: Node) -> list[Any]:
+    args = list(node.attrs.get("args") or ())[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return args
+
+
+def _repeat_over_time(graph: Graph) -> _RepeatOverTime | None:
+    """Find a sequence built from an ``[N, *]`` input inside ``forward`` (SpikingJelly tutorials).
+
+    At one time step ``x.unsqueeze(0).repeat(T, 1, ...)[t]`` is ``x``: both nodes are the
+    identity in the step graph, and the sequence export tiles the input ``T`` times before its
+    ``Scan`` (``T`` is the model's own constant). Other uses of the input are refused.
+    """
+    inputs = graph.input_nodes
+    if len(inputs) != 1:
+        return None
+    users = graph.users_map()
+    for node in graph:
+        if node.op is not Op.FUNCTION or _call_name(node) not in ("repeat", "expand"):
+            continue
+        src = graph[node.inputs[0]] if node.inputs else None
+        if src is None or src.op is not Op.FUNCTION or _call_name(src) != "unsqueeze":
+            continue
+        s_args = src.attrs.get("args") or ()
+        s_dim = (src.attrs.get("kwargs") or {}).get("dim", s_args[1] if len(s_args) > 1 else None)
+        if s_dim != 0 or not src.inputs or src.inputs[0] != inputs[0].name:
+            continue
+        sizes = _int_sizes(node)
+        keep = 1 if _call_name(node) == "repeat" else -1
+        if (
+            not sizes
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+            or sizes[0] < 1
+            or any(v != keep for v in sizes[1:])
+            or (src.shape is not None and len(sizes) != len(src.shape))
+        ):
+            raise OnnxExportError(
+                f"export_onnx: IR node %{node.name} ({_call_name(node)}) builds a sequence from "
+                f"the input with sizes {sizes}; only x.unsqueeze(0).repeat(T, 1, ...) or "
+                ".expand(T, -1, ...) with a constant T can be exported."
+            )
+        others = [u.name for u in users[inputs[0].name] if u.name != src.name] + [
+            u.name for u in users[src.name] if u.name != node.name
+        ]
+        if others:
+            raise OnnxExportError(
+                f"export_onnx: the model input is repeated over time by %{node.name} and also "
+                f"read directly by {sorted(others)}; only the repeated sequence can be exported."
+            )
+        return _RepeatOverTime((src.name, node.name), (sizes[0], *[1] * (len(sizes) - 1)))
+    return None
 
 
 # -- reductions over time (sequence mode, after the Scan) -----------------------------------------
@@ -729,18 +794,107 @@ def _adaptive_avgpool(e: _Emitter, node: Node) -> str:
     if m is None or shape is None:
         raise e.fail(node, "needs an nn.AdaptiveAvgPool module and a known input shape")
     spatial = list(shape[1:])
-    out = _pair(m.output_size, len(spatial))
-    out = [sp if o is None else o for o, sp in zip(out, spatial, strict=True)]
+    size = m.output_size
+    out = list(size) if isinstance(size, (tuple, list)) else [size] * len(spatial)
+    out = [int(sp if o is None else o) for o, sp in zip(out, spatial, strict=True)]
     x = e.data(node)
     if all(o == 1 for o in out):
         return e.b.node("GlobalAveragePool", [x], node.name)
     if any(sp % o for sp, o in zip(spatial, out, strict=True)):
-        raise e.fail(
-            node, f"output size {out} does not divide the input size {spatial}; not exported"
-        )
+        return _adaptive_avgpool_matmul(e, node, x, spatial, out)
     k = [sp // o for sp, o in zip(spatial, out, strict=True)]
     return e.b.node(
         "AveragePool", [x], node.name, kernel_shape=k, strides=k, pads=[0] * (2 * len(k))
+    )
+
+
+def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``[size_out, size_in]``: row ``i`` averages PyTorch's adaptive window ``i``.
+
+    Window ``i`` is ``[floor(i * in / out), ceil((i + 1) * in / out))``, as in
+    ``torch.nn.functional.adaptive_avg_pool*d``; windows may overlap and differ in size.
+    """
+    a = np.zeros((size_out, size_in), dtype=np.float32)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        a[i, start:end] = np.float32(1.0) / np.float32(end - start)
+    return a
+
+
+def _adaptive_avgpool_matmul(
+    e: _Emitter, node: Node, x: str, spatial: list[int], out: list[int]
+) -> str:
+    """Adaptive average pooling with sizes that do not divide, as separable matrix products.
+
+    ``y = A_h x A_w^T`` per channel (2-D; ``x A^T`` in 1-D) with the averaging matrices of
+    :func:`adaptive_pool_matrix`. Windows of one element (e.g. 1x1 -> 7x7 upsampling in a VGG
+    head) have weight 1 and are exact; larger windows round like a dot product, not like
+    PyTorch's window sum (about 1e-7 relative).
+    """
+    b = e.b
+    y = x
+    if spatial[-1] != out[-1]:
+        aw = adaptive_pool_matrix(spatial[-1], out[-1]).T.copy()
+        y = b.node("MatMul", [y, b.inits.add(aw, f"{node.name}_pool_w")], node.name)
+    if len(spatial) == 2 and spatial[0] != out[0]:
+        ah = adaptive_pool_matrix(spatial[0], out[0])
+        y = b.node("MatMul", [b.inits.add(ah, f"{node.name}_pool_h"), y], node.name)
+    if len(spatial) > 2:
+        raise e.fail(node, "adaptive pooling over more than 2 spatial dims is not exported")
+    return y if y != x else b.node("Identity", [x], node.name)
+
+
+def _voting(e: _Emitter, node: Node) -> str:
+    """SpikingJelly's ``VotingLayer``: the mean of each group of ``voting_size`` features.
+
+    ``avg_pool1d(x.unsqueeze(1), v, v).squeeze(1)`` on ``[N, F]``: ``Reshape [N, F//v, v]``
+    (a remainder of ``F mod v`` features is dropped, like the pooling) then ``ReduceMean``.
+    """
+    shape = e.in_shape(node)
+    v = int(node.module.voting_size)
+    if shape is None or len(shape) != 1:
+        raise e.fail(node, f"VotingLayer expects [N, F] per step, got features {shape}")
+    f = int(shape[0])
+    x = e.data(node)
+    b = e.b
+    if f % v:
+        x = b.node(
+            "Slice",
+            [
+                x,
+                b.inits.int64([0], "voting_start"),
+                b.inits.int64([f - f % v], "voting_end"),
+                b.inits.int64([1], "voting_axis"),
+            ],
+            node.name,
+        )
+    grouped = b.node("Reshape", [x, b.inits.int64([0, f // v, v], f"{node.name}_groups")])
+    if e.opset >= 18:
+        axes = b.inits.int64([2], "voting_axes")
+        return b.node("ReduceMean", [grouped, axes], node.name, keepdims=0)
+    return b.node("ReduceMean", [grouped], node.name, axes=[2], keepdims=0)
+
+
+def _sj_class(module_path: str, name: str) -> type | None:
+    import sys
+
+    mod = sys.modules.get(module_path)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+def _opaque_module(e: _Emitter, node: Node) -> str:
+    """Opaque modules with a known inference form (SpikingJelly layers without a rule)."""
+    m = node.module
+    voting = _sj_class("spikingjelly.activation_based.layer", "VotingLayer")
+    if voting is not None and isinstance(m, voting):
+        return _voting(e, node)
+    raise e.fail(
+        node,
+        f"opaque module {type(m).__name__} (it runs as written in PyTorch) has no ONNX rendering; "
+        "replace it by supported layers or register a rendering in "
+        "snncompile.export.onnx.SYNAPSE_OPS.",
     )
 
 
@@ -889,6 +1043,7 @@ SYNAPSE_OPS: dict[Op, Callable[[_Emitter, Node], str]] = {
     Op.DROPOUT: _identity,
     Op.IDENTITY: _identity,
     Op.ELEMENTWISE: _elementwise,
+    Op.OPAQUE_MODULE: _opaque_module,
 }
 
 
@@ -966,12 +1121,15 @@ def _build(
             f"export_onnx: the example input is {example.dtype}; the ONNX export computes in "
             "float32 (pass a float32 example and model)."
         )
-    feat = [int(s) for s in example.shape[2:]]
+    repeat = _repeat_over_time(graph)
+    # A model that repeats an [N, *] input over time itself takes [N, *] in both modes.
+    feat = [int(s) for s in example.shape[1 if repeat else 2 :]]
+    through = frozenset(repeat.names) if repeat else frozenset()
     x_public = names.reserve(x_node.name)
     if mode == "step":
         infos = _state_infos(graph, names, "")
         b = GraphBuilder(names, inits)
-        emitter = _Emitter(graph, b, opset=opset)
+        emitter = _Emitter(graph, b, opset=opset, passthrough=through)
         outs, nxt = emitter.run(x_public, {k: i.input for k, i in infos.items()}, infos)
         taken: dict[str, str] = {}
         out_vis = []
@@ -992,7 +1150,7 @@ def _build(
     infos = _state_infos(graph, names, "scan.")
     body = GraphBuilder(names, inits)
     x_t = names.reserve("scan.x_t")
-    emitter = _Emitter(graph, body, opset=opset, post=post)
+    emitter = _Emitter(graph, body, opset=opset, post=post, passthrough=through)
     _, nxt = emitter.run(x_t, {k: i.input for k, i in infos.items()}, infos)
     taken: dict[str, str] = {}
     body_out_vis = []
@@ -1009,9 +1167,15 @@ def _build(
     body_graph = helper.make_graph(body.nodes, "snncompile_step", body_in_vis, body_out_vis)
 
     main = GraphBuilder(names, inits)
+    scan_in = x_public
+    if repeat is not None:  # the sequence is built in the graph: Tile(Unsqueeze(x, 0))
+        unsq = main.node("Unsqueeze", [x_public, inits.int64([0], "time_axis0")], "x_unsqueeze")
+        scan_in = main.node(
+            "Tile", [unsq, inits.int64(list(repeat.repeats), "time_repeats")], "x_seq"
+        )
     init_states = []
     if infos:
-        shape_x = main.node("Shape", [x_public], "x_shape")
+        shape_x = main.node("Shape", [scan_in], "x_shape")
         n = main.node("Gather", [shape_x, inits.int64([1], "batch_index")], "batch", axis=0)
         for info in infos.values():
             dims = inits.int64(list(info.shape), f"{info.node}_dims")
@@ -1023,7 +1187,7 @@ def _build(
     main.nodes.append(
         helper.make_node(
             "Scan",
-            [*init_states, x_public],
+            [*init_states, scan_in],
             [*final, *stacked],
             name="n_time_loop",
             body=body_graph,
@@ -1039,7 +1203,7 @@ def _build(
         _publish(main, value, public, renamed)
         lead = ["N"] if src.name in post else ["T", "N"]
         out_vis.append(_value_info(public, src.dtype, [*lead, *(after.step_shape(src) or ())]))
-    in_vis = [_value_info(x_public, "float32", ["T", "N", *feat])]
+    in_vis = [_value_info(x_public, "float32", ["N", *feat] if repeat else ["T", "N", *feat])]
     g = helper.make_graph(main.nodes, "snncompile_sequence", in_vis, out_vis, inits.tensors)
     return g, _states_meta(infos)
 

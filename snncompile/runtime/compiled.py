@@ -3,14 +3,18 @@
 :func:`lower_to_fx` turns a sequence-form graph into Python code through torch.fx: module nodes
 become ``call_module`` of the very module objects the IR holds (so parameters stay shared and
 training works), functions and methods are called as recorded, ``MERGE_TIME`` is
-``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read from the
-input at run time, and per-step nodes run inside a :class:`~snncompile.runtime.step_loop.StepLoop`.
+``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read at run time
+from the sequence the value was merged from (the input's ``T``, unless ``forward`` builds its own
+sequence from an ``[N, *]`` input), and per-step nodes run inside a
+:class:`~snncompile.runtime.step_loop.StepLoop`.
 
 :class:`CompiledModule` wraps the result: it takes ``[T, N, *]`` input, holds its own copies of
 the stateful modules (reset them with ``functional.reset_net(compiled)``; the original model's
 state is never read or written), and exposes ``.graph`` and ``.report()``. Its ``state_dict()``
 and ``load_state_dict()`` use the model's keys (:mod:`snncompile.runtime.state_names`), so a
-checkpoint moves between a model and its compiled form both ways.
+checkpoint moves between a model and its compiled form both ways. Its ``shape_guard``
+(:mod:`snncompile.runtime.shape_guard`) sends inputs of shapes other than the example's to
+programs re-traced for them.
 """
 
 from __future__ import annotations
@@ -88,7 +92,27 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             time_size.append(fxg.call_method("size", (env[seq_input.name], 0)))
         return time_size[0]
 
+    # T of a flat [T*N, *] value is read from the sequence it was merged from, not from the
+    # graph input: a forward that builds its sequence itself (x.unsqueeze(0).repeat(T, ...) of
+    # an [N, *] input) has an input whose dimension 0 is the batch, not T.
+    merged_from: dict[str, str] = {}
+    time_of: dict[str, fx.Node] = {}
+
+    def time_steps_of(node: Node) -> fx.Node:
+        origin = merged_from.get(node.inputs[0]) if node.inputs else None
+        if origin is None:
+            return time_steps()
+        if origin not in time_of:
+            time_of[origin] = fxg.call_method("size", (env[origin], 0))
+        return time_of[origin]
+
     for node in graph.nodes:
+        if node.op is Op.MERGE_TIME and node.inputs:
+            merged_from[node.name] = node.inputs[0]
+        elif node.layout is Layout.FLAT:
+            origin = next((merged_from[i] for i in node.inputs if i in merged_from), None)
+            if origin is not None:
+                merged_from[node.name] = origin
         args_t = node.attrs.get("args")
         if args_t is None:
             args_t = tuple(Ref(i) for i in range(len(node.inputs)))
@@ -106,7 +130,7 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             env[node.name] = fxg.call_method("flatten", (env[node.inputs[0]], 0, 1))
         elif node.op is Op.SPLIT_TIME:
             env[node.name] = fxg.call_method(
-                "unflatten", (env[node.inputs[0]], 0, (time_steps(), -1))
+                "unflatten", (env[node.inputs[0]], 0, (time_steps_of(node), -1))
             )
         elif (
             node.attrs.get("per_step")
@@ -240,15 +264,6 @@ class CompiledModule(nn.Module):
         A ``T = 1`` call (one time step, e.g. streaming with the state carried between calls)
         takes a shorter path with the same result, unless learners are attached.
         """
-        one_step = self._one_step
-        if (
-            one_step is not None
-            and type(x) is torch.Tensor
-            and x.dim() == self._ndim
-            and x.shape[0] == 1
-            and (self._learning_hub is None or not self._learning_hub.attachments)
-        ):
-            return one_step(self.gm, x)
         if isinstance(x, torch.Tensor) and x.dim() != len(self.example_shape):
             raise ValueError(
                 f"compiled model: expected input of shape [T, N, ...] with "
@@ -260,6 +275,20 @@ class CompiledModule(nn.Module):
                 f"compiled model: the input of shape {list(x.shape)} has T=0 time steps; a "
                 "[T, N, ...] input needs T >= 1 (there is no output of a model run for no steps)"
             )
+        guard = self._modules.get("shape_guard")  # runtime.shape_guard, set by optimize
+        if guard is not None:
+            other = guard.select(self, x)  # another program for another input shape
+            if other is not None:
+                return other(x)
+        one_step = self._one_step
+        if (
+            one_step is not None
+            and type(x) is torch.Tensor
+            and x.dim() == self._ndim
+            and x.shape[0] == 1
+            and (self._learning_hub is None or not self._learning_hub.attachments)
+        ):
+            return one_step(self.gm, x)
         chunk = self.chunk_size
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
             from snncompile.runtime.chunked import chunked_forward
@@ -386,6 +415,15 @@ class CompiledModule(nn.Module):
             f"snncompile: mode={self.mode}, backend={self.backend}, source step_mode="
             f"{self.source_step_mode}, {len(self._graph)} IR nodes"
         )
+        if any(r.name == "fold_batchnorm" and r.modified for r in self._records):
+            lines.append(
+                "note: BatchNorm was folded into conv/linear weights; outputs are not bit-exact "
+                "with the eager model (~1e-6 relative on pre-activations can flip spikes near "
+                "threshold). Compile with fold_batchnorm=False for exact eval outputs."
+            )
+        guard = self._modules.get("shape_guard")
+        if guard is not None:
+            lines.extend(guard.describe())
         return head + "\n" + "\n".join(lines)
 
     def extra_repr(self) -> str:
