@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     step_path, seq_path = tmp / "step.onnx", tmp / "seq.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        snncompile.export_onnx(model, step_path, example, mode="step")
-        snncompile.export_onnx(model, seq_path, example, mode="sequence")
+        snncompile.export_onnx(model, example, step_path, mode="step")
+        snncompile.export_onnx(model, example, seq_path, mode="sequence")
     print(
         f"model: VGG-style SNN 1x28x28, {sum(p.numel() for p in model.parameters())} params; "
         f"T={T}; torch threads={args.threads}, ORT intra-op threads={args.threads}, spinning off"

@@ -3,8 +3,9 @@
 * ``snncompile inspect MODULE:FACTORY --input-shape T,N,...`` traces the model on a random input
   and prints its SNN IR (``--optimize``: the optimized graph and the pass report), optionally
   drawn to a PNG/SVG/PDF (``--png``) or written as Graphviz dot text (``--dot``).
-* ``snncompile export MODULE:FACTORY --input-shape T,N,... --format onnx|nir -o PATH`` writes an
-  ONNX model (:func:`snncompile.export_onnx`, ``--mode sequence|step``) or an NIR graph
+* ``snncompile export MODULE:FACTORY [--weights CKPT.pt] --input-shape T,N,... --format onnx|nir
+  -o PATH`` loads a state dict into the factory's model (``torch.load(weights_only=True)``) and
+  writes an ONNX model (:func:`snncompile.export_onnx`, ``--mode sequence|step``) or an NIR graph
   (``snncompile.export_nir``, time step ``--dt``).
 * ``snncompile bench [--quick] [--only NAME ...]`` runs the scripts in ``benchmarks/`` one after
   the other in subprocesses and ends with a table of the ratio lines they printed.
@@ -256,11 +257,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- export
 
 
+def load_weights(model: Any, path: str, key: str | None = None) -> None:
+    """Load the state dict in ``path`` into ``model`` (strictly), never unpickling code.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+    containers only, so a crafted file cannot run code. It must hold a state dict (what
+    ``torch.save(model.state_dict(), path)`` or ``torch.save(compiled.state_dict(), path)``
+    writes), or a dict that holds one under ``key`` (``--weights-key``).
+    """
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--weights: no such file {path!r}")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for non-zip files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(
+            f"--weights {path!r} is not a plain state dict that torch.load(weights_only=True) "
+            f"can read ({first}). Save the weights with torch.save(model.state_dict(), path); "
+            f"snncompile never unpickles objects from a file."
+        ) from None
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            keys = sorted(map(str, obj)) if isinstance(obj, dict) else []
+            raise CliError(f"--weights-key {key!r} is not in {path!r} (its keys: {keys})")
+        obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        hint = ""
+        if isinstance(obj, dict):
+            nested = [str(k) for k, v in obj.items() if isinstance(v, dict)]
+            hint = f"; it holds dicts under {nested}: pick one with --weights-key" if nested else ""
+        raise CliError(
+            f"--weights {path!r} holds a {kind} that is not a state dict (a dict of parameter "
+            f"name -> tensor){hint}"
+        )
+    try:
+        model.load_state_dict(obj)
+    except RuntimeError as err:
+        raise CliError(
+            f"--weights {path!r} does not fit the factory's model: {err}".replace("\n\t", " ")
+        ) from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a model to ONNX or NIR."""
+    """Export a model (with the weights of a checkpoint, ``--weights``) to ONNX or NIR."""
     shape = parse_shape(args.input_shape)
     if args.format == "nir" and args.mode is not None:
         raise CliError("--mode applies to --format onnx only (NIR holds the whole graph)")
+    if args.weights_key is not None and args.weights is None:
+        raise CliError("--weights-key needs --weights CKPT.pt")
     export_nir = getattr(snncompile, "export_nir", None)
     if args.format == "nir" and export_nir is None:
         raise CliError(
@@ -270,19 +318,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     check_output_path(args.output, "-o")
     model = load_model(args.model)
+    if args.weights is not None:
+        load_weights(model, args.weights, args.weights_key)
     model.eval()
     x = _example_input(shape, args.seed)
+    weights = f", weights from {args.weights}" if args.weights else ", initial (untrained) weights"
     if args.format == "onnx":
         from snncompile.export.onnx import OnnxExportError, node_count
 
         mode = args.mode or "sequence"
         try:
-            m = snncompile.export_onnx(model, args.output, x, mode=mode, opset=args.opset)
+            m = snncompile.export_onnx(model, x, args.output, mode=mode, opset=args.opset)
         except (OnnxExportError, ValueError, TypeError, NotImplementedError) as err:
             raise CliError(f"ONNX export failed: {err}", code=1) from None
         print(
             f"wrote {args.output}: ONNX, mode={mode}, opset={m.opset_import[0].version}, "
-            f"IR version {m.ir_version}, {node_count(m)} nodes"
+            f"IR version {m.ir_version}, {node_count(m)} nodes{weights}"
         )
         return 0
     try:
@@ -298,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, NotImplementedError) as err:
         raise CliError(f"NIR export failed: {err}", code=1) from None
     count = len(getattr(g, "nodes", {}) or {})
-    print(f"wrote {args.output}: NIR, dt={dt:g}, {count} nodes")
+    print(f"wrote {args.output}: NIR, dt={dt:g}, {count} nodes{weights}")
     return 0
 
 
@@ -489,8 +540,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="export a model to ONNX or NIR")
+    p = sub.add_parser("export", help="export a model (and its trained weights) to ONNX or NIR")
     p.add_argument("model", help=model_help)
+    p.add_argument(
+        "--weights",
+        metavar="CKPT.pt",
+        default=None,
+        help="state dict to load into the factory's model first (torch.save(model.state_dict()) "
+        "or compiled.state_dict(); read with torch.load(weights_only=True))",
+    )
+    p.add_argument(
+        "--weights-key",
+        metavar="KEY",
+        default=None,
+        help="the state dict is the entry KEY of the checkpoint dict (e.g. 'model')",
+    )
     p.add_argument("--input-shape", required=True, help=shape_help)
     p.add_argument("--format", choices=("onnx", "nir"), default="onnx", help="default onnx")
     p.add_argument(

@@ -5,8 +5,9 @@
   an explicit intra-op thread count.
 * :func:`run_step_model` -- a step-mode model over a whole ``[T, N, ...]`` input: a Python loop
   over ``T`` carrying the neuron states from each call's outputs to the next call's inputs,
-  starting from the initial states in the model's metadata. :class:`StepRunner` is the same
-  loop for streaming (one step at a time, ``reset()`` between sequences).
+  starting from the initial states in the model's metadata. :class:`StreamingSession` is the
+  same loop for streaming: ``step(x_t)`` one step at a time, states kept, ``reset()`` between
+  sequences, any batch size.
 * :func:`run_sequence_model` -- a sequence-mode model in one call.
 """
 
@@ -19,9 +20,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from snncompile.export.onnx import onnx_initial_states, onnx_state_outputs
+from snncompile.export.onnx import describe_model, load_metadata, onnx_initial_states, read_states
 
-__all__ = ["StepRunner", "make_session", "run_sequence_model", "run_step_model"]
+__all__ = [
+    "StepRunner",
+    "StreamingSession",
+    "make_session",
+    "run_sequence_model",
+    "run_step_model",
+]
 
 ModelLike = str | Path | onnx.ModelProto
 
@@ -64,50 +71,116 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-class StepRunner:
-    """Streams a step-mode model: ``runner.step(x_t)`` returns ``y_t`` and keeps the states.
+class StreamingSession:
+    """Stream a step-mode export one time step at a time: ``y_t = session.step(x_t)``.
 
-    ``model`` is the path/``ModelProto`` the session was made from (its metadata gives the
-    initial states and the input/output pairing); ``session`` defaults to :func:`make_session`.
+    The neuron states (the model's ``<node>.v`` inputs) are kept between calls: each call feeds
+    the previous call's ``<node>.v_next`` outputs back in, starting from the initial states in
+    the model's metadata (:func:`snncompile.onnx_initial_states`). ``reset()`` starts the next
+    sequence from the initial states again. The batch size is free: the first step after a
+    reset (or after construction) fixes it until the next reset. Step by step, the outputs are
+    those of the compiled module called on ``x[t:t+1]`` (or of the eager model on ``x[t]``)::
+
+        session = StreamingSession("model_step.onnx")
+        for x_t in frames:            # [N, ...] numpy arrays or torch tensors
+            y_t = session.step(x_t)   # numpy [N, ...]
+        session.reset()
+
+    Args:
+        model: The path or ``ModelProto`` of a ``mode='step'`` export.
+        session: An onnxruntime ``InferenceSession`` of that model (default: :func:`make_session`
+            with ``session_kw``, e.g. ``threads=1``).
+
+    Raises:
+        OnnxMetadataError: the model's ``snncompile.states`` metadata is missing or malformed.
+        ValueError: the model is a sequence-mode export, or its inputs do not match its metadata.
     """
 
     def __init__(self, model: ModelLike, session: Any | None = None, **session_kw: Any) -> None:
+        meta = load_metadata(model)
+        states = read_states(model, meta)
+        if meta.get("snncompile.mode") != "step":
+            raise ValueError(
+                f"StreamingSession: {describe_model(model)} is a sequence-mode export (one call "
+                "per sequence); export with snncompile.export_onnx(..., mode='step') to stream, or "
+                "run it with run_sequence_model."
+            )
         self.session = session if session is not None else make_session(model, **session_kw)
-        self._pairs = onnx_state_outputs(model)
+        pairs = {s["input"]: s["output"] for s in states}
         inputs = [i.name for i in self.session.get_inputs()]
         self.input_name = inputs[0]
         self.state_inputs = inputs[1:]
-        missing = [s for s in self.state_inputs if s not in self._pairs]
-        if missing:
+        missing = [s for s in self.state_inputs if s not in pairs]
+        if missing or len(self.state_inputs) != len(pairs):
             raise ValueError(
-                f"StepRunner: inputs {missing} are not described in the model's snncompile.states "
-                "metadata; was it exported with snncompile.export_onnx(mode='step')?"
+                f"StreamingSession: the state inputs {self.state_inputs} of "
+                f"{describe_model(model)} do not match its snncompile.states metadata "
+                f"({sorted(pairs)}); was it exported with snncompile.export_onnx(mode='step')?"
             )
         outputs = [o.name for o in self.session.get_outputs()]
-        state_outs = [self._pairs[s] for s in self.state_inputs]
+        state_outs = [pairs[s] for s in self.state_inputs]
         self.data_outputs = [o for o in outputs if o not in set(state_outs)]
         self._fetch = self.data_outputs + state_outs
-        # Read the metadata once; initial states for other batch sizes repeat the batch-1 ones.
+        self._n_data = len(self.data_outputs)
+        # Initial states for batch 1; other batch sizes repeat them along the batch axis.
         self._init_one = onnx_initial_states(model, 1)
-        self.states: dict[str, np.ndarray] | None = None
+        self._states: list[np.ndarray] | None = None
         self._batch: int | None = None
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size of the running sequence (``None`` before its first step)."""
+        return self._batch
+
+    @property
+    def states(self) -> dict[str, np.ndarray] | None:
+        """The current neuron states, ``{state input name: [N, ...] array}`` (``None`` when no
+        step ran since the last reset)."""
+        if self._states is None:
+            return None
+        return dict(zip(self.state_inputs, self._states, strict=True))
 
     def reset(self) -> None:
         """Forget the states: the next step starts from the initial membrane potentials."""
-        self.states = None
+        self._states = None
         self._batch = None
 
     def step(self, x_t: Any) -> np.ndarray | list[np.ndarray]:
-        """Run one time step on ``x_t`` (``[N, ...]``); return the output(s) of that step."""
+        """Run one time step on ``x_t`` (``[N, ...]``); return that step's output(s).
+
+        Raises:
+            ValueError: ``x_t``'s batch size differs from the running sequence's (call
+                :meth:`reset` first to start a sequence of another batch size).
+        """
         x = _as_numpy(x_t)
-        if self.states is None or self._batch != x.shape[0]:
-            self.states = {k: np.repeat(v, x.shape[0], axis=0) for k, v in self._init_one.items()}
-            self._batch = int(x.shape[0])
-        feeds = {self.input_name: x, **self.states}
+        if self._states is None:
+            n = int(x.shape[0]) if x.ndim else 0
+            self._states = [np.repeat(self._init_one[k], n, axis=0) for k in self.state_inputs]
+            self._batch = n
+        elif x.ndim == 0 or x.shape[0] != self._batch:
+            raise ValueError(
+                f"StreamingSession.step: x_t has batch size {x.shape[0] if x.ndim else None}, "
+                f"but the running sequence has {self._batch}; call reset() before a sequence "
+                "of another batch size."
+            )
+        feeds = dict(zip(self.state_inputs, self._states, strict=True))
+        feeds[self.input_name] = x
         res = self.session.run(self._fetch, feeds)
-        n = len(self.data_outputs)
-        self.states = dict(zip(self.state_inputs, res[n:], strict=True))
+        n = self._n_data
+        self._states = res[n:]
         return res[0] if n == 1 else res[:n]
+
+
+class StepRunner(StreamingSession):
+    """:class:`StreamingSession` under its earlier name; a step with another batch size than
+    the running sequence's starts a new sequence (from the initial states) instead of raising."""
+
+    def step(self, x_t: Any) -> np.ndarray | list[np.ndarray]:
+        """Run one time step on ``x_t`` (``[N, ...]``); return that step's output(s)."""
+        x = _as_numpy(x_t)
+        if self._states is not None and x.shape[0] != self._batch:
+            self.reset()
+        return super().step(x)
 
 
 def run_step_model(
@@ -117,7 +190,7 @@ def run_step_model(
 
     States start from the model's initial values and are carried from step to step in Python.
     """
-    runner = StepRunner(model, session, **session_kw)
+    runner = StreamingSession(model, session, **session_kw)
     x = _as_numpy(x_seq)
     outs = [runner.step(x[t]) for t in range(x.shape[0])]
     if len(runner.data_outputs) == 1:

@@ -11,6 +11,7 @@ torch, so when it is missing a stand-in package is put into ``sys.modules`` whos
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import sys
 import types
@@ -41,6 +42,8 @@ def _install_torchvision_stand_in() -> None:
         "torchvision._internally_replaced_utils",
     )
     mods = {name: types.ModuleType(name) for name in names}
+    for name, mod in mods.items():  # a spec, so importlib.util.find_spec() answers for them
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name.count(".") < 2)
     mods["torchvision"].__path__ = []  # a package, so submodule imports resolve here
     mods["torchvision.models"].__path__ = []
     mods["torchvision"].models = mods["torchvision.models"]

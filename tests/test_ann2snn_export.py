@@ -98,8 +98,8 @@ def test_export_converted_cnn_matches_pytorch(tmp_path, head: bool) -> None:
     snn = convert(_cnn(head), torch.rand(64, 1, 8, 8), progress=False)
     x = torch.rand(8, 4, 1, 8, 8)
     seq_path, step_path = tmp_path / "seq.onnx", tmp_path / "step.onnx"
-    seq_model = snncompile.export_onnx(snn, seq_path, x, mode="sequence")
-    step_model = snncompile.export_onnx(snn, step_path, x, mode="step")
+    seq_model = snncompile.export_onnx(snn, x, seq_path, mode="sequence")
+    step_model = snncompile.export_onnx(snn, x, step_path, mode="step")
     for m in (seq_model, step_model):
         onnx.checker.check_model(m, full_check=True)
     states = onnx_initial_states(step_path, 2)
@@ -125,7 +125,7 @@ def test_export_zero_init_and_residual(tmp_path) -> None:
     snn = convert(_mlp(), torch.randn(64, 6), half_threshold_init=False, progress=False)
     x = torch.randn(8, 3, 6)
     path = tmp_path / "zero.onnx"
-    snncompile.export_onnx(snn, path, x, mode="step")
+    snncompile.export_onnx(snn, x, path, mode="step")
     states = onnx_initial_states(path, 1)
     assert states and all(np.all(v == 0.0) for v in states.values())
     np.testing.assert_allclose(run_step_model(path, x, threads=1), _eager(snn, x), atol=1e-5)
@@ -134,7 +134,7 @@ def test_export_zero_init_and_residual(tmp_path) -> None:
     res = convert(_Residual().eval(), torch.rand(64, 1, 8, 8), progress=False)
     x = torch.rand(8, 2, 1, 8, 8)
     for mode, run in (("sequence", run_sequence_model), ("step", run_step_model)):
-        model = snncompile.export_onnx(res, tmp_path / f"res_{mode}.onnx", x, mode=mode)
+        model = snncompile.export_onnx(res, x, tmp_path / f"res_{mode}.onnx", mode=mode)
         onnx.checker.check_model(model, full_check=True)
         xs = torch.rand(12, 2, 1, 8, 8)
         got = run(tmp_path / f"res_{mode}.onnx", xs, threads=1)

@@ -141,5 +141,5 @@ def test_registered_neuron_type_with_its_own_charge_is_fused_and_exported(tmp_pa
     with torch.no_grad():
         expect = model(x)
         assert torch.equal(compiled(x), expect)
-    export_onnx(model, tmp_path / "leaky.onnx", x, mode="step")
+    export_onnx(model, x, tmp_path / "leaky.onnx", mode="step")
     assert (run_step_model(tmp_path / "leaky.onnx", x.numpy()) == expect.numpy()).all()

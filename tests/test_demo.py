@@ -19,9 +19,9 @@ def _load_demo():
     return module
 
 
-def test_demo_one_epoch_learns(capsys):
+def test_demo_one_epoch_learns(capsys, tmp_path):
     demo = _load_demo()
-    metrics = demo.main(["--epochs", "1", "--T", "4", "--seed", "0"])
+    metrics = demo.main(["--epochs", "1", "--T", "4", "--seed", "0", "--out", str(tmp_path)])
     # Chance is 0.1; one epoch reached 0.89-0.96 over seeds 0-5 when this test was written.
     assert metrics["test_acc"] > 0.5
     for key in ("test_acc", "train_loss", "train_acc", "epoch_time", "total_time", "history"):
@@ -34,11 +34,23 @@ def test_demo_one_epoch_learns(capsys):
     assert abs(metrics["inference_test_acc"] - metrics["test_acc"]) <= 2 / 360
     out = capsys.readouterr().out
     assert "test acc" in out and "fuse_neurons" in out  # the compile report is printed
+    # The trained checkpoint: the model's keys, weights_only, into a fresh model; its ONNX export
+    # scores like the inference compile (same BN-folded weights; rounding may flip a rare spike).
+    sd = torch.load(metrics["checkpoint"], weights_only=True)
+    fresh = demo.build_model()
+    fresh.load_state_dict(sd)
+    assert list(sd) == list(fresh.state_dict())
+    assert abs(metrics["onnx_test_acc"] - metrics["inference_test_acc"]) <= 2 / 360
+    for key in ("onnx_step", "onnx_sequence"):
+        assert Path(metrics[key]).is_file()
+    assert "onnxruntime test acc" in out
 
 
 def test_demo_eager_engine_runs():
     demo = _load_demo()
-    metrics = demo.main(["--epochs", "1", "--T", "4", "--seed", "1", "--engine", "eager"])
+    metrics = demo.main(
+        ["--epochs", "1", "--T", "4", "--seed", "1", "--engine", "eager", "--no-save"]
+    )
     assert metrics["engine"] == "eager" and metrics["test_acc"] > 0.5
 
 

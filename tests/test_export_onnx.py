@@ -8,7 +8,6 @@ step mode with states carried in Python), mean firing rates within 1e-3 at T=256
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -24,7 +23,6 @@ from snncompile.dynamics.expr import Op as ExprOp
 from snncompile.export.onnx import (
     OnnxExportError,
     export_onnx,
-    main_export,
     onnx_initial_states,
     ort_limits,
     pick_versions,
@@ -197,8 +195,8 @@ def test_models_match_compiled_module(name: str, tmp_path) -> None:
     model = MODELS[name]().eval()
     example = _input(EXAMPLE_T, 2, name, seed=0)
     seq_path, step_path = tmp_path / "seq.onnx", tmp_path / "step.onnx"
-    seq = export_onnx(model, seq_path, example, mode="sequence")
-    export_onnx(model, step_path, example, mode="step")
+    seq = export_onnx(model, example, seq_path, mode="sequence")
+    export_onnx(model, example, step_path, mode="step")
     types = {n.op_type for n in seq.graph.node} | {
         n.op_type for node in seq.graph.node for a in node.attribute if a.g for n in a.g.node
     }
@@ -222,7 +220,7 @@ def test_default_backend_and_eager_agree(tmp_path) -> None:
     model = vgg().eval()
     example = _input(EXAMPLE_T, 2, "vgg", seed=0)
     path = tmp_path / "vgg.onnx"
-    export_onnx(model, path, example)
+    export_onnx(model, example, path)
     x = _input(32, 2, "vgg", seed=5)
     got = run_sequence_model(path, x)
     compiled = optimize(model, example)  # mode from model.eval(), backend='auto'
@@ -230,7 +228,7 @@ def test_default_backend_and_eager_agree(tmp_path) -> None:
         _check_exact(got, compiled(x).numpy(), "vgg vs compiled(backend='auto')")
     # exporting the compiled module itself (fused neuron nodes) gives the same model
     assert compiled.graph.find(Op.FUSED_NEURON), "expected the fusion stage to fuse neurons"
-    export_onnx(compiled, tmp_path / "fused.onnx", example, mode="step")
+    export_onnx(compiled, example, tmp_path / "fused.onnx", mode="step")
     _check_exact(run_step_model(tmp_path / "fused.onnx", x), got, "export of a fused module")
     with torch.no_grad():
         functional.reset_net(model)
@@ -279,8 +277,8 @@ def test_neuron_configurations(kind: str, decay_input: bool, v_reset: float | No
         model[2].bias.add_(0.5)
     example = torch.rand(EXAMPLE_T, 2, 12)
     seq_path, step_path = tmp_path / "seq.onnx", tmp_path / "step.onnx"
-    export_onnx(model, seq_path, example, mode="sequence")
-    export_onnx(model, step_path, example, mode="step")
+    export_onnx(model, example, seq_path, mode="sequence")
+    export_onnx(model, example, step_path, mode="step")
     init = onnx_initial_states(step_path, 3)
     expected = 0.0 if v_reset is None else v_reset
     assert len(init) == 2 and all(np.all(v == np.float32(expected)) for v in init.values())
@@ -302,7 +300,7 @@ def test_neuron_configurations(kind: str, decay_input: bool, v_reset: float | No
 def test_sequence_node_count_does_not_depend_on_T() -> None:
     model = vgg().eval()
     counts = {
-        T: _node_count(export_onnx(model, None, _input(T, 1, "vgg", 0), mode="sequence"))
+        T: _node_count(export_onnx(model, _input(T, 1, "vgg", 0), mode="sequence"))
         for T in (2, 16, 64)
     }
     assert len(set(counts.values())) == 1, counts
@@ -311,7 +309,7 @@ def test_sequence_node_count_does_not_depend_on_T() -> None:
 def test_step_contract_and_metadata(tmp_path) -> None:
     model = vgg().eval()
     path = tmp_path / "step.onnx"
-    m = export_onnx(model, path, _input(EXAMPLE_T, 2, "vgg", 0), mode="step")
+    m = export_onnx(model, _input(EXAMPLE_T, 2, "vgg", 0), path, mode="step")
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta["snncompile.format"] == "1" and meta["snncompile.mode"] == "step"
     states = json.loads(meta["snncompile.states"])
@@ -328,7 +326,7 @@ def test_step_contract_and_metadata(tmp_path) -> None:
     assert [s["node"] for s in states] == neuron_nodes
     init = onnx_initial_states(path, 5)
     assert init[states[1]["input"]].shape == (5, 8, 4, 4)
-    export_onnx(model, tmp_path / "s.onnx", _input(EXAMPLE_T, 2, "vgg", 0))
+    export_onnx(model, _input(EXAMPLE_T, 2, "vgg", 0), tmp_path / "s.onnx")
     with pytest.raises(ValueError, match="sequence-mode"):
         onnx_initial_states(tmp_path / "s.onnx", 1)
 
@@ -336,7 +334,7 @@ def test_step_contract_and_metadata(tmp_path) -> None:
 def test_streaming_runner_resets(tmp_path) -> None:
     model = mlp().eval()
     path = tmp_path / "step.onnx"
-    export_onnx(model, path, torch.rand(EXAMPLE_T, 1, 4, 4), mode="step")
+    export_onnx(model, torch.rand(EXAMPLE_T, 1, 4, 4), path, mode="step")
     runner = StepRunner(path, threads=1)
     x = torch.rand(10, 1, 4, 4) * 1.5
     first = np.stack([runner.step(x[t]) for t in range(10)])
@@ -346,7 +344,7 @@ def test_streaming_runner_resets(tmp_path) -> None:
 
 
 def test_sessions_do_not_spin(tmp_path) -> None:
-    m = export_onnx(mlp().eval(), None, torch.rand(2, 1, 4, 4), mode="step")
+    m = export_onnx(mlp().eval(), torch.rand(2, 1, 4, 4), mode="step")
     opts = make_session(m, threads=1).get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
@@ -360,7 +358,7 @@ def test_versions_are_what_onnxruntime_loads(tmp_path) -> None:
     import onnxruntime
 
     max_ir, max_opset = ort_limits()
-    m = export_onnx(mlp().eval(), tmp_path / "m.onnx", torch.rand(2, 1, 4, 4))
+    m = export_onnx(mlp().eval(), torch.rand(2, 1, 4, 4), tmp_path / "m.onnx")
     assert m.ir_version <= max_ir
     assert m.opset_import[0].version <= max_opset
     onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -372,7 +370,7 @@ def test_versions_are_what_onnxruntime_loads(tmp_path) -> None:
     with pytest.raises(OnnxExportError, match="opset 21"):
         pick_versions(21, "1.14.0")
     # an explicit newer opset still loads here
-    newest = export_onnx(mlp().eval(), tmp_path / "n.onnx", torch.rand(2, 1, 4, 4), opset=max_opset)
+    newest = export_onnx(mlp().eval(), torch.rand(2, 1, 4, 4), tmp_path / "n.onnx", opset=max_opset)
     make_session(newest)
     assert newest.ir_version <= max_ir
 
@@ -382,7 +380,7 @@ def test_training_mode_model_is_exported_for_inference(tmp_path) -> None:
     model = vgg().train()
     example = _input(EXAMPLE_T, 2, "vgg", 0)
     with pytest.warns(UserWarning, match="training mode"):
-        m = export_onnx(model, tmp_path / "t.onnx", example)
+        m = export_onnx(model, example, tmp_path / "t.onnx")
     assert model.training, "the user's model must not be switched to eval"
     body = next(n for n in m.graph.node if n.op_type == "Scan").attribute[0].g
     assert not {"BatchNormalization", "Dropout"} & {n.op_type for n in body.node}
@@ -399,7 +397,7 @@ def test_training_compiled_module_warns(tmp_path) -> None:
     example = _input(EXAMPLE_T, 2, "vgg", 0)
     compiled = optimize(model, example, mode="train", backend="torch")
     with pytest.warns(UserWarning, match="built for training"):
-        export_onnx(compiled, tmp_path / "c.onnx", example)
+        export_onnx(compiled, example, tmp_path / "c.onnx")
     x = _input(16, 2, "vgg", 4)
     _check_exact(
         run_sequence_model(tmp_path / "c.onnx", x),
@@ -420,13 +418,13 @@ class _Cumsum(nn.Module):
 
 def test_unsupported_op_names_node_and_op() -> None:
     with pytest.raises(OnnxExportError, match=r"%cumsum.*FUNCTION.*no ONNX rendering"):
-        export_onnx(_Cumsum().eval(), None, torch.rand(3, 2, 4))
+        export_onnx(_Cumsum().eval(), torch.rand(3, 2, 4))
 
 
 def test_missing_expression_rendering_names_op(monkeypatch) -> None:
     monkeypatch.delitem(onnx_renderer.ONNX_OPS, ExprOp.HEAVISIDE)
     with pytest.raises(OnnxExportError, match=r"%_2 \(op NEURON.*HEAVISIDE"):
-        export_onnx(mlp().eval(), None, torch.rand(3, 2, 4, 4))
+        export_onnx(mlp().eval(), torch.rand(3, 2, 4, 4))
 
 
 class _TimeMean(nn.Module):
@@ -441,32 +439,25 @@ class _TimeMean(nn.Module):
 
 def test_time_mixing_op_is_refused() -> None:
     with pytest.raises(OnnxExportError, match="time dimension"):
-        export_onnx(_TimeMean().eval(), None, torch.rand(3, 2, 4))
+        export_onnx(_TimeMean().eval(), torch.rand(3, 2, 4))
 
 
 def test_bad_arguments() -> None:
     with pytest.raises(OnnxExportError, match="mode must be"):
-        export_onnx(mlp().eval(), None, torch.rand(3, 2, 4, 4), mode="loop")
+        export_onnx(mlp().eval(), torch.rand(3, 2, 4, 4), mode="loop")
     with pytest.raises(OnnxExportError, match=r"\[T, N, \.\.\.\]"):
-        export_onnx(mlp().eval(), None, torch.rand(16))
+        export_onnx(mlp().eval(), torch.rand(16))
     with pytest.raises(OnnxExportError, match="opset 9"):
-        export_onnx(mlp().eval(), None, torch.rand(3, 2, 4, 4), opset=9)
+        export_onnx(mlp().eval(), torch.rand(3, 2, 4, 4), opset=9)
 
 
-def test_public_api_and_cli(tmp_path, capsys) -> None:
+def test_public_api() -> None:
+    import snncompile.export.onnx as onnx_export
+
     assert snncompile.export_onnx is export_onnx
     assert snncompile.onnx_initial_states is onnx_initial_states
-    model = plif_net().eval()
-    src = tmp_path / "model.pt"
-    torch.save(model, src)
-    out = tmp_path / "cli.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = main_export([str(src), "--input-shape", "4,1,4,4", "-o", str(out), "--mode", "step"])
-    assert code == 0 and out.exists()
-    assert "mode=step" in capsys.readouterr().out
-    x = torch.rand(12, 2, 4, 4) * 1.5
-    _check_exact(run_step_model(out, x), _reference(model, x[:4], x), "cli export")
+    # The one command line is `snncompile export` (tests/test_deploy.py); nothing unpickles.
+    assert not hasattr(onnx_export, "main_export")
 
 
 def test_spikingjelly_models(sj, tmp_path) -> None:
@@ -499,8 +490,8 @@ def test_spikingjelly_models(sj, tmp_path) -> None:
     x = torch.rand(32, 3, 12)
     for name, model in (("single-step", single), ("multi-step", multi)):
         seq_path, step_path = tmp_path / f"{name}.onnx", tmp_path / f"{name}_step.onnx"
-        export_onnx(model, seq_path, example)
-        export_onnx(model, step_path, example, mode="step")
+        export_onnx(model, example, seq_path)
+        export_onnx(model, example, step_path, mode="step")
         sj.functional.reset_net(model)
         with torch.no_grad():
             if name == "multi-step":
@@ -541,8 +532,8 @@ def test_synapse_op_mix_and_tuple_outputs(tmp_path) -> None:
     model = _gain(_OpMix().eval(), 3.0)
     example = torch.rand(EXAMPLE_T, 2, 16)
     seq_path, step_path = tmp_path / "seq.onnx", tmp_path / "step.onnx"
-    export_onnx(model, seq_path, example)
-    m = export_onnx(model, step_path, example, mode="step")
+    export_onnx(model, example, seq_path)
+    m = export_onnx(model, example, step_path, mode="step")
     assert [o.name for o in m.graph.output][:2] == ["output_0", "output_1"]
     compiled = optimize(model, example, mode="inference", backend="torch")
     x = torch.rand(32, 3, 16) * 2
@@ -569,7 +560,7 @@ def test_surrogate_forms(sg: str, tmp_path) -> None:
     _gain(model, 3.0)
     example = torch.rand(EXAMPLE_T, 2, 6)
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, example)
+    export_onnx(model, example, path)
     x = torch.rand(16, 3, 6) * 2
     ref = _reference(model, example, x)
     got = run_sequence_model(path, x)
@@ -600,7 +591,7 @@ def test_time_reductions_after_the_loop(opset: int, tmp_path) -> None:
     model = _gain(_RateReadout().eval(), 4.0)
     example = torch.rand(EXAMPLE_T, 2, 4)
     path = tmp_path / "m.onnx"
-    m = export_onnx(model, path, example, opset=opset)
+    m = export_onnx(model, example, path, opset=opset)
     assert [n.op_type for n in m.graph.node].count("Scan") == 1
     compiled = optimize(model, example, mode="inference", backend="torch")
     x = torch.rand(30, 3, 4)
@@ -613,4 +604,4 @@ def test_time_reductions_after_the_loop(opset: int, tmp_path) -> None:
     np.testing.assert_array_equal(got[1], counts)
     np.testing.assert_allclose(got[0], readout, rtol=1e-6, atol=1e-6)
     with pytest.raises(OnnxExportError, match=r"%mean .*reduces over time.*mode='sequence'"):
-        export_onnx(model, None, example, mode="step")
+        export_onnx(model, example, mode="step")

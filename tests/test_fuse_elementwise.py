@@ -222,7 +222,7 @@ def test_onnx_export_of_a_compiled_model_restores_the_scales(tmp_path):
     x = _input("cnn")
     compiled = snncompile.optimize(snn, x, backend="cpu")
     path = tmp_path / "c.onnx"
-    snncompile.export_onnx(compiled, path, x, mode="sequence")
+    snncompile.export_onnx(compiled, x, path, mode="sequence")
     assert not _scales(compiled.graph)  # the compiled graph itself is untouched
     xs = _input("cnn", T=11, N=2)
     got = run_sequence_model(path, xs, threads=1)

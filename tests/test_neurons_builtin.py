@@ -192,8 +192,8 @@ def test_onnx_step_and_sequence_match_the_module(tmp_path, name: str):
     with torch.no_grad():
         expect = model(x).numpy()
     seq, step = tmp_path / "seq.onnx", tmp_path / "step.onnx"
-    export_onnx(model, seq, example, mode="sequence")
-    m = export_onnx(model, step, example, mode="step")
+    export_onnx(model, example, seq, mode="sequence")
+    m = export_onnx(model, example, step, mode="step")
     n_states = len(cell._extra_state_names()) + 1
     assert len(m.graph.input) == 1 + n_states and len(m.graph.output) == 1 + n_states
     assert (run_sequence_model(seq, x.numpy()) == expect).all()

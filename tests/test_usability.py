@@ -83,7 +83,7 @@ def test_warnings_point_at_the_caller() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         snncompile.export_nir(net.eval(), x)
-        snncompile.export_onnx(net.train(), None, x)
+        snncompile.export_onnx(net.train(), x)
     ours = [w for w in caught if "export_" in str(w.message)]
     assert len(ours) >= 2
     assert {Path(w.filename).name for w in ours} == {Path(__file__).name}, [

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from snncompile.codegen.build import load_library
+from snncompile.codegen.build import load_library, march
 from snncompile.codegen.kernels import KernelSource, generate, saved_shape
 from snncompile.dynamics.neuron import NeuronDynamics
 
@@ -24,7 +24,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _lock = threading.Lock()
-_kernels: dict[NeuronDynamics, CpuKernel] = {}
+_kernels: dict[tuple[NeuronDynamics, str], CpuKernel] = {}
 
 
 # Below this many neuron-steps per thread a parallel region costs more than it saves (waking
@@ -96,10 +96,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class CpuKernel:
     """Forward and backward C kernels of one neuron configuration."""
 
-    def __init__(self, dynamics: NeuronDynamics) -> None:
+    def __init__(self, dynamics: NeuronDynamics, arch: str | None = None) -> None:
+        """Build (or load from the cache) the kernels of ``dynamics`` for ``-march=arch``
+        (default ``$SNNCOMPILE_MARCH`` or ``native``)."""
         self.dynamics = dynamics
         self.source: KernelSource = generate(dynamics, "c")
-        lib = load_library(self.source.source)
+        symbols = (f"{self.source.name}_forward", f"{self.source.name}_backward")
+        lib = load_library(self.source.source, symbols=symbols, arch=arch)
         self._lib = lib
         self._fwd = getattr(lib, f"{self.source.name}_forward")
         self._fwd.argtypes = [_P] * 7 + [_I64, _I64, _I32]
@@ -189,13 +192,15 @@ class CpuKernel:
 
 
 def cpu_kernel(dynamics: NeuronDynamics) -> CpuKernel:
-    """The :class:`CpuKernel` of ``dynamics`` (built once per process, then from the disk cache)."""
+    """The :class:`CpuKernel` of ``dynamics`` for the current ``$SNNCOMPILE_MARCH`` (built once
+    per process, then from the disk cache)."""
+    key = (dynamics, march())
     with _lock:
-        k = _kernels.get(dynamics)
+        k = _kernels.get(key)
     if k is None:
-        k = CpuKernel(dynamics)
+        k = CpuKernel(dynamics, key[1])
         with _lock:
-            k = _kernels.setdefault(dynamics, k)
+            k = _kernels.setdefault(key, k)
     return k
 
 

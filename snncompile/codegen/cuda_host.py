@@ -56,6 +56,7 @@ HOST_SHIM = """\
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #define __global__
 #define __device__
 #define __host__
@@ -73,6 +74,9 @@ template <class T> static inline T __ldg(const T *p) { return *p; }
 static inline float atomicAdd(float *p, float v) { const float old = *p; *p = old + v; return old; }
 static inline double atomicAdd(double *p, double v) { const double old = *p; *p = old + v;
                                                       return old; }
+/* Bit casts between float and int (the kernels' own exp/log build exponents with them). */
+static inline int __float_as_int(float f) { int i; memcpy(&i, &f, sizeof i); return i; }
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, sizeof f); return f; }
 /* Fast-math intrinsics as macros (glibc already declares some of these names). */
 #define __expf(x) expf(x)
 #define __logf(x) logf(x)

@@ -82,22 +82,135 @@ class KernelTemplate:
     carry_store: str = ""
 
 
+# Own transcendental functions (see the comment inside): shared by the C and CUDA headers, which
+# define SNN_FN and the float <-> int bit casts snn_f2i / snn_i2f.
+MATH_SOURCE = r"""
+/* Transcendental functions from correctly rounded IEEE operations only (+ - * /, comparisons,
+   selects, integer bit operations): the same bits in a SIMD loop body, its scalar remainder,
+   for any -march and on the GPU. Range reduction + polynomial, within ~2 ulp of the exact value;
+   coefficients are least-squares fits in double precision rounded to float. */
+SNN_FN float snn_expf(float x)
+{
+    /* exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (k * LN2_HI is exact) */
+    float xc = x > 88.8f ? 88.8f : x;
+    xc = xc < -104.0f ? -104.0f : xc;
+    /* adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits */
+    const float big = xc * 1.44269504f + 12582912.0f;
+    const float kf = big - 12582912.0f;
+    const float r = (xc - kf * 0.693145752f) - kf * 1.42860677e-6f;
+    const float q = 0.5f + r * (0.166665763f + r * (0.0416664667f + r * (0.00836317521f
+                    + r * 0.00139336439f)));
+    const float p = 1.0f + (r + (r * r) * q);
+    const int k = snn_f2i(big) - 0x4b400000; /* (garbage for NaN, whose p is NaN anyway) */
+    const int k1 = k >> 1;
+    /* two power-of-two factors keep both normal; the last product rounds once (subnormals) */
+    const float s1 = snn_i2f((int)((unsigned)(k1 + 127) << 23));
+    const float s2 = snn_i2f((int)((unsigned)(k - k1 + 127) << 23));
+    return (p * s1) * s2;
+}
+
+SNN_FN float snn_logf(float x)
+{
+    /* x = 2^e m, m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1) */
+    const int tiny = x < 1.17549435e-38f;
+    const float xs = tiny ? x * 8388608.0f : x;
+    const int t = snn_f2i(xs) - 0x3f3504f3;
+    const float ef = (float)((t >> 23) - (tiny ? 23 : 0));
+    const float m = snn_i2f((t & 0x007fffff) + 0x3f3504f3);
+    const float f = m - 1.0f;
+    const float s = f / (2.0f + f);
+    const float z = s * s;
+    const float rz = z * (0.666666667f + z * (0.4f + z * (0.285714286f + z * (0.222222222f
+                     + z * 0.181818182f))));
+    float y = ef * 0.693145752f + ((s + s) + (s * rz + ef * 1.42860677e-6f));
+    y = (x == 0.0f) ? -(1.0f / 0.0f) : y;
+    y = (x < 0.0f) ? (0.0f / 0.0f) : y;
+    y = (x == (1.0f / 0.0f)) ? x : y;
+    return (x == x) ? y : x;
+}
+
+SNN_FN float snn_tanhf(float x)
+{
+    const float a = fabsf(x);
+    const float z = a * a;
+    const float small = a + (a * z) * (-0.333333343f + z * (0.133333251f + z * (-0.0539647453f
+                        + z * (0.021818867f + z * (-0.00852790754f + z * 0.00252847001f)))));
+    const float big = 1.0f - 2.0f / (snn_expf(a + a) + 1.0f);
+    return copysignf(a < 0.55f ? small : big, x);
+}
+
+SNN_FN float snn_atanf(float x)
+{
+    /* |x| > 1: pi/2 - atan(1/|x|); t > tan(pi/8): pi/4 + atan((t - 1) / (t + 1)) */
+    const float a = fabsf(x);
+    const int inv = a > 1.0f;
+    const float t = inv ? 1.0f / a : a;
+    const int mid = t > 0.414213562f;
+    const float u = mid ? (t - 1.0f) / (t + 1.0f) : t;
+    const float z = u * u;
+    float p = u + (u * z) * (-0.333333343f + z * (0.199999779f + z * (-0.142841756f
+              + z * (0.11071752f + z * (-0.0862724856f + z * 0.0505412258f)))));
+    p = mid ? 0.785398163f + p : p;
+    p = inv ? 1.57079633f - p : p;
+    return copysignf(p, x);
+}
+
+SNN_FN float snn_erfc_tail(float a)
+{
+    /* erfc(a) for a >= 0.84375: exp(-a^2) R(a); a^2 split in an exact head and a tail */
+    const float ac = a > 10.1f ? 10.1f : a;
+    const float d = ac - 1.671875f;
+    const float lo = 0.295556039f + d * (-0.140113622f + d * (0.0613036044f + d * (-0.0250811018f
+                     + d * (0.00968545116f + d * (-0.00355524942f + d * (0.00124791707f
+                     + d * (-0.000420010474f + d * (0.000134309914f + d * (-4.24472491e-05f
+                     + d * (1.54401350e-05f + d * -4.36318442e-06f))))))))));
+    const float t = 1.0f / ac;
+    const float hi = t * (0.564189434f + t * (8.31680791e-06f + t * (-0.28233555f
+                     + t * (0.00400390942f + t * (0.38062799f + t * (0.301410615f
+                     + t * (-2.49408317f + t * (4.41953421f + t * (-3.76288033f
+                     + t * 1.33851123f)))))))));
+    const float ah = snn_i2f(snn_f2i(ac) & ~0xfff);
+    const float e = snn_expf(-(ah * ah)) * snn_expf((ah - ac) * (ah + ac));
+    return e * (ac < 2.5f ? lo : hi);
+}
+
+SNN_FN float snn_erf_small(float x)
+{
+    /* erf(x) for |x| < 0.84375: x P(x^2) */
+    const float z = x * x;
+    return x * (1.12837923f + z * (-0.376126379f + z * (0.112837523f + z * (-0.0268627927f
+                + z * (0.00521018589f + z * (-0.000825593481f + z * 8.89343064e-05f))))));
+}
+
+SNN_FN float snn_erff(float x)
+{
+    const float a = fabsf(x);
+    const float big = copysignf(1.0f - snn_erfc_tail(a), x);
+    return a < 0.84375f ? snn_erf_small(x) : big;
+}
+
+SNN_FN float snn_erfcf(float x)
+{
+    const float a = fabsf(x);
+    const float tail = snn_erfc_tail(a);
+    const float big = x > 0.0f ? tail : 2.0f - tail;
+    return a < 0.84375f ? 1.0f - snn_erf_small(x) : big;
+}
+"""
+
 _C_HEADER = """\
 /* Generated by snncompile.codegen for neuron {desc} */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #define SNN_BLOCK {block}
-#if defined(SNN_USE_MVEC) && defined(__GLIBC__) && !defined(__clang__)
-/* SIMD variants from glibc's libmvec, so loops calling them vectorize. */
-__attribute__((simd("notinbranch"))) float expf(float);
-__attribute__((simd("notinbranch"))) float logf(float);
-#if __GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35)
-__attribute__((simd("notinbranch"))) float atanf(float);
-__attribute__((simd("notinbranch"))) float tanhf(float);
-__attribute__((simd("notinbranch"))) float erff(float);
-__attribute__((simd("notinbranch"))) float erfcf(float);
-#endif
+#ifndef SNN_MATH_DEFINED
+#define SNN_MATH_DEFINED
+#define SNN_FN static inline
+typedef union {{ float f; int i; }} snn_bits_t;
+static inline int snn_f2i(float f) {{ snn_bits_t b; b.f = f; return b.i; }}
+static inline float snn_i2f(int i) {{ snn_bits_t b; b.i = i; return b.f; }}
+{math}
 #endif
 """
 
@@ -224,6 +337,13 @@ C_TEMPLATE = KernelTemplate(
 
 _CUDA_HEADER = """\
 /* Generated by snncompile.codegen for neuron {desc} (compile with --fmad=false) */
+#ifndef SNN_MATH_DEFINED
+#define SNN_MATH_DEFINED
+#define SNN_FN static __device__ __forceinline__
+#define snn_f2i __float_as_int
+#define snn_i2f __int_as_float
+{math}
+#endif
 """
 
 _CUDA_FORWARD = """\
@@ -356,6 +476,11 @@ def saved_shape(source: KernelSource, T: int, N: int) -> tuple[int, ...]:
     return (T, N) if source.num_saved == 1 else (source.num_saved, T, N)
 
 
+def _comment_text(text: str) -> str:
+    """``text`` made safe inside a ``/* ... */`` comment (one line, no comment terminator)."""
+    return " ".join(text.split()).replace("*/", "* /")
+
+
 def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
     """Generate the forward and backward kernel source of ``dynamics`` for ``target``."""
     template = TEMPLATES[target]
@@ -394,7 +519,9 @@ def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
         load_v = template.load_v_bwd.format(recompute=recompute)
     source = "\n".join(
         [
-            template.header.format(desc=dynamics.describe(), block=SNN_BLOCK),
+            template.header.format(
+                desc=_comment_text(dynamics.describe()), block=SNN_BLOCK, math=MATH_SOURCE
+            ),
             template.forward.format(
                 name=name,
                 uniforms=uniforms,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from snncompile.dynamics.expr import Expr, Op, toposort
+from snncompile.dynamics.names import check_identifier
 
 
 def f32_literal(value: float) -> str:
@@ -53,21 +54,22 @@ C_OPS: dict[Op, str] = {
     Op.GT: "(({0} > {1}) ? 1.0f : 0.0f)",
     Op.GE: "(({0} >= {1}) ? 1.0f : 0.0f)",
     Op.WHERE: "(({0} != 0.0f) ? {1} : {2})",
-    Op.EXP: "expf({0})",
-    Op.LOG: "logf({0})",
+    Op.EXP: "snn_expf({0})",
+    Op.LOG: "snn_logf({0})",
     Op.SQRT: "sqrtf({0})",
-    Op.SIGMOID: "(1.0f / (1.0f + expf(-{0})))",
-    Op.TANH: "tanhf({0})",
-    Op.ATAN: "atanf({0})",
-    Op.ERF: "erff({0})",
-    Op.ERFC: "erfcf({0})",
+    Op.SIGMOID: "(1.0f / (1.0f + snn_expf(-{0})))",
+    Op.TANH: "snn_tanhf({0})",
+    Op.ATAN: "snn_atanf({0})",
+    Op.ERF: "snn_erff({0})",
+    Op.ERFC: "snn_erfcf({0})",
     Op.ABS: "fabsf({0})",
     Op.HEAVISIDE: "(({0} >= 0.0f) ? 1.0f : 0.0f)",
     Op.DETACH: "{0}",
 }
 
-# CUDA device code shares C's math library names; only the entries that differ are overridden
-# (none today: device expf/erff/... have the same names and float semantics).
+# CUDA device code uses the same table: the snn_* transcendental functions are defined in both the
+# C and the CUDA kernel headers (codegen/kernels.py) from IEEE-exact operations only, so CPU and
+# GPU kernels, at any vector width, compute the same bits. Entries that differ would override.
 CUDA_OPS: dict[Op, str] = {**C_OPS}
 
 
@@ -100,13 +102,16 @@ def render_block(
     topological order, and each output name is declared last from its node.
     """
     names = dict(names or {})
+    for out_name in outputs:
+        check_identifier(out_name, "kernel output name")
     order = toposort(outputs.values())
     rendered: dict[Expr, str] = {}
     lines: list[str] = []
     counter = 0
     for node in order:
         if node.op is Op.VAR or node.op is Op.PARAM:
-            rendered[node] = names.get(node.arg, node.arg)
+            check_identifier(node.arg, f"{node.op.name.lower()} name")
+            rendered[node] = names.get(node.arg, node.arg)  # a mapped value is caller's code
             continue
         if node.op is Op.CONST:
             rendered[node] = target.literal(node.arg)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any
 
+from snncompile.dynamics.names import check_identifier
+
 
 class Op(Enum):
     """Every operation an expression node can have."""
@@ -191,13 +193,19 @@ def as_expr(value: ExprLike) -> Expr:
 
 
 def var(name: str) -> Expr:
-    """A per-neuron variable, e.g. ``var('v')`` (membrane) or ``var('x')`` (input)."""
-    return Expr(Op.VAR, (), name)
+    """A per-neuron variable, e.g. ``var('v')`` (membrane) or ``var('x')`` (input).
+
+    ``name`` must be a C identifier (it is spliced into generated kernels).
+    """
+    return Expr(Op.VAR, (), check_identifier(name, "var() name"))
 
 
 def param(name: str) -> Expr:
-    """A per-call scalar parameter (a 0-dim tensor at run time), e.g. PLIF's learnable ``w``."""
-    return Expr(Op.PARAM, (), name)
+    """A per-call scalar parameter (a 0-dim tensor at run time), e.g. PLIF's learnable ``w``.
+
+    ``name`` must be a C identifier (it is spliced into generated kernels).
+    """
+    return Expr(Op.PARAM, (), check_identifier(name, "param() name"))
 
 
 def const(value: float) -> Expr:

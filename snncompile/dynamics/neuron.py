@@ -71,6 +71,7 @@ from snncompile.dynamics.expr import (
     toposort,
     var,
 )
+from snncompile.dynamics.names import check_identifier
 from snncompile.dynamics.surrogates import SurrogateExpr, surrogate_expr
 
 V = var("v")
@@ -216,6 +217,7 @@ class NeuronDynamics:
     threshold: Expr | None = None
 
     def __post_init__(self) -> None:
+        check_identifier(self.name, "neuron dynamics name", part=True)
         if not isinstance(self.charge, Expr):
             raise TypeError(
                 f"NeuronDynamics {self.name!r}: charge must be an expression built from "

@@ -38,6 +38,7 @@ from snncompile.dynamics.expr import (
     sigmoid,
     where,
 )
+from snncompile.dynamics.names import check_identifier
 
 Builder = Callable[..., Expr]
 
@@ -200,8 +201,10 @@ def register_surrogate(
     ``primitive(x, *params)`` and ``derivative(x, *params)`` build expressions in ``x``. With
     ``surrogate_class`` (see :func:`register_surrogate_class`), neurons whose surrogate is an
     instance of exactly that class get fused kernels; ``param_names`` name the attributes that
-    hold its parameters. A class is never matched by its name.
+    hold its parameters. A class is never matched by its name. ``name`` must be a C identifier
+    (it appears in generated kernel source).
     """
+    check_identifier(name, "surrogate name")
     old = SURROGATE_EXPRESSIONS.get(name)
     if old is not None and old != (primitive, derivative):
         raise ValueError(

@@ -29,8 +29,12 @@ _WILD = "?"
 
 
 def wild(name: str) -> Expr:
-    """A pattern leaf that matches any number (a ``CONST``) and binds it to ``name``."""
-    return var(_WILD + name)
+    """A pattern leaf that matches any number (a ``CONST``) and binds it to ``name``.
+
+    It is a ``VAR`` whose name no expression can have (``?`` is not an identifier character),
+    built directly rather than through :func:`var`, which accepts identifiers only.
+    """
+    return Expr(Op.VAR, (), _WILD + name)
 
 
 def match(pattern: Expr, expr: Expr, binds: dict[str, float]) -> bool:

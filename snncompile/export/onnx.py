@@ -46,9 +46,7 @@ onnxruntime implements) and the IR version is the smallest one that declares tha
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -73,11 +71,12 @@ __all__ = [
     "MIN_OPSET",
     "ORT_LIMITS",
     "OnnxExportError",
+    "OnnxMetadataError",
     "export_onnx",
-    "main_export",
     "onnx_initial_states",
     "ort_limits",
     "pick_versions",
+    "read_states",
 ]
 
 #: The opset written by default: old enough for every onnxruntime of the last years, new enough
@@ -391,11 +390,13 @@ class _Emitter:
         *,
         opset: int = DEFAULT_OPSET,
         post: frozenset[str] = frozenset(),
+        passthrough: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = graph
         self.b = b
         self.opset = opset
         self.post = post  # nodes computed after the time loop, on [N, *] values
+        self.passthrough = passthrough  # nodes that are the identity at one step (a repeat)
         self.env: dict[str, Any] = {}
 
     def shift(self, node: Node) -> int:
@@ -516,7 +517,7 @@ class _Emitter:
                 spike, nxt = self._neuron(node, states, infos[node.name])
                 self.env[node.name] = _T(spike)
                 next_states.update(nxt)
-            elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME):
+            elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME) or node.name in self.passthrough:
                 self.env[node.name] = self.env[node.inputs[0]]
             else:
                 self._synapse(node)
@@ -623,6 +624,69 @@ class _Emitter:
 
 
 _T_missing = object()
+
+
+# -- a sequence built inside forward: x.unsqueeze(0).repeat(T, 1, ...) --------------------------
+@dataclasses.dataclass
+class _RepeatOverTime:
+    """``x.unsqueeze(0).repeat(T, 1, ...)`` (or ``.expand(T, -1, ...)``) of the model input."""
+
+    names: tuple[str, str]  # the unsqueeze node and the repeat node
+    repeats: tuple[int, ...]  # ONNX Tile repeats: (T, 1, ..., 1)
+
+
+def _int_sizes(node: Node) -> list[Any]:
+    args = list(node.attrs.get("args") or ())[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return args
+
+
+def _repeat_over_time(graph: Graph) -> _RepeatOverTime | None:
+    """Find a sequence built from an ``[N, *]`` input inside ``forward`` (SpikingJelly tutorials).
+
+    At one time step ``x.unsqueeze(0).repeat(T, 1, ...)[t]`` is ``x``: both nodes are the
+    identity in the step graph, and the sequence export tiles the input ``T`` times before its
+    ``Scan`` (``T`` is the model's own constant). Other uses of the input are refused.
+    """
+    inputs = graph.input_nodes
+    if len(inputs) != 1:
+        return None
+    users = graph.users_map()
+    for node in graph:
+        if node.op is not Op.FUNCTION or _call_name(node) not in ("repeat", "expand"):
+            continue
+        src = graph[node.inputs[0]] if node.inputs else None
+        if src is None or src.op is not Op.FUNCTION or _call_name(src) != "unsqueeze":
+            continue
+        s_args = src.attrs.get("args") or ()
+        s_dim = (src.attrs.get("kwargs") or {}).get("dim", s_args[1] if len(s_args) > 1 else None)
+        if s_dim != 0 or not src.inputs or src.inputs[0] != inputs[0].name:
+            continue
+        sizes = _int_sizes(node)
+        keep = 1 if _call_name(node) == "repeat" else -1
+        if (
+            not sizes
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+            or sizes[0] < 1
+            or any(v != keep for v in sizes[1:])
+            or (src.shape is not None and len(sizes) != len(src.shape))
+        ):
+            raise OnnxExportError(
+                f"export_onnx: IR node %{node.name} ({_call_name(node)}) builds a sequence from "
+                f"the input with sizes {sizes}; only x.unsqueeze(0).repeat(T, 1, ...) or "
+                ".expand(T, -1, ...) with a constant T can be exported."
+            )
+        others = [u.name for u in users[inputs[0].name] if u.name != src.name] + [
+            u.name for u in users[src.name] if u.name != node.name
+        ]
+        if others:
+            raise OnnxExportError(
+                f"export_onnx: the model input is repeated over time by %{node.name} and also "
+                f"read directly by {sorted(others)}; only the repeated sequence can be exported."
+            )
+        return _RepeatOverTime((src.name, node.name), (sizes[0], *[1] * (len(sizes) - 1)))
+    return None
 
 
 # -- reductions over time (sequence mode, after the Scan) -----------------------------------------
@@ -779,18 +843,107 @@ def _adaptive_avgpool(e: _Emitter, node: Node) -> str:
     if m is None or shape is None:
         raise e.fail(node, "needs an nn.AdaptiveAvgPool module and a known input shape")
     spatial = list(shape[1:])
-    out = _pair(m.output_size, len(spatial))
-    out = [sp if o is None else o for o, sp in zip(out, spatial, strict=True)]
+    size = m.output_size
+    out = list(size) if isinstance(size, (tuple, list)) else [size] * len(spatial)
+    out = [int(sp if o is None else o) for o, sp in zip(out, spatial, strict=True)]
     x = e.data(node)
     if all(o == 1 for o in out):
         return e.b.node("GlobalAveragePool", [x], node.name)
     if any(sp % o for sp, o in zip(spatial, out, strict=True)):
-        raise e.fail(
-            node, f"output size {out} does not divide the input size {spatial}; not exported"
-        )
+        return _adaptive_avgpool_matmul(e, node, x, spatial, out)
     k = [sp // o for sp, o in zip(spatial, out, strict=True)]
     return e.b.node(
         "AveragePool", [x], node.name, kernel_shape=k, strides=k, pads=[0] * (2 * len(k))
+    )
+
+
+def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``[size_out, size_in]``: row ``i`` averages PyTorch's adaptive window ``i``.
+
+    Window ``i`` is ``[floor(i * in / out), ceil((i + 1) * in / out))``, as in
+    ``torch.nn.functional.adaptive_avg_pool*d``; windows may overlap and differ in size.
+    """
+    a = np.zeros((size_out, size_in), dtype=np.float32)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        a[i, start:end] = np.float32(1.0) / np.float32(end - start)
+    return a
+
+
+def _adaptive_avgpool_matmul(
+    e: _Emitter, node: Node, x: str, spatial: list[int], out: list[int]
+) -> str:
+    """Adaptive average pooling with sizes that do not divide, as separable matrix products.
+
+    ``y = A_h x A_w^T`` per channel (2-D; ``x A^T`` in 1-D) with the averaging matrices of
+    :func:`adaptive_pool_matrix`. Windows of one element (e.g. 1x1 -> 7x7 upsampling in a VGG
+    head) have weight 1 and are exact; larger windows round like a dot product, not like
+    PyTorch's window sum (about 1e-7 relative).
+    """
+    b = e.b
+    y = x
+    if spatial[-1] != out[-1]:
+        aw = adaptive_pool_matrix(spatial[-1], out[-1]).T.copy()
+        y = b.node("MatMul", [y, b.inits.add(aw, f"{node.name}_pool_w")], node.name)
+    if len(spatial) == 2 and spatial[0] != out[0]:
+        ah = adaptive_pool_matrix(spatial[0], out[0])
+        y = b.node("MatMul", [b.inits.add(ah, f"{node.name}_pool_h"), y], node.name)
+    if len(spatial) > 2:
+        raise e.fail(node, "adaptive pooling over more than 2 spatial dims is not exported")
+    return y if y != x else b.node("Identity", [x], node.name)
+
+
+def _voting(e: _Emitter, node: Node) -> str:
+    """SpikingJelly's ``VotingLayer``: the mean of each group of ``voting_size`` features.
+
+    ``avg_pool1d(x.unsqueeze(1), v, v).squeeze(1)`` on ``[N, F]``: ``Reshape [N, F//v, v]``
+    (a remainder of ``F mod v`` features is dropped, like the pooling) then ``ReduceMean``.
+    """
+    shape = e.in_shape(node)
+    v = int(node.module.voting_size)
+    if shape is None or len(shape) != 1:
+        raise e.fail(node, f"VotingLayer expects [N, F] per step, got features {shape}")
+    f = int(shape[0])
+    x = e.data(node)
+    b = e.b
+    if f % v:
+        x = b.node(
+            "Slice",
+            [
+                x,
+                b.inits.int64([0], "voting_start"),
+                b.inits.int64([f - f % v], "voting_end"),
+                b.inits.int64([1], "voting_axis"),
+            ],
+            node.name,
+        )
+    grouped = b.node("Reshape", [x, b.inits.int64([0, f // v, v], f"{node.name}_groups")])
+    if e.opset >= 18:
+        axes = b.inits.int64([2], "voting_axes")
+        return b.node("ReduceMean", [grouped, axes], node.name, keepdims=0)
+    return b.node("ReduceMean", [grouped], node.name, axes=[2], keepdims=0)
+
+
+def _sj_class(module_path: str, name: str) -> type | None:
+    import sys
+
+    mod = sys.modules.get(module_path)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+def _opaque_module(e: _Emitter, node: Node) -> str:
+    """Opaque modules with a known inference form (SpikingJelly layers without a rule)."""
+    m = node.module
+    voting = _sj_class("spikingjelly.activation_based.layer", "VotingLayer")
+    if voting is not None and isinstance(m, voting):
+        return _voting(e, node)
+    raise e.fail(
+        node,
+        f"opaque module {type(m).__name__} (it runs as written in PyTorch) has no ONNX rendering; "
+        "replace it by supported layers or register a rendering in "
+        "snncompile.export.onnx.SYNAPSE_OPS.",
     )
 
 
@@ -939,6 +1092,7 @@ SYNAPSE_OPS: dict[Op, Callable[[_Emitter, Node], str]] = {
     Op.DROPOUT: _identity,
     Op.IDENTITY: _identity,
     Op.ELEMENTWISE: _elementwise,
+    Op.OPAQUE_MODULE: _opaque_module,
 }
 
 
@@ -1031,12 +1185,15 @@ def _build(
             f"export_onnx: the example input is {example.dtype}; the ONNX export computes in "
             "float32 (pass a float32 example and model)."
         )
-    feat = [int(s) for s in example.shape[2:]]
+    repeat = _repeat_over_time(graph)
+    # A model that repeats an [N, *] input over time itself takes [N, *] in both modes.
+    feat = [int(s) for s in example.shape[1 if repeat else 2 :]]
+    through = frozenset(repeat.names) if repeat else frozenset()
     x_public = names.reserve(x_node.name)
     if mode == "step":
         infos = _state_infos(graph, names, "")
         b = GraphBuilder(names, inits)
-        emitter = _Emitter(graph, b, opset=opset)
+        emitter = _Emitter(graph, b, opset=opset, passthrough=through)
         outs, nxt = emitter.run(x_public, {k: i.input for k, i in infos.items()}, infos)
         taken: dict[str, str] = {}
         out_vis = []
@@ -1057,7 +1214,7 @@ def _build(
     infos = _state_infos(graph, names, "scan.")
     body = GraphBuilder(names, inits)
     x_t = names.reserve("scan.x_t")
-    emitter = _Emitter(graph, body, opset=opset, post=post)
+    emitter = _Emitter(graph, body, opset=opset, post=post, passthrough=through)
     _, nxt = emitter.run(x_t, {k: i.input for k, i in infos.items()}, infos)
     taken: dict[str, str] = {}
     body_out_vis = []
@@ -1074,9 +1231,15 @@ def _build(
     body_graph = helper.make_graph(body.nodes, "snncompile_step", body_in_vis, body_out_vis)
 
     main = GraphBuilder(names, inits)
+    scan_in = x_public
+    if repeat is not None:  # the sequence is built in the graph: Tile(Unsqueeze(x, 0))
+        unsq = main.node("Unsqueeze", [x_public, inits.int64([0], "time_axis0")], "x_unsqueeze")
+        scan_in = main.node(
+            "Tile", [unsq, inits.int64(list(repeat.repeats), "time_repeats")], "x_seq"
+        )
     init_states = []
     if infos:
-        shape_x = main.node("Shape", [x_public], "x_shape")
+        shape_x = main.node("Shape", [scan_in], "x_shape")
         n = main.node("Gather", [shape_x, inits.int64([1], "batch_index")], "batch", axis=0)
         for info in infos.values():
             dims = inits.int64(list(info.shape), f"{info.node}_dims")
@@ -1090,7 +1253,7 @@ def _build(
     main.nodes.append(
         helper.make_node(
             "Scan",
-            [*init_states, x_public],
+            [*init_states, scan_in],
             [*final, *stacked],
             name="n_time_loop",
             body=body_graph,
@@ -1106,7 +1269,7 @@ def _build(
         _publish(main, value, public, renamed)
         lead = ["N"] if src.name in post else ["T", "N"]
         out_vis.append(_value_info(public, src.dtype, [*lead, *(after.step_shape(src) or ())]))
-    in_vis = [_value_info(x_public, "float32", ["T", "N", *feat])]
+    in_vis = [_value_info(x_public, "float32", ["N", *feat] if repeat else ["T", "N", *feat])]
     g = helper.make_graph(main.nodes, "snncompile_sequence", in_vis, out_vis, inits.tensors)
     return g, _states_meta(infos)
 
@@ -1126,24 +1289,36 @@ def _states_meta(infos: dict[str, StateInfo]) -> list[dict[str, Any]]:
     ]
 
 
+_SIGNATURE = "export_onnx(model, example_input, path=None, *, mode='sequence', opset=None)"
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, Path)) or hasattr(value, "__fspath__")
+
+
 def export_onnx(
     model_or_compiled: nn.Module,
-    path: str | Path | None,
     example_input: torch.Tensor,
+    path: str | Path | None = None,
     *,
     mode: str = "sequence",
     opset: int | None = None,
 ) -> onnx.ModelProto:
     """Export an SNN (or a compiled module) to ONNX for inference and return the model.
 
+    The argument order is that of :func:`snncompile.export_nir` and ``torch.onnx.export``:
+    the model, an example input, then the file. A call in the order of older snncompile
+    releases (``export_onnx(model, path, example_input)``) is refused with a ``TypeError`` that
+    shows this order.
+
     Args:
         model_or_compiled: A SpikingJelly-style model (single- or multi-step) or the result of
             :func:`snncompile.optimize`. A model is compiled with ``mode='inference'`` first
             (BN folded, dropout removed); a training-mode model or compiled module is exported
             with inference semantics and a warning.
-        path: Where to write the ``.onnx`` file (``None``: only return the model).
         example_input: A float32 ``[T, N, ...]`` example (shapes of the per-sample features are
             fixed by it; ``T`` and ``N`` stay dynamic).
+        path: Where to write the ``.onnx`` file (``None``, the default: only return the model).
         mode: ``'sequence'`` -- input ``[T, N, ...]``, output like the compiled module, the time
             loop one ONNX ``Scan``; ``'step'`` -- one time step with explicit state inputs and
             outputs (see the module docstring for names, order and metadata).
@@ -1154,8 +1329,22 @@ def export_onnx(
         OnnxExportError: an IR node/op has no ONNX rendering (the message names both), or the
             model/options cannot be exported.
     """
+    if _is_path(example_input) or (
+        example_input is None and isinstance(path, torch.Tensor)
+    ):
+        raise TypeError(
+            f"export_onnx: the example input comes second and the file path third: {_SIGNATURE} "
+            f"(the order of export_nir and torch.onnx.export). Got example_input="
+            f"{example_input!r}; call it as export_onnx(model, x, {str(example_input)!r}, "
+            f"mode={mode!r})."
+        )
     if mode not in ("sequence", "step"):
         raise OnnxExportError(f"export_onnx: mode must be 'sequence' or 'step', got {mode!r}")
+    if path is not None and not _is_path(path):
+        raise TypeError(
+            f"export_onnx: path must be a file path (str or os.PathLike) or None, got "
+            f"{type(path).__name__}; the signature is {_SIGNATURE}."
+        )
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise OnnxExportError(
             "export_onnx: example_input must be a [T, N, ...] tensor (time, batch, features)"
@@ -1180,12 +1369,85 @@ def export_onnx(
     return model
 
 
-def _load_meta(path_or_model: str | Path | onnx.ModelProto) -> dict[str, str]:
+class OnnxMetadataError(ValueError):
+    """A model's ``snncompile.*`` metadata is missing or malformed; the message names the model
+    and the field."""
+
+
+def describe_model(path_or_model: str | Path | onnx.ModelProto) -> str:
+    """How error messages name a model: its path, or its graph's name for a ``ModelProto``."""
+    if isinstance(path_or_model, onnx.ModelProto):
+        return f"ONNX model (graph {path_or_model.graph.name!r})"
+    return f"ONNX model {str(path_or_model)!r}"
+
+
+def load_metadata(path_or_model: str | Path | onnx.ModelProto) -> dict[str, str]:
+    """A model's ``metadata_props`` as a dict (the file is read without external data)."""
     if isinstance(path_or_model, onnx.ModelProto):
         model = path_or_model
     else:
         model = onnx.load(str(path_or_model), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
+
+
+def read_states(
+    path_or_model: str | Path | onnx.ModelProto, meta: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The validated ``snncompile.states`` records of a model (see the module docstring).
+
+    Raises:
+        OnnxMetadataError: the key is missing, is not JSON, or a record lacks a field or has a
+            field of the wrong type; the message names the model, the record and the field.
+    """
+    meta = load_metadata(path_or_model) if meta is None else meta
+    who = describe_model(path_or_model)
+    if _STATES_KEY not in meta:
+        raise OnnxMetadataError(
+            f"{who} has no {_STATES_KEY!r} metadata; was it written by snncompile.export_onnx?"
+        )
+    try:
+        records = json.loads(meta[_STATES_KEY])
+    except json.JSONDecodeError as err:
+        raise OnnxMetadataError(
+            f"{who}: metadata {_STATES_KEY!r} is not valid JSON ({err}); it must be a JSON list "
+            "of state records written by snncompile.export_onnx."
+        ) from None
+    if not isinstance(records, list):
+        raise OnnxMetadataError(
+            f"{who}: metadata {_STATES_KEY!r} must be a JSON list of state records, got "
+            f"{type(records).__name__}"
+        )
+
+    def bad(k: int, field: str, want: str, got: Any) -> OnnxMetadataError:
+        return OnnxMetadataError(
+            f"{who}: metadata {_STATES_KEY!r} record {k}, field {field!r}: expected {want}, "
+            f"got {got!r}"
+        )
+
+    out = []
+    for k, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise bad(k, "(record)", "a JSON object", rec)
+        for field in ("node", "input", "output"):
+            if not isinstance(rec.get(field), str) or not rec[field]:
+                raise bad(k, field, "a non-empty string", rec.get(field, "<missing>"))
+        shape = rec.get("shape", "<missing>")
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or shape[0] != -1
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or any(d < 1 for d in shape[1:])
+        ):
+            raise bad(k, "shape", "a list [-1, d1, d2, ...] of ints (-1: the batch axis)", shape)
+        dtype = rec.get("dtype", "float32")
+        if dtype not in _DTYPES:
+            raise bad(k, "dtype", f"one of {sorted(_DTYPES)}", dtype)
+        init = rec.get("init", "<missing>")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not np.isfinite(init):
+            raise bad(k, "init", "a finite number", init)
+        out.append({**rec, "dtype": dtype, "init": float(init)})
+    return out
 
 
 def onnx_initial_states(
@@ -1196,90 +1458,34 @@ def onnx_initial_states(
     Each array is ``[batch_size, *feature shape]`` filled with the neuron's initial membrane
     potential (its ``v_init`` if it has one, e.g. ``v_threshold / 2`` for ann2snn's
     ``HalfThresholdIFNode``; else ``v_reset``, or 0 for soft reset), read from the model's
-    metadata.
+    metadata (:func:`read_states`).
     """
-    meta = _load_meta(path_or_model)
-    if _STATES_KEY not in meta:
-        raise ValueError(
-            "onnx_initial_states: the model has no snncompile.states metadata; was it written "
-            "by snncompile.export_onnx?"
-        )
+    meta = load_metadata(path_or_model)
+    states = read_states(path_or_model, meta)
     if meta.get("snncompile.mode") != "step":
         raise ValueError(
-            "onnx_initial_states: this is a sequence-mode model; it builds its initial states "
-            "inside the graph and takes no state inputs. Export with mode='step' to stream."
+            f"onnx_initial_states: {describe_model(path_or_model)} is a sequence-mode model; it "
+            "builds its initial states inside the graph and takes no state inputs. Export with "
+            "mode='step' to stream."
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"onnx_initial_states: batch_size must be an int >= 1, got {batch_size}")
     out: dict[str, np.ndarray] = {}
-    for s in json.loads(meta[_STATES_KEY]):
+    for s in states:
         shape = [batch_size if d == -1 else int(d) for d in s["shape"]]
-        out[s["input"]] = np.full(shape, s["init"], dtype=np.dtype(s.get("dtype", "float32")))
+        out[s["input"]] = np.full(shape, s["init"], dtype=np.dtype(s["dtype"]))
     return out
 
 
 def onnx_state_outputs(path_or_model: str | Path | onnx.ModelProto) -> dict[str, str]:
     """``{state input name: next-state output name}`` of a step-mode export (from metadata)."""
-    meta = _load_meta(path_or_model)
-    return {s["input"]: s["output"] for s in json.loads(meta.get(_STATES_KEY, "[]"))}
+    return {s["input"]: s["output"] for s in read_states(path_or_model)}
 
 
-# -- command line ---------------------------------------------------------------------------------
+# -- helpers for the command line ---------------------------------------------------------------
 def node_count(model: onnx.ModelProto) -> int:
     """Nodes of ``model``'s graph plus those of its subgraphs one level down (a ``Scan`` body)."""
     graph = model.graph
     return len(graph.node) + sum(
         len(a.g.node) for n in graph.node for a in n.attribute if a.type == a.GRAPH
     )
-
-
-def _load_model(spec: str) -> nn.Module:
-    """``package.module:factory`` (a callable returning a module) or a ``torch.save``d module."""
-    if ":" in spec and not Path(spec).exists():
-        mod_name, attr = spec.split(":", 1)
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
-    else:
-        model = torch.load(spec, weights_only=False, map_location="cpu")
-    if not isinstance(model, nn.Module):
-        raise SystemExit(f"snncompile export: {spec!r} did not give an nn.Module")
-    return model
-
-
-def main_export(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``snncompile export MODEL --input-shape T,N,... --out out.onnx``.
-
-    ``MODEL`` is ``package.module:factory`` (a callable returning the model, or a module
-    attribute) or a file written with ``torch.save(model)``. Returns the process exit code.
-    """
-    p = argparse.ArgumentParser(
-        prog="snncompile export", description="Export an SNN to ONNX for inference."
-    )
-    p.add_argument("model", help="package.module:factory, or a torch.save()d nn.Module file")
-    p.add_argument("--input-shape", required=True, help="example input shape T,N,... e.g. 4,1,784")
-    p.add_argument("-o", "--output", "--out", dest="output", required=True, help="the .onnx file")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="only 'onnx' here")
-    p.add_argument("--mode", choices=("sequence", "step"), default="sequence")
-    p.add_argument("--opset", type=int, default=None)
-    args = p.parse_args(argv)
-    try:
-        shape = [int(s) for s in args.input_shape.replace("x", ",").split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--input-shape must be integers like 4,1,784, got {args.input_shape!r}")
-    if len(shape) < 2:
-        p.error("--input-shape needs at least T and N")
-    model = _load_model(args.model)
-    model.eval()
-    example = torch.rand(*shape)
-    try:
-        m = export_onnx(model, args.output, example, mode=args.mode, opset=args.opset)
-    except OnnxExportError as err:
-        print(f"snncompile export: {err}")
-        return 1
-    print(
-        f"wrote {args.output}: mode={args.mode}, opset={m.opset_import[0].version}, "
-        f"IR version {m.ir_version}, {node_count(m)} nodes"
-    )
-    return 0

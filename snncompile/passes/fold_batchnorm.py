@@ -32,22 +32,37 @@ _PAIRS = (
 )
 
 
+def fold_tensors(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', b')`` of the module doc, computed in float64 and returned in ``weight``'s dtype."""
+    with torch.no_grad():
+        w = weight.detach().double()
+        mean = running_mean.detach().double()
+        var = running_var.detach().double()
+        g = gamma.detach().double() if gamma is not None else torch.ones_like(mean)
+        bt = beta.detach().double() if beta is not None else torch.zeros_like(mean)
+        b = bias.detach().double() if bias is not None else torch.zeros_like(mean)
+        s = g / torch.sqrt(var + eps)
+        w2 = w * s.reshape(-1, *([1] * (w.dim() - 1)))
+        b2 = (b - mean) * s + bt
+    return w2.to(weight.dtype), b2.to(weight.dtype)
+
+
 def fold_conv_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """Return a new layer equal to ``bn(layer(x))`` for an eval-mode ``bn`` (see module doc)."""
     folded = copy.deepcopy(layer)
-    with torch.no_grad():
-        w = layer.weight.detach().double()
-        mean = bn.running_mean.detach().double()
-        var = bn.running_var.detach().double()
-        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
-        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
-        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(mean)
-        s = gamma / torch.sqrt(var + bn.eps)
-        w2 = w * s.reshape(-1, *([1] * (w.dim() - 1)))
-        b2 = (b - mean) * s + beta
-        dtype = layer.weight.dtype
-        folded.weight = nn.Parameter(w2.to(dtype), requires_grad=False)
-        folded.bias = nn.Parameter(b2.to(dtype), requires_grad=False)
+    w2, b2 = fold_tensors(
+        layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+    )
+    folded.weight = nn.Parameter(w2, requires_grad=False)
+    folded.bias = nn.Parameter(b2, requires_grad=False)
     return folded
 
 

@@ -3,12 +3,18 @@
 :func:`lower_to_fx` turns a sequence-form graph into Python code through torch.fx: module nodes
 become ``call_module`` of the very module objects the IR holds (so parameters stay shared and
 training works), functions and methods are called as recorded, ``MERGE_TIME`` is
-``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read from the
-input at run time, and per-step nodes run inside a :class:`~snncompile.runtime.step_loop.StepLoop`.
+``x.flatten(0, 1)``, ``SPLIT_TIME`` is ``x.unflatten(0, (T, -1))`` with ``T`` read at run time
+from the sequence the value was merged from (the input's ``T``, unless ``forward`` builds its own
+sequence from an ``[N, *]`` input), and per-step nodes run inside a
+:class:`~snncompile.runtime.step_loop.StepLoop`.
 
 :class:`CompiledModule` wraps the result: it takes ``[T, N, *]`` input, holds its own copies of
 the stateful modules (reset them with ``functional.reset_net(compiled)``; the original model's
-state is never read or written), and exposes ``.graph`` and ``.report()``.
+state is never read or written), and exposes ``.graph`` and ``.report()``. Its ``state_dict()``
+and ``load_state_dict()`` use the model's keys (:mod:`snncompile.runtime.state_names`), so a
+checkpoint moves between a model and its compiled form both ways. Its ``shape_guard``
+(:mod:`snncompile.runtime.shape_guard`) sends inputs of shapes other than the example's to
+programs re-traced for them.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
+from snncompile.runtime.one_step import build_one_step
+from snncompile.runtime.state_names import StateNames
 from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
 
 
@@ -45,6 +53,7 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
     fxg = fx.Graph()
     env: dict[str, Any] = {}
     registered: dict[int, str] = {}
+    attrs: dict[str, str] = {}  # IR node name -> the attribute of the root it runs / reads
     time_size: list[fx.Node] = []
 
     def register(obj: Any, name: str) -> str:
@@ -83,7 +92,27 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             time_size.append(fxg.call_method("size", (env[seq_input.name], 0)))
         return time_size[0]
 
+    # T of a flat [T*N, *] value is read from the sequence it was merged from, not from the
+    # graph input: a forward that builds its sequence itself (x.unsqueeze(0).repeat(T, ...) of
+    # an [N, *] input) has an input whose dimension 0 is the batch, not T.
+    merged_from: dict[str, str] = {}
+    time_of: dict[str, fx.Node] = {}
+
+    def time_steps_of(node: Node) -> fx.Node:
+        origin = merged_from.get(node.inputs[0]) if node.inputs else None
+        if origin is None:
+            return time_steps()
+        if origin not in time_of:
+            time_of[origin] = fxg.call_method("size", (env[origin], 0))
+        return time_of[origin]
+
     for node in graph.nodes:
+        if node.op is Op.MERGE_TIME and node.inputs:
+            merged_from[node.name] = node.inputs[0]
+        elif node.layout is Layout.FLAT:
+            origin = next((merged_from[i] for i in node.inputs if i in merged_from), None)
+            if origin is not None:
+                merged_from[node.name] = origin
         args_t = node.attrs.get("args")
         if args_t is None:
             args_t = tuple(Ref(i) for i in range(len(node.inputs)))
@@ -91,7 +120,9 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
         if node.op is Op.INPUT:
             env[node.name] = fxg.placeholder(node.name)
         elif node.op is Op.CONSTANT:
-            attr = register(node.attrs["_value"], node.attrs.get("target", node.name))
+            attr = attrs[node.name] = register(
+                node.attrs["_value"], node.attrs.get("target", node.name)
+            )
             env[node.name] = fxg.get_attr(attr)
         elif node.op is Op.OUTPUT:
             fxg.output(fill(args_t[0] if len(args_t) == 1 else args_t, node))
@@ -99,7 +130,7 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             env[node.name] = fxg.call_method("flatten", (env[node.inputs[0]], 0, 1))
         elif node.op is Op.SPLIT_TIME:
             env[node.name] = fxg.call_method(
-                "unflatten", (env[node.inputs[0]], 0, (time_steps(), -1))
+                "unflatten", (env[node.inputs[0]], 0, (time_steps_of(node), -1))
             )
         elif (
             node.attrs.get("per_step")
@@ -108,7 +139,8 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             and len(node.inputs) == 1
             and not kwargs_t
         ):
-            attr = register(PerStepBatchNorm(node.module), f"{node.name}_per_step")
+            per_step_bn = PerStepBatchNorm(node.module)
+            attr = attrs[node.name] = register(per_step_bn, f"{node.name}_per_step")
             env[node.name] = fxg.call_module(attr, (env[node.inputs[0]],))
         elif node.attrs.get("per_step"):
             seq = tuple(
@@ -117,10 +149,10 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
                 for i in node.inputs
             )
             loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)
-            attr = register(loop, f"{node.name}_loop")
+            attr = attrs[node.name] = register(loop, f"{node.name}_loop")
             env[node.name] = fxg.call_module(attr, tuple(env[i] for i in node.inputs))
         elif node.module is not None:
-            attr = register(node.module, node.name)
+            attr = attrs[node.name] = register(node.module, node.name)
             env[node.name] = fxg.call_module(attr, fill(args_t, node), fill(kwargs_t, node))
         elif isinstance(node.target, str):
             env[node.name] = fxg.call_method(node.target, fill(args_t, node), fill(kwargs_t, node))
@@ -135,7 +167,9 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
         if isinstance(value, fx.Node):
             value.meta.setdefault("snn_node", ir_name)
     fxg.lint()
-    return fx.GraphModule(root, fxg, class_name="SNNCompiled")
+    gm = fx.GraphModule(root, fxg, class_name="SNNCompiled")
+    gm.meta["snn_attrs"] = attrs  # read by runtime.one_step, which calls the same attributes
+    return gm
 
 
 class CompiledModule(nn.Module):
@@ -156,6 +190,7 @@ class CompiledModule(nn.Module):
         example_shape: tuple[int, ...],
         mode: str,
         backend: str,
+        source: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.gm = gm
@@ -166,6 +201,52 @@ class CompiledModule(nn.Module):
         self.backend = backend
         self.source_step_mode = graph.meta.get("step_mode", "s")
         self._learning_hub: Any = None  # learning_hooks._LearningHub, created by attach()
+        self.chunk_size: int | None = None  # set by optimize(chunk_size=/memory_budget=)
+        # T = 1 calls (streaming) run this program: the same modules, no time-layout reshapes,
+        # neurons stepped directly (see snncompile.runtime.one_step); None when it cannot.
+        self._one_step = build_one_step(graph, gm)
+        self._ndim = len(self.example_shape)
+        self._state_names: StateNames | None = None
+        if source is not None:
+            names = StateNames(self, gm, graph, source)
+            if names.sources is not None:
+                self._sources = names.sources
+            self._state_names = names
+
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The model's state dict: the keys of ``model.state_dict()``, in the same order.
+
+        The values are the tensors this module runs with (shared with the model where the
+        compile shares them). In an inference compile with batchnorms folded, the folded
+        layers are derived values and do not appear: the state dict holds the original layer
+        and batchnorm tensors, exactly as the model's does (see
+        :mod:`snncompile.runtime.state_names`). Save it with ``torch.save(compiled.state_dict(),
+        path)``; it loads into the model, a fresh model or another compiled module.
+        """
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._state_names is None:
+            return sd
+        return self._state_names.to_model(sd, prefix)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # ``load_state_dict`` takes the model's keys: they are rewritten to the local ones here,
+        # before the children (``gm``, ``_sources``) load theirs; folded layers are recomputed.
+        if self._state_names is not None:
+            self._state_names.to_local(self, state_dict, prefix, missing_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def graph(self) -> Graph:
@@ -178,7 +259,11 @@ class CompiledModule(nn.Module):
         return list(self._records)
 
     def forward(self, x: Any) -> Any:
-        """Run the compiled model on ``x`` of shape ``[T, N, *]``."""
+        """Run the compiled model on ``x`` of shape ``[T, N, *]``.
+
+        A ``T = 1`` call (one time step, e.g. streaming with the state carried between calls)
+        takes a shorter path with the same result, unless learners are attached.
+        """
         if isinstance(x, torch.Tensor) and x.dim() != len(self.example_shape):
             raise ValueError(
                 f"compiled model: expected input of shape [T, N, ...] with "
@@ -190,7 +275,21 @@ class CompiledModule(nn.Module):
                 f"compiled model: the input of shape {list(x.shape)} has T=0 time steps; a "
                 "[T, N, ...] input needs T >= 1 (there is no output of a model run for no steps)"
             )
-        chunk = getattr(self, "chunk_size", None)  # set by optimize(chunk_size/memory_budget)
+        guard = self._modules.get("shape_guard")  # runtime.shape_guard, set by optimize
+        if guard is not None:
+            other = guard.select(self, x)  # another program for another input shape
+            if other is not None:
+                return other(x)
+        one_step = self._one_step
+        if (
+            one_step is not None
+            and type(x) is torch.Tensor
+            and x.dim() == self._ndim
+            and x.shape[0] == 1
+            and (self._learning_hub is None or not self._learning_hub.attachments)
+        ):
+            return one_step(self.gm, x)
+        chunk = self.chunk_size
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
             from snncompile.runtime.chunked import chunked_forward
 
@@ -316,6 +415,15 @@ class CompiledModule(nn.Module):
             f"snncompile: mode={self.mode}, backend={self.backend}, source step_mode="
             f"{self.source_step_mode}, {len(self._graph)} IR nodes"
         )
+        if any(r.name == "fold_batchnorm" and r.modified for r in self._records):
+            lines.append(
+                "note: BatchNorm was folded into conv/linear weights; outputs are not bit-exact "
+                "with the eager model (~1e-6 relative on pre-activations can flip spikes near "
+                "threshold). Compile with fold_batchnorm=False for exact eval outputs."
+            )
+        guard = self._modules.get("shape_guard")
+        if guard is not None:
+            lines.extend(guard.describe())
         return head + "\n" + "\n".join(lines)
 
     def extra_repr(self) -> str:
