@@ -69,6 +69,8 @@ _DEFAULT_SURROGATE = surrogate.Sigmoid()
 #: Attributes a neuron writes while running (not configuration): setting them keeps its cached
 #: dynamics.
 _RUNTIME_ATTRS = frozenset({"v_seq", "training", "_backend", "_store_v_seq"})
+#: What a neuron caches about its definition (dropped on configuration changes and pickling).
+_CACHES = ("_eager_cache", "_dyn_cache", "_captured")
 
 
 def _defining_class(cls: type) -> type:
@@ -322,9 +324,13 @@ class BaseNode(MemoryModule):
             return
         if name not in _RUNTIME_ATTRS:
             # A configuration change (tau, v_threshold, surrogate_function, ...): rebuild lazily.
-            for key in ("_eager_cache", "_dyn_cache", "_captured"):
+            for key in _CACHES:
                 self.__dict__.pop(key, None)
         super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, object]:
+        # The caches hold generated functions (not picklable); copies rebuild them lazily.
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHES}
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
