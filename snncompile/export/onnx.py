@@ -15,12 +15,12 @@ as a scan body, i.e. not for the IR we already have.
 values (``[T*N, *]``) and ``seq`` values (``[T, N, *]``) are both ``[N, *]`` at a single step,
 ``MERGE_TIME``/``SPLIT_TIME`` become no-ops, and a dimension argument ``d >= 1`` of a
 sequence-level op becomes ``d - 1`` (``d = 0`` would mix time steps and is refused). The step
-graph reads the input ``x_t`` and one membrane state per neuron, and returns the output ``y_t``
-and the next states.
+graph reads the input ``x_t`` and every state of every neuron (the membrane ``v``, and the extra
+states of multi-state neurons), and returns the output ``y_t`` and the next states.
 
 * ``mode='step'``: the step graph is the model. Inputs: the data input (``[N, *]``) then one
-  input ``<neuron node>.v`` per neuron; outputs: the model output(s) then ``<neuron node>.v_next``
-  in the same order.
+  input ``<neuron node>.<state>`` per neuron state (``.v``, then e.g. ``.w``); outputs: the model
+  output(s) then ``<neuron node>.<state>_next`` in the same order.
 * ``mode='sequence'``: the step graph is the body of one ONNX ``Scan`` over axis 0 of
   ``x: [T, N, *]`` (dynamic ``T`` and ``N``; the node count does not depend on ``T``). Initial
   states are built inside the graph (``ConstantOfShape`` with the batch size read from ``x``).
@@ -30,9 +30,11 @@ and the next states.
 **Metadata** (``model.metadata_props``), so runtimes without Python can build the states:
 
 * ``snncompile.format``: ``"1"``; ``snncompile.mode``: ``"step"`` or ``"sequence"``;
-* ``snncompile.states``: a JSON list, one object per neuron state in input order:
-  ``{"node": IR node name, "input": state input name, "output": next-state output name,
-  "shape": [-1, C, H, W] (-1 = batch), "dtype": "float32", "init": initial value}``. ``init`` is
+* ``snncompile.states``: a JSON list, one object per neuron state in input order (``v``, then a
+  multi-state neuron's extra states, e.g. Izhikevich's ``w``):
+  ``{"node": IR node name, "state": state name, "input": state input name, "output": next-state
+  output name, "shape": [-1, C, H, W] (-1 = batch), "dtype": "float32", "init": initial
+  value}``. An extra state's ``init`` is the value its module registers; ``v``'s is
   the neuron's ``NeuronSpec.v_init`` when it has one (ann2snn's half-threshold IF neurons start
   at ``v_threshold / 2``), else ``v_reset`` (hard reset) or ``0.0`` (soft reset); the initial
   state is that value broadcast to ``shape`` with the batch size filled in. Sequence-mode models
