@@ -25,7 +25,7 @@ report's note for the node says why it was left). Adjacent scalar
 ``VoltageScale`` ops are merged into the kernel afterwards by
 :mod:`snncompile.passes.fuse_elementwise`.
 
-Registered in the pipeline's ``'fusion'`` stage (both modes) on import.
+Listed first in the ``'fusion'`` stage of :data:`snncompile.passes.pipeline.PIPELINE` (both modes).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 from snncompile.ir.graph import Graph
 from snncompile.ir.ops import Layout, Op
 from snncompile.passes.base import PassResult
-from snncompile.passes.pipeline import register_pass
 
 FUSED_BACKENDS = ("cpu", "cuda", "auto")
 
@@ -72,6 +71,3 @@ def fuse_neurons(graph: Graph) -> PassResult:
         fused.append(node.name)
     notes = [f"fused {len(fused)} neuron(s) with backend={backend!r}"] + skipped
     return PassResult(graph, bool(fused), notes)
-
-
-register_pass("fusion", fuse_neurons, name="fuse_neurons")
