@@ -21,6 +21,7 @@ from snncompile.passes.pipeline import build_pipeline
 from snncompile.runtime import fused_backends
 from snncompile.runtime.chunked import configure_chunking
 from snncompile.runtime.compiled import CompiledModule, lower_to_fx
+from snncompile.runtime.lower_fusion import apply_fusion_decisions
 from snncompile.runtime.shape_guard import ShapeGuard, program_key, signature
 
 MODES = ("train", "inference")
@@ -175,6 +176,7 @@ def _compile(
         pipeline = [(name, fn) for name, fn in pipeline if name != "fold_batchnorm"]
     manager = PassManager(pipeline)
     graph = manager.run(graph)
+    apply_fusion_decisions(graph)  # the passes decided; lowering makes the modules follow
     gm = lower_to_fx(graph)
     compiled = CompiledModule(
         gm,

@@ -13,13 +13,16 @@ PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf), and the subclasses
 with :func:`snncompile.frontend.rules.register_neuron_subclass` (ann2snn's
 ``HalfThresholdIFNode``), which keep those dynamics and change only the initial membrane
 (``NeuronSpec.v_init``): the fused kernel starts from the module's own state ``v``, which the
-module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The node's module (the
-compiled model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or
-``'auto'``, where ``'auto'`` picks the fused kernel or the torch loop per call by size and
-device). Left as they are: ``backend='torch'``; SpikingJelly neurons the frontend could not
+module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The pass is IR -> IR:
+it records ``fused_backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or ``'auto'``, where
+``'auto'`` picks the fused kernel or the torch loop per call by size and device) and the kernel
+id on the node; :func:`snncompile.runtime.lower_fusion.apply_fusion_decisions` sets the node's
+module (the compiled model's own copy) to that backend when the graph is lowered. Left as they
+are: ``backend='torch'``; SpikingJelly neurons the frontend could not
 rebuild as snncompile neurons (a custom surrogate, ``store_v_seq=True``: they run as the original
-module; IF/LIF/PLIF are rebuilt, so they are fused); neurons run per step
-(``attrs['per_step']``); subclasses with their own dynamics; other surrogates (surrogates are
+module; the classes with a snncompile equivalent are rebuilt, so they are fused); neurons run per step
+(``attrs['per_step']``); subclasses whose own fire/reset, or whose ``neuronal_charge`` cannot
+be captured (:mod:`snncompile.dynamics.capture`), make their dynamics unknown; other surrogates (surrogates are
 matched by class identity, so a user's class named ``ATan`` or a subclass of ours is "other"; the
 report's note for the node says why it was left). Adjacent scalar
 ``VoltageScale`` ops are merged into the kernel afterwards by
@@ -64,7 +67,6 @@ def fuse_neurons(graph: Graph) -> PassResult:
         if why is not None:
             skipped.append(f"%{node.name}: {why}")
             continue
-        module.backend = backend
         node.op = Op.FUSED_NEURON
         node.attrs["kernel"] = register_dynamics(dynamics)
         node.attrs["fused_backend"] = backend
