@@ -18,11 +18,11 @@ it records ``fused_backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or `
 ``'auto'`` picks the fused kernel or the torch loop per call by size and device) and the kernel
 id on the node; :func:`snncompile.runtime.lower_fusion.apply_fusion_decisions` sets the node's
 module (the compiled model's own copy) to that backend when the graph is lowered. Left as they
-are: ``backend='torch'``; SpikingJelly neurons the frontend could not
-rebuild as snncompile neurons (a custom surrogate, ``store_v_seq=True``: they run as the original
-module; the classes with a snncompile equivalent are rebuilt, so they are fused); neurons run per step
-(``attrs['per_step']``); subclasses whose own fire/reset, or whose ``neuronal_charge`` cannot
-be captured (:mod:`snncompile.dynamics.capture`), make their dynamics unknown; other surrogates (surrogates are
+are: ``backend='torch'``; SpikingJelly neurons the frontend could not rebuild as snncompile
+neurons (a custom surrogate, ``store_v_seq=True``: they run as the original module; the classes
+with a snncompile equivalent are rebuilt, so they are fused); neurons run per step
+(``attrs['per_step']``); subclasses with their own fire/reset, or whose ``neuronal_charge``
+cannot be captured (:mod:`snncompile.dynamics.capture`); other surrogates (surrogates are
 matched by class identity, so a user's class named ``ATan`` or a subclass of ours is "other"; the
 report's note for the node says why it was left). Adjacent scalar
 ``VoltageScale`` ops are merged into the kernel afterwards by
