@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -336,20 +334,10 @@ def test_compiled_residual_snn_training_step_on_gpu_equals_eager():
 
 
 def _import_zoo():
-    """SpikingJelly's zoo; a stub torchvision (only load_state_dict_from_url) if it is missing."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        stub = types.ModuleType("torchvision")
-        utils = types.ModuleType("torchvision._internally_replaced_utils")
+    """SpikingJelly's zoo (with snncompile's torchvision stand-in where torchvision is missing)."""
+    from snncompile.zoo_compat import install_torchvision_stand_in
 
-        def load_state_dict_from_url(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("torchvision stub: no pretrained weights in the tests")
-
-        utils.load_state_dict_from_url = load_state_dict_from_url  # type: ignore[attr-defined]
-        stub._internally_replaced_utils = utils  # type: ignore[attr-defined]
-        sys.modules.setdefault("torchvision", stub)
-        sys.modules.setdefault("torchvision._internally_replaced_utils", utils)
+    install_torchvision_stand_in()
     try:
         from spikingjelly.activation_based import functional, neuron, surrogate
         from spikingjelly.activation_based.model import spiking_resnet
