@@ -33,7 +33,6 @@ import argparse
 import copy
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 import types
@@ -69,20 +68,12 @@ def demo_cnn() -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def import_sj_zoo() -> types.ModuleType:
-    """``spikingjelly.activation_based.model.spiking_resnet``, with a torchvision stub if needed."""
-    try:
-        import spikingjelly.activation_based.model.spiking_resnet as zoo
-    except ImportError:
+    """``spikingjelly.activation_based.model.spiking_resnet`` (torchvision stand-in if needed)."""
+    from snncompile.zoo_compat import install_torchvision_stand_in
 
-        def load_state_dict_from_url(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("pretrained weights are not available (no downloads here)")
+    install_torchvision_stand_in()
+    import spikingjelly.activation_based.model.spiking_resnet as zoo
 
-        for name in ("torchvision", "torchvision.models", "torchvision.models.utils"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["torchvision.models.utils"].load_state_dict_from_url = (  # type: ignore[attr-defined]
-            load_state_dict_from_url
-        )
-        import spikingjelly.activation_based.model.spiking_resnet as zoo
     return zoo
 
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -43,32 +41,9 @@ import snncompile
 
 def _torchvision_stand_in() -> None:
     """The zoo imports torchvision only for a weight loader; stand in for it when missing."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        pass
-    else:
-        return
+    from snncompile.zoo_compat import install_torchvision_stand_in
 
-    def no_download(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("torchvision is not installed: pretrained weights cannot be loaded")
-
-    root = types.ModuleType("torchvision")
-    models = types.ModuleType("torchvision.models")
-    utils = types.ModuleType("torchvision.models.utils")
-    replaced = types.ModuleType("torchvision._internally_replaced_utils")
-    utils.load_state_dict_from_url = no_download  # type: ignore[attr-defined]
-    replaced.load_state_dict_from_url = no_download  # type: ignore[attr-defined]
-    root.models = models  # type: ignore[attr-defined]
-    models.utils = utils  # type: ignore[attr-defined]
-    root._internally_replaced_utils = replaced  # type: ignore[attr-defined]
-    for name, mod in (
-        ("torchvision", root),
-        ("torchvision.models", models),
-        ("torchvision.models.utils", utils),
-        ("torchvision._internally_replaced_utils", replaced),
-    ):
-        sys.modules.setdefault(name, mod)
+    install_torchvision_stand_in()
 
 
 def zoo_models() -> dict[str, Callable[[], nn.Module]]:
@@ -253,13 +228,17 @@ def main() -> None:
                 f"({row['error']})"
             )
             continue
-        ve = e / o if e and o else float("nan")
-        vt = t / o if t and o else float("nan")
-        goal = "met" if ve >= 2 and (t is None or vt >= 1.3) else "missed"
+        ve = e / o if e and o else None
+        vt = t / o if t and o else None
+        goal = "met" if ve is not None and ve >= 2 and (vt is None or vt >= 1.3) else "missed"
         print(
             f"{row['model']:18} {row['mode']:4} {_ms(e):>9} {_ms(o):>8} {_ms(t):>8} "
-            f"{ve:>7.2f}x {vt:>6.2f}x  {goal}"
+            f"{_ratio(ve):>8} {_ratio(vt):>7}  {goal}"
         )
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def _ms(v: float | None) -> str:

@@ -5,57 +5,20 @@
 
 SpikingJelly's model zoo (``spikingjelly.activation_based.model``) imports torchvision only for
 ``load_state_dict_from_url`` (pretrained weights). torchvision does not install beside this
-torch, so when it is missing a stand-in package is put into ``sys.modules`` whose
-``load_state_dict_from_url`` raises: the zoo modules import, and nothing can download.
+torch, so when it is missing :func:`snncompile.zoo_compat.install_torchvision_stand_in` puts a
+stand-in package into ``sys.modules`` whose loader raises: the zoo imports, nothing downloads.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
 import os
-import sys
-import types
 
 import pytest
 import torch
 
+from snncompile.zoo_compat import install_torchvision_stand_in
 
-def _install_torchvision_stand_in() -> None:
-    """Register a minimal ``torchvision`` whose only function refuses to download."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        pass
-    else:  # pragma: no cover - depends on the environment
-        return
-
-    def load_state_dict_from_url(url: str, *args: object, **kwargs: object) -> None:
-        raise RuntimeError(
-            f"tests: the torchvision stand-in refuses to download {url!r} (pretrained weights "
-            "are never fetched in the test suite)"
-        )
-
-    names = (
-        "torchvision",
-        "torchvision.models",
-        "torchvision.models.utils",
-        "torchvision._internally_replaced_utils",
-    )
-    mods = {name: types.ModuleType(name) for name in names}
-    for name, mod in mods.items():  # a spec, so importlib.util.find_spec() answers for them
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name.count(".") < 2)
-    mods["torchvision"].__path__ = []  # a package, so submodule imports resolve here
-    mods["torchvision.models"].__path__ = []
-    mods["torchvision"].models = mods["torchvision.models"]
-    mods["torchvision"]._internally_replaced_utils = mods["torchvision._internally_replaced_utils"]
-    mods["torchvision.models"].utils = mods["torchvision.models.utils"]
-    for name in ("torchvision.models.utils", "torchvision._internally_replaced_utils"):
-        mods[name].load_state_dict_from_url = load_state_dict_from_url
-    mods["torchvision"].__snncompile_stand_in__ = True
-    sys.modules.update(mods)
-
-
-_install_torchvision_stand_in()
+install_torchvision_stand_in()
 
 # Keep the suite fast and deterministic on small machines.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

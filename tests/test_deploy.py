@@ -612,17 +612,13 @@ def test_streaming_session_equals_compiled_step_by_step(tmp_path: Path) -> None:
 
 
 def _sj_zoo():
-    """SpikingJelly's spiking_resnet module; its torchvision import (pretrained-weight download
-    only) gets a stub when torchvision is missing (it does not install beside this torch)."""
-    import types
+    """SpikingJelly's spiking_resnet module (with snncompile's torchvision stand-in where
+    torchvision is missing: the zoo imports it only for pretrained-weight downloads)."""
+    from snncompile.zoo_compat import install_torchvision_stand_in
 
-    try:
-        import spikingjelly.activation_based.model.spiking_resnet as zoo
-    except ImportError:
-        for name in ("torchvision", "torchvision.models", "torchvision.models.utils"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["torchvision.models.utils"].load_state_dict_from_url = None  # type: ignore
-        import spikingjelly.activation_based.model.spiking_resnet as zoo
+    install_torchvision_stand_in()
+    import spikingjelly.activation_based.model.spiking_resnet as zoo
+
     return zoo
 
 

@@ -21,7 +21,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from _torchvision_stub import install as _install_torchvision_stub
 from torch import nn
 
 from snncompile import functional as our_functional
@@ -29,6 +28,7 @@ from snncompile.api import optimize
 from snncompile.export.onnx import adaptive_pool_matrix, export_onnx
 from snncompile.frontend.trace import FrontendError
 from snncompile.onnx_runtime import run_sequence_model, run_step_model
+from snncompile.zoo_compat import install_torchvision_stand_in
 
 EXAMPLE = (2, 2)  # (T, N) of the export example
 RUN = (5, 3)  # (T, N) of the onnxruntime runs
@@ -37,7 +37,7 @@ TOL = 0.0  # dyadic weights (see _scale): onnxruntime and PyTorch agree exactly
 
 @pytest.fixture(scope="module")
 def zoo(sj):  # noqa: ANN001, ANN201  (the sj fixture is SpikingJelly's activation_based)
-    _install_torchvision_stub()
+    install_torchvision_stand_in()
     from spikingjelly.activation_based.model import (
         parametric_lif_net,
         sew_resnet,
