@@ -171,39 +171,7 @@ def compile_online(
     backend: str = "auto",
     strict: bool = False,
 ) -> OnlineModule:
-    """Compile ``model`` for online training: a module that runs one time step per call.
-
-    The result goes wherever the eager single-step network would: ``ottt_online_training``,
-    ``fptt_online_training`` or a hand-written loop. It shares parameters with ``model`` and
-    keeps its own neuron state. Two routes:
-
-    * An :class:`OTTTSequential` (any network with :class:`OTTTLIFNode`): the spike/trace
-      routing is resolved once into generated ``fx`` code (train and eval variants), and the
-      OTTT neurons run their step with the fused kernel when ``backend`` selects one.
-    * Any other single-step network (LIF/IF/PLIF, :class:`SLTTLIFNode`, residual blocks, ...):
-      :func:`snncompile.optimize` in ``'train'`` mode with ``T = 1``, called once per step.
-      Every neuron copy inside it gets ``backend``.
-
-    With ``backend='torch'`` the results equal the eager network's exactly; fused kernels
-    (``'cpu'``, ``'cuda'``, or ``'auto'`` on steps with at least
-    ``snncompile.runtime.fused.AUTO_MIN_ELEMENTS`` neurons) give the same spikes and states
-    and gradients equal to float rounding.
-
-    Args:
-        model: the eager single-step network (``step_mode='s'``).
-        example_input: one time step ``[N, ...]`` as ``model(x_t)`` receives it.
-        backend: neuron backend: ``'auto'``, ``'torch'``, ``'cpu'`` or ``'cuda'``.
-        strict: passed to :func:`snncompile.optimize` (fail instead of running untraceable
-            submodules opaquely).
-
-    Returns:
-        An :class:`OnlineModule` in the same train/eval mode as ``model``.
-
-    Raises:
-        ValueError: unknown ``backend``.
-        NotImplementedError: OTTT neurons that are not direct members of an OTTTSequential.
-        snncompile.frontend.trace.FrontendError: the optimize route could not trace the model.
-    """
+    """The implementation of :func:`snncompile.online.compile_online` (documented there)."""
     if backend not in ("auto", "torch", "cpu", "cuda"):
         raise ValueError(
             f"compile_online: backend must be 'auto', 'torch', 'cpu' or 'cuda', got {backend!r}."
