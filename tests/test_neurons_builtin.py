@@ -246,3 +246,16 @@ def test_cubalif_round_trips_through_nir_cubalif(tmp_path, v_reset):
     with torch.no_grad():
         assert torch.equal(back(x), expect)
     assert 0.0 < expect.mean().item() < 1.0
+
+
+@pytest.mark.parametrize("name", ["QIFNode", "EIFNode", "IzhikevichNode", "CUBALIFNode"])
+def test_default_arguments_match_spikingjelly(name: str):
+    """Each class with its defaults (CUBA-LIF: the Rect surrogate, run by the torch loop)."""
+    ref, ours = _pair(name, {}, None)
+    x = _input(11)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sr, so = ref(xr), ours(xo)
+    assert torch.equal(so, sr)
+    (gr,) = torch.autograd.grad(sr.sum() + ref.v.sum(), xr)
+    (go,) = torch.autograd.grad(so.sum() + ours.v.sum(), xo)
+    assert _rel(go, gr) <= 1e-5
