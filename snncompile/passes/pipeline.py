@@ -99,6 +99,7 @@ def import_builtin_passes() -> None:
     import snncompile.passes.chunk  # noqa: F401
     import snncompile.passes.fuse_elementwise  # noqa: F401
     import snncompile.passes.fuse_neurons  # noqa: F401
+    import snncompile.passes.pack_spikes  # noqa: F401  (after fusion: merged gains matter)
 
 
 def build_pipeline(mode: str, passes: Sequence[object] | None = None) -> list[tuple[str, Pass]]:

@@ -29,6 +29,7 @@ from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
 from snncompile.runtime.one_step import build_one_step
+from snncompile.runtime.packed_ops import packed_call
 from snncompile.runtime.state_names import StateNames
 from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
 
@@ -151,6 +152,12 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)
             attr = attrs[node.name] = register(loop, f"{node.name}_loop")
             env[node.name] = fxg.call_module(attr, tuple(env[i] for i in node.inputs))
+        elif node.attrs.get("packed_input") and node.module is not None:
+            # Binary-spike input saved 1 bit per spike for backward (passes.pack_spikes).
+            attr = attrs[node.name] = register(node.module, node.name)
+            env[node.name] = fxg.call_function(
+                packed_call, (fxg.get_attr(attr), env[node.inputs[0]])
+            )
         elif node.module is not None:
             attr = attrs[node.name] = register(node.module, node.name)
             env[node.name] = fxg.call_module(attr, fill(args_t, node), fill(kwargs_t, node))
