@@ -296,6 +296,9 @@ class CompiledModule(nn.Module):
             and (self._learning_hub is None or not self._learning_hub.attachments)
         ):
             return one_step(self.gm, x)
+        plan = self.__dict__.get("_memory_plan")  # runtime.recompute, optimize(memory_budget=)
+        if plan is not None and torch.is_grad_enabled() and type(x) is torch.Tensor:
+            return plan.run(x)
         chunk = self.chunk_size
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
             from snncompile.runtime.chunked import chunked_forward
@@ -428,6 +431,9 @@ class CompiledModule(nn.Module):
                 "with the eager model (~1e-6 relative on pre-activations can flip spikes near "
                 "threshold). Compile with fold_batchnorm=False for exact eval outputs."
             )
+        plan = self.__dict__.get("_memory_plan")
+        if plan is not None:
+            lines.extend(plan.describe())
         guard = self._modules.get("shape_guard")
         if guard is not None:
             lines.extend(guard.describe())
