@@ -71,9 +71,14 @@ def optimize(
         chunk_size: Inference only: run ``[T, N, ...]`` inputs ``chunk_size`` steps at a time,
             neuron state carried across chunks (same output, memory bounded in ``T``); see
             :mod:`snncompile.passes.chunk` and :mod:`snncompile.runtime.chunked`.
-        memory_budget: Inference only, instead of ``chunk_size``: a budget such as ``'512MB'``;
-            the chunk size is derived from the per-step activation memory measured on
-            ``example_input``.
+        memory_budget: A budget such as ``'512MB'``. Inference, instead of ``chunk_size``: the
+            chunk size is derived from the per-step activation memory measured on
+            ``example_input``. Training: the compiler measures what each segment between
+            neurons saves for backward and recomputes segments in backward (from their inputs,
+            spikes packed 1 bit each) until the step's predicted peak of live tensor bytes fits;
+            gradients are the same. ``report()`` shows the plan, predicted and measured peak
+            (see :mod:`snncompile.runtime.recompute`); a budget below the smallest reachable
+            peak raises ``MemoryBudgetError`` naming that peak.
         fold_batchnorm: Inference only: fold each BatchNorm into the conv/linear before it
             (faster). Folding is *not bit-exact*: the folded weights round differently (about
             1e-6 relative on pre-activations), which can flip a spike whose membrane sits
@@ -163,7 +168,8 @@ def _compile(
         list(graph.meta.get("frontend_notes", ())),
     )
     graph.meta.update(mode=mode, backend=backend)
-    if chunk_size is not None or memory_budget is not None:
+    train_budget = mode == "train" and memory_budget is not None and chunk_size is None
+    if (chunk_size is not None or memory_budget is not None) and not train_budget:
         # Read by the 'chunking' stage pass (snncompile.passes.chunk), which validates the plan.
         graph.meta["chunk"] = {"chunk_size": chunk_size, "memory_budget": memory_budget}
     verify(graph)
@@ -189,6 +195,11 @@ def _compile(
     )
     if mode == "inference":
         compiled.eval()
+    if train_budget:
+        from snncompile.runtime.chunked import parse_memory
+        from snncompile.runtime.recompute import configure_memory_plan
+
+        configure_memory_plan(compiled, graph, example_input, parse_memory(memory_budget))
     if graph.meta.get("chunk"):
         if graph.meta["chunk"].get("status") != "planned":  # user-chosen passes skipped it
             chunk_forward(graph)

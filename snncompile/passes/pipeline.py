@@ -35,11 +35,12 @@ class PipelineEntry:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """A named slot in the pipeline: its built-in passes in the order listed here (``(name,
-    'module:function')``, imported when a pipeline is built), then the passes registered for it
-    with :func:`register_pass`, in registration order."""
+    'module:function')``, or ``(name, 'module:function', modes)`` for a pass that runs only in
+    some modes; imported when a pipeline is built), then the passes registered for it with
+    :func:`register_pass`, in registration order."""
 
     name: str
-    builtin: tuple[tuple[str, str], ...] = ()
+    builtin: tuple[tuple[str, str] | tuple[str, str, frozenset[str]], ...] = ()
 
 
 STAGES = ("fusion", "chunking")
@@ -64,6 +65,8 @@ PIPELINE: list[PipelineEntry | Stage] = [
         (
             ("fuse_neurons", "snncompile.passes.fuse_neurons:fuse_neurons"),
             ("fuse_elementwise", "snncompile.passes.fuse_elementwise:fuse_elementwise"),
+            # Last in the stage: a spike is binary only once no gain has been merged into it.
+            ("pack_spikes", "snncompile.passes.pack_spikes:pack_spikes", frozenset({"train"})),
         ),
     ),
     # Chunking wraps whatever graph fusion left, bounding memory over T; it must come last.
@@ -100,9 +103,10 @@ def _builtin(stage: str) -> list[PipelineEntry]:
 
     item = next(i for i in PIPELINE if isinstance(i, Stage) and i.name == stage)
     entries = []
-    for name, ref in item.builtin:
+    for name, ref, *modes in item.builtin:
         module, fn = ref.split(":")
-        entries.append(PipelineEntry(name, getattr(importlib.import_module(module), fn)))
+        fn_obj = getattr(importlib.import_module(module), fn)
+        entries.append(PipelineEntry(name, fn_obj, modes[0] if modes else BOTH))
     return entries
 
 
