@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from snncompile.export.onnx import describe_model, load_metadata, onnx_initial_states, read_states
+from snncompile.export.onnx_metadata import (
+    describe_model,
+    load_metadata,
+    onnx_initial_states,
+    read_states,
+)
 
 __all__ = [
     "StepRunner",

@@ -10,7 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = frozenset({"nir", "onnx", "onnx_builder"})
+_SUBMODULES = frozenset(
+    {
+        "nir",
+        "onnx",
+        "onnx_builder",
+        "onnx_emitter",
+        "onnx_metadata",
+        "onnx_ops",
+        "onnx_scan",
+        "onnx_versions",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:

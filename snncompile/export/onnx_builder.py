@@ -17,6 +17,10 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 
+class OnnxExportError(ValueError):
+    """The model cannot be exported; the message names the IR node/op and what to do."""
+
+
 class NameSource:
     """Unique value/node names (shared by a graph and its subgraphs)."""
 
