@@ -5,9 +5,10 @@ Every IR layout collapses to one time step ``[N, *]``: ``flat`` values (``[T*N, 
 ``SPLIT_TIME`` become no-ops, and a dimension argument ``d >= 1`` of a sequence-level op
 becomes ``d - 1`` (``d = 0`` would mix time steps and is refused). A neuron node is rendered
 from its dynamics (:func:`neuron_dynamics`) by
-:func:`~snncompile.codegen.onnx_renderer.render_onnx`: ``h = charge(x, v, ...)``, then the spike and the next value of every state.
-Synapse ops are looked up in an op table (:mod:`snncompile.export.onnx_ops`). Reductions
-over time (``x.mean(0)``, ``x.sum(0)``) are emitted after the time loop on stacked values.
+:func:`~snncompile.codegen.onnx_renderer.render_onnx`: ``h = charge(x, v, ...)``, then the
+spike and the next value of every state. Synapse ops are looked up in an op table
+(:mod:`snncompile.export.onnx_ops`). Reductions over time (``x.mean(0)``, ``x.sum(0)``) are
+emitted after the time loop on stacked values.
 """
 
 from __future__ import annotations
