@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 from torch import fx, nn
@@ -562,7 +563,7 @@ class _Importer:
         outputs = [n for n in names if type(g.nodes[n]).__name__ == "Output"]
         if not inputs or not outputs:
             raise NIRImportError("import_nir: the graph needs at least one Input and one Output")
-        comps = _sccs(names, succs)
+        comps = _components(names, list(g.edges))
         root = nn.Module()
         fxg = fx.Graph()
         values: dict[str, fx.Node] = {}
@@ -588,8 +589,7 @@ class _Importer:
 
         for n in inputs:
             values[n] = fxg.placeholder(attr_name(n))
-        # Components come out of Tarjan's algorithm in reverse topological order.
-        for comp in reversed(comps):
+        for comp in comps:
             first = comp[0]
             node = g.nodes[first]
             kind = type(node).__name__
@@ -677,53 +677,20 @@ def _ints(value: Any, n: int) -> Any:
     return vals[0] if n == 1 else vals
 
 
-def _sccs(names: list[str], succs: dict[str, list[str]]) -> list[list[str]]:
-    """Strongly connected components (Tarjan, iterative), in reverse topological order."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    out: list[list[str]] = []
-    counter = 0
-    for root in names:
-        if root in index:
-            continue
-        work = [(root, 0)]
-        while work:
-            v, i = work.pop()
-            if i == 0:
-                index[v] = low[v] = counter
-                counter += 1
-                stack.append(v)
-                on_stack.add(v)
-            recurse = False
-            nbrs = succs[v]
-            while i < len(nbrs):
-                w = nbrs[i]
-                i += 1
-                if w not in index:
-                    work.append((v, i))
-                    work.append((w, 0))
-                    recurse = True
-                    break
-                if w in on_stack:
-                    low[v] = min(low[v], index[w])
-            if recurse:
-                continue
-            if low[v] == index[v]:
-                comp = []
-                while True:
-                    w = stack.pop()
-                    on_stack.discard(w)
-                    comp.append(w)
-                    if w == v:
-                        break
-                order = {n: k for k, n in enumerate(names)}
-                out.append(sorted(comp, key=order.__getitem__))
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[v])
-    return out
+def _components(names: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:
+    """Strongly connected components in topological order (each in the graph's node order).
+
+    Among components that are ready at the same time, the one whose first node comes first in
+    ``names`` goes first, so the order is deterministic.
+    """
+    position = {n: k for k, n in enumerate(names)}
+    g = nx.DiGraph()
+    g.add_nodes_from(names)
+    g.add_edges_from(edges)
+    cond = nx.condensation(g)
+    members = {c: sorted(cond.nodes[c]["members"], key=position.__getitem__) for c in cond}
+    order = nx.lexicographical_topological_sort(cond, key=lambda c: position[members[c][0]])
+    return [members[c] for c in order]
 
 
 def _toposort_within(
@@ -733,18 +700,16 @@ def _toposort_within(
     delayed: set[tuple[str, str]],
 ) -> list[str] | None:
     """Order the members along the non-delayed edges, or ``None`` if those still form a cycle."""
-    deps = {b: {a for a in preds[b] if a in members and (a, b) not in delayed} for b in comp}
-    order: list[str] = []
-    ready = [n for n in comp if not deps[n]]
-    while ready:
-        n = ready.pop(0)
-        order.append(n)
-        for b in comp:
-            if n in deps[b]:
-                deps[b].discard(n)
-                if not deps[b] and b not in order and b not in ready:
-                    ready.append(b)
-    return order if len(order) == len(comp) else None
+    position = {n: k for k, n in enumerate(comp)}
+    g = nx.DiGraph()
+    g.add_nodes_from(comp)
+    g.add_edges_from(
+        (a, b) for b in comp for a in preds[b] if a in members and (a, b) not in delayed
+    )
+    try:
+        return list(nx.lexicographical_topological_sort(g, key=position.__getitem__))
+    except nx.NetworkXUnfeasible:
+        return None
 
 
 def import_nir(
