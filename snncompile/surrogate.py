@@ -9,15 +9,24 @@ Every class here is an :class:`torch.nn.Module` built as ``Cls(alpha=..., spikin
 ``spiking=True`` ``forward`` is the Heaviside step with the surrogate gradient; with
 ``spiking=False`` it is the smooth primitive itself (autograd differentiates it normally).
 
-Each class defines its math exactly once, as two static methods that code generators can reuse:
+Each class has two class-level functions:
 
 * ``primitive(x, *params)``: the smooth function ``g`` (torch ops, any float dtype);
 * ``derivative(x, *params)``: ``g'`` — the surrogate gradient used in backward.
 
+The surrogates that fused kernels support (Sigmoid, ATan, PiecewiseQuadratic, PiecewiseExp,
+SoftSign, SuperSpike, Erf; :class:`ExpressionSurrogate`) define their math once, as expressions
+in :mod:`snncompile.dynamics.surrogates`: their ``primitive`` and ``derivative`` are those
+expressions rendered to PyTorch, the same expressions the C/CUDA kernels are generated from
+(PiecewiseQuadratic's primitive is the exception, see the class). The other classes write their
+formulas in PyTorch here.
+
 ``params`` is the tuple of the module's parameters in declaration order (``module.params``;
 names in ``module.param_names``). One shared :class:`torch.autograd.Function` applies
 ``grad_output * derivative(x, *params)`` in backward. The derivative expressions follow
-SpikingJelly's arithmetic form so gradients agree with it to float rounding.
+SpikingJelly's arithmetic form so gradients agree with it to float rounding: bit for bit where
+SpikingJelly multiplies ``grad_output`` in last (ATan, PiecewiseExp, PiecewiseQuadratic, ...);
+its Sigmoid, SoftSign, SuperSpike and Erf multiply it in first, so those differ by an ulp.
 
 Formulas (``|x|`` is ``abs(x)``, ``s(z) = 1 / (1 + exp(-z))``; defaults in brackets; the names
 are SpikingJelly's):
@@ -62,16 +71,17 @@ multi-level surrogates are not provided.
 
 from __future__ import annotations
 
-import math
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "heaviside",
     "SurrogateFunctionBase",
+    "ExpressionSurrogate",
     "SurrogateSpike",
     "Sigmoid",
     "ATan",
@@ -197,127 +207,130 @@ def _check_positive(owner: str, name: str, value: float) -> None:
         raise ValueError(f"{owner}: {name} must be > 0, got {value!r}.")
 
 
-class Sigmoid(SurrogateFunctionBase):
+@functools.lru_cache(maxsize=512)
+def _rendered(form: str, part: int, params: tuple[float, ...]) -> Callable[[Any], Any]:
+    """The primitive (``part=0``) or derivative (``part=1``) of expression form ``form`` with
+    ``params`` folded in, as a Python function of ``x`` (compiled once per parameter tuple)."""
+    from snncompile.codegen.eager import expression_function
+    from snncompile.dynamics.expr import var
+    from snncompile.dynamics.surrogates import SURROGATE_EXPRESSIONS
+
+    builder = SURROGATE_EXPRESSIONS[form][part]
+    what = "primitive" if part == 0 else "derivative"
+    return expression_function(builder(var("x"), *params), f"{form}_{what}")
+
+
+def _numbers(cls: type, what: str, params: tuple[Any, ...]) -> tuple[float, ...]:
+    for p in params:
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(
+                f"{cls.__name__}.{what}: parameters must be Python numbers (they are folded into "
+                f"the surrogate's expression, as SpikingJelly folds them), got {p!r}."
+            )
+    return tuple(params)
+
+
+class ExpressionSurrogate(SurrogateFunctionBase):
+    """A surrogate whose math is its expression form in :mod:`snncompile.dynamics.surrogates`.
+
+    :meth:`primitive` and :meth:`derivative` are the form's expressions rendered to PyTorch by
+    the eager renderer (:func:`snncompile.codegen.eager.expression_function`), the same
+    expressions the fused C/CUDA kernels are generated from; their results are bit-identical to
+    SpikingJelly 2.0.0's hand-written formulas (tests/test_surrogate.py). ``form`` names the
+    expression form; fusion matches the class itself by identity
+    (:func:`snncompile.dynamics.surrogates.registered_form`).
+    """
+
+    form: ClassVar[str]
+
+    @classmethod
+    def primitive(cls, x: torch.Tensor, *params: float) -> torch.Tensor:  # type: ignore[override]
+        """The smooth step ``g(x)``, rendered from the expression form."""
+        return _rendered(cls.form, 0, _numbers(cls, "primitive", params))(x)
+
+    @classmethod
+    def derivative(cls, x: torch.Tensor, *params: float) -> torch.Tensor:  # type: ignore[override]
+        """The surrogate gradient ``g'(x)``, rendered from the expression form."""
+        return _rendered(cls.form, 1, _numbers(cls, "derivative", params))(x)
+
+
+class Sigmoid(ExpressionSurrogate):
     """Sigmoid surrogate: ``g(x) = sigmoid(alpha x)``, ``g'(x) = alpha s (1 - s)``."""
+
+    form = "Sigmoid"
 
     def __init__(self, alpha: float = 4.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
 
-    @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return (x * alpha).sigmoid()
 
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        s = torch.sigmoid(alpha * x)
-        return (1 - s) * s * alpha
-
-
-class ATan(SurrogateFunctionBase):
+class ATan(ExpressionSurrogate):
     """Arctangent surrogate: ``g(x) = atan(pi alpha x / 2) / pi + 1/2``."""
+
+    form = "ATan"
 
     def __init__(self, alpha: float = 2.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
 
-    @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return (math.pi / 2 * alpha * x).atan() / math.pi + 0.5
 
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        z = x * (math.pi / 2 * alpha)
-        return (alpha / 2) / (1 + z * z)
-
-
-class PiecewiseQuadratic(SurrogateFunctionBase):
+class PiecewiseQuadratic(ExpressionSurrogate):
     """Piecewise quadratic surrogate: a triangle-shaped gradient of half-width ``1/alpha``."""
+
+    form = "PiecewiseQuadratic"
 
     def __init__(self, alpha: float = 1.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
         _check_positive("PiecewiseQuadratic", "alpha", alpha)
 
+    # The primitive stays written out: it is SpikingJelly's masked sum ``above + inside * (...)``
+    # with ``x.square() * x.sign()``, whose rounding differs from the expression form's
+    # ``where(...)`` with ``x * |x|`` for most alphas (and gives NaN at +-inf, as SpikingJelly
+    # does). The derivative is the expression form's (bit-identical to the formula it replaced).
     @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:  # type: ignore[override]
         above = (x > (1.0 / alpha)).to(x)
         inside = (x.abs() <= (1.0 / alpha)).to(x)
         return above + inside * (-(alpha**2) / 2 * x.square() * x.sign() + alpha * x + 0.5)
 
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        x_abs = x.abs()
-        # The mask and the clamp agree except at float rounding right at |x| = 1/alpha.
-        return (alpha - alpha * alpha * x_abs).clamp_min(0).masked_fill(x_abs > 1 / alpha, 0)
 
-
-class PiecewiseExp(SurrogateFunctionBase):
+class PiecewiseExp(ExpressionSurrogate):
     """Piecewise exponential surrogate: ``g'(x) = (alpha/2) exp(-alpha |x|)``."""
+
+    form = "PiecewiseExp"
 
     def __init__(self, alpha: float = 1.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
 
-    @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        nonneg = heaviside(x)
-        sign = nonneg * 2.0 - 1.0
-        half_exp = (sign * x * -alpha).exp() / 2.0
-        return nonneg - half_exp * sign
 
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return (alpha / 2) * torch.exp(-alpha * x.abs())
-
-
-class SoftSign(SurrogateFunctionBase):
+class SoftSign(ExpressionSurrogate):
     """Soft-sign surrogate: ``g(x) = (softsign(alpha x) + 1) / 2``."""
+
+    form = "SoftSign"
 
     def __init__(self, alpha: float = 2.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
         _check_positive("SoftSign", "alpha", alpha)
 
-    @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return (F.softsign(x * alpha) + 1.0) / 2.0
 
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        z = 1 / alpha + x.abs()
-        return 1 / (2 * alpha * z * z)
-
-
-class SuperSpike(SurrogateFunctionBase):
+class SuperSpike(ExpressionSurrogate):
     """SuperSpike surrogate: ``g'(x) = alpha / (1 + |x|)^2``.
 
     SpikingJelly defines no primitive for it; ours is ``alpha x / (1 + |x|) + 1/2``, the
     antiderivative of the gradient with ``g(0) = 1/2`` (see the module docstring).
     """
 
+    form = "SuperSpike"
+
     def __init__(self, alpha: float = 1.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
 
-    @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return alpha * x / (1 + x.abs()) + 0.5
 
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        z = 1 + x.abs()
-        return alpha / (z * z)
-
-
-class Erf(SurrogateFunctionBase):
+class Erf(ExpressionSurrogate):
     """Gauss error function surrogate: ``g(x) = erfc(-alpha x) / 2``."""
+
+    form = "Erf"
 
     def __init__(self, alpha: float = 2.0, spiking: bool = True) -> None:
         super().__init__(spiking=spiking, alpha=alpha)
-
-    @staticmethod
-    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return torch.erfc(-alpha * x) / 2.0
-
-    @staticmethod
-    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        z = alpha * x
-        return (alpha / math.sqrt(math.pi)) * torch.exp(-z * z)
 
 
 class PiecewiseLeakyReLU(SurrogateFunctionBase):

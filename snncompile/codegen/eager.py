@@ -87,6 +87,19 @@ def _function(
     return "\n".join(lines)
 
 
+def expression_function(expr: Expr, name: str = "f") -> Callable[[Any], Any]:
+    """``expr``, an expression in the one variable ``x`` with no parameters, as a Python
+    function of ``x`` (generated source, the same walk and operators as :func:`eager_step`).
+
+    Surrogate primitives and derivatives (:mod:`snncompile.surrogate`) are built this way, so
+    their eager results are bit-identical to the same formula typed in PyTorch.
+    """
+    namespace: dict[str, Any] = {}
+    source = _function(name, ["x"], [expr], namespace)
+    exec(compile(source, f"<snncompile eager {name}>", "exec"), namespace)  # noqa: S102
+    return namespace[name]
+
+
 def eager_step(dynamics: NeuronDynamics) -> EagerStep:
     """Compile ``dynamics``' charge, threshold and state updates (cached per configuration)."""
     cached = _cache.get(dynamics)
