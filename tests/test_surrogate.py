@@ -167,3 +167,55 @@ def test_registry_lists_every_class() -> None:
     for name, cls in surrogate.SURROGATES.items():
         assert cls.__name__ == name
         assert issubclass(cls, surrogate.SurrogateFunctionBase)
+
+
+# -- the fusable surrogates are their expressions --------------------------------------------------
+# SpikingJelly defines no SuperSpike primitive.
+EXACT_PRIMITIVE = [n for n in MAIN7 if n != "SuperSpike"]
+# SpikingJelly multiplies grad_output in last for these, so the gradients are equal bit for bit.
+EXACT_GRADIENT = ["ATan", "PiecewiseExp"]
+
+
+@pytest.mark.parametrize("name", EXACT_PRIMITIVE)
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 3.7])
+def test_expression_primitive_bit_identical_to_spikingjelly(sj, name: str, alpha: float) -> None:
+    x = _inputs({"alpha": alpha})
+    ours = surrogate.SURROGATES[name](alpha=alpha, spiking=False)(x)
+    theirs = getattr(sj.surrogate, name)(alpha=alpha, spiking=False)(x)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", EXACT_GRADIENT)
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 3.7])
+def test_expression_gradient_bit_identical_to_spikingjelly(sj, name: str, alpha: float) -> None:
+    x = _inputs({"alpha": alpha})
+    g = torch.randn_like(x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    surrogate.SURROGATES[name](alpha=alpha)(xa).backward(g)
+    getattr(sj.surrogate, name)(alpha=alpha)(xb).backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_fusable_surrogates_come_from_their_expressions(monkeypatch) -> None:
+    """Changing a form's expression changes the eager surrogate: there is one definition."""
+    from snncompile.dynamics import surrogates as forms
+
+    for name in MAIN7:
+        cls = surrogate.SURROGATES[name]
+        assert issubclass(cls, surrogate.ExpressionSurrogate) and cls.form == name
+        assert forms.registered_form(cls) == (name, ("alpha",))
+    prim, der = forms.SURROGATE_EXPRESSIONS["ATan"]
+    monkeypatch.setitem(forms.SURROGATE_EXPRESSIONS, "ATan", (prim, lambda x, a: der(x, a) * 2.0))
+    surrogate._rendered.cache_clear()
+    try:
+        x = torch.randn(64, requires_grad=True)
+        surrogate.ATan(alpha=1.5)(x).sum().backward()
+        z = x.detach() * (torch.pi / 2 * 1.5)
+        torch.testing.assert_close(x.grad, 2.0 * (1.5 / 2) / (1 + z * z))
+    finally:
+        surrogate._rendered.cache_clear()
+
+
+def test_expression_surrogate_parameters_must_be_numbers() -> None:
+    with pytest.raises(TypeError, match=r"ATan.derivative: parameters must be Python numbers"):
+        surrogate.ATan.derivative(torch.zeros(3), torch.tensor(2.0))
