@@ -9,7 +9,8 @@ linear-LIF), multi-step, batch 16, 3x32x32 inputs, cross-entropy on the time-mea
   ``BitSpikeCompressor`` on blocks whose input is spikes (checkpointing + bit compression);
 * ``torch_compile``: ``torch.compile`` of the SpikingJelly model (``--torch-compile``; slow
   to compile on a small machine);
-* ``sc_default``: ``snncompile.optimize(model, x)`` (spikes saved packed);
+* ``sc_default``: ``snncompile.optimize(model, x)``;
+* ``sc_packed``: ``optimize(..., pack_spikes=True)`` (binary spikes saved 1 bit each);
 * ``sc_budget``: ``optimize(..., memory_budget=B)`` with ``B`` the smallest budget the
   compiler accepts at that shape (read from its error message).
 
@@ -109,6 +110,8 @@ def row(kind: str, steps: int, queue: Any) -> None:
         run = torch.compile(model)
     elif kind == "sc_default":
         run = snncompile.optimize(model, x)
+    elif kind == "sc_packed":
+        run = snncompile.optimize(model, x, pack_spikes=True)
     elif kind == "sc_budget":
         budget = _smallest_budget(model, x)
         info["budget"] = budget
@@ -161,7 +164,7 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    kinds = ["sj_eager", "sj_memopt", "sc_default", "sc_budget"]
+    kinds = ["sj_eager", "sj_memopt", "sc_default", "sc_packed", "sc_budget"]
     if args.torch_compile:
         kinds.insert(2, "torch_compile")
     results = []

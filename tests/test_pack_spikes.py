@@ -122,8 +122,17 @@ def _step(compiled: nn.Module, model: nn.Module, x: torch.Tensor) -> list[torch.
 
 
 def _unpacked(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    names = [name for name, _ in build_pipeline("train") if name != "pack_spikes"]
-    return snncompile.optimize(model, x, passes=names)
+    return snncompile.optimize(model, x, pack_spikes=False)
+
+
+def test_packing_is_off_by_default_and_on_under_a_budget() -> None:
+    model, x = _cnn("lif", True, 0), torch.rand(4, 3, 2, 8, 8)
+    assert not any(n.attrs.get("packed_input") for n in snncompile.optimize(model, x).graph)
+    names = [name for name, _ in build_pipeline("train")]
+    listed = snncompile.optimize(model, x, passes=names)  # listing the pass asks for it
+    assert any(n.attrs.get("packed_input") for n in listed.graph)
+    budgeted = snncompile.optimize(model, x, memory_budget="1GB")
+    assert any(n.attrs.get("packed_input") for n in budgeted.graph)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -131,7 +140,7 @@ def _unpacked(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def test_compiled_grads_bit_equal(seed: int, kind: str, pool: bool) -> None:
     model = _cnn(kind, pool, seed)
     x = torch.rand(4, 3, 2, 8, 8) * 4.0
-    packed = snncompile.optimize(model, x)
+    packed = snncompile.optimize(model, x, pack_spikes=True)
     rec = {r.name: r for r in packed.records}["pack_spikes"]
     assert rec.modified and "save their input packed" in rec.notes[0]
     assert any(n.attrs.get("packed_input") for n in packed.graph)
@@ -149,13 +158,13 @@ def test_non_spiking_surrogate_is_not_binary() -> None:
         nn.Linear(6, 3),
     )
     x = torch.rand(3, 2, 6)
-    compiled = snncompile.optimize(net, x)
+    compiled = snncompile.optimize(net, x, pack_spikes=True)
     assert not any(n.attrs.get("packed_input") for n in compiled.graph)
 
 
 def test_inference_packs_nothing() -> None:
     net = _cnn("lif", True, 0).eval()
-    compiled = snncompile.optimize(net, torch.rand(2, 1, 2, 8, 8))
+    compiled = snncompile.optimize(net, torch.rand(2, 1, 2, 8, 8), pack_spikes=True)
     assert not any(n.attrs.get("packed_input") for n in compiled.graph)
 
 
@@ -177,7 +186,7 @@ def test_spikingjelly_cnn_bit_equal(sj) -> None:
     )
     sj.functional.set_step_mode(net, "m")
     x = torch.rand(4, 2, 3, 16, 16) * 3
-    packed = snncompile.optimize(net, x)
+    packed = snncompile.optimize(net, x, pack_spikes=True)
     assert sum(bool(n.attrs.get("packed_input")) for n in packed.graph) == 4
     a, b = _step(packed, net, x), _step(_unpacked(net, x), net, x)
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
