@@ -17,15 +17,13 @@ from snncompile.passes.base import PassManager, PassRecord
 from snncompile.passes.chunk import chunk_forward  # also registers the 'chunking' stage pass
 from snncompile.passes.fuse_elementwise import fuse_elementwise  # noqa: F401  (after it)
 from snncompile.passes.fuse_neurons import fuse_neurons  # noqa: F401  (registers 'fusion')
+from snncompile.passes.options import BACKENDS, MODES, CompileOptions
 from snncompile.passes.pipeline import build_pipeline
 from snncompile.runtime import fused_backends
 from snncompile.runtime.chunked import configure_chunking
 from snncompile.runtime.compiled import CompiledModule, lower_to_fx
 from snncompile.runtime.lower_fusion import apply_fusion_decisions
 from snncompile.runtime.shape_guard import ShapeGuard, program_key, signature
-
-MODES = ("train", "inference")
-BACKENDS = ("auto", "torch", "cpu", "cuda")
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, *, strict: bool = False) -> Graph:
@@ -35,7 +33,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, strict: bool = False
     step (``step`` layout); for a multi-step model, the whole sequence. ``print(graph)`` shows it.
     """
     graph = trace_model(model, example_input, strict=strict)
-    graph.meta.setdefault("mode", "train" if model.training else "inference")
+    graph.options = CompileOptions(mode="train" if model.training else "inference")
     verify(graph)
     return graph
 
@@ -64,8 +62,8 @@ def optimize(
             eager) or ``'inference'`` (eval semantics: dropout/identity removed, BN folded into
             new layers; parameters not folded stay shared). Default: ``'train'`` if
             ``model.training`` else ``'inference'``.
-        backend: ``'auto'``, ``'torch'``, ``'cpu'`` or ``'cuda'``; stored in ``graph.meta`` for
-            the fusion passes to use.
+        backend: ``'auto'``, ``'torch'``, ``'cpu'`` or ``'cuda'``; recorded in ``graph.options``
+            (:class:`~snncompile.passes.options.CompileOptions`) for the fusion passes.
         strict: Raise instead of running untraceable submodules as opaque modules.
         passes: Pass callables or pipeline names to run instead of the default pipeline
             (step-mode lowering and layout cleanup always run).
@@ -180,11 +178,11 @@ def _compile(
         time.perf_counter() - start,
         list(graph.meta.get("frontend_notes", ())),
     )
-    graph.meta.update(mode=mode, backend=backend)
     train_budget = mode == "train" and memory_budget is not None and chunk_size is None
-    if (chunk_size is not None or memory_budget is not None) and not train_budget:
-        # Read by the 'chunking' stage pass (snncompile.passes.chunk), which validates the plan.
-        graph.meta["chunk"] = {"chunk_size": chunk_size, "memory_budget": memory_budget}
+    # A chunk request is read by the 'chunking' stage pass (snncompile.passes.chunk), which
+    # validates the plan; a training memory budget is planned after lowering (below).
+    chunk = {} if train_budget else {"chunk_size": chunk_size, "memory_budget": memory_budget}
+    graph.options = CompileOptions(mode=mode, backend=backend, **chunk)
     verify(graph)
     pipeline = build_pipeline(mode, passes)
     if not fold_batchnorm:
@@ -217,8 +215,8 @@ def _compile(
         from snncompile.runtime.recompute import configure_memory_plan
 
         configure_memory_plan(compiled, graph, example_input, parse_memory(memory_budget))
-    if graph.meta.get("chunk"):
-        if graph.meta["chunk"].get("status") != "planned":  # user-chosen passes skipped it
+    if graph.options.chunked:
+        if graph.meta.get("chunk_plan", {}).get("status") != "planned":  # passes skipped it
             chunk_forward(graph)
         configure_chunking(
             compiled, example_input, chunk_size=chunk_size, memory_budget=memory_budget

@@ -22,6 +22,7 @@ from snncompile.ir.verify import verify
 from snncompile.onnx_runtime import run_sequence_model
 from snncompile.passes.base import PassManager
 from snncompile.passes.fuse_elementwise import fuse_elementwise
+from snncompile.passes.options import CompileOptions
 from snncompile.passes.pipeline import build_pipeline, registered_passes
 from snncompile.runtime.fused import compiler_available, fused_multi_step
 from snncompile.runtime.scaled_neuron import ScaledNeuron, scaled_dynamics
@@ -78,7 +79,7 @@ def test_pass_steps_and_bit_identical_outputs(kind):
     ref = _eager(snn, x)
     # Before: the pipeline without the pass leaves scale -> FUSED_NEURON -> scale.
     graph = snncompile.trace(snn, x)
-    graph.meta.update(mode="inference", backend="cpu")
+    graph.options = CompileOptions(mode="inference", backend="cpu")
     graph = PassManager(build_pipeline("inference", WITHOUT)).run(graph)
     neurons = graph.find(Op.FUSED_NEURON)
     assert len(neurons) == 2 and len(_scales(graph)) == 4

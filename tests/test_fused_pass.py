@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -50,7 +52,7 @@ def test_fuse_neurons_rewrites_supported_neurons():
     assert len(before) == 4 and not graph.find(Op.FUSED_NEURON)
     assert fuse_neurons(graph).modified is False  # backend='torch': nothing to do
 
-    graph.meta["backend"] = "cpu"
+    graph.options = dataclasses.replace(graph.options, backend="cpu")
     result = fuse_neurons(graph)
     assert result.modified
     verify(result.graph)

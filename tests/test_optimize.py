@@ -267,7 +267,7 @@ def test_argument_validation_and_run_time_shape_error() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         optimize(model, x, backend="tpu")
     compiled = optimize(model, x, backend="cpu")
-    assert compiled.backend == "cpu" and compiled.graph.meta["backend"] == "cpu"
+    assert compiled.backend == "cpu" and compiled.graph.options.backend == "cpu"
     with pytest.raises(ValueError, match=r"expected input of shape \[T, N, \.\.\.\]"):
         compiled(x[0])
 

@@ -16,12 +16,14 @@ from snncompile.ir import Graph, Layout, Op, verify
 from snncompile.passes import (
     PIPELINE,
     STAGES,
+    CompileOptions,
     PassResult,
     PassVerificationError,
     Stage,
     build_pipeline,
     fold_batchnorm,
     lower_step_mode,
+    options_of,
     register_pass,
     registered_passes,
     remove_dead_ops,
@@ -83,7 +85,7 @@ def test_fold_batchnorm(case: str) -> None:
     model.eval()
     x = torch.randn(T, N, *shape) * 2
     g = snncompile.trace(model, x)
-    g.meta["mode"] = "inference"
+    g.options = CompileOptions(mode="inference")
     # 1. the pattern is there before
     bn = g.find(Op.BATCHNORM)[0]
     layer_node = g[bn.inputs[0]]
@@ -111,7 +113,7 @@ def test_fold_batchnorm_skips_train_mode_and_shared_layers() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), neuron.IFNode())
     x = torch.rand(T, N, 1, 5, 5)
     g = snncompile.trace(model, x)
-    g.meta["mode"] = "train"
+    g.options = CompileOptions(mode="train")
     assert not fold_batchnorm(g).modified
 
     class TwoUsers(nn.Module):
@@ -125,7 +127,7 @@ def test_fold_batchnorm_skips_train_mode_and_shared_layers() -> None:
             return self.bn(y) + y
 
     g = snncompile.trace(TwoUsers().eval(), x)
-    g.meta["mode"] = "inference"
+    g.options = CompileOptions(mode="inference")
     assert not fold_batchnorm(g).modified
     assert len(g.find(Op.BATCHNORM)) == 1
 
@@ -140,7 +142,7 @@ def test_fold_batchnorm_multi_step_after_layout_cleanup() -> None:
     model.eval()
     x = torch.rand(T, N, 1, 6, 6) * 3
     g = snncompile.trace(model, x)
-    g.meta["mode"] = "inference"
+    g.options = CompileOptions(mode="inference")
     assert not fold_batchnorm(g).modified  # split/merge between conv and BN hide the pattern
     assert simplify_time_layout(g).modified
     assert fold_batchnorm(g).modified
@@ -197,7 +199,7 @@ def test_lower_step_mode() -> None:
     )
     x = torch.rand(T, N, 1, 5, 5) * 3
     g = snncompile.trace(model, x)
-    g.meta["mode"] = "train"
+    g.options = CompileOptions(mode="train")
     assert all(n.layout is Layout.STEP for n in g if n.op not in (Op.OUTPUT, Op.CONSTANT))
     res = lower_step_mode(g)
     assert res.modified and "2 neuron" in res.notes[0]
@@ -273,7 +275,7 @@ def test_fusion_hook_runs_registered_pass() -> None:
     def mark_neurons(graph: Graph) -> PassResult:
         """Tag every neuron (a stand-in for the kernel-fusion pass)."""
         for node in graph.find(Op.NEURON, Op.FUSED_NEURON):
-            node.attrs["fused_backend"] = graph.meta["backend"]
+            node.attrs["fused_backend"] = options_of(graph).backend
             seen.append(node.name)
         return PassResult(graph, bool(seen), [f"marked {len(seen)}"])
 

@@ -54,6 +54,7 @@ the work is done by :mod:`~snncompile.export.onnx_versions` (opset/IR version ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -127,9 +128,10 @@ def _inference_graph(model_or_compiled: nn.Module, example_input: torch.Tensor) 
             )
             from snncompile.passes.base import PassManager
             from snncompile.passes.fold_batchnorm import fold_batchnorm
+            from snncompile.passes.options import options_of
             from snncompile.passes.remove_dead_ops import remove_dead_ops
 
-            graph.meta["mode"] = "inference"
+            graph.options = dataclasses.replace(options_of(graph), mode="inference")
             graph = PassManager([remove_dead_ops, fold_batchnorm]).run(graph)
         return graph
     if not isinstance(model_or_compiled, nn.Module):

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import nn
 
 from snncompile.ir.ops import Layout, Op
+
+if TYPE_CHECKING:
+    from snncompile.passes.options import CompileOptions
 
 
 class Ref(NamedTuple):
@@ -64,12 +67,17 @@ class Node:
 
 
 class Graph:
-    """An SNN IR graph: nodes in topological order plus graph-level ``meta``.
+    """An SNN IR graph: nodes in topological order, ``options`` and graph-level ``meta``.
 
-    ``meta`` holds facts about the whole program: ``'mode'`` (``'train'``/``'inference'``),
-    ``'step_mode'`` of the source model (``'s'``/``'m'``), ``'backend'`` and the example sizes
-    ``'T'`` and ``'N'``.
+    ``options`` is the :class:`~snncompile.passes.options.CompileOptions` record the graph is
+    compiled with (mode, backend, chunking; ``None`` for a graph built by hand: passes read
+    :func:`~snncompile.passes.options.options_of`, which gives the defaults then). ``meta`` holds
+    facts about the program: ``'step_mode'`` of the source model (``'s'``/``'m'``), the example
+    sizes ``'T'`` and ``'N'``, frontend notes, and what passes record.
     """
+
+    #: The compile options (a class-level default, so graphs pickled without it load too).
+    options: CompileOptions | None = None
 
     def __init__(self, meta: dict[str, Any] | None = None) -> None:
         self._nodes: dict[str, Node] = {}
@@ -213,6 +221,7 @@ class Graph:
     def copy(self) -> Graph:
         """A structural copy: new node records and attr dicts, same modules and targets."""
         g = Graph(self.meta)
+        g.options = self.options  # immutable: shared
         for node in self._nodes.values():
             g._nodes[node.name] = dataclasses.replace(
                 node, attrs=dict(node.attrs), meta=dict(node.meta)

@@ -90,8 +90,14 @@ def format_node(node: Node) -> str:
 
 def format_graph(graph: Graph) -> str:
     """The whole graph as stable text."""
-    keys = ("step_mode", "mode", "backend", "T", "N")
-    header = ", ".join(f"{k}={graph.meta[k]}" for k in keys if k in graph.meta)
+    facts = {k: graph.meta[k] for k in ("step_mode",) if k in graph.meta}
+    options = getattr(graph, "options", None)
+    if options is not None:
+        facts["mode"] = options.mode
+        if options.backend is not None:
+            facts["backend"] = options.backend
+    facts.update({k: graph.meta[k] for k in ("T", "N") if k in graph.meta})
+    header = ", ".join(f"{k}={v}" for k, v in facts.items())
     lines = [f"graph({header}):"]
     for node in graph.nodes:
         if node.op is Op.OUTPUT:

@@ -19,18 +19,20 @@ Extension hook (kernel fusion, chunking)
 The pipeline has named *stages*: ``'fusion'`` (after BN folding, when neurons are ``seq`` ops
 and stateless chains are ``flat``) and ``'chunking'`` (last). A later pass plugs in with::
 
-    from snncompile.passes import register_pass, PassResult
+    from snncompile.passes import PassResult, options_of, register_pass
 
     def fuse_neurons(graph):
         '''Mark NEURON nodes to run fused kernels. (State the math here.)'''
         changed = False
         for node in graph.find(Op.NEURON):
-            ...  # e.g. node.op = Op.FUSED_NEURON; node.module.backend = graph.meta["backend"]
+            ...  # e.g. node.op = Op.FUSED_NEURON
+            node.attrs["fused_backend"] = options_of(graph).fused_backend
         return PassResult(graph, changed)
 
     register_pass("fusion", fuse_neurons)          # both modes; modes=("inference",) to limit
 
-``graph.meta['backend']`` is the ``backend=`` given to :func:`snncompile.optimize`. A neuron
+``options_of(graph).backend`` (:mod:`snncompile.passes.options`) is the ``backend=`` given to
+:func:`snncompile.optimize`. A neuron
 node's ``attrs['_spec']`` is the module's ``NeuronSpec`` (SpikingJelly neurons rebuilt as ours
 have one too and carry ``attrs['source'] == 'spikingjelly'``; neurons run as an original
 SpikingJelly copy have no spec) and ``node.module`` is the
@@ -52,6 +54,7 @@ from snncompile.passes.base import (
 )
 from snncompile.passes.fold_batchnorm import fold_batchnorm, fold_conv_bn
 from snncompile.passes.lower_step_mode import LoweringError, lower_step_mode
+from snncompile.passes.options import CompileOptions, options_of
 from snncompile.passes.pipeline import (
     PIPELINE,
     STAGES,
@@ -67,6 +70,7 @@ from snncompile.passes.simplify_time_layout import simplify_time_layout
 
 __all__ = [
     "PIPELINE",
+    "CompileOptions",
     "STAGES",
     "LoweringError",
     "Pass",
@@ -80,6 +84,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_conv_bn",
     "lower_step_mode",
+    "options_of",
     "pass_name",
     "register_pass",
     "registered_passes",

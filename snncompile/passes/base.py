@@ -2,7 +2,8 @@
 
 A pass is any callable ``graph -> PassResult(graph, modified)`` (a function or an object with
 ``__call__``) with a docstring stating its math and the cases it handles. Passes read the
-graph-level facts they need from ``graph.meta`` (``'mode'``, ``'step_mode'``, ``'backend'``,
+compile options from ``options_of(graph)`` (:class:`~snncompile.passes.options.CompileOptions`:
+``mode``, ``backend``, chunking) and the program's facts from ``graph.meta`` (``'step_mode'``,
 ``'T'``, ``'N'``). The manager times each pass, counts nodes, verifies the graph after every pass
 and keeps a record per pass for ``CompiledModule.report()``.
 """

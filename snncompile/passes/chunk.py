@@ -8,24 +8,23 @@ stateless synapse ops see ``[K*N, *]`` instead of ``[T*N, *]``, so activation me
 ``O(K)`` instead of ``O(T)``.
 
 Cases: the pass only runs when :func:`snncompile.optimize` was given ``chunk_size=K`` or
-``memory_budget=...`` (it finds the request in ``graph.meta['chunk']``); otherwise it reports no
+``memory_budget=...`` (it finds the request in ``graph.options``); otherwise it reports no
 change. It refuses training pipelines (chunked execution runs under ``no_grad``) and graphs that
 cannot be cut along time: graphs whose input is not ``[T, N, *]`` or whose tensor outputs do not
 keep ``T`` as their leading dimension (e.g. a model that averages over time inside). It records
-the plan (``graph.meta['chunk']['status'] = 'planned'``) instead of rewriting nodes: the time loop
-over chunks is run by the runtime (:mod:`snncompile.runtime.chunked`), which also measures the
-per-step memory on the example input to turn a ``memory_budget`` into ``K`` (that measurement
-needs to execute the graph, which a pass cannot). Time ops other than the neurons are checked at
-compile time by comparing the chunked and the unchunked run on the example input.
+the plan (``graph.meta['chunk_plan']['status'] = 'planned'``) instead of rewriting nodes: the
+time loop over chunks is run by the runtime (:mod:`snncompile.runtime.chunked`), which also
+measures the per-step memory on the example input to turn a ``memory_budget`` into ``K`` (that
+measurement needs to execute the graph, which a pass cannot). Time ops other than the neurons
+are checked at compile time by comparing the chunked and the unchunked run on the example input.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import Op
 from snncompile.passes.base import PassResult
+from snncompile.passes.options import options_of
 
 __all__ = ["ChunkingError", "chunk_forward"]
 
@@ -40,11 +39,11 @@ def _output_tensors(graph: Graph) -> list[Node]:
 
 
 def chunk_forward(graph: Graph) -> PassResult:
-    """Validate and record a chunked-forward plan requested through ``graph.meta['chunk']``."""
-    request: dict[str, Any] | None = graph.meta.get("chunk")
-    if not request:
+    """Validate and record a chunked-forward plan requested through ``graph.options``."""
+    options = options_of(graph)
+    if not options.chunked:
         return PassResult(graph, False)
-    if graph.meta.get("mode") == "train":
+    if options.mode == "train":
         raise ChunkingError(
             "optimize: chunk_size/memory_budget are for inference only (chunked execution runs "
             "under torch.no_grad() so that memory stays bounded), but the model is compiled for "
@@ -70,11 +69,14 @@ def chunk_forward(graph: Graph) -> PassResult:
     neurons = len(graph.find(Op.NEURON, Op.FUSED_NEURON)) + sum(
         1 for n in graph.find(Op.OPAQUE_MODULE) if n.attrs.get("stateful")
     )
-    request = dict(request, status="planned")
-    graph.meta["chunk"] = request
-    if request.get("chunk_size") is not None:
-        what = f"chunk_size={request['chunk_size']}"
+    graph.meta["chunk_plan"] = {
+        "chunk_size": options.chunk_size,
+        "memory_budget": options.memory_budget,
+        "status": "planned",
+    }
+    if options.chunk_size is not None:
+        what = f"chunk_size={options.chunk_size}"
     else:
-        what = f"memory_budget={request.get('memory_budget')!r} (K measured at compile time)"
+        what = f"memory_budget={options.memory_budget!r} (K measured at compile time)"
     note = f"chunked forward planned: {what}, {neurons} stateful op(s) carry state"
     return PassResult(graph, True, [note])

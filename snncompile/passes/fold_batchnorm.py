@@ -24,6 +24,7 @@ from torch import nn
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import FOLDABLE_INTO_BN, Layout, Op
 from snncompile.passes.base import PassResult
+from snncompile.passes.options import options_of
 
 _PAIRS = (
     (nn.Conv1d, nn.BatchNorm1d, 3),
@@ -87,7 +88,7 @@ def _foldable(layer_node: Node, bn_node: Node) -> bool:
 
 def fold_batchnorm(graph: Graph) -> PassResult:
     """Fold eval-mode batchnorms into the conv/linear layer before them; see the module doc."""
-    if graph.meta.get("mode") != "inference":
+    if options_of(graph).mode != "inference":
         return PassResult(graph, False)
     notes: list[str] = []
     users = graph.users_map()

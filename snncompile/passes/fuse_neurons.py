@@ -14,10 +14,11 @@ with :func:`snncompile.frontend.rules.register_neuron_subclass` (ann2snn's
 ``HalfThresholdIFNode``), which keep those dynamics and change only the initial membrane
 (``NeuronSpec.v_init``): the fused kernel starts from the module's own state ``v``, which the
 module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The pass is IR -> IR:
-it records ``fused_backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or ``'auto'``, where
-``'auto'`` picks the fused kernel or the torch loop per call by size and device) and the kernel
-id on the node; :func:`snncompile.runtime.lower_fusion.apply_fusion_decisions` sets the node's
-module (the compiled model's own copy) to that backend when the graph is lowered. Left as they
+it records ``fused_backend = options_of(graph).fused_backend`` (``'cpu'``, ``'cuda'`` or
+``'auto'``, where ``'auto'`` picks the fused kernel or the torch loop per call by size and
+device) and the kernel id on the node;
+:func:`snncompile.runtime.lower_fusion.apply_fusion_decisions` sets the node's module (the
+compiled model's own copy) to that backend when the graph is lowered. Left as they
 are: ``backend='torch'``; SpikingJelly neurons the frontend could not rebuild as snncompile
 neurons (a custom surrogate, ``store_v_seq=True``: they run as the original module; the classes
 with a snncompile equivalent are rebuilt, so they are fused); neurons run per step
@@ -36,6 +37,7 @@ from __future__ import annotations
 from snncompile.ir.graph import Graph
 from snncompile.ir.ops import Layout, Op
 from snncompile.passes.base import PassResult
+from snncompile.passes.options import options_of
 
 FUSED_BACKENDS = ("cpu", "cuda", "auto")
 
@@ -45,7 +47,7 @@ def fuse_neurons(graph: Graph) -> PassResult:
     from snncompile.runtime.fused import register_dynamics
     from snncompile.runtime.fused_backends import dynamics_for, fusion_blocker
 
-    backend = graph.meta.get("backend", "auto")
+    backend = options_of(graph).fused_backend
     if backend not in FUSED_BACKENDS:
         return PassResult(graph, False, [f"backend={backend!r}: neurons left unfused"])
     fused: list[str] = []

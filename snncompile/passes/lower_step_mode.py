@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import POINTWISE_SYNAPSE, Layout, Op, OpGroup
 from snncompile.passes.base import PassResult
+from snncompile.passes.options import options_of
 
 
 class LoweringError(ValueError):
@@ -65,7 +66,7 @@ def lower_step_mode(graph: Graph) -> PassResult:
             "module instance per call."
         )
     T, N = int(graph.meta["T"]), int(graph.meta["N"])
-    mode = graph.meta.get("mode", "train")
+    mode = options_of(graph).mode
     notes: dict[str, int] = {"flat": 0, "neuron": 0, "per_step": 0}
 
     for node in graph:

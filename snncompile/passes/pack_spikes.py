@@ -24,6 +24,7 @@ from __future__ import annotations
 from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Op
 from snncompile.passes.base import PassResult
+from snncompile.passes.options import options_of
 
 __all__ = ["binary_values", "is_binary_neuron", "pack_spikes"]
 
@@ -74,7 +75,7 @@ def pack_spikes(graph: Graph) -> PassResult:
     """Mark binary values and the layers that save them packed; see the module docstring."""
     from snncompile.runtime.packed_ops import packable
 
-    if graph.meta.get("mode") != "train":
+    if options_of(graph).mode != "train":
         return PassResult(graph, False)
     binary = binary_values(graph)
     for name in binary:
