@@ -252,7 +252,8 @@ def check_glue(glue: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     Everything the run could change is put back: the RNG, buffers (BatchNorm statistics are
     shared with the user's model), Python attributes and the compiled parts' state.
     """
-    from snncompile.frontend.trace import _reset_state, python_state, restore_python_state
+    from snncompile.frontend.state_guard import python_state, restore_python_state
+    from snncompile.frontend.trace import _reset_state
 
     rng = torch.random.get_rng_state()
     buffers = [(b, b.detach().clone()) for b in glue.buffers()]

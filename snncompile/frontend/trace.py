@@ -14,7 +14,7 @@ How a model is read:
    becomes ``MERGE_TIME -> layer -> SPLIT_TIME``. Hand-written sequence code gets the same ops:
    ``x_seq.flatten(0, 1)`` is ``MERGE_TIME`` and ``y.unflatten(0, (x_seq.size(0), -1))`` (or a
    ``view``/``reshape`` to ``(T, -1, ...)`` with ``T`` read from a sequence) is ``SPLIT_TIME``
-   (rules and the fallback in the comment above :func:`_time_reshape`; ``ann2snn.convert``
+   (rules and the fallback in :mod:`snncompile.frontend.time_reshape`; ``ann2snn.convert``
    emits this form). A submodule fx cannot trace (data-dependent
    control flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module
    itself; with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,8 +63,23 @@ from snncompile.frontend.rules import (
     step_module_types,
     supported_step_modes,
 )
+from snncompile.frontend.state_guard import (
+    StateWriteError,
+    check_no_python_state,
+    check_no_state_writes,
+    memory_stores,
+    python_state,
+    state_guarded,
+)
+from snncompile.frontend.time_reshape import (
+    call_label,
+    drop_unused_time_sizes,
+    tag_time_size,
+    time_layout_consistent,
+    time_reshape,
+)
 from snncompile.ir.graph import Graph, Node, Ref
-from snncompile.ir.ops import Layout, Op, OpGroup
+from snncompile.ir.ops import Layout, Op
 
 
 class FrontendError(ValueError):
@@ -91,7 +105,7 @@ def state_copy_memo(module: nn.Module) -> dict[int, Any]:
     state anyway, so they get detached clones of those tensors instead.
     """
     stores = [vars(sub) for sub in module.modules()]  # plain attributes, e.g. v_seq
-    stores += [memories for _path, memories in _memory_stores(module)]
+    stores += [memories for _path, memories in memory_stores(module)]
     return {
         id(value): value.detach().clone()
         for store in stores
@@ -317,161 +331,6 @@ class _InputProxy(fx.Proxy):
         return self._rank
 
 
-class StateWriteError(RuntimeError):
-    """Traced code outside a stateful module read or wrote that module's state."""
-
-
-class PythonStateError(RuntimeError):
-    """A traced forward assigned a Python attribute (e.g. a step counter ``self.t += 1``)."""
-
-
-_TORCH_BOOKKEEPING = ("_memories", "_memories_rv", "_non_persistent_buffers_set")
-
-
-def python_state(module: nn.Module) -> dict[tuple[int, str], Any]:
-    """The attributes of ``module`` and its submodules, keyed by ``(id(submodule), name)``.
-
-    Plain attributes and the entries of ``_parameters``/``_buffers``/``_modules`` are recorded
-    (memories are guarded by :class:`_StateSentinel` instead; hook tables are skipped).
-    """
-    out: dict[tuple[int, str], Any] = {}
-    for sub in module.modules():
-        for key, value in vars(sub).items():
-            if (
-                key in _TORCH_BOOKKEEPING
-                or "hooks" in key
-                or key.startswith(("_state_dict", "_load"))
-            ):
-                continue
-            if key in ("_parameters", "_buffers", "_modules"):
-                out.update(((id(sub), f"{key}[{k!r}]"), v) for k, v in value.items())
-            else:
-                out[(id(sub), key)] = value
-    return out
-
-
-def restore_python_state(module: nn.Module, before: dict[tuple[int, str], Any]) -> list[str]:
-    """Put back the attributes recorded by :func:`python_state`; the changed names, sorted."""
-    after = python_state(module)
-    changed = [
-        k
-        for k in before.keys() | after.keys()
-        if before.get(k, _MISSING) is not after.get(k, _MISSING)
-    ]
-    subs = {id(m): m for m in module.modules()}
-    paths = {id(m): p for p, m in module.named_modules()}
-    for key in changed:
-        sub, name = subs[key[0]], key[1]
-        store, entry = vars(sub), name
-        if "[" in name:
-            table, entry = name.split("[", 1)
-            store, entry = vars(sub)[table], entry[:-2].strip("'")
-        if key in before:
-            store[entry] = before[key]
-        else:
-            store.pop(entry, None)
-    return sorted(f"{paths[k[0]]}.{k[1]}" if paths.get(k[0]) else k[1] for k in changed)
-
-
-def check_no_python_state(module: nn.Module, before: dict[tuple[int, str], Any]) -> None:
-    """Raise :class:`PythonStateError` if tracing ``module``'s forward assigned an attribute.
-
-    torch.fx runs the Python code of a traced forward once: an attribute it assigns (a step
-    counter, a cached tensor) would be baked into the graph as the constant it had at trace time,
-    and later calls would never update it. Such a module must run as written. The attributes are
-    put back as they were, so the retried trace sees the model unchanged.
-    """
-    names = restore_python_state(module, before)
-    if names:
-        raise PythonStateError(
-            f"its forward assigns the Python attribute(s) {names} (state kept outside tensors, "
-            "e.g. a step counter); torch.fx would bake the value it had while tracing into a "
-            "constant, so this module must run as written"
-        )
-
-
-_MISSING = object()
-
-
-class _StateSentinel:
-    """Stands in for a memory (e.g. a neuron's ``v``) while the model is traced.
-
-    Stateful modules are leaves, so only code *around* them (a parent's forward) can touch their
-    state during tracing, and fx records neither an attribute read (the value at trace time is
-    baked in as a constant) nor a write (it is lost). Any use of the sentinel raises, which turns
-    the module whose forward did it into an opaque module that runs as written.
-    """
-
-    __slots__ = ("owner",)
-
-    def __init__(self, owner: str) -> None:
-        self.owner = owner
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise StateWriteError(
-            f"its forward reads the state {self.owner!r} of a stateful module (e.g. a neuron's "
-            "membrane) from outside that module; torch.fx cannot record state reads or writes, "
-            "so this module must run as written"
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        self._refuse()
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        owner = next((a.owner for a in args if isinstance(a, _StateSentinel)), "?")
-        _StateSentinel(owner)._refuse()
-
-    def __repr__(self) -> str:
-        return f"<state {self.owner} during tracing>"
-
-
-for _dunder in (
-    "add radd sub rsub mul rmul truediv rtruediv floordiv rfloordiv mod rmod pow rpow matmul "
-    "rmatmul and rand or ror xor rxor lt le gt ge eq ne neg pos abs invert bool float int index "
-    "len iter getitem setitem array"
-).split():
-    setattr(_StateSentinel, f"__{_dunder}__", _StateSentinel._refuse)
-_StateSentinel.__hash__ = object.__hash__  # type: ignore[method-assign]  (eq is refused)
-
-
-def _memory_stores(root: nn.Module) -> Iterator[tuple[str, dict[str, Any]]]:
-    for path, sub in root.named_modules():
-        memories = vars(sub).get("_memories")
-        if isinstance(memories, dict) and memories:
-            yield path, memories
-
-
-def check_no_state_writes(module: nn.Module, path: str) -> None:
-    """Raise :class:`StateWriteError` if tracing ``module``'s forward replaced a sentinel."""
-    written = [
-        f"{p}.{name}" if p else name
-        for p, memories in _memory_stores(module)
-        for name, value in memories.items()
-        if not isinstance(value, _StateSentinel)
-    ]
-    if written:
-        where = [f"{path}.{w}" if path else w for w in written]
-        raise StateWriteError(
-            f"its forward assigns to the state {where} of a stateful module (e.g. resetting a "
-            "neuron's membrane from outside the neuron); torch.fx cannot record state writes, so "
-            "this module must run as written"
-        )
-
-
-@contextlib.contextmanager
-def _state_guarded(root: nn.Module) -> Iterator[None]:
-    """Replace every memory of ``root``'s modules by a sentinel while tracing; restore after."""
-    saved = [(memories, dict(memories)) for _path, memories in _memory_stores(root)]
-    for path, memories in _memory_stores(root):
-        for name in memories:
-            memories[name] = _StateSentinel(f"{path}.{name}" if path else name)
-    try:
-        yield
-    finally:
-        for memories, before in saved:
-            memories.clear()
-            memories.update(before)
 
 
 class _RootWrapper(nn.Module):
@@ -541,7 +400,7 @@ def _trace(
     for _ in range(limit):
         tracer = SNNTracer(plan, probe, input_rank)
         try:
-            with _state_guarded(probe):
+            with state_guarded(probe):
                 before = python_state(probe)
                 fx_graph = tracer.trace(probe)
                 check_no_state_writes(probe, "")  # the model's own forward
@@ -810,13 +669,13 @@ def trace_model(
                 )
                 node.layout = _layout_of(in_nodes, base, fxn.name)
             elif recognise_time and (
-                (time_op := _time_reshape(fxn, args, kwargs, in_nodes, shape, T, N)) is not None
+                (time_op := time_reshape(fxn, args, kwargs, in_nodes, shape, T, N)) is not None
             ):
                 # Hand-written sequence code: x_seq.flatten(0, 1) / y.unflatten(0, (T, -1)) ...
                 op, data = time_op
                 layout = Layout.FLAT if op is Op.MERGE_TIME else Layout.SEQ
                 node = Node(fxn.name, op, (data,), layout=layout)
-                node.meta["source_call"] = _call_label(fxn)
+                node.meta["source_call"] = call_label(fxn)
                 time_size_readers.update(i for i in inputs if i != data)
             else:
                 is_method = fxn.op == "call_method"
@@ -829,7 +688,7 @@ def trace_model(
                     target=fxn.target,
                 )
                 node.layout = _layout_of(in_nodes, Layout.NONE, fxn.name)
-                _tag_time_size(node, fxn, args, kwargs, in_nodes)
+                tag_time_size(node, fxn, args, kwargs, in_nodes)
             if node.op is not Op.OUTPUT:
                 node.shape, node.dtype = shape, dtype
                 node.meta["value_kind"] = shapes["__kinds__"].get(fxn.name, "tensor")
@@ -844,7 +703,7 @@ def trace_model(
                 )
             graph.add(node)
 
-        _drop_unused_time_sizes(graph, time_size_readers)
+        drop_unused_time_sizes(graph, time_size_readers)
         if step_mode == "s":
             shared = [
                 p
@@ -857,7 +716,7 @@ def trace_model(
 
     try:
         graph = build(recognise_time=True)
-        consistent = _time_layout_consistent(graph)
+        consistent = time_layout_consistent(graph)
     except FrontendError:  # e.g. a recognised flat value mixed with a seq-labelled one
         consistent = False
     if not consistent:
@@ -869,193 +728,6 @@ def trace_model(
         graph.meta["frontend_notes"] = [line for p in sorted(notes) for line in notes[p]]
     return graph
 
-
-# -- hand-written time reshapes -> MERGE_TIME / SPLIT_TIME ----------------------------------------
-# Sequence-level code (SpikingJelly's SeqToANNContainer does it, users write it by hand and
-# ann2snn.convert emits it) folds time into the batch with ``x_seq.flatten(0, 1)`` and unfolds it
-# with ``y.unflatten(0, (x_seq.size(0), -1))`` (or ``y.view(T, -1, ...)``/``reshape``). Recorded
-# as plain FLATTEN/FUNCTION nodes these would be ``seq``-labelled values whose dimension 0 is
-# really ``T*N``: the layout bookkeeping would be wrong, simplify_time_layout could not cancel
-# round trips and the ONNX exporter would refuse them (they "change the time/batch
-# dimensions"). They are exactly the IR's MERGE_TIME / SPLIT_TIME, so the frontend records them
-# as such. The rules are deliberately narrow, so every other reshape is recorded as before:
-#
-# * MERGE_TIME: ``flatten(0, 1)`` (method or ``torch.flatten``), or ``view``/``reshape`` to
-#   ``(-1, *x.shape[2:])`` with literal feature sizes, of a ``seq`` tensor whose recorded shape
-#   starts with the example's ``(T, N)``;
-# * SPLIT_TIME: ``unflatten(0, (t, -1))`` (method or ``torch.unflatten``), or ``view``/``reshape``
-#   to ``(t, -1, *y.shape[1:])``, of a ``flat`` tensor ``[T*N, *]``, where ``t`` is the time size
-#   *read from a sequence at run time* (``x_seq.size(0)``, ``x_seq.shape[0]``,
-#   ``x_seq.size()[0]``). A literal ``T`` is not recognised: it would silently fix ``T`` (and
-#   break chunked execution), so such code keeps its old recording. The IR's SPLIT_TIME reads
-#   ``T`` from the graph's sequence input at run time, which is the same value: every ``seq``
-#   value of a graph has the input's ``T`` (also per chunk).
-#
-# The ``size`` nodes that only fed recognised reshapes are dropped afterwards.
-_TIME_SIZE = "time_size"  # node.meta flag: the value is T, read from a seq tensor at run time
-_SEQ_SHAPE = "seq_shape"  # node.meta flag: the value is the full shape of a seq tensor
-
-
-def _call_label(fxn: fx.Node) -> str:
-    target = fxn.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
-    return f".{name}" if fxn.op == "call_method" else str(name)
-
-
-def _is_seq_tensor(node: Node, T: int, N: int) -> bool:
-    return (
-        node.layout is Layout.SEQ
-        and not node.attrs.get("per_step")
-        and node.shape is not None
-        and len(node.shape) >= 2
-        and tuple(node.shape[:2]) == (T, N)
-    )
-
-
-def _tag_time_size(node: Node, fxn: fx.Node, args: Any, kwargs: Any, in_nodes: list[Node]) -> None:
-    """Flag ``x.size(0)``, ``x.shape``, ``x.size()`` and ``<shape>[0]`` of a ``seq`` tensor."""
-    first = args[0] if args else None
-    if not isinstance(first, Ref):
-        return
-    src = in_nodes[first.index]
-    nargs = len(args) + len(kwargs)
-    if fxn.op == "call_function" and fxn.target is operator.getitem:
-        if src.meta.get(_SEQ_SHAPE) and nargs == 2 and len(args) == 2 and args[1] == 0:
-            node.meta[_TIME_SIZE] = src.meta[_SEQ_SHAPE]
-        return
-    if src.layout is not Layout.SEQ or src.shape is None or len(src.shape) < 2:
-        return
-    if src.attrs.get("per_step"):
-        return
-    if fxn.op == "call_method" and fxn.target == "size":
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if nargs == 1:
-            node.meta[_SEQ_SHAPE] = src.name
-        elif dim == 0 and nargs == 2:
-            node.meta[_TIME_SIZE] = src.name
-    elif fxn.op == "call_function" and fxn.target is getattr and tuple(args[1:]) == ("shape",):
-        node.meta[_SEQ_SHAPE] = src.name
-
-
-def _is_time_size(value: Any, in_nodes: list[Node]) -> bool:
-    return isinstance(value, Ref) and bool(in_nodes[value.index].meta.get(_TIME_SIZE))
-
-
-def _shape_args(fxn: fx.Node, args: Any, kwargs: Any) -> tuple[Any, ...] | None:
-    """The target shape of a ``view``/``reshape`` call, or ``None`` for other calls."""
-    if fxn.op == "call_method" and fxn.target in ("view", "reshape"):
-        if kwargs:
-            return None
-        rest = tuple(args[1:])
-        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-            rest = tuple(rest[0])
-        return rest
-    if fxn.op == "call_function" and fxn.target is torch.reshape:
-        shape = kwargs.get("shape", args[1] if len(args) > 1 else None)
-        if not isinstance(shape, (tuple, list)) or len(args) + len(kwargs) != 2:
-            return None
-        return tuple(shape)
-    return None
-
-
-def _time_reshape(
-    fxn: fx.Node,
-    args: Any,
-    kwargs: Any,
-    in_nodes: list[Node],
-    shape: tuple[int, ...] | None,
-    T: int,
-    N: int,
-) -> tuple[Op, str] | None:
-    """``(MERGE_TIME | SPLIT_TIME, data input name)`` for a recognised time reshape, or None."""
-    if fxn.op not in ("call_method", "call_function") or not args or shape is None:
-        return None
-    first = args[0]
-    if not isinstance(first, Ref):
-        return None
-    src = in_nodes[first.index]
-    if src.shape is None:
-        return None
-    name = fxn.target if fxn.op == "call_method" else None
-    is_flatten = name == "flatten" or (fxn.op == "call_function" and fxn.target is torch.flatten)
-    is_unflatten = name == "unflatten" or (
-        fxn.op == "call_function" and fxn.target is torch.unflatten
-    )
-    target_shape = _shape_args(fxn, args, kwargs)
-    if _is_seq_tensor(src, T, N):
-        merged = (T * N, *src.shape[2:])
-        if tuple(shape) != merged:
-            return None
-        if is_flatten:
-            start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
-            end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
-            if start == 0 and end == 1 and len(args) + len(kwargs) <= 3:
-                return Op.MERGE_TIME, src.name
-        elif target_shape is not None and target_shape == (-1, *src.shape[2:]):
-            return Op.MERGE_TIME, src.name
-        return None
-    if src.layout is not Layout.FLAT or not src.shape or src.shape[0] != T * N:
-        return None
-    if tuple(shape) != (T, N, *src.shape[1:]):
-        return None
-    if is_unflatten:
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        sizes = kwargs.get("sizes", args[2] if len(args) > 2 else None)
-        if (
-            dim == 0
-            and isinstance(sizes, (tuple, list))
-            and len(sizes) == 2
-            and sizes[1] == -1
-            and _is_time_size(sizes[0], in_nodes)
-            and len(args) + len(kwargs) == 3
-        ):
-            return Op.SPLIT_TIME, src.name
-        return None
-    if (
-        target_shape is not None
-        and len(target_shape) == len(src.shape) + 1
-        and _is_time_size(target_shape[0], in_nodes)
-        and tuple(target_shape[1:]) == (-1, *src.shape[1:])
-    ):
-        return Op.SPLIT_TIME, src.name
-    return None
-
-
-def _time_layout_consistent(graph: Graph) -> bool:
-    """Whether every ``flat`` tensor is ``[T*N, *]`` and no stateful op runs on a ``flat`` value.
-
-    A recognised MERGE_TIME followed by user code that reshapes dimension 0 itself (a literal
-    ``view(8, -1, ...)``) would otherwise be labelled ``flat`` while holding ``[T, N, *]``.
-    """
-    tn = int(graph.meta["T"]) * int(graph.meta["N"])
-    for node in graph:
-        if node.layout is not Layout.FLAT:
-            continue
-        if node.op.group is OpGroup.NEURON or node.attrs.get("stateful"):
-            return False
-        if node.shape is not None and (not node.shape or node.shape[0] != tn):
-            return False
-    return True
-
-
-def _drop_unused_time_sizes(graph: Graph, candidates: set[str]) -> None:
-    """Remove T-size reads (``size``/``shape`` nodes) that only fed recognised time reshapes."""
-
-    def flagged(name: str) -> bool:
-        meta = graph[name].meta
-        return bool(meta.get(_TIME_SIZE) or meta.get(_SEQ_SHAPE))
-
-    pending = {n for n in candidates if n in graph and flagged(n)}
-    while pending:
-        users = graph.users_map()
-        free = [n for n in pending if not users[n]]
-        if not free:
-            return
-        for n in free:
-            pending.discard(n)
-            inputs = graph[n].inputs
-            graph.remove(n)
-            pending.update(i for i in inputs if i in graph and flagged(i))
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:
