@@ -507,3 +507,40 @@ def test_spikingjelly_imports_our_export(sj):
     with torch.no_grad():
         out, _ = theirs(x)
     assert torch.equal(out, _run(net, x))
+
+
+def test_two_recurrent_blocks_in_series_run_in_edge_order():
+    """Cycles become blocks ordered by the edges, whatever order the file lists its nodes in."""
+    n, tau, dt = 5, 4e-3, 1e-3
+
+    def lif():
+        return nir.LIF(tau=np.full(n, tau), r=np.full(n, tau / dt), v_leak=np.zeros(n),
+                       v_threshold=np.ones(n), v_reset=np.zeros(n))
+
+    w = {k: _affine(3 if k == "in1" else n, n, seed=s)
+         for k, s in (("in1", 11), ("rec1", 12), ("in2", 13), ("rec2", 14))}
+    nodes = {"output": nir.Output(np.array([n])), "rec2": w["rec2"], "lif2": lif(),
+             "in2": w["in2"], "rec1": w["rec1"], "lif1": lif(), "in1": w["in1"],
+             "input": nir.Input(np.array([3]))}
+    edges = [("input", "in1"), ("in1", "lif1"), ("lif1", "rec1"), ("rec1", "lif1"),
+             ("lif1", "in2"), ("in2", "lif2"), ("lif2", "rec2"), ("rec2", "lif2"),
+             ("lif2", "output")]
+    m = sc.import_nir(nir.NIRGraph(nodes=nodes, edges=edges), dt=dt)
+    assert sum(isinstance(c, RecurrentBlock) for c in m.modules()) == 2
+
+    def layer(x_seq, w_in, w_rec):
+        wi, bi = torch.tensor(w_in.weight), torch.tensor(w_in.bias)
+        wr, br = torch.tensor(w_rec.weight), torch.tensor(w_rec.bias)
+        v = s = torch.zeros(x_seq.shape[1], n)
+        outs = []
+        for t in range(x_seq.shape[0]):
+            h = v - v / 4.0 + (s @ wr.T + br) + (x_seq[t] @ wi.T + bi)
+            s = (h >= 1.0).float()
+            v = (1 - s) * h
+            outs.append(s)
+        return torch.stack(outs)
+
+    x = torch.randn(T, 2, 3) * 2
+    ref = layer(layer(x, w["in1"], w["rec1"]), w["in2"], w["rec2"])
+    assert ref.sum() > 5
+    assert torch.equal(_run(m, x), ref)
