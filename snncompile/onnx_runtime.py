@@ -22,9 +22,8 @@ import onnx
 
 from snncompile.export.onnx_metadata import (
     describe_model,
-    load_metadata,
     onnx_initial_states,
-    read_states,
+    step_states,
 )
 
 __all__ = [
@@ -102,14 +101,12 @@ class StreamingSession:
     """
 
     def __init__(self, model: ModelLike, session: Any | None = None, **session_kw: Any) -> None:
-        meta = load_metadata(model)
-        states = read_states(model, meta)
-        if meta.get("snncompile.mode") != "step":
-            raise ValueError(
-                f"StreamingSession: {describe_model(model)} is a sequence-mode export (one call "
-                "per sequence); export with snncompile.export_onnx(..., mode='step') to stream, or "
-                "run it with run_sequence_model."
-            )
+        states = step_states(
+            model,
+            "StreamingSession",
+            "export (one call per sequence); export with snncompile.export_onnx(..., "
+            "mode='step') to stream, or run it with run_sequence_model.",
+        )
         self.session = session if session is not None else make_session(model, **session_kw)
         pairs = {s["input"]: s["output"] for s in states}
         inputs = [i.name for i in self.session.get_inputs()]

@@ -106,6 +106,22 @@ def read_states(
     return out
 
 
+def step_states(
+    path_or_model: str | Path | onnx.ModelProto, who: str, why: str
+) -> list[dict[str, Any]]:
+    """The state records of a step-mode export (:func:`read_states`).
+
+    Raises:
+        ValueError: the model is a sequence-mode export; the message is ``who``, the model, and
+            ``why`` it cannot be used (what to do instead).
+    """
+    meta = load_metadata(path_or_model)
+    states = read_states(path_or_model, meta)
+    if meta.get("snncompile.mode") != "step":
+        raise ValueError(f"{who}: {describe_model(path_or_model)} is a sequence-mode {why}")
+    return states
+
+
 def onnx_initial_states(
     path_or_model: str | Path | onnx.ModelProto, batch_size: int
 ) -> dict[str, np.ndarray]:
@@ -116,14 +132,12 @@ def onnx_initial_states(
     ``HalfThresholdIFNode``; else ``v_reset``, or 0 for soft reset), read from the model's
     metadata (:func:`read_states`).
     """
-    meta = load_metadata(path_or_model)
-    states = read_states(path_or_model, meta)
-    if meta.get("snncompile.mode") != "step":
-        raise ValueError(
-            f"onnx_initial_states: {describe_model(path_or_model)} is a sequence-mode model; it "
-            "builds its initial states inside the graph and takes no state inputs. Export with "
-            "mode='step' to stream."
-        )
+    states = step_states(
+        path_or_model,
+        "onnx_initial_states",
+        "model; it builds its initial states inside the graph and takes no state inputs. Export "
+        "with mode='step' to stream.",
+    )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"onnx_initial_states: batch_size must be an int >= 1, got {batch_size}")
     out: dict[str, np.ndarray] = {}
