@@ -13,6 +13,11 @@ from typing import Any
 _SUBMODULES = frozenset(
     {
         "nir",
+        "nir_export",
+        "nir_format",
+        "nir_import",
+        "nir_patterns",
+        "nir_read",
         "onnx",
         "onnx_builder",
         "onnx_emitter",
