@@ -55,7 +55,8 @@ PIPELINE: list[PipelineEntry | Stage] = [
     PipelineEntry("fold_batchnorm", fold_batchnorm, INFERENCE),
     # Kernel fusion sees the final op set and layouts (neurons as seq ops, synapses as flat).
     # Its passes run in registration order: fuse_neurons, then fuse_elementwise (which imports
-    # fuse_neurons first), because merging scales needs FUSED_NEURON nodes to merge into.
+    # fuse_neurons first), because merging scales needs FUSED_NEURON nodes to merge into; then
+    # fuse_chains (batchnorm / pooling around a fused neuron; imports fuse_elementwise first).
     Stage("fusion"),
     # Chunking wraps whatever graph fusion left, bounding memory over T; it must come last.
     Stage("chunking"),
@@ -97,6 +98,7 @@ def import_builtin_passes() -> None:
     ``import snncompile`` is lazy, so they may not be imported yet when a pipeline is built.
     """
     import snncompile.passes.chunk  # noqa: F401
+    import snncompile.passes.fuse_chains  # noqa: F401
     import snncompile.passes.fuse_elementwise  # noqa: F401
     import snncompile.passes.fuse_neurons  # noqa: F401
 
