@@ -228,13 +228,17 @@ def main() -> None:
                 f"({row['error']})"
             )
             continue
-        ve = e / o if e and o else float("nan")
-        vt = t / o if t and o else float("nan")
-        goal = "met" if ve >= 2 and (t is None or vt >= 1.3) else "missed"
+        ve = e / o if e and o else None
+        vt = t / o if t and o else None
+        goal = "met" if ve is not None and ve >= 2 and (vt is None or vt >= 1.3) else "missed"
         print(
             f"{row['model']:18} {row['mode']:4} {_ms(e):>9} {_ms(o):>8} {_ms(t):>8} "
-            f"{ve:>7.2f}x {vt:>6.2f}x  {goal}"
+            f"{_ratio(ve):>8} {_ratio(vt):>7}  {goal}"
         )
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def _ms(v: float | None) -> str:

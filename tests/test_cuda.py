@@ -18,15 +18,14 @@ on a GPU.
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 
 import pytest
 import torch
+from neuron_grid import CONFIGS, config_id, dynamics_for
 
 DEVICE = os.environ.get("SNNCOMPILE_CUDA_TESTS_DEVICE", "cuda")
 BACKEND = "cuda" if DEVICE == "cuda" else "cpu"
-FULL = os.environ.get("SNNCOMPILE_FULL_GRID") == "1"
 
 
 def _gpu_missing() -> str | None:
@@ -43,44 +42,8 @@ pytestmark = [
     pytest.mark.skipif(_MISSING is not None, reason=f"CUDA tests: {_MISSING}"),
 ]
 
-SURROGATES = ["Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign", "SuperSpike",
-              "Erf"]  # fmt: skip
-ALPHAS = {"Sigmoid": 4.0, "ATan": 2.0, "PiecewiseQuadratic": 1.0, "PiecewiseExp": 1.0,
-          "SoftSign": 2.0, "SuperSpike": 1.0, "Erf": 2.0}  # fmt: skip
 # [T, *]: odd N, several blocks, a partly idle last block, T from 1 to 64.
 SHAPES = [(7, 3, 100), (1, 1), (17, 31), (64, 4099), (3, 2, 70001)]
-
-
-def _configs() -> list[tuple[str, bool, float | None, bool, str]]:
-    base = [
-        b
-        for b in itertools.product(
-            ["if", "lif", "plif"], [True, False], [0.0, None, -0.3], [False, True]
-        )
-        if not (b[0] == "if" and not b[1])
-    ]
-    if FULL:
-        return [(*b, sg) for b in base for sg in SURROGATES]
-    return [(*b, SURROGATES[i % len(SURROGATES)]) for i, b in enumerate(base)]
-
-
-CONFIGS = _configs()
-
-
-def _ids(c: tuple) -> str:
-    kind, di, vr, dr, sg = c
-    return f"{kind}-di{int(di)}-vr{vr}-dr{int(dr)}-{sg}"
-
-
-def _dynamics(kind: str, di: bool, vr: float | None, dr: bool, sg: str):
-    from snncompile.dynamics import SurrogateExpr, if_dynamics, lif_dynamics, plif_dynamics
-
-    s = SurrogateExpr(sg, (ALPHAS[sg],))
-    if kind == "if":
-        return if_dynamics(v_reset=vr, detach_reset=dr, surrogate=s)
-    if kind == "lif":
-        return lif_dynamics(2.0, di, v_reset=vr, detach_reset=dr, surrogate=s)
-    return plif_dynamics(di, v_reset=vr, detach_reset=dr, surrogate=s)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,13 +96,13 @@ def _w64(d, x, v0, w, gs, gv) -> float:
     return g.item()
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_neuron_grid_on_gpu_matches_torch(config):
     from snncompile.codegen.torch_backend import torch_multi_step
     from snncompile.runtime.fused import fused_multi_step
 
     kind = config[0]
-    d = _dynamics(*config)
+    d = dynamics_for(*config)
     i = CONFIGS.index(config)
     for j, shape in enumerate([SHAPES[0], SHAPES[1 + i % (len(SHAPES) - 1)]]):
         g = torch.Generator().manual_seed(i * 10 + j)
@@ -155,7 +118,7 @@ def test_neuron_grid_on_gpu_matches_torch(config):
 
         cu = _run(fused, d, x, v0, w, gs, gv, store)
         ref = _run(torch_multi_step, d, x, v0, w, gs, gv, store)
-        where = f"{_ids(config)} shape={shape}"
+        where = f"{config_id(config)} shape={shape}"
         assert cu[0].device.type == DEVICE
         assert torch.equal(cu[0], ref[0]), f"{where}: spikes differ from the torch path"
         assert torch.equal(cu[1], ref[1].detach()), f"{where}: v differs from the torch path"
@@ -172,7 +135,7 @@ def test_neuron_grid_on_gpu_matches_torch(config):
             assert abs(got - truth) <= 1e-5 * max(abs(truth), 1.0), f"{where}: grad w {got} {truth}"
 
 
-@pytest.mark.parametrize("config", CONFIGS[::4], ids=_ids)
+@pytest.mark.parametrize("config", CONFIGS[::4], ids=config_id)
 def test_device_kernels_match_their_host_emulation(config):
     """The same CUDA source on the GPU and compiled for the host (the CPU tests' stand-in)."""
     from snncompile.codegen.cuda import cuda_kernel
@@ -182,7 +145,7 @@ def test_device_kernels_match_their_host_emulation(config):
         pytest.skip("compares the device with its host emulation")
     if find_cxx() is None:
         pytest.skip("no host C++ compiler")
-    d = _dynamics(*config)
+    d = dynamics_for(*config)
     dev, host = cuda_kernel(d), HostCudaKernel(d)
     T, N = 9, 1001
     x, v0 = torch.randn(T, N) + 0.5, torch.randn(N) * 0.3

@@ -15,11 +15,9 @@ within the C-vs-torch tolerances, and within 1e-6 relative of the C kernel.
 
 from __future__ import annotations
 
-import itertools
-import os
-
 import pytest
 import torch
+from neuron_grid import CONFIGS, config_id, dynamics_for
 
 from snncompile.codegen.cpu import cpu_kernel, prebuild
 from snncompile.codegen.cuda import THREADS_PER_BLOCK, launch_config
@@ -32,7 +30,7 @@ from snncompile.codegen.cuda_host import (
 )
 from snncompile.codegen.kernels import generate
 from snncompile.codegen.torch_backend import torch_multi_step
-from snncompile.dynamics import SurrogateExpr, if_dynamics, lif_dynamics, plif_dynamics
+from snncompile.dynamics import plif_dynamics
 from snncompile.runtime import fused
 from snncompile.runtime.fused import compiler_available, fused_multi_step
 
@@ -40,49 +38,14 @@ pytestmark = pytest.mark.skipif(
     find_cxx() is None or not compiler_available(), reason="no host C/C++ compiler installed"
 )
 
-SURROGATES = ["Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign", "SuperSpike",
-              "Erf"]  # fmt: skip
-ALPHAS = {"Sigmoid": 4.0, "ATan": 2.0, "PiecewiseQuadratic": 1.0, "PiecewiseExp": 1.0,
-          "SoftSign": 2.0, "SuperSpike": 1.0, "Erf": 2.0}  # fmt: skip
-FULL = os.environ.get("SNNCOMPILE_FULL_GRID") == "1"
 # [T, *] shapes: N = prod(*) is odd or not a multiple of the block size; T from 1 to 17.
 SHAPES = [(7, 3, 100), (1, 1), (17, 31), (3, 257), (4, 2, 256), (2, 513)]
-
-
-def _configs() -> list[tuple[str, bool, float | None, bool, str]]:
-    base = [
-        b
-        for b in itertools.product(
-            ["if", "lif", "plif"], [True, False], [0.0, None, -0.3], [False, True]
-        )
-        if not (b[0] == "if" and not b[1])
-    ]
-    if FULL:
-        return [(*b, sg) for b in base for sg in SURROGATES]
-    return [(*b, SURROGATES[i % len(SURROGATES)]) for i, b in enumerate(base)]
-
-
-CONFIGS = _configs()
-
-
-def _ids(c: tuple) -> str:
-    kind, di, vr, dr, sg = c
-    return f"{kind}-di{int(di)}-vr{vr}-dr{int(dr)}-{sg}"
-
-
-def _dynamics(kind: str, di: bool, vr: float | None, dr: bool, sg: str):
-    s = SurrogateExpr(sg, (ALPHAS[sg],))
-    if kind == "if":
-        return if_dynamics(v_reset=vr, detach_reset=dr, surrogate=s)
-    if kind == "lif":
-        return lif_dynamics(2.0, di, v_reset=vr, detach_reset=dr, surrogate=s)
-    return plif_dynamics(di, v_reset=vr, detach_reset=dr, surrogate=s)
 
 
 @pytest.fixture(scope="module")
 def kernels():
     """Host-emulated CUDA kernels of every configuration (one C++ library, disk-cached)."""
-    ds = [_dynamics(*c) for c in CONFIGS]
+    ds = [dynamics_for(*c) for c in CONFIGS]
     prebuild(ds)
     return host_kernels(ds)
 
@@ -120,10 +83,10 @@ def _run(run, d, x, v0, w, gs, gv, gvs, store_v_seq):
     return s, v, v_seq, torch.autograd.grad(loss, wrt)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_cuda_kernel_on_host_matches_c_kernel_and_torch(config, on_host_cuda):
     kind = config[0]
-    d = _dynamics(*config)
+    d = dynamics_for(*config)
     i = CONFIGS.index(config)
     for j, shape in enumerate([SHAPES[0], SHAPES[1 + i % (len(SHAPES) - 1)]]):
         store_v_seq = (i + j) % 2 == 1
@@ -139,7 +102,7 @@ def test_cuda_kernel_on_host_matches_c_kernel_and_torch(config, on_host_cuda):
             cu = _run(fused_multi_step, *args)
         finally:
             ctx.__exit__(None, None, None)
-        where = f"{_ids(config)} shape={shape} store_v_seq={store_v_seq}"
+        where = f"{config_id(config)} shape={shape} store_v_seq={store_v_seq}"
         for name, other in (("C kernel", c), ("torch", ref)):
             assert torch.equal(cu[0], other[0]), f"{where}: spikes differ from the {name}"
             assert torch.equal(cu[1], other[1].detach()), f"{where}: v differs from the {name}"
@@ -152,7 +115,7 @@ def test_cuda_kernel_on_host_matches_c_kernel_and_torch(config, on_host_cuda):
 
 def test_custom_op_path_runs_the_cuda_kernels_on_host(on_host_cuda):
     """The torch.library custom op (what torch.compile sees) with the CUDA kernels."""
-    d = _dynamics(*next(c for c in CONFIGS if c[0] == "plif"))
+    d = dynamics_for(*next(c for c in CONFIGS if c[0] == "plif"))
     x = torch.randn(5, 300) + 0.5
     w = torch.tensor(0.2, requires_grad=True)
     s_ref, v_ref, _ = torch_multi_step(d, x, torch.zeros(300), {"w": w})
@@ -187,7 +150,7 @@ def test_kernels_write_only_their_outputs(kernels, threads, T, N):
     partial sums equal the C kernel's."""
     from snncompile.codegen.cuda_host import HostCudaKernel
 
-    d = _dynamics(*next(c for c in CONFIGS if c[0] == "plif"))
+    d = dynamics_for(*next(c for c in CONFIGS if c[0] == "plif"))
     lib_k = kernels[d]
     k = HostCudaKernel(d, threads, library=lib_k._library)
     assert launch_config(N, threads)[0] * threads >= N
@@ -212,7 +175,7 @@ def test_kernels_write_only_their_outputs(kernels, threads, T, N):
 
 def test_forward_without_h_and_v_seq_writes_neither(kernels):
     """need_h=False / store_v_seq=False pass null pointers; spikes and v are still right."""
-    d = _dynamics(*CONFIGS[3])
+    d = dynamics_for(*CONFIGS[3])
     k = kernels[d]
     x, v0 = torch.randn(6, 301), torch.zeros(301)
     s, h, v_seq, v_last = k.forward(x, v0, torch.zeros(k.num_uniforms), False, False)

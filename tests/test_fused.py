@@ -11,73 +11,20 @@ full cross product. Kernels are built once per session, in parallel, and cached 
 
 from __future__ import annotations
 
-import itertools
-import os
-
 import pytest
 import torch
+from neuron_grid import ALPHAS, CONFIGS, FULL, config_id, dynamics_for
 
 from snncompile.codegen.cpu import prebuild
 from snncompile.codegen.torch_backend import torch_multi_step
 from snncompile.dynamics import (
     SurrogateExpr,
-    if_dynamics,
     lif_dynamics,
     plif_dynamics,
 )
 from snncompile.runtime.fused import compiler_available, fused_multi_step
 
-SURROGATES = [
-    "Sigmoid",
-    "ATan",
-    "PiecewiseQuadratic",
-    "PiecewiseExp",
-    "SoftSign",
-    "SuperSpike",
-    "Erf",
-]
-ALPHAS = {
-    "Sigmoid": 4.0,
-    "ATan": 2.0,
-    "PiecewiseQuadratic": 1.0,
-    "PiecewiseExp": 1.0,
-    "SoftSign": 2.0,
-    "SuperSpike": 1.0,
-    "Erf": 2.0,
-}
-FULL = os.environ.get("SNNCOMPILE_FULL_GRID") == "1"
-
 pytestmark = pytest.mark.skipif(not compiler_available(), reason="no C compiler installed")
-
-
-def _configs() -> list[tuple[str, bool, float | None, bool, str]]:
-    base = [
-        (kind, di, vr, dr)
-        for kind, di, vr, dr in itertools.product(
-            ["if", "lif", "plif"], [True, False], [0.0, None, -0.3], [False, True]
-        )
-        if not (kind == "if" and not di)  # IF has no decay_input
-    ]
-    if FULL:
-        return [(*b, sg) for b in base for sg in SURROGATES]
-    return [(*b, SURROGATES[i % len(SURROGATES)]) for i, b in enumerate(base)]
-
-
-CONFIGS = _configs()
-
-
-def _ids(c: tuple) -> str:
-    kind, di, vr, dr, sg = c
-    return f"{kind}-di{int(di)}-vr{vr}-dr{int(dr)}-{sg}"
-
-
-def _dynamics(kind: str, di: bool, vr: float | None, dr: bool, sg: str):
-    s = SurrogateExpr(sg, (ALPHAS[sg],))
-    if kind == "if":
-        return if_dynamics(v_reset=vr, detach_reset=dr, surrogate=s)
-    if kind == "lif":
-        return lif_dynamics(2.0, di, v_reset=vr, detach_reset=dr, surrogate=s)
-    return plif_dynamics(di, v_reset=vr, detach_reset=dr, surrogate=s)
 
 
 def _sj_node(sj, kind: str, di: bool, vr: float | None, dr: bool, sg: str, step_mode: str):
@@ -93,7 +40,7 @@ def _sj_node(sj, kind: str, di: bool, vr: float | None, dr: bool, sg: str, step_
 @pytest.fixture(scope="module", autouse=True)
 def _built():
     # One parallel build of every kernel the module uses (disk-cached across sessions).
-    prebuild([_dynamics(*c) for c in CONFIGS])
+    prebuild([dynamics_for(*c) for c in CONFIGS])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,11 +65,11 @@ def _w64_reference(d, x, v0, w, gs, gv) -> float:
     return g.item()
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_multi_step_matches_spikingjelly_and_torch_renderer(sj, config):
     kind, di, vr, dr, sg = config
     T, N = 6, 200
-    d = _dynamics(*config)
+    d = dynamics_for(*config)
     x, v0, gs, gv = _inputs(T, N)
 
     node = _sj_node(sj, *config, step_mode="m")
@@ -158,12 +105,12 @@ def test_multi_step_matches_spikingjelly_and_torch_renderer(sj, config):
             assert abs(g_sj[2].item() - ref) <= 1e-3 * max(abs(ref), 1.0)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:: 3 if not FULL else 1], ids=_ids)
+@pytest.mark.parametrize("config", CONFIGS[:: 3 if not FULL else 1], ids=config_id)
 def test_single_step_matches_spikingjelly(sj, config):
     """Single-step: T=1 fused calls carrying the state vs SpikingJelly in step_mode='s'."""
     kind = config[0]
     T, N = 4, 64
-    d = _dynamics(*config)
+    d = dynamics_for(*config)
     x, v0, gs, gv = _inputs(T, N)
     node = _sj_node(sj, *config, step_mode="s")
     xs = x.clone().requires_grad_()
@@ -194,12 +141,12 @@ def test_single_step_matches_spikingjelly(sj, config):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [CONFIGS[8], CONFIGS[20]], ids=_ids)
+@pytest.mark.parametrize("config", [CONFIGS[8], CONFIGS[20]], ids=config_id)
 def test_half_inputs_compute_in_float32(sj, config, dtype):
     """fp16/bf16 inputs: float32 state and arithmetic; spikes and grad_x in the input dtype."""
     kind = config[0]
     T, N = 5, 128
-    d = _dynamics(*config)
+    d = dynamics_for(*config)
     x, v0, gs, gv = _inputs(T, N, dtype)
     node = _sj_node(sj, *config, step_mode="m")
     xs = x.float().requires_grad_()
