@@ -92,8 +92,14 @@ def reset(model: nn.Module) -> None:
     functional.reset_net(model)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    run: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One SGD step of ``model`` (run through ``run`` when given); returns the outputs."""
     reset(run if isinstance(run, nn.Module) else model)
     opt.zero_grad(set_to_none=True)
     out = (run or model)(x)

@@ -17,8 +17,8 @@ batchnorm: the batch statistics are one extra read of the input (per-plane float
 ``sum(x)``, ``sum(x^2)``, reduced over planes in float64, ``var = E[x^2] - E[x]^2``, then float32
 as PyTorch: ``invstd = 1 / sqrt(var + eps)``), so mean and variance agree with PyTorch's to the
 last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
-the threshold (none did over the tests' random inputs); the membrane agrees to ~1e-7. Running statistics are updated as
-``nn.BatchNorm2d`` does (momentum or cumulative average, unbiased variance). The backward is
+the threshold (none did over the tests' random inputs); the membrane agrees to a few ulp.
+Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative average, unbiased variance). The backward is
 the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; ``h`` is
 recomputed from the kept input), then PyTorch's batchnorm input gradient
 ``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
