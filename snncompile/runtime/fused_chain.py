@@ -18,7 +18,8 @@ batchnorm: the batch statistics are one extra read of the input (per-plane float
 as PyTorch: ``invstd = 1 / sqrt(var + eps)``), so mean and variance agree with PyTorch's to the
 last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
 the threshold (none did over the tests' random inputs); the membrane agrees to a few ulp.
-Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative average, unbiased variance). The backward is
+Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative average,
+unbiased variance). The backward is
 the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; ``h`` is
 recomputed from the kept input), then PyTorch's batchnorm input gradient
 ``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
@@ -258,6 +259,20 @@ class FusedChain(nn.Module):
         self.bn = bn
         self.pool = pool
         self.pool_kind, self.pool_k = _pool_window(pool)  # type: ignore[misc]
+
+    @property
+    def step_mode(self) -> str:
+        """The neuron's step mode (the chain runs multi-step ``[T, N, ...]`` inputs)."""
+        return getattr(self.neuron, "step_mode", "m")
+
+    @property
+    def v(self) -> Any:
+        """The neuron's membrane state (the chain holds no state of its own)."""
+        return self.neuron.v
+
+    @v.setter
+    def v(self, value: Any) -> None:
+        self.neuron.v = value
 
     def _fused_ok(self, x_seq: torch.Tensor) -> bool:
         backend = getattr(self.neuron, "backend", "torch")
