@@ -26,7 +26,8 @@ recomputed from the kept input), then PyTorch's batchnorm input gradient
 M`` from the kernel's float64 per-plane sums (gradients within ~1e-6 relative of PyTorch's).
 
 When the kernel does not apply (not float32 on CPU, no compiler, ``backend='torch'`` or
-``'auto'`` below its size threshold), the module runs exactly the unfused ops.
+``'auto'`` below its size threshold) or one of the modules has forward hooks (a monitor: it
+must see its module's call), the module runs exactly the unfused ops.
 """
 
 from __future__ import annotations
@@ -284,6 +285,10 @@ class FusedChain(nn.Module):
             return False
         if backend == "auto" and not auto_fuses_size(x_seq):
             return False
+        # A hooked module (a monitor, a learner) must see its own call: run the ops separately.
+        for m in (self.neuron, self.bn, self.pool):
+            if m is not None and (m._forward_hooks or m._forward_pre_hooks):
+                return False
         return dynamics_for(self.neuron) is not None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
