@@ -21,6 +21,7 @@ from snncompile.passes.pipeline import build_pipeline
 from snncompile.runtime import fused_backends
 from snncompile.runtime.chunked import configure_chunking
 from snncompile.runtime.compiled import CompiledModule, lower_to_fx
+from snncompile.runtime.lower_fusion import apply_fusion_decisions
 from snncompile.runtime.shape_guard import ShapeGuard, program_key, signature
 
 MODES = ("train", "inference")
@@ -50,6 +51,7 @@ def optimize(
     chunk_size: int | None = None,
     memory_budget: str | int | None = None,
     fold_batchnorm: bool = True,
+    pack_spikes: bool | None = None,
 ) -> CompiledModule:
     """Compile ``model`` into a :class:`~snncompile.runtime.compiled.CompiledModule`.
 
@@ -70,15 +72,26 @@ def optimize(
         chunk_size: Inference only: run ``[T, N, ...]`` inputs ``chunk_size`` steps at a time,
             neuron state carried across chunks (same output, memory bounded in ``T``); see
             :mod:`snncompile.passes.chunk` and :mod:`snncompile.runtime.chunked`.
-        memory_budget: Inference only, instead of ``chunk_size``: a budget such as ``'512MB'``;
-            the chunk size is derived from the per-step activation memory measured on
-            ``example_input``.
+        memory_budget: A budget such as ``'512MB'``. Inference, instead of ``chunk_size``: the
+            chunk size is derived from the per-step activation memory measured on
+            ``example_input``. Training: the compiler measures what each segment between
+            neurons saves for backward and recomputes segments in backward (from their inputs,
+            spikes packed 1 bit each) until the step's predicted peak of live tensor bytes fits;
+            gradients are the same. ``report()`` shows the plan, predicted and measured peak
+            (see :mod:`snncompile.runtime.recompute`); a budget below the smallest reachable
+            peak raises ``MemoryBudgetError`` naming that peak.
         fold_batchnorm: Inference only: fold each BatchNorm into the conv/linear before it
             (faster). Folding is *not bit-exact*: the folded weights round differently (about
             1e-6 relative on pre-activations), which can flip a spike whose membrane sits
             within that distance of the threshold, and in deep nets the flips add up (logits
             of a ResNet-18 moved by ~1). ``compiled.report()`` says when it happened. Pass
             ``False`` for eval outputs bit-exact with the eager model.
+        pack_spikes: Training only: conv/linear/max-pooling layers whose input is a binary spike
+            tensor save it for backward packed 1 bit per spike (gradients bit-equal; see
+            :mod:`snncompile.passes.pack_spikes`). Packing and unpacking cost step time (1.5-1.9x
+            measured on a conv-BN-LIF CNN at T=4-16 on 2 CPU threads), so the default ``None``
+            packs only under a training ``memory_budget``; ``True`` always packs, ``False``
+            never.
 
     Returns:
         A module that takes ``[T, N, ...]`` and returns what the multi-step model returns, or
@@ -95,12 +108,17 @@ def optimize(
         chunk_size=chunk_size,
         memory_budget=memory_budget,
         fold_batchnorm=fold_batchnorm,
+        pack_spikes=pack_spikes,
     )
     compiled = _compile(model, example_input, **options)
     compiled.shape_guard = ShapeGuard(
         _Recompile(model, options), signature(example_input), program_key(compiled)
     )
     return compiled
+
+
+def _names(passes: Sequence[Any]) -> set[str]:
+    return {p if isinstance(p, str) else getattr(p, "__name__", "") for p in passes}
 
 
 class _Recompile:
@@ -125,6 +143,7 @@ def _compile(
     chunk_size: int | None,
     memory_budget: str | int | None,
     fold_batchnorm: bool,
+    pack_spikes: bool | None,
 ) -> CompiledModule:
     """One trace and compile of ``model`` at ``example_input``'s shape (see :func:`optimize`)."""
     if not isinstance(model, nn.Module):
@@ -162,7 +181,8 @@ def _compile(
         list(graph.meta.get("frontend_notes", ())),
     )
     graph.meta.update(mode=mode, backend=backend)
-    if chunk_size is not None or memory_budget is not None:
+    train_budget = mode == "train" and memory_budget is not None and chunk_size is None
+    if (chunk_size is not None or memory_budget is not None) and not train_budget:
         # Read by the 'chunking' stage pass (snncompile.passes.chunk), which validates the plan.
         graph.meta["chunk"] = {"chunk_size": chunk_size, "memory_budget": memory_budget}
     verify(graph)
@@ -173,8 +193,13 @@ def _compile(
                 "optimize: passes lists 'fold_batchnorm' but fold_batchnorm=False; drop one"
             )
         pipeline = [(name, fn) for name, fn in pipeline if name != "fold_batchnorm"]
+    if pack_spikes is None:
+        pack_spikes = train_budget or (passes is not None and "pack_spikes" in _names(passes))
+    if not pack_spikes:  # packing costs step time: only under a budget unless asked for
+        pipeline = [(name, fn) for name, fn in pipeline if name != "pack_spikes"]
     manager = PassManager(pipeline)
     graph = manager.run(graph)
+    apply_fusion_decisions(graph)  # the passes decided; lowering makes the modules follow
     gm = lower_to_fx(graph)
     compiled = CompiledModule(
         gm,
@@ -187,6 +212,11 @@ def _compile(
     )
     if mode == "inference":
         compiled.eval()
+    if train_budget:
+        from snncompile.runtime.chunked import parse_memory
+        from snncompile.runtime.recompute import configure_memory_plan
+
+        configure_memory_plan(compiled, graph, example_input, parse_memory(memory_budget))
     if graph.meta.get("chunk"):
         if graph.meta["chunk"].get("status") != "planned":  # user-chosen passes skipped it
             chunk_forward(graph)

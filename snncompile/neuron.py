@@ -39,6 +39,7 @@ is therefore keyword-only and last, so positional SpikingJelly 2.0.0 calls keep 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -50,12 +51,36 @@ from torch import nn
 
 from snncompile import surrogate
 from snncompile.base import MemoryModule, check_multi_step_input
+from snncompile.codegen.eager import EagerStep, eager_step
+from snncompile.dynamics.expr import var
+from snncompile.dynamics.neuron import (
+    NeuronDynamics,
+    if_dynamics,
+    lif_dynamics,
+    plif_dynamics,
+)
+from snncompile.dynamics.surrogates import SurrogateExpr, surrogate_expr
 
 __all__ = ["NeuronSpec", "BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
 
 # The signature default, like SpikingJelly's; each node replaces it by its own fresh copy so
 # that switching one node's surrogate (e.g. set_spiking_mode) never affects another node.
 _DEFAULT_SURROGATE = surrogate.Sigmoid()
+#: Attributes a neuron writes while running (not configuration): setting them keeps its cached
+#: dynamics.
+_RUNTIME_ATTRS = frozenset({"v_seq", "training", "_backend", "_store_v_seq"})
+#: What a neuron caches about its definition (dropped on configuration changes and pickling).
+_CACHES = ("_eager_cache", "_dyn_cache", "_captured")
+
+
+def _defining_class(cls: type) -> type:
+    """The class in ``cls``'s MRO that defines its dynamics (BaseNode at the latest)."""
+    return next(c for c in cls.__mro__ if "define_dynamics" in c.__dict__)
+
+
+# The eager forward calls the node's own surrogate module; the expressions it compiles need a
+# surrogate record only to be well-formed.
+_EAGER_SURROGATE = SurrogateExpr("Sigmoid", (4.0,))
 
 
 @dataclass(frozen=True)
@@ -219,8 +244,93 @@ class BaseNode(MemoryModule):
         self.v_seq: torch.Tensor | None = None
 
     def dynamics_spec(self) -> NeuronSpec:
-        """Return this node's dynamics configuration as a :class:`NeuronSpec`."""
-        raise NotImplementedError(f"{type(self).__name__} must implement dynamics_spec()")
+        """Return this node's dynamics configuration as a :class:`NeuronSpec` (IF, LIF and PLIF;
+        kept for compatibility -- everything else reads :meth:`neuron_dynamics`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no NeuronSpec; use neuron_dynamics()")
+
+    # -- the one definition of the dynamics -----------------------------------------------------
+    #: The SpikingJelly 2.0.0 class (in ``spikingjelly.activation_based.neuron``) this class is
+    #: equivalent to: same name, constructor arguments and spikes. ``optimize`` rebuilds such
+    #: SpikingJelly modules as this class (arguments copied by name) and fuses them.
+    spikingjelly_name: ClassVar[str | None] = None
+    #: Every neuron class with its own :meth:`define_dynamics`, by name (filled on definition).
+    registry: ClassVar[dict[str, type[BaseNode]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "define_dynamics" in cls.__dict__:
+            BaseNode.registry[cls.__name__] = cls
+
+    def define_dynamics(self, surrogate: SurrogateExpr) -> NeuronDynamics:
+        """This neuron type's dynamics for the node's configuration, with ``surrogate``.
+
+        The one definition of the neuron: its charge, extra states (initial value, update),
+        threshold and reset as expressions (:class:`snncompile.dynamics.NeuronDynamics`). The
+        eager forward, the fused kernels and their backward, ONNX, NIR and the frontend all read
+        it. Subclasses define it next to their class; ``surrogate`` is filled in by
+        :meth:`neuron_dynamics` (the eager forward calls the node's surrogate module instead).
+
+        The base definition has no charge of its own (``h = v``): a subclass either defines its
+        dynamics or overrides :meth:`neuronal_charge`, whose elementwise torch code is then
+        captured into this form (:mod:`snncompile.dynamics.capture`) to be fused and exported.
+        """
+        return NeuronDynamics(
+            "base", var("v"), self.v_threshold, self.v_reset, surrogate, self.detach_reset
+        )
+
+    def neuron_dynamics(self) -> NeuronDynamics:
+        """The node's :class:`~snncompile.dynamics.NeuronDynamics` with its own surrogate.
+
+        Raises ``ValueError`` when the surrogate has no expression form (it then runs eagerly
+        only). Cached: setting an attribute of the node (``node.tau = 3.0``) or changing its
+        surrogate's parameters rebuilds it.
+        """
+        sg = self.surrogate_function
+        key = (id(sg), getattr(sg, "alpha", None), getattr(sg, "spiking", True))
+        cached = self.__dict__.get("_dyn_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        d = self.define_dynamics(surrogate_expr(sg))
+        if not getattr(sg, "spiking", True):
+            d = dataclasses.replace(d, spiking=False)
+        self.__dict__["_dyn_cache"] = (key, d)
+        return d
+
+    def _eager(self) -> EagerStep | None:
+        """The compiled eager step of the node's dynamics, or None for a class that overrides
+        ``neuronal_charge`` without defining its dynamics (cached until an attribute changes)."""
+        d = self.__dict__
+        if "_eager_cache" in d:
+            return d["_eager_cache"]
+        # The eager step reads a constant threshold from the node at call time, so it may be a
+        # per-neuron tensor (functional.set_threshold_margin); the definition needs a number.
+        thr = d.get("v_threshold")
+        if isinstance(thr, torch.Tensor):
+            d["v_threshold"] = 1.0
+        try:
+            step: EagerStep | None = eager_step(self.define_dynamics(_EAGER_SURROGATE))
+        except NotImplementedError:
+            step = None
+        finally:
+            if isinstance(thr, torch.Tensor):
+                d["v_threshold"] = thr
+        d["_eager_cache"] = step
+        return step
+
+    def __setattr__(self, name: str, value: object) -> None:
+        memories = self.__dict__.get("_memories")
+        if memories is not None and name in memories:
+            memories[name] = value  # state writes (every step) keep the caches
+            return
+        if name not in _RUNTIME_ATTRS:
+            # A configuration change (tau, v_threshold, surrogate_function, ...): rebuild lazily.
+            for key in _CACHES:
+                self.__dict__.pop(key, None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, object]:
+        # The caches hold generated functions (not picklable); copies rebuild them lazily.
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHES}
 
     # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -246,41 +356,82 @@ class BaseNode(MemoryModule):
         A tensor state keeps its values and follows ``x``'s dtype and device; a tensor state of
         another shape is an error (the network was not reset between inputs of different shape).
         """
-        v = self.v
+        for name in ("v", *self._extra_state_names()):
+            self._state_to_tensor(name, x)
+
+    def _extra_state_names(self) -> tuple[str, ...]:
+        """The extra states of the dynamics (besides ``v``), memories of this module."""
+        step = self._eager()
+        return () if step is None else step.extra_states
+
+    def _state_to_tensor(self, name: str, x: torch.Tensor) -> None:
+        v = getattr(self, name)
         if not isinstance(v, torch.Tensor):
-            self.v = torch.full_like(x.detach(), v)
+            setattr(self, name, torch.full_like(x.detach(), v))
             return
         if v.shape != x.shape:
+            what = "membrane v" if name == "v" else f"state {name}"
             raise RuntimeError(
-                f"{type(self).__name__}: the stored membrane v has shape {tuple(v.shape)} but "
+                f"{type(self).__name__}: the stored {what} has shape {tuple(v.shape)} but "
                 f"the input step has shape {tuple(x.shape)}. The state belongs to a previous "
                 f"input: call functional.reset_net(net) (or node.reset()) between samples of "
                 f"different shape."
             )
         if v.dtype != x.dtype or v.device != x.device:
-            self.v = v.to(dtype=x.dtype, device=x.device)
+            setattr(self, name, v.to(dtype=x.dtype, device=x.device))
 
     # -- one step: charge -> fire -> reset ------------------------------------------------------
     def neuronal_charge(self, x: torch.Tensor) -> None:
-        """Integrate input ``x`` into the membrane: ``self.v`` becomes ``H``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement neuronal_charge")
+        """Integrate input ``x`` into the membrane: ``self.v`` becomes ``H``.
+
+        Runs the charge expression of :meth:`define_dynamics` (compiled to Python once per
+        configuration, :mod:`snncompile.codegen.eager`).
+        """
+        step = self._eager()
+        if step is None or _defining_class(type(self)) is BaseNode:
+            raise NotImplementedError(
+                f"{type(self).__name__} must define define_dynamics(surrogate) or override "
+                "neuronal_charge."
+            )
+        extra = [getattr(self, n) for n in step.extra_states]
+        self.v = step.charge(self, x, self.v, *extra)
+
+    def _theta(self) -> float | torch.Tensor:
+        """The firing threshold now: ``v_threshold``, or the adaptive threshold's value."""
+        step = self._eager()
+        if step is None or step.threshold is None:
+            return self.v_threshold
+        return step.threshold(self, *(getattr(self, n) for n in step.extra_states))
 
     def neuronal_fire(self) -> torch.Tensor:
         """Return the spikes ``surrogate(H - v_threshold)`` (1 where ``H >= v_threshold``)."""
-        return self.surrogate_function(self.v - self.v_threshold)
+        return self.surrogate_function(self.v - self._theta())
 
     def neuronal_reset(self, spike: torch.Tensor) -> None:
         """Reset the membrane where ``spike`` fired (hard to ``v_reset``, soft by subtraction)."""
-        spike_d = spike.detach() if self.detach_reset else spike
-        if self.v_reset is None:
-            self.v = self.v - spike_d * self.v_threshold
-        else:
-            self.v = spike_d * self.v_reset + (1.0 - spike_d) * self.v
+        step = self._eager()
+        assert step is not None
+        self.v = step.reset(self, self.v, spike, self._theta())
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
+        extra = self._extra_state_names()
+        if not extra:
+            self.neuronal_charge(x)
+            spike = self.neuronal_fire()
+            self.neuronal_reset(spike)
+            return spike
+        # Extra states update from their pre-step values, h and the spike; the threshold and
+        # the reset read the pre-step values too, so the new values are stored last.
+        v_prev = self.v
+        prev = [getattr(self, n) for n in extra]
         self.neuronal_charge(x)
         spike = self.neuronal_fire()
+        step = self._eager()
+        assert step is not None and step.updates is not None
+        nxt = step.updates(self, x, v_prev, self.v, spike, *prev)
         self.neuronal_reset(spike)
+        for name, value in zip(extra, nxt, strict=True):
+            setattr(self, name, value)
         return spike
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,8 +526,10 @@ class IFNode(BaseNode):
             backend=backend,
         )
 
-    def neuronal_charge(self, x: torch.Tensor) -> None:
-        self.v = self.v + x
+    spikingjelly_name = "IFNode"
+
+    def define_dynamics(self, surrogate: SurrogateExpr) -> NeuronDynamics:
+        return if_dynamics(self.v_threshold, self.v_reset, surrogate, self.detach_reset)
 
     def dynamics_spec(self) -> NeuronSpec:
         return NeuronSpec(
@@ -435,12 +588,13 @@ class LIFNode(BaseNode):
         self.tau = tau
         self.decay_input = decay_input
 
-    def neuronal_charge(self, x: torch.Tensor) -> None:
-        v_r = 0.0 if self.v_reset is None else self.v_reset
-        if self.decay_input:
-            self.v = self.v + (x - (self.v - v_r)) / self.tau
-        else:
-            self.v = self.v - (self.v - v_r) / self.tau + x
+    spikingjelly_name = "LIFNode"
+
+    def define_dynamics(self, surrogate: SurrogateExpr) -> NeuronDynamics:
+        return lif_dynamics(
+            self.tau, self.decay_input, self.v_threshold, self.v_reset, surrogate,
+            self.detach_reset,
+        )
 
     def dynamics_spec(self) -> NeuronSpec:
         return NeuronSpec(
@@ -493,13 +647,12 @@ class ParametricLIFNode(BaseNode):
         self.decay_input = decay_input
         self.w = nn.Parameter(torch.as_tensor(-math.log(init_tau - 1.0)))
 
-    def neuronal_charge(self, x: torch.Tensor) -> None:
-        v_r = 0.0 if self.v_reset is None else self.v_reset
-        k = self.w.sigmoid()
-        if self.decay_input:
-            self.v = self.v + (x - (self.v - v_r)) * k
-        else:
-            self.v = self.v - (self.v - v_r) * k + x
+    spikingjelly_name = "ParametricLIFNode"
+
+    def define_dynamics(self, surrogate: SurrogateExpr) -> NeuronDynamics:
+        return plif_dynamics(
+            self.decay_input, self.v_threshold, self.v_reset, surrogate, self.detach_reset
+        )
 
     def dynamics_spec(self) -> NeuronSpec:
         return NeuronSpec(
@@ -726,3 +879,15 @@ class SLTTLIFNode(_OnlineLIFNode):
 
 
 __all__ += ["OTTTLIFNode", "SLTTLIFNode"]
+
+
+# -- more built-in neurons, one file each (snncompile.neurons), importable from here too -------
+from snncompile.neurons import (  # noqa: E402
+    ALIFNode,
+    CUBALIFNode,
+    EIFNode,
+    IzhikevichNode,
+    QIFNode,
+)
+
+__all__ += ["ALIFNode", "CUBALIFNode", "EIFNode", "IzhikevichNode", "QIFNode"]

@@ -188,7 +188,7 @@ def test_frontend_records_hand_written_time_reshapes() -> None:
         assert torch.equal(snncompile.optimize(literal, x)(x), _eager(literal, x))
 
 
-def test_only_registered_dynamics_preserving_subclasses_are_neurons() -> None:
+def test_subclasses_are_neurons_with_their_own_dynamics() -> None:
     class Louder(neuron.IFNode):
         def neuronal_charge(self, x: torch.Tensor) -> None:
             self.v = self.v + 2.0 * x
@@ -201,8 +201,17 @@ def test_only_registered_dynamics_preserving_subclasses_are_neurons() -> None:
     class Unregistered(HalfThresholdIFNode):
         pass
 
-    model = nn.Sequential(nn.Linear(4, 4), Unregistered(step_mode="m"))
-    graph = snncompile.trace(model, torch.randn(3, 2, 4))
-    assert graph.find(Op.OPAQUE_MODULE) and not graph.find(Op.NEURON)
+    # Every subclass with the base time loop is a neuron: its NeuronSpec is used only when no
+    # step method is overridden; an overridden charge is captured from the method itself.
+    x = torch.randn(3, 2, 4)
+    for cls in (Unregistered, Louder):
+        model = nn.Sequential(nn.Linear(4, 4), cls(step_mode="m"))
+        graph = snncompile.trace(model, x)
+        (node,) = graph.find(Op.NEURON)
+        assert ("_spec" in node.attrs) == (cls is Unregistered)
+        compiled = snncompile.optimize(model, x, backend="cpu")
+        functional.reset_net(model)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), model(x))
     assert HalfThresholdIFNode(step_mode="m").dynamics_spec().initial_v == 0.5
     assert neuron.IFNode(v_reset=None).dynamics_spec().initial_v == 0.0

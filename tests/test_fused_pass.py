@@ -13,6 +13,7 @@ from snncompile.ir.verify import verify
 from snncompile.passes.fuse_neurons import fuse_neurons
 from snncompile.passes.pipeline import registered_passes
 from snncompile.runtime.fused import compiler_available
+from snncompile.runtime.lower_fusion import apply_fusion_decisions
 
 pytestmark = pytest.mark.skipif(not compiler_available(), reason="no C compiler installed")
 
@@ -57,7 +58,11 @@ def test_fuse_neurons_rewrites_supported_neurons():
     left = result.graph.find(Op.NEURON)
     assert len(fused) == 3 and len(left) == 1
     assert left[0].attrs["surrogate"] == "Rect"
-    assert all(n.module.backend == "cpu" and n.attrs["kernel"] for n in fused)
+    # IR -> IR: the decision is recorded; lowering applies it to the modules.
+    assert all(n.attrs["fused_backend"] == "cpu" and n.attrs["kernel"] for n in fused)
+    assert all(n.module.backend == "torch" for n in fused)
+    assert apply_fusion_decisions(result.graph) == 3
+    assert all(n.module.backend == "cpu" for n in fused)
     assert any("Rect" in note or "expression form" in note for note in result.notes)
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from snncompile.codegen.build import load_library, march
-from snncompile.codegen.kernels import KernelSource, generate
+from snncompile.codegen.kernels import KernelSource, generate, saved_shape
 from snncompile.dynamics.neuron import NeuronDynamics
 
 _P = ctypes.c_void_p
@@ -124,15 +124,18 @@ class CpuKernel:
         need_h: bool,
         store_v_seq: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Run ``x_seq`` ``[T, N]`` from ``v_init`` ``[N]`` (both float32 contiguous).
+        """Run ``x_seq`` ``[T, N]`` from the states ``v_init`` (``[N]``, or ``[S, N]`` for a
+        neuron with extra states; float32 contiguous).
 
-        Returns ``(spike_seq, h_seq or None, v_seq or None, v_last)``, all float32.
+        Returns ``(spike_seq, saved or None, v_seq or None, v_last)``, all float32: ``saved`` is
+        ``h`` ``[T, N]`` (``[1 + K, T, N]`` with the saved extra states), ``v_last`` has
+        ``v_init``'s shape.
         """
         T, N = x_seq.shape
         spikes = WORKSPACES.empty((T, N))
-        h_seq = WORKSPACES.empty((T, N)) if need_h else None
+        h_seq = WORKSPACES.empty(saved_shape(self.source, T, N)) if need_h else None
         v_seq = WORKSPACES.empty((T, N)) if store_v_seq else None
-        v_last = WORKSPACES.empty((N,))
+        v_last = WORKSPACES.empty(tuple(v_init.shape))
         self._fwd(
             _ptr(x_seq),
             _ptr(v_init),
@@ -157,17 +160,18 @@ class CpuKernel:
         v_init: torch.Tensor,
         uniforms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """BPTT through the whole sequence (``grad_v_seq``/``grad_v_last`` None mean zero).
+        """BPTT through the whole sequence (``grad_v_seq``/``grad_v_last`` None mean zero;
+        ``grad_v_last`` and ``v_init`` have the states' shape, ``h_seq`` is the saved array).
 
         Returns ``(grad_x_seq, grad_v_init, grad_uniforms [U, N])``, all float32.
         """
-        T, N = h_seq.shape
+        T, N = h_seq.shape[-2:]
         if "x" in self.source.backward_needs and x_seq is None:
             raise ValueError(
                 f"{self.source.name}: this neuron's backward needs x_seq; pass the input."
             )
         grad_x = WORKSPACES.empty((T, N))
-        grad_v0 = WORKSPACES.empty((N,))
+        grad_v0 = WORKSPACES.empty(tuple(v_init.shape))
         grad_u = torch.empty((self.num_uniforms, N), dtype=torch.float32)
         self._bwd(
             _ptr(grad_spike_seq),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from snncompile.codegen.kernels import KernelSource, generate
+from snncompile.codegen.kernels import KernelSource, generate, saved_shape
 from snncompile.dynamics.neuron import NeuronDynamics
 
 NVRTC_OPTIONS: tuple[str, ...] = ("--fmad=false", "--std=c++14")
@@ -121,7 +121,7 @@ class CudaKernel:
         """Same contract as :meth:`snncompile.codegen.cpu.CpuKernel.forward`, on CUDA tensors."""
         T, N = x_seq.shape
         spikes = torch.empty_like(x_seq)
-        h_seq = torch.empty_like(x_seq) if need_h else None
+        h_seq = x_seq.new_empty(saved_shape(self.source, T, N)) if need_h else None
         v_seq = torch.empty_like(x_seq) if store_v_seq else None
         v_last = torch.empty_like(v_init)
         self._launch(self._fwd, N, [x_seq, v_init, uniforms, spikes, h_seq, v_seq, v_last, T, N])
@@ -138,8 +138,8 @@ class CudaKernel:
         uniforms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Same contract as :meth:`snncompile.codegen.cpu.CpuKernel.backward`."""
-        T, N = h_seq.shape
-        grad_x = torch.empty_like(h_seq)
+        T, N = h_seq.shape[-2:]
+        grad_x = h_seq.new_empty((T, N))
         grad_v0 = torch.empty_like(v_init)
         grad_u = torch.empty((self.num_uniforms, N), dtype=torch.float32, device=h_seq.device)
         self._launch(

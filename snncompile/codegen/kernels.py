@@ -11,16 +11,22 @@ below are data (format strings), not branches:
 * CUDA: one thread per neuron (``extern "C" __global__``), the time loop inside, coalesced
   accesses across the threads of a warp.
 
-Memory layout everywhere: sequences are contiguous ``[T, N]`` float32, states ``[N]`` float32;
-``uniforms`` is a float32 array of the per-call scalars (``u0, u1, ...``); ``grad_uniforms`` is
-``[U, N]`` (per-neuron partial sums over time; the caller reduces over neurons).
+Memory layout everywhere: sequences are contiguous ``[T, N]`` float32; states are ``[S, N]``
+float32 (``v`` first, then the extra states; ``[N]`` for single-state neurons: the same memory),
+and so are ``v_last``, ``grad_v_last`` and ``grad_v_init``; the array saved for backward
+(``h_seq``) is ``[1 + K, T, N]``: ``h``, then the pre-step values of the ``K`` extra states the
+backward reads (``StepProgram.saved_states``; ``[T, N]`` when ``K = 0``). The templates loop over
+the extra states through per-state format strings, so single-state kernels are the same code as
+before states existed. ``uniforms`` is a float32 array of the per-call scalars (``u0, u1,
+...``); ``grad_uniforms`` is ``[U, N]`` (per-neuron partial sums over time; the caller reduces
+over neurons).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snncompile.codegen.render import C_TARGET, CUDA_TARGET, Target, render_block
+from snncompile.codegen.render import C_TARGET, CUDA_TARGET, Target, render_block, used_names
 from snncompile.dynamics.neuron import NeuronDynamics, StepProgram
 
 # Neurons per OpenMP work item: 4 KiB rows keep the strided [T, N] accesses streaming (hardware
@@ -40,6 +46,8 @@ class KernelSource:
     backward_body: str
     num_uniforms: int
     backward_needs: tuple[str, ...]
+    num_states: int = 1  # rows of the [S, N] state arrays (v first)
+    num_saved: int = 1  # rows of the [1 + K, T, N] array saved for backward (h first)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,22 @@ class KernelTemplate:
     gu_store: str
     load_x_bwd: str
     load_v_bwd: str
+    # Per extra state ({name}; {i}: its row in the [S, N] state arrays; {k}: its row in the
+    # [1 + K, T, N] saved array, h being row 0). Empty for single-state neurons.
+    state_decl: str = ""
+    state_init: str = ""
+    saved_ptr: str = ""
+    load_state: str = ""
+    save_state: str = ""
+    store_state: str = ""
+    state_last: str = ""
+    carry_decl: str = ""
+    carry_init: str = ""
+    load_g: str = ""
+    load_saved: str = ""
+    prev_saved: str = ""
+    store_g: str = ""
+    carry_store: str = ""
 
 
 # Own transcendental functions (see the comment inside): shared by the C and CUDA headers, which
@@ -203,34 +227,34 @@ void {name}_forward(const float *restrict x_seq, const float *restrict v_init,
         const int64_t n0 = b * SNN_BLOCK;
         const int64_t nb = (N - n0 < SNN_BLOCK) ? (N - n0) : SNN_BLOCK;
         float v_state[SNN_BLOCK];
-        for (int64_t j = 0; j < nb; ++j) v_state[j] = v_init[n0 + j];
-        for (int64_t t = 0; t < T; ++t) {{
+{state_decl}        for (int64_t j = 0; j < nb; ++j) v_state[j] = v_init[n0 + j];
+{state_init}        for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = t * N + n0;
             const float *restrict xt = x_seq + off;
             float *restrict st = spike_seq + off;
             if (h_seq) {{
                 float *restrict ht = h_seq + off;
-                for (int64_t j = 0; j < nb; ++j) {{
+{saved_ptrs}                for (int64_t j = 0; j < nb; ++j) {{
                     const float v = v_state[j];
                     const float x = xt[j];
-{body}
+{load_states}{body}
                     st[j] = s;
                     ht[j] = h;
-                    v_state[j] = v_next;
-                }}
+{save_states}                    v_state[j] = v_next;
+{store_states}                }}
             }} else {{
                 for (int64_t j = 0; j < nb; ++j) {{
                     const float v = v_state[j];
                     const float x = xt[j];
-{body}
+{load_states}{body}
                     st[j] = s;
                     v_state[j] = v_next;
-                }}
+{store_states}                }}
             }}
             if (v_seq) for (int64_t j = 0; j < nb; ++j) v_seq[off + j] = v_state[j];
         }}
         for (int64_t j = 0; j < nb; ++j) v_last[n0 + j] = v_state[j];
-    }}
+{state_last}    }}
 }}
 """
 
@@ -250,23 +274,23 @@ void {name}_backward(const float *restrict grad_spike_seq, const float *restrict
         const int64_t n0 = b * SNN_BLOCK;
         const int64_t nb = (N - n0 < SNN_BLOCK) ? (N - n0) : SNN_BLOCK;
         float carry[SNN_BLOCK];
-{gu_decl}
+{carry_decl}{gu_decl}
         for (int64_t j = 0; j < nb; ++j) carry[j] = grad_v_last ? grad_v_last[n0 + j] : 0.0f;
-        for (int64_t t = T - 1; t >= 0; --t) {{
+{carry_init}        for (int64_t t = T - 1; t >= 0; --t) {{
             const int64_t off = t * N + n0;
             if (grad_v_seq) for (int64_t j = 0; j < nb; ++j) carry[j] += grad_v_seq[off + j];
             for (int64_t j = 0; j < nb; ++j) {{
                 const float h = h_seq[off + j];
                 const float gs = grad_spike_seq[off + j];
                 const float gv = carry[j];
-{load_x}{load_v}{body}
+{load_g}{load_x}{load_saved}{load_v}{body}
                 grad_x_seq[off + j] = gx;
                 carry[j] = gv_prev;
-{gu_acc}
+{store_g}{gu_acc}
             }}
         }}
         for (int64_t j = 0; j < nb; ++j) grad_v_init[n0 + j] = carry[j];
-{gu_store}
+{carry_store}{gu_store}
     }}
 }}
 """
@@ -291,6 +315,24 @@ C_TEMPLATE = KernelTemplate(
     "                }} else {{\n"
     "                    v = v_init[n0 + j];\n"
     "                }}\n",
+    state_decl="        float st_{name}[SNN_BLOCK];\n",
+    state_init="        for (int64_t j = 0; j < nb; ++j)\n"
+    "            st_{name}[j] = v_init[{i} * N + n0 + j];\n",
+    saved_ptr="                float *restrict sv_{name} = h_seq + {k} * T * N + off;\n",
+    load_state="                    const float {name} = st_{name}[j];\n",
+    save_state="                    sv_{name}[j] = {name};\n",
+    store_state="                    st_{name}[j] = {name}_next;\n",
+    state_last="        for (int64_t j = 0; j < nb; ++j)\n"
+    "            v_last[{i} * N + n0 + j] = st_{name}[j];\n",
+    carry_decl="        float carry_{name}[SNN_BLOCK];\n",
+    carry_init="        for (int64_t j = 0; j < nb; ++j)\n"
+    "            carry_{name}[j] = grad_v_last ? grad_v_last[{i} * N + n0 + j] : 0.0f;\n",
+    load_g="                const float g_{name} = carry_{name}[j];\n",
+    load_saved="                const float {name} = h_seq[{k} * T * N + off + j];\n",
+    prev_saved="                    const float {name}_prev = h_seq[{k} * T * N + off - N + j];\n",
+    store_g="                carry_{name}[j] = g_{name}_prev;\n",
+    carry_store="        for (int64_t j = 0; j < nb; ++j)\n"
+    "            grad_v_init[{i} * N + n0 + j] = carry_{name}[j];\n",
 )
 
 _CUDA_HEADER = """\
@@ -315,20 +357,20 @@ extern "C" __global__ void {name}_forward(
     if (n >= N) return;
 {uniforms}
     float v_state = v_init[n];
-    for (long long t = 0; t < T; ++t) {{
+{state_init}    for (long long t = 0; t < T; ++t) {{
         const long long off = t * N + n;
         {{
                     const float v = v_state;
                     const float x = x_seq[off];
-{body}
+{load_states}{body}
                     spike_seq[off] = s;
                     if (h_seq) h_seq[off] = h;
-                    v_state = v_next;
-        }}
+{save_states}                    v_state = v_next;
+{store_states}        }}
         if (v_seq) v_seq[off] = v_state;
     }}
     v_last[n] = v_state;
-}}
+{state_last}}}
 """
 
 _CUDA_BACKWARD = """\
@@ -344,7 +386,7 @@ extern "C" __global__ void {name}_backward(
     if (n >= N) return;
 {uniforms}
     float carry = grad_v_last ? grad_v_last[n] : 0.0f;
-{gu_decl}
+{carry_init}{gu_decl}
     for (long long t = T - 1; t >= 0; --t) {{
         const long long off = t * N + n;
         const long long j = 0;
@@ -354,14 +396,14 @@ extern "C" __global__ void {name}_backward(
                 const float h = h_seq[off];
                 const float gs = grad_spike_seq[off];
                 const float gv = carry;
-{load_x}{load_v}{body}
+{load_g}{load_x}{load_saved}{load_v}{body}
                 grad_x_seq[off] = gx;
                 carry = gv_prev;
-{gu_acc}
+{store_g}{gu_acc}
         }}
     }}
     grad_v_init[n] = carry;
-{gu_store}
+{carry_store}{gu_store}
 }}
 """
 
@@ -383,6 +425,17 @@ CUDA_TEMPLATE = KernelTemplate(
     "                }} else {{\n"
     "                    v = v_init[n];\n"
     "                }}\n",
+    state_init="    float st_{name} = v_init[{i} * N + n];\n",
+    load_state="                    const float {name} = st_{name};\n",
+    save_state="                    if (h_seq) h_seq[{k} * T * N + off] = {name};\n",
+    store_state="                    st_{name} = {name}_next;\n",
+    state_last="    v_last[{i} * N + n] = st_{name};\n",
+    carry_init="    float carry_{name} = grad_v_last ? grad_v_last[{i} * N + n] : 0.0f;\n",
+    load_g="                const float g_{name} = carry_{name};\n",
+    load_saved="                const float {name} = h_seq[{k} * T * N + off];\n",
+    prev_saved="                    const float {name}_prev = h_seq[{k} * T * N + off - N];\n",
+    store_g="                carry_{name} = g_{name}_prev;\n",
+    carry_store="    grad_v_init[{i} * N + n] = carry_{name};\n",
 )
 
 TEMPLATES: dict[str, KernelTemplate] = {"c": C_TEMPLATE, "cuda": CUDA_TEMPLATE}
@@ -394,21 +447,33 @@ _BWD_INDENT = " " * 16
 def forward_body(program: StepProgram, target: Target) -> str:
     """The per-neuron forward step.
 
-    Reads ``v``, ``x``, ``u*``; declares ``h``, ``s``, ``v_next``.
+    Reads ``v``, ``x``, the extra states and ``u*``; declares ``h``, ``s``, ``v_next`` and
+    ``<state>_next`` for each extra state.
     """
     charge = render_block(target, {"h": program.h}, prefix="c", indent=_BODY_INDENT)
-    fire = render_block(
-        target, {"s": program.spike, "v_next": program.v_next}, prefix="f", indent=_BODY_INDENT
+    outputs = {"s": program.spike, "v_next": program.v_next}
+    outputs.update(
+        {f"{n}_next": e for n, e in zip(program.extra_states, program.state_next, strict=True)}
     )
+    fire = render_block(target, outputs, prefix="f", indent=_BODY_INDENT)
     return charge + "\n" + fire
 
 
 def backward_body(program: StepProgram, target: Target) -> str:
-    """The per-neuron backward step: reads ``h``, ``gs``, ``gv`` (and ``x``, ``v`` if needed);
-    declares ``gx``, ``gv_prev`` and ``gu0, gu1, ...``."""
+    """The per-neuron backward step: reads ``h``, ``gs``, ``gv``, ``g_<state>`` (and ``x``,
+    ``v``, saved states if needed); declares ``gx``, ``gv_prev``, ``g_<state>_prev`` and
+    ``gu0, gu1, ...``."""
     outputs = {"gx": program.grad_x, "gv_prev": program.grad_v}
+    outputs.update(
+        {f"g_{n}_prev": g for n, g in zip(program.extra_states, program.grad_states, strict=True)}
+    )
     outputs.update({f"gu{i}": g for i, g in enumerate(program.grad_uniforms)})
     return render_block(target, outputs, prefix="b", indent=_BWD_INDENT)
+
+
+def saved_shape(source: KernelSource, T: int, N: int) -> tuple[int, ...]:
+    """Shape of the array a kernel saves for backward: ``[T, N]`` (``h``) or ``[1 + K, T, N]``."""
+    return (T, N) if source.num_saved == 1 else (source.num_saved, T, N)
 
 
 def _comment_text(text: str) -> str:
@@ -430,6 +495,17 @@ def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
         for t in (template.gu_decl, template.gu_acc, template.gu_store)
     )
     load_x = template.load_x_bwd if "x" in program.backward_needs else ""
+    extra = [(i, n) for i, n in enumerate(program.extra_states, start=1)]
+    saved = {n: k for k, n in enumerate(program.saved_states, start=1)}
+
+    def per_state(fmt: str, only: dict[str, int] | None = None) -> str:
+        return "".join(
+            fmt.format(name=n, i=i, k=saved.get(n, 0))
+            for i, n in extra
+            if only is None or n in only
+        )
+
+    direct = {n: saved[n] for n in program.backward_needs if n in saved}
     load_v = ""
     if "v" in program.backward_needs:
         recompute = render_block(
@@ -438,13 +514,26 @@ def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
             prefix="r",
             indent=" " * 20,
         )
+        used = {n: saved[n] for n in saved if f"{n}_prev" in used_names([program.v_from_h_prev])}
+        recompute = per_state(template.prev_saved, used) + recompute
         load_v = template.load_v_bwd.format(recompute=recompute)
     source = "\n".join(
         [
             template.header.format(
                 desc=_comment_text(dynamics.describe()), block=SNN_BLOCK, math=MATH_SOURCE
             ),
-            template.forward.format(name=name, uniforms=uniforms, body=fwd_body),
+            template.forward.format(
+                name=name,
+                uniforms=uniforms,
+                body=fwd_body,
+                state_decl=per_state(template.state_decl),
+                state_init=per_state(template.state_init),
+                saved_ptrs=per_state(template.saved_ptr, saved),
+                load_states=per_state(template.load_state),
+                save_states=per_state(template.save_state, saved),
+                store_states=per_state(template.store_state),
+                state_last=per_state(template.state_last),
+            ),
             template.backward.format(
                 name=name,
                 uniforms=uniforms,
@@ -454,6 +543,12 @@ def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
                 gu_store=gu_store,
                 load_x=load_x,
                 load_v=load_v,
+                carry_decl=per_state(template.carry_decl),
+                carry_init=per_state(template.carry_init),
+                load_g=per_state(template.load_g),
+                load_saved=per_state(template.load_saved, direct),
+                store_g=per_state(template.store_g),
+                carry_store=per_state(template.carry_store),
             ),
         ]
     )
@@ -465,4 +560,6 @@ def generate(dynamics: NeuronDynamics, target: str = "c") -> KernelSource:
         backward_body=bwd_body,
         num_uniforms=nu,
         backward_needs=program.backward_needs,
+        num_states=program.num_states,
+        num_saved=program.num_saved,
     )

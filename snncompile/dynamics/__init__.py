@@ -27,6 +27,7 @@ from snncompile.dynamics.expr import (
 )
 from snncompile.dynamics.neuron import (
     NeuronDynamics,
+    State,
     StepProgram,
     from_spec,
     if_dynamics,
@@ -46,6 +47,7 @@ __all__ = [
     "Expr",
     "Op",
     "NeuronDynamics",
+    "State",
     "StepProgram",
     "SURROGATE_EXPRESSIONS",
     "SurrogateExpr",

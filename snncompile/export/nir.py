@@ -410,6 +410,24 @@ class _Exporter:
             data_inputs=(node.inputs[0],),
         )
 
+    def _dynamics_kind(self, node: Node) -> tuple[str, dict[str, float]]:
+        """The NIR form of a snncompile neuron and its bound values, from its dynamics (the
+        pattern table)."""
+        from snncompile.dynamics.surrogates import SurrogateExpr
+        from snncompile.export.nir_patterns import classify
+        from snncompile.runtime.fused_backends import dynamics_for
+
+        m = node.module
+        dyn = dynamics_for(m) or m.define_dynamics(SurrogateExpr("Sigmoid", (4.0,)))
+        found = classify(dyn)
+        if found is None:
+            raise self.fail(
+                node,
+                f"its dynamics ({dyn.describe()}) match no NIR neuron pattern (IF, LIF, PLIF; "
+                "snncompile.export.nir_patterns.PATTERNS)",
+            )
+        return found
+
     def neuron(self, node: Node) -> None:
         if node.op is Op.FUSED_NEURON:
             raise self.fail(
@@ -418,10 +436,11 @@ class _Exporter:
                 "backend='torch'",
             )
         m = node.module
-        spec_fn = getattr(m, "dynamics_spec", None)
         a = node.attrs
-        kind = spec_fn().kind if callable(spec_fn) else a.get("kind")
-        if kind not in ("if", "lif", "plif"):
+        kind, binds = a.get("kind"), {}
+        if callable(getattr(m, "define_dynamics", None)):
+            kind, binds = self._dynamics_kind(node)
+        if kind not in ("if", "lif", "plif", "cubalif"):
             raise self.fail(node, f"neuron kind {kind!r} has no NIR form (IF, LIF, PLIF do)")
         shape = _features(node)
         thr = float(a["v_threshold"])
@@ -463,7 +482,26 @@ class _Exporter:
         def full(v: float) -> np.ndarray:
             return np.full(shape, v, dtype=np.float64)
 
-        if kind == "if":
+        if kind == "cubalif":
+            # c <- c_decay c + x, h = v_decay v + c: NIR's CubaLIF with retentions
+            # 1 - dt/tau = decay and unit gains (w_in dt/tau_syn = r dt/tau_mem = 1), v_leak 0.
+            decays = {k: binds[k] for k in ("c_decay", "v_decay")}
+            bad = {k: d for k, d in decays.items() if not 0.0 < d < 1.0}
+            if bad:
+                raise self.fail(node, f"CUBA-LIF decays {bad} have no NIR time constant")
+            tau_syn = self.dt / (1.0 - decays["c_decay"])
+            tau_mem = self.dt / (1.0 - decays["v_decay"])
+            nir_node = self.nir.CubaLIF(
+                tau_syn=full(tau_syn),
+                tau_mem=full(tau_mem),
+                r=full(tau_mem / self.dt),
+                v_leak=full(0.0),
+                v_threshold=full(thr),
+                v_reset=full(v_r),
+                w_in=full(tau_syn / self.dt),
+                metadata=meta,
+            )
+        elif kind == "if":
             nir_node = self.nir.IF(
                 r=full(1.0 / self.dt),
                 v_threshold=full(thr),

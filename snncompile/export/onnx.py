@@ -15,12 +15,12 @@ as a scan body, i.e. not for the IR we already have.
 values (``[T*N, *]``) and ``seq`` values (``[T, N, *]``) are both ``[N, *]`` at a single step,
 ``MERGE_TIME``/``SPLIT_TIME`` become no-ops, and a dimension argument ``d >= 1`` of a
 sequence-level op becomes ``d - 1`` (``d = 0`` would mix time steps and is refused). The step
-graph reads the input ``x_t`` and one membrane state per neuron, and returns the output ``y_t``
-and the next states.
+graph reads the input ``x_t`` and every state of every neuron (the membrane ``v``, and the extra
+states of multi-state neurons), and returns the output ``y_t`` and the next states.
 
 * ``mode='step'``: the step graph is the model. Inputs: the data input (``[N, *]``) then one
-  input ``<neuron node>.v`` per neuron; outputs: the model output(s) then ``<neuron node>.v_next``
-  in the same order.
+  input ``<neuron node>.<state>`` per neuron state (``.v``, then e.g. ``.w``); outputs: the model
+  output(s) then ``<neuron node>.<state>_next`` in the same order.
 * ``mode='sequence'``: the step graph is the body of one ONNX ``Scan`` over axis 0 of
   ``x: [T, N, *]`` (dynamic ``T`` and ``N``; the node count does not depend on ``T``). Initial
   states are built inside the graph (``ConstantOfShape`` with the batch size read from ``x``).
@@ -30,9 +30,11 @@ and the next states.
 **Metadata** (``model.metadata_props``), so runtimes without Python can build the states:
 
 * ``snncompile.format``: ``"1"``; ``snncompile.mode``: ``"step"`` or ``"sequence"``;
-* ``snncompile.states``: a JSON list, one object per neuron state in input order:
-  ``{"node": IR node name, "input": state input name, "output": next-state output name,
-  "shape": [-1, C, H, W] (-1 = batch), "dtype": "float32", "init": initial value}``. ``init`` is
+* ``snncompile.states``: a JSON list, one object per neuron state in input order (``v``, then a
+  multi-state neuron's extra states, e.g. Izhikevich's ``w``):
+  ``{"node": IR node name, "state": state name, "input": state input name, "output": next-state
+  output name, "shape": [-1, C, H, W] (-1 = batch), "dtype": "float32", "init": initial
+  value}``. An extra state's ``init`` is the value its module registers; ``v``'s is
   the neuron's ``NeuronSpec.v_init`` when it has one (ann2snn's half-threshold IF neurons start
   at ``v_threshold / 2``), else ``v_reset`` (hard reset) or ``0.0`` (soft reset); the initial
   state is that value broadcast to ``shape`` with the batch size filled in. Sequence-mode models
@@ -250,6 +252,13 @@ class StateInfo:
     init: float
     dynamics: NeuronDynamics
     uniforms: tuple[float, ...]
+    state: str = "v"  # which state of the neuron ('v', or an extra state such as 'w')
+
+
+def state_key(node: str, state: str) -> str:
+    """The key of one neuron state in the exporter's tables: the node name for ``v``,
+    ``node/state`` for an extra state."""
+    return node if state == "v" else f"{node}/{state}"
 
 
 def _time_shift(node: Node) -> int:
@@ -287,6 +296,42 @@ def _sj_spec(node: Node) -> Any:
     )
 
 
+def _module_dynamics(node: Node) -> NeuronDynamics:
+    """The dynamics a snncompile neuron module defines (its captured charge for a subclass
+    that overrides ``neuronal_charge``). A spiking neuron whose surrogate has no expression form
+    exports all the same: its forward is the Heaviside step whatever the surrogate."""
+    from snncompile.dynamics.surrogates import SurrogateExpr
+    from snncompile.runtime.fused_backends import (
+        REASONS,
+        dynamics_for,
+        overridden_step_methods,
+    )
+
+    m = node.module
+    dyn = dynamics_for(m)
+    if dyn is not None:
+        return dyn
+    why = REASONS.get(type(m), "no expression form")
+    if not getattr(m.surrogate_function, "spiking", True):
+        raise OnnxExportError(
+            f"export_onnx: neuron node %{node.name} ({type(m).__name__}): {why} (a non-spiking "
+            "surrogate's forward must be rendered)."
+        )
+    try:
+        stand_in = m.define_dynamics(SurrogateExpr("Sigmoid", (4.0,)))
+    except NotImplementedError as err:
+        raise OnnxExportError(
+            f"export_onnx: neuron node %{node.name} ({type(m).__name__}) has no dynamics "
+            f"definition: {err}"
+        ) from err
+    if overridden_step_methods(type(m)):
+        raise OnnxExportError(
+            f"export_onnx: neuron node %{node.name} ({type(m).__name__}): {why}; it has no ONNX "
+            "rendering."
+        )
+    return stand_in
+
+
 def neuron_dynamics(node: Node) -> tuple[NeuronDynamics, tuple[float, ...]]:
     """The dynamics of a neuron IR node and the float32 values of its per-call uniforms.
 
@@ -296,6 +341,8 @@ def neuron_dynamics(node: Node) -> tuple[NeuronDynamics, tuple[float, ...]]:
     dyn = node.attrs.get("dynamics")
     m = node.module
     spec = None
+    if not isinstance(dyn, NeuronDynamics) and callable(getattr(m, "define_dynamics", None)):
+        dyn = _module_dynamics(node)
     if not isinstance(dyn, NeuronDynamics):
         spec_fn = getattr(m, "dynamics_spec", None)
         spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
@@ -471,9 +518,9 @@ class _Emitter:
             elif node.op is Op.OUTPUT:
                 outputs = self._outputs(node) if not self.post else []
             elif node.op.group is OpGroup.NEURON:
-                spike, v_next = self._neuron(node, states[node.name], infos[node.name])
+                spike, nxt = self._neuron(node, states, infos[node.name])
                 self.env[node.name] = _T(spike)
-                next_states[node.name] = v_next
+                next_states.update(nxt)
             elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME) or node.name in self.passthrough:
                 self.env[node.name] = self.env[node.inputs[0]]
             else:
@@ -558,22 +605,26 @@ class _Emitter:
             out.append((name, src))
         return out
 
-    def _neuron(self, node: Node, v_in: str, info: StateInfo) -> tuple[str, str]:
+    def _neuron(
+        self, node: Node, states: dict[str, str], info: StateInfo
+    ) -> tuple[str, dict[str, str]]:
+        """Emit one neuron step; return the spike and ``{state key: next-state value}``."""
         args = node.attrs.get("args") or (Ref(0),)
         if len(args) != 1 or node.attrs.get("kwargs"):
             raise self.fail(node, "a neuron must be called with exactly one input tensor")
         x = self.tensor(node, self.resolve(node, args[0]))
         program = info.dynamics.step_program()
-        names = {"x": x, "v": v_in}
+        names = {"x": x}
+        names.update({s: states[state_key(node.name, s)] for s in program.state_names})
         names.update({f"u{i}": self.b.scalar(u) for i, u in enumerate(info.uniforms)})
+        outputs = {"spike": program.spike, "v": program.v_next}
+        outputs.update(dict(zip(program.extra_states, program.state_next, strict=True)))
         try:
             h = render_onnx(self.b, {"h": program.h}, names)["h"]
-            out = render_onnx(
-                self.b, {"spike": program.spike, "v_next": program.v_next}, {**names, "h": h}
-            )
+            out = render_onnx(self.b, outputs, {**names, "h": h})
         except OnnxRenderError as err:
             raise self.fail(node, str(err)) from err
-        return out["spike"], out["v_next"]
+        return out["spike"], {state_key(node.name, s): out[s] for s in program.state_names}
 
 
 _T_missing = object()
@@ -1062,16 +1113,28 @@ def _state_infos(graph: Graph, names: NameSource, prefix: str) -> dict[str, Stat
                 "example input."
             )
         dyn, uniforms = neuron_dynamics(node)
-        infos[node.name] = StateInfo(
-            node=node.name,
-            input=names.reserve(f"{prefix}{node.name}.v"),
-            output=names.reserve(f"{prefix}{node.name}.v_next"),
-            shape=tuple(int(s) for s in shape),
-            init=_initial_v(node, dyn),
-            dynamics=dyn,
-            uniforms=uniforms,
-        )
+        for state in dyn.state_names:
+            init = _initial_v(node, dyn) if state == "v" else _initial_state(node, dyn, state)
+            infos[state_key(node.name, state)] = StateInfo(
+                node=node.name,
+                input=names.reserve(f"{prefix}{node.name}.{state}"),
+                output=names.reserve(f"{prefix}{node.name}.{state}_next"),
+                shape=tuple(int(s) for s in shape),
+                init=init,
+                dynamics=dyn,
+                uniforms=uniforms,
+                state=state,
+            )
     return infos
+
+
+def _initial_state(node: Node, dyn: NeuronDynamics, state: str) -> float:
+    """An extra state's start: the module's registered reset value, else the dynamics' init."""
+    reset_values = getattr(node.module, "_memories_rv", None) or {}
+    value = reset_values.get(state)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float(dyn.initial_states[state])
 
 
 def _initial_v(node: Node, dyn: NeuronDynamics) -> float:
@@ -1081,7 +1144,10 @@ def _initial_v(node: Node, dyn: NeuronDynamics) -> float:
     threshold); the dynamics, and therefore ``dyn.reset_value``, are the plain IF ones.
     """
     spec_fn = getattr(node.module, "dynamics_spec", None)
-    spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
+    try:
+        spec = spec_fn() if callable(spec_fn) else node.attrs.get("_spec")
+    except NotImplementedError:  # a neuron without a NeuronSpec: its registered start
+        return _initial_state(node, dyn, "v")
     if spec is not None:
         return float(spec.initial_v)
     v_init = node.attrs.get("v_init")
@@ -1183,8 +1249,10 @@ def _build(
             dims = inits.int64(list(info.shape), f"{info.node}_dims")
             full = main.node("Concat", [n, dims], f"{info.node}_shape", axis=0)
             value = helper.make_tensor("value", TensorProto.FLOAT, [1], [info.init])
-            init_states.append(main.node("ConstantOfShape", [full], f"{info.node}_v0", value=value))
-    final = [names.fresh(f"{i.node}_v_final") for i in infos.values()]
+            init_states.append(
+                main.node("ConstantOfShape", [full], f"{info.node}_{info.state}0", value=value)
+            )
+    final = [names.fresh(f"{i.node}_{i.state}_final") for i in infos.values()]
     stacked = [names.fresh(f"{src.name}_seq") for src in per_step]
     main.nodes.append(
         helper.make_node(
@@ -1214,6 +1282,7 @@ def _states_meta(infos: dict[str, StateInfo]) -> list[dict[str, Any]]:
     return [
         {
             "node": i.node,
+            "state": i.state,
             "input": i.input,
             "output": i.output,
             "shape": [-1, *i.shape],

@@ -159,42 +159,108 @@ def is_stateful_module(module: nn.Module) -> bool:
     return any(isinstance(m, types) for m in module.modules())
 
 
-def _neuron_types() -> tuple[type, ...]:
+#: Methods that run a neuron's time loop; a snncompile neuron subclass that overrides one of them
+#: (e.g. the online OTTT/SLTT neurons, which return ``[spike, trace]``) is not a plain neuron.
+LOOP_METHODS = (
+    "single_step_forward",
+    "multi_step_forward",
+    "_multi_step_torch",
+    "forward",
+    "supported_step_mode",
+)
+
+
+def is_snncompile_neuron(module_type: type) -> bool:
+    """Whether ``module_type`` is a snncompile neuron the compiler treats as a ``NEURON`` node.
+
+    A class defined with :meth:`snncompile.neuron.BaseNode.define_dynamics` (its own or an
+    ancestor's) whose time loop is the base class's: the node runs as one multi-step op, and its
+    dynamics (or, for a subclass that overrides ``neuronal_charge``, the captured charge) are
+    fused and exported. Subclasses that change the loop itself are opaque stateful modules.
+    """
     from snncompile import neuron as sc_neuron
 
-    types = {
-        sc_neuron.IFNode,
-        sc_neuron.LIFNode,
-        sc_neuron.ParametricLIFNode,
-        *_NEURON_TYPES,
-        *_NEURON_SUBCLASSES,
-    }
+    if not isinstance(module_type, type) or not issubclass(module_type, sc_neuron.BaseNode):
+        return False
+    defining = next((c for c in module_type.__mro__ if "define_dynamics" in c.__dict__), None)
+    if defining is None or defining is sc_neuron.BaseNode:
+        return False
+    for method in LOOP_METHODS:
+        owner = next((c for c in module_type.__mro__ if method in c.__dict__), None)
+        if owner is not None and owner not in sc_neuron.BaseNode.__mro__:
+            return False
+    return True
+
+
+def sj_equivalents() -> dict[type, type]:
+    """``SpikingJelly neuron class -> snncompile class`` for every class with a
+    ``spikingjelly_name`` (when SpikingJelly is imported)."""
     sj = sj_modules()
-    if sj is not None:
-        types |= {sj.neuron.IFNode, sj.neuron.LIFNode, sj.neuron.ParametricLIFNode}
-    return tuple(types)
+    if sj is None:
+        return {}
+    from snncompile import neuron as sc_neuron
+
+    out: dict[type, type] = {}
+    for cls in sc_neuron.BaseNode.registry.values():
+        name = cls.__dict__.get("spikingjelly_name")
+        sj_cls = getattr(sj.neuron, name, None) if name else None
+        if isinstance(sj_cls, type):
+            out[sj_cls] = cls
+    return out
+
+
+def _is_neuron(module: nn.Module) -> bool:
+    t = type(module)
+    if t in _NEURON_TYPES or t in _NEURON_SUBCLASSES or t in sj_equivalents():
+        return True
+    return is_snncompile_neuron(t)
+
+
+def _spec_describes(module: nn.Module) -> bool:
+    """Whether the module's ``NeuronSpec`` is its dynamics (no step method overridden below the
+    class that defines them)."""
+    from snncompile.runtime.fused_backends import overridden_step_methods
+
+    return not overridden_step_methods(type(module))
 
 
 def neuron_attrs(module: nn.Module) -> dict[str, Any]:
-    """Printable attributes of a neuron (kind, threshold, reset, tau, ...), plus ``_spec``."""
+    """Printable attributes of a neuron (kind, threshold, reset, tau, ...), plus ``_spec`` for
+    IF/LIF/PLIF (their ``NeuronSpec``)."""
     spec_fn = getattr(module, "dynamics_spec", None)
-    if callable(spec_fn):
-        spec = spec_fn()
-        attrs: dict[str, Any] = {
-            "kind": spec.kind,
-            "v_threshold": spec.v_threshold,
-            "v_reset": spec.v_reset,
+    if callable(spec_fn) and _spec_describes(module):
+        try:
+            spec = spec_fn()
+        except NotImplementedError:
+            spec = None
+        if spec is not None:
+            attrs: dict[str, Any] = {
+                "kind": spec.kind,
+                "v_threshold": spec.v_threshold,
+                "v_reset": spec.v_reset,
+            }
+            if spec.tau is not None:
+                attrs["tau"] = spec.tau
+            attrs["decay_input"] = spec.decay_input
+            attrs["detach_reset"] = spec.detach_reset
+            attrs["surrogate"] = type(spec.surrogate).__name__
+            v_init = getattr(spec, "v_init", None)
+            if v_init is not None:
+                # The membrane starts (and reset() restores it) here instead of at v_reset / 0.
+                attrs["v_init"] = v_init
+            attrs["_spec"] = spec
+            return attrs
+    if callable(getattr(module, "define_dynamics", None)):
+        attrs = {
+            "kind": type(module).__name__,
+            "v_threshold": float(module.v_threshold),
+            "v_reset": None if module.v_reset is None else float(module.v_reset),
+            "detach_reset": bool(module.detach_reset),
+            "surrogate": type(getattr(module, "surrogate_function", None)).__name__,
         }
-        if spec.tau is not None:
-            attrs["tau"] = spec.tau
-        attrs["decay_input"] = spec.decay_input
-        attrs["detach_reset"] = spec.detach_reset
-        attrs["surrogate"] = type(spec.surrogate).__name__
-        v_init = getattr(spec, "v_init", None)
-        if v_init is not None:
-            # The membrane starts (and reset() restores it) here instead of at v_reset / 0.
-            attrs["v_init"] = v_init
-        attrs["_spec"] = spec
+        step = module._eager()
+        if step is not None and step.extra_states:
+            attrs["states"] = ("v", *step.extra_states)
         return attrs
     name = type(module).__name__
     kind = {"IFNode": "if", "LIFNode": "lif", "ParametricLIFNode": "plif"}.get(name, name)
@@ -326,7 +392,7 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
     ckind = _container_kind(module)
     if ckind is not None:
         return ModuleInfo(Op.OPAQUE_MODULE, ckind, {"container": type(module).__name__}, "m")
-    if type(module) in _neuron_types():
+    if _is_neuron(module):
         return ModuleInfo(Op.NEURON, Kind.NEURON, neuron_attrs(module), step_mode)
     if isinstance(module, memory_module_types()):
         name = type(module).__name__
@@ -459,39 +525,46 @@ def _convert_surrogate(sj_surrogate: nn.Module) -> nn.Module | None:
 
 
 def convert_spikingjelly_neuron(module: nn.Module) -> nn.Module | None:
-    """An snncompile neuron equivalent to a SpikingJelly IF/LIF/PLIF node, or ``None``.
+    """A snncompile neuron equivalent to a SpikingJelly neuron, or ``None``.
 
-    The new node has the same threshold, reset, tau/decay, ``detach_reset``, step mode and an
-    equivalent snncompile surrogate; for PLIF it *shares* the ``w`` parameter with the original.
-    Neurons with a surrogate snncompile does not have, or ``store_v_seq=True``, are not converted
-    (the caller then runs a copy of the original module).
+    The equivalent is the snncompile class whose ``spikingjelly_name`` is the module's class name
+    (IF, LIF, PLIF, QIF, EIF, Izhikevich, CUBA-LIF, ...). Its constructor arguments are read from
+    the SpikingJelly module's attributes of the same names (SpikingJelly stores each argument
+    under its own name), the surrogate is converted to snncompile's, and parameters of the same
+    name are *shared* (PLIF's ``w``: training either model trains both). Neurons with a
+    surrogate snncompile does not have, or ``store_v_seq=True``, are not converted (the caller
+    then runs a copy of the original module).
     """
-    sj = sj_modules()
-    if sj is None or getattr(module, "store_v_seq", False):
-        return None
-    from snncompile import neuron as sc_neuron
+    import inspect
 
+    ours = sj_equivalents().get(type(module))
+    if ours is None or getattr(module, "store_v_seq", False):
+        return None
     surrogate = _convert_surrogate(module.surrogate_function)
     if surrogate is None:
         return None
-    common = {
-        "v_threshold": float(module.v_threshold),
-        "v_reset": None if module.v_reset is None else float(module.v_reset),
-        "surrogate_function": surrogate,
-        "detach_reset": bool(module.detach_reset),
-        "step_mode": module.step_mode,
-    }
-    kind = type(module)
-    if kind is sj.neuron.IFNode:
-        new: nn.Module = sc_neuron.IFNode(**common)
-    elif kind is sj.neuron.LIFNode:
-        new = sc_neuron.LIFNode(
-            tau=float(module.tau), decay_input=bool(module.decay_input), **common
-        )
-    elif kind is sj.neuron.ParametricLIFNode:
-        new = sc_neuron.ParametricLIFNode(decay_input=bool(module.decay_input), **common)
-        new.w = module.w  # shared: training either model trains both
-    else:
+    kwargs: dict[str, Any] = {}
+    for pname, p in inspect.signature(ours.__init__).parameters.items():
+        if pname in ("self", "backend", "store_v_seq") or p.kind in (
+            p.VAR_POSITIONAL,
+            p.VAR_KEYWORD,
+        ):
+            continue
+        if pname == "surrogate_function":
+            kwargs[pname] = surrogate
+        elif hasattr(module, pname):
+            value = getattr(module, pname)
+            if isinstance(value, torch.Tensor):
+                continue
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            kwargs[pname] = float(value) if is_int else value
+    try:
+        new = ours(**kwargs)
+    except (TypeError, ValueError):
         return None
+    for pname, _ in list(new.named_parameters(recurse=False)):
+        theirs = getattr(module, pname, None)
+        if isinstance(theirs, nn.Parameter):
+            setattr(new, pname, theirs)  # shared: training either model trains both
     new.train(module.training)
     return new

@@ -8,7 +8,7 @@ file, each with its math in the docstring:
   ``[T*N, *]``, neurons as multi-step ops);
 * :func:`simplify_time_layout` -- cancel merge/split round trips;
 * :func:`fold_batchnorm` -- conv/linear + BN folding (inference);
-* ``fuse_neurons`` / ``fuse_elementwise`` (``'fusion'`` stage, registered on import) -- neurons
+* ``fuse_neurons`` / ``fuse_elementwise`` (``'fusion'`` stage, listed in ``PIPELINE``) -- neurons
   into generated kernels, then scalar ``VoltageScale`` neighbours into those kernels.
 
 The order lives in one list, :data:`~snncompile.passes.pipeline.PIPELINE`, with a comment per

@@ -26,7 +26,6 @@ from typing import Any
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import Op
 from snncompile.passes.base import PassResult
-from snncompile.passes.pipeline import register_pass
 
 __all__ = ["ChunkingError", "chunk_forward"]
 
@@ -79,6 +78,3 @@ def chunk_forward(graph: Graph) -> PassResult:
         what = f"memory_budget={request.get('memory_budget')!r} (K measured at compile time)"
     note = f"chunked forward planned: {what}, {neurons} stateful op(s) carry state"
     return PassResult(graph, True, [note])
-
-
-register_pass("chunking", chunk_forward, name="chunk_forward", modes=("train", "inference"))

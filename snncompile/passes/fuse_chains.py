@@ -29,18 +29,16 @@ with the reason in the pass notes: neurons whose spikes have other readers than 
 spikes must exist), pooling the kernels do not express, batchnorms with other users or other
 than 2-D, and a neuron with neither a batchnorm before nor a pooling after (nothing to merge).
 On CUDA tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the
-same ops unfused. Registered in the ``'fusion'`` stage (both modes), after
-``fuse_elementwise``.
+same ops unfused. Listed in the pipeline's ``'fusion'`` stage (both modes), after
+``fuse_elementwise`` and before ``pack_spikes``.
 """
 
 from __future__ import annotations
 
-import snncompile.passes.fuse_elementwise  # noqa: F401  (registers first: this pass runs after)
 from snncompile.ir.graph import Graph, Node
 from snncompile.ir.ops import Layout, Op
 from snncompile.passes.base import PassResult
 from snncompile.passes.fuse_elementwise import MERGED_ATTR
-from snncompile.passes.pipeline import register_pass
 
 #: The hidden attribute of a chain node recording what was merged (for :func:`unfuse_chains`).
 CHAIN_ATTR = "_chain"
@@ -177,5 +175,3 @@ def unfuse_chains(graph: Graph) -> PassResult:
         restored += 1
     return PassResult(graph, bool(restored), [f"restored the chains of {restored} neuron(s)"])
 
-
-register_pass("fusion", fuse_chains, name="fuse_chains")

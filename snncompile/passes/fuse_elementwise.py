@@ -27,18 +27,16 @@ chain when the fused kernel does not apply (``'auto'`` below its size threshold,
 inputs, no compiler). :func:`unfuse_elementwise` puts the scale nodes back (ONNX export of a
 compiled module).
 
-Registered in the pipeline's ``'fusion'`` stage (both modes) on import, after ``fuse_neurons``.
+Listed in the pipeline's ``'fusion'`` stage (both modes), after ``fuse_neurons``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import snncompile.passes.fuse_neurons  # noqa: F401  (registers first: this pass runs after it)
 from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Op
 from snncompile.passes.base import PassResult
-from snncompile.passes.pipeline import register_pass
 
 _TIME = (Op.MERGE_TIME, Op.SPLIT_TIME)
 #: The hidden attribute of a fused node that records what was merged (for unfusing).
@@ -155,6 +153,3 @@ def unfuse_elementwise(graph: Graph) -> PassResult:
             graph.add(scale, after=src)
         restored += 1
     return PassResult(graph, bool(restored), [f"restored the scales of {restored} neuron(s)"])
-
-
-register_pass("fusion", fuse_elementwise, name="fuse_elementwise")

@@ -13,19 +13,22 @@ PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf), and the subclasses
 with :func:`snncompile.frontend.rules.register_neuron_subclass` (ann2snn's
 ``HalfThresholdIFNode``), which keep those dynamics and change only the initial membrane
 (``NeuronSpec.v_init``): the fused kernel starts from the module's own state ``v``, which the
-module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The node's module (the
-compiled model's own copy) gets ``backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or
-``'auto'``, where ``'auto'`` picks the fused kernel or the torch loop per call by size and
-device). Left as they are: ``backend='torch'``; SpikingJelly neurons the frontend could not
-rebuild as snncompile neurons (a custom surrogate, ``store_v_seq=True``: they run as the original
-module; IF/LIF/PLIF are rebuilt, so they are fused); neurons run per step
-(``attrs['per_step']``); subclasses with their own dynamics; other surrogates (surrogates are
+module's ``reset()`` sets to ``v_init``, so no kernel change is needed. The pass is IR -> IR:
+it records ``fused_backend = graph.meta['backend']`` (``'cpu'``, ``'cuda'`` or ``'auto'``, where
+``'auto'`` picks the fused kernel or the torch loop per call by size and device) and the kernel
+id on the node; :func:`snncompile.runtime.lower_fusion.apply_fusion_decisions` sets the node's
+module (the compiled model's own copy) to that backend when the graph is lowered. Left as they
+are: ``backend='torch'``; SpikingJelly neurons the frontend could not rebuild as snncompile
+neurons (a custom surrogate, ``store_v_seq=True``: they run as the original module; the classes
+with a snncompile equivalent are rebuilt, so they are fused); neurons run per step
+(``attrs['per_step']``); subclasses with their own fire/reset, or whose ``neuronal_charge``
+cannot be captured (:mod:`snncompile.dynamics.capture`); other surrogates (surrogates are
 matched by class identity, so a user's class named ``ATan`` or a subclass of ours is "other"; the
 report's note for the node says why it was left). Adjacent scalar
 ``VoltageScale`` ops are merged into the kernel afterwards by
 :mod:`snncompile.passes.fuse_elementwise`.
 
-Registered in the pipeline's ``'fusion'`` stage (both modes) on import.
+Listed first in the ``'fusion'`` stage of :data:`snncompile.passes.pipeline.PIPELINE` (both modes).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from __future__ import annotations
 from snncompile.ir.graph import Graph
 from snncompile.ir.ops import Layout, Op
 from snncompile.passes.base import PassResult
-from snncompile.passes.pipeline import register_pass
 
 FUSED_BACKENDS = ("cpu", "cuda", "auto")
 
@@ -53,8 +55,8 @@ def fuse_neurons(graph: Graph) -> PassResult:
         why = None
         if node.layout is not Layout.SEQ or node.attrs.get("per_step"):
             why = "not a multi-step neuron"
-        elif "_spec" not in node.attrs or module is None:
-            why = "no snncompile neuron spec (e.g. a SpikingJelly module)"
+        elif module is None or not callable(getattr(module, "neuron_dynamics", None)):
+            why = "no snncompile neuron dynamics (e.g. a SpikingJelly module)"
         elif backend not in getattr(module, "supported_backends", ()):
             why = f"{type(module).__name__} has no {backend!r} backend"
         else:
@@ -65,13 +67,9 @@ def fuse_neurons(graph: Graph) -> PassResult:
         if why is not None:
             skipped.append(f"%{node.name}: {why}")
             continue
-        module.backend = backend
         node.op = Op.FUSED_NEURON
         node.attrs["kernel"] = register_dynamics(dynamics)
         node.attrs["fused_backend"] = backend
         fused.append(node.name)
     notes = [f"fused {len(fused)} neuron(s) with backend={backend!r}"] + skipped
     return PassResult(graph, bool(fused), notes)
-
-
-register_pass("fusion", fuse_neurons, name="fuse_neurons")

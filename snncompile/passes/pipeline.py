@@ -34,9 +34,13 @@ class PipelineEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A named slot in the pipeline that runs the passes registered for it, in order."""
+    """A named slot in the pipeline: its built-in passes in the order listed here (``(name,
+    'module:function')``, or ``(name, 'module:function', modes)`` for a pass that runs only in
+    some modes; imported when a pipeline is built), then the passes registered for it with
+    :func:`register_pass`, in registration order."""
 
     name: str
+    builtin: tuple[tuple[str, str] | tuple[str, str, frozenset[str]], ...] = ()
 
 
 STAGES = ("fusion", "chunking")
@@ -53,13 +57,23 @@ PIPELINE: list[PipelineEntry | Stage] = [
     PipelineEntry("simplify_time_layout", simplify_time_layout, BOTH, required=True),
     # BN folding needs conv -> BN adjacency in the final layout, so it runs after the cleanup.
     PipelineEntry("fold_batchnorm", fold_batchnorm, INFERENCE),
-    # Kernel fusion sees the final op set and layouts (neurons as seq ops, synapses as flat).
-    # Its passes run in registration order: fuse_neurons, then fuse_elementwise (which imports
-    # fuse_neurons first), because merging scales needs FUSED_NEURON nodes to merge into; then
-    # fuse_chains (batchnorm / pooling around a fused neuron; imports fuse_elementwise first).
-    Stage("fusion"),
+    # Kernel fusion sees the final op set and layouts (neurons as seq ops, synapses as flat):
+    # fuse_neurons first, then fuse_elementwise, because merging scales needs FUSED_NEURON nodes
+    # to merge into; then fuse_chains (batchnorm / pooling around a fused neuron without merged
+    # scales, so after fuse_elementwise has decided which neurons take scales); passes
+    # registered for the stage run after these.
+    Stage(
+        "fusion",
+        (
+            ("fuse_neurons", "snncompile.passes.fuse_neurons:fuse_neurons"),
+            ("fuse_elementwise", "snncompile.passes.fuse_elementwise:fuse_elementwise"),
+            ("fuse_chains", "snncompile.passes.fuse_chains:fuse_chains"),
+            # Last in the stage: a spike is binary only once no gain has been merged into it.
+            ("pack_spikes", "snncompile.passes.pack_spikes:pack_spikes", frozenset({"train"})),
+        ),
+    ),
     # Chunking wraps whatever graph fusion left, bounding memory over T; it must come last.
-    Stage("chunking"),
+    Stage("chunking", (("chunk_forward", "snncompile.passes.chunk:chunk_forward"),)),
 ]
 
 
@@ -87,20 +101,31 @@ def unregister_pass(stage: str, name: str) -> None:
     _REGISTERED[stage] = [e for e in _REGISTERED.get(stage, []) if e.name != name]
 
 
+def _builtin(stage: str) -> list[PipelineEntry]:
+    import importlib
+
+    item = next(i for i in PIPELINE if isinstance(i, Stage) and i.name == stage)
+    entries = []
+    for name, ref, *modes in item.builtin:
+        module, fn = ref.split(":")
+        fn_obj = getattr(importlib.import_module(module), fn)
+        entries.append(PipelineEntry(name, fn_obj, modes[0] if modes else BOTH))
+    return entries
+
+
 def registered_passes(stage: str) -> list[PipelineEntry]:
-    """The passes registered in ``stage``, in order."""
-    return list(_REGISTERED[stage])
+    """The passes of ``stage``, in order: its built-in ones (listed in :data:`PIPELINE`; a pass
+    registered under a built-in's name replaces it in place), then the registered ones."""
+    user = {e.name: e for e in _REGISTERED[stage]}
+    builtin = [user.pop(e.name, e) for e in _builtin(stage)]
+    return builtin + [e for e in _REGISTERED[stage] if e.name in user]
 
 
 def import_builtin_passes() -> None:
-    """Import the modules whose import registers the built-in stage passes (fusion, chunking).
-
-    ``import snncompile`` is lazy, so they may not be imported yet when a pipeline is built.
-    """
-    import snncompile.passes.chunk  # noqa: F401
-    import snncompile.passes.fuse_chains  # noqa: F401
-    import snncompile.passes.fuse_elementwise  # noqa: F401
-    import snncompile.passes.fuse_neurons  # noqa: F401
+    """Import the built-in stage passes listed in :data:`PIPELINE` (``import snncompile`` is
+    lazy, so they may not be imported yet when a pipeline is built)."""
+    for stage in STAGES:
+        _builtin(stage)
 
 
 def build_pipeline(mode: str, passes: Sequence[object] | None = None) -> list[tuple[str, Pass]]:
@@ -117,7 +142,7 @@ def build_pipeline(mode: str, passes: Sequence[object] | None = None) -> list[tu
     flat: list[PipelineEntry] = []
     for item in PIPELINE:
         if isinstance(item, Stage):
-            flat.extend(e for e in _REGISTERED[item.name] if mode in e.modes)
+            flat.extend(e for e in registered_passes(item.name) if mode in e.modes)
         elif mode in item.modes:
             flat.append(item)
     if passes is None:

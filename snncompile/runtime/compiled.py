@@ -29,6 +29,7 @@ from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
 from snncompile.runtime.one_step import build_one_step
+from snncompile.runtime.packed_ops import packed_call
 from snncompile.runtime.state_names import StateNames
 from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
 
@@ -151,6 +152,12 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
             loop = StepLoop(node.module, node.target, args_t, dict(kwargs_t), seq)
             attr = attrs[node.name] = register(loop, f"{node.name}_loop")
             env[node.name] = fxg.call_module(attr, tuple(env[i] for i in node.inputs))
+        elif node.attrs.get("packed_input") and node.module is not None:
+            # Binary-spike input saved 1 bit per spike for backward (passes.pack_spikes).
+            attr = attrs[node.name] = register(node.module, node.name)
+            env[node.name] = fxg.call_function(
+                packed_call, (fxg.get_attr(attr), env[node.inputs[0]])
+            )
         elif node.module is not None:
             attr = attrs[node.name] = register(node.module, node.name)
             env[node.name] = fxg.call_module(attr, fill(args_t, node), fill(kwargs_t, node))
@@ -289,6 +296,9 @@ class CompiledModule(nn.Module):
             and (self._learning_hub is None or not self._learning_hub.attachments)
         ):
             return one_step(self.gm, x)
+        plan = self.__dict__.get("_memory_plan")  # runtime.recompute, optimize(memory_budget=)
+        if plan is not None and torch.is_grad_enabled() and type(x) is torch.Tensor:
+            return plan.run(x)
         chunk = self.chunk_size
         if chunk is not None and isinstance(x, torch.Tensor) and x.shape[0] > chunk:
             from snncompile.runtime.chunked import chunked_forward
@@ -421,6 +431,9 @@ class CompiledModule(nn.Module):
                 "with the eager model (~1e-6 relative on pre-activations can flip spikes near "
                 "threshold). Compile with fold_batchnorm=False for exact eval outputs."
             )
+        plan = self.__dict__.get("_memory_plan")
+        if plan is not None:
+            lines.extend(plan.describe())
         guard = self._modules.get("shape_guard")
         if guard is not None:
             lines.extend(guard.describe())

@@ -18,7 +18,10 @@ the kernel (state and arithmetic are float32; spikes, ``v_seq`` and ``grad_x`` c
 input dtype; the state ``v`` stays float32).
 
 Only ``h`` (the pre-reset membrane potential) is saved for backward; spikes are recomputed, and
-``v`` is recomputed from the previous ``h`` when a neuron's gradient needs it.
+``v`` is recomputed from the previous ``h`` when a neuron's gradient needs it. A neuron with
+extra states (:class:`~snncompile.dynamics.neuron.State`) carries them as rows of one ``[S, N]``
+state tensor (``v`` first) and also saves the pre-step values of those its backward reads
+(:func:`fused_multi_step_states`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 from snncompile.codegen.build import CompilerNotFound, find_compiler, warn_no_compiler
 from snncompile.codegen.render import evaluate
-from snncompile.codegen.torch_backend import torch_multi_step
+from snncompile.codegen.torch_backend import torch_multi_step_states
 from snncompile.dynamics.neuron import NeuronDynamics
 
 #: Input dtypes the fused kernels take (state and arithmetic are float32 for all of them).
@@ -167,7 +170,9 @@ def _neuron_forward_fake(
     store_v_seq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     spikes = torch.empty_like(x_seq)
-    h = torch.empty_like(x_seq, dtype=torch.float32) if need_h else _empty(x_seq, torch.float32)
+    k = _dynamics(kernel_id).step_program().num_saved
+    saved = x_seq.shape if k == 1 else (k, *x_seq.shape)
+    h = x_seq.new_empty(saved, dtype=torch.float32) if need_h else _empty(x_seq, torch.float32)
     v_seq = torch.empty_like(x_seq) if store_v_seq else _empty(x_seq)
     return spikes, h, v_seq, torch.empty_like(v_init, dtype=torch.float32)
 
@@ -233,7 +238,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
 
 
 def _grad_or_zeros(g: torch.Tensor | None, ctx: Any, h_seq: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(h_seq.shape, dtype=ctx.x_dtype, device=h_seq.device) if g is None else g
+    shape = h_seq.shape[-2:]
+    return torch.zeros(shape, dtype=ctx.x_dtype, device=h_seq.device) if g is None else g
 
 
 def _custom_backward(
@@ -373,7 +379,27 @@ def fused_multi_step(
     ``use_custom_op``: None picks the custom op under ``torch.compile`` and the
     autograd.Function in eager mode.
     Without a C compiler CPU inputs run through the torch renderer (one warning per process).
+    A neuron with extra states starts them from their initial values; use
+    :func:`fused_multi_step_states` to pass them and get their final values.
     """
+    spikes, last, v_seq = fused_multi_step_states(
+        dynamics, x_seq, {"v": v_init}, params, store_v_seq, use_custom_op
+    )
+    return spikes, last["v"], v_seq
+
+
+def fused_multi_step_states(
+    dynamics: NeuronDynamics,
+    x_seq: torch.Tensor,
+    states: Mapping[str, torch.Tensor | float] | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+    store_v_seq: bool = False,
+    use_custom_op: bool | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Like :func:`fused_multi_step` for every state: ``states`` maps state names (``'v'`` and
+    the extra states) to tensors broadcastable to ``x_seq.shape[1:]`` or floats (missing ones
+    start from their initial values); returns ``(spike_seq, {state: last value}, v_seq)``, the
+    states float32 of shape ``x_seq.shape[1:]``. Gradients flow to every state tensor."""
     if x_seq.dim() < 1:
         raise ValueError(
             f"snncompile fused neuron {dynamics.name}: x_seq must be [T, *], got a 0-dim tensor."
@@ -385,36 +411,51 @@ def fused_multi_step(
             "path (snncompile.codegen.torch_backend.torch_multi_step or backend='torch')."
         )
     shape = x_seq.shape[1:]
-    if not isinstance(v_init, torch.Tensor):
-        v_init = torch.full(shape, float(v_init), dtype=torch.float32, device=x_seq.device)
+    names = dynamics.state_names
+    unknown = [k for k in (states or {}) if k not in names]
+    if unknown:
+        raise ValueError(
+            f"snncompile fused neuron {dynamics.name}: unknown states {unknown}; its states are "
+            f"{list(names)}."
+        )
+    values: dict[str, torch.Tensor] = {}
+    for name, init in dynamics.initial_states.items():
+        value = (states or {}).get(name, init)
+        if not isinstance(value, torch.Tensor):
+            value = torch.full(shape, float(value), dtype=torch.float32, device=x_seq.device)
+        values[name] = value
     kid = _prepare(dynamics, x_seq.device.type)
     if not kid:
         warn_no_compiler()
-        v0 = v_init.float().expand(shape) if v_init.shape != shape else v_init
-        return torch_multi_step(dynamics, x_seq, v0, params, store_v_seq)
+        return torch_multi_step_states(
+            dynamics, x_seq, {k: v.float().expand(shape) for k, v in values.items()}, params,
+            store_v_seq,
+        )
     T = x_seq.shape[0]
     x2 = x_seq.reshape(T, -1)
-    v2 = v_init.float().expand(shape).reshape(-1)
+    rows = [values[n].float().expand(shape).reshape(-1) for n in names]
+    s2 = rows[0] if len(rows) == 1 else torch.stack(rows)
     uniforms = uniforms_for(dynamics, params, x_seq.device)
     need_h = torch.is_grad_enabled() and (
-        x2.requires_grad or v2.requires_grad or uniforms.requires_grad
+        x2.requires_grad or s2.requires_grad or uniforms.requires_grad
     )
     if use_custom_op is None:
         use_custom_op = torch.compiler.is_compiling()
     try:
         if use_custom_op:
-            spikes, _, v_seq, v_last = torch.ops.snncompile.neuron_forward(
-                kid, x2, v2, uniforms, need_h, store_v_seq
+            spikes, _, v_seq, last = torch.ops.snncompile.neuron_forward(
+                kid, x2, s2, uniforms, need_h, store_v_seq
             )
         else:
-            spikes, _, v_seq, v_last = FusedNeuronFunction.apply(
-                kid, x2, v2, uniforms, need_h, store_v_seq
+            spikes, _, v_seq, last = FusedNeuronFunction.apply(
+                kid, x2, s2, uniforms, need_h, store_v_seq
             )
     except CompilerNotFound:  # pragma: no cover - compiler disappeared between checks
         warn_no_compiler()
-        return torch_multi_step(dynamics, x_seq, v_init.float(), params, store_v_seq)
+        return torch_multi_step_states(dynamics, x_seq, values, params, store_v_seq)
+    lasts = [last] if len(names) == 1 else list(last.unbind(0))
     return (
         spikes.reshape(x_seq.shape),
-        v_last.reshape(shape),
+        {n: t.reshape(shape) for n, t in zip(names, lasts, strict=True)},
         v_seq.reshape(x_seq.shape) if store_v_seq else None,
     )

@@ -13,8 +13,9 @@ Every fused backend falls back to the torch loop (silently for ``'auto'``, with 
 configuration otherwise) when the neuron cannot be fused (:func:`fusion_blocker` says why): a
 surrogate whose class is not registered with an expression form (matched by class identity, so a
 user's own ``class ATan`` is not snncompile's ATan; see :mod:`snncompile.dynamics.surrogates`),
-or a subclass whose dynamics are not described by its ``NeuronSpec``. The membrane ``v`` a fused
-backend leaves in the node is float32 (the kernels' state precision), also for float16/bfloat16
+or a subclass whose dynamics are not described by its class's ``define_dynamics`` (and could not
+be captured). The states a fused
+backend leaves in the node are float32 (the kernels' state precision), also for float16/bfloat16
 inputs.
 
 Availability is checked when a backend is chosen, not when the first tensor arrives:
@@ -31,86 +32,88 @@ from typing import Any
 
 import torch
 
-from snncompile.dynamics.neuron import NeuronDynamics, from_spec
-from snncompile.dynamics.surrogates import SurrogateExpr, resolve_surrogate
+from snncompile.dynamics.neuron import NeuronDynamics
 from snncompile.runtime.fused import (
     AUTO_MIN_ELEMENTS,
     AUTO_MIN_STEPS,
     FUSED_DTYPES,
-    fused_multi_step,
+    fused_multi_step_states,
 )
 
 #: Backend names of other libraries (SpikingJelly 0.0.0.x's ``'cupy'``) -> the backend here.
 BACKEND_ALIASES: dict[str, str] = {"cupy": "cuda", "gpu": "cuda"}
 
-_cache: dict[tuple[Any, ...], NeuronDynamics | None] = {}
 _warned: set[tuple[Any, ...]] = set()
-# The classes whose step methods the NeuronSpec describes; a subclass overriding one of them has
-# dynamics of its own and runs in torch.
-_KNOWN_CLASSES: set[type] = set()
 _STEP_METHODS = ("neuronal_charge", "neuronal_fire", "neuronal_reset", "_step")
+#: Why the last :func:`dynamics_for` call of a class found no fused form (for pass notes).
+REASONS: dict[type, str] = {}
 
 
-def _spec_key(spec: Any, form: SurrogateExpr) -> tuple[Any, ...]:
-    return (
-        spec.kind,
-        spec.v_threshold,
-        spec.v_reset,
-        spec.tau,
-        spec.decay_input,
-        spec.detach_reset,
-        form,
-        bool(getattr(spec.surrogate, "spiking", True)),
-    )
+def _owner(cls: type, method: str) -> type | None:
+    return next((c for c in cls.__mro__ if method in c.__dict__), None)
 
 
-def _blocker(node: Any) -> tuple[str | None, Any, SurrogateExpr | None]:
-    """``(reason, spec, surrogate form)``: why ``node`` cannot be fused (None when it can)."""
-    spec_fn = getattr(node, "dynamics_spec", None)
-    if spec_fn is None:
-        return f"{type(node).__name__} has no dynamics_spec()", None, None
-    for method in _STEP_METHODS:
-        owner = next((c for c in type(node).__mro__ if method in c.__dict__), None)
-        if owner not in _KNOWN_CLASSES:
-            return (
-                f"{type(node).__name__} overrides {method}() (its own dynamics, not described "
-                "by its NeuronSpec)",
-                None,
-                None,
-            )
-    spec = spec_fn()
-    form, why = resolve_surrogate(spec.surrogate)
-    return why, spec, form
-
-
-def fusion_blocker(node: Any) -> str | None:
-    """Why the neuron module ``node`` has no fused kernel, or ``None`` when it has one.
-
-    Reasons: no ``dynamics_spec``, a subclass with its own step methods, or a surrogate that is
-    not a registered surrogate class (matched by identity, see
-    :func:`snncompile.dynamics.surrogates.unfusable_reason`) or has non-finite parameters.
-    """
-    why, _, _ = _blocker(node)
-    if why is None and dynamics_for(node) is None:
-        return "its configuration has no expression form"
-    return why
+def overridden_step_methods(cls: type) -> list[str]:
+    """The step methods ``cls`` overrides below the class that defines its dynamics (empty when
+    its ``define_dynamics`` describes it as it is)."""
+    defining = _owner(cls, "define_dynamics")
+    if defining is None:
+        return []
+    return [
+        m for m in _STEP_METHODS if (o := _owner(cls, m)) is not None and o not in defining.__mro__
+    ]
 
 
 def dynamics_for(node: Any) -> NeuronDynamics | None:
     """The :class:`NeuronDynamics` of a snncompile neuron node, or None when it cannot be fused.
 
-    The surrogate is identified by its class (and parameters), never by its class name.
+    The dynamics are the node's own definition (``node.neuron_dynamics()``, defined next to its
+    class). A subclass that overrides a step method below the class that defines its dynamics
+    has dynamics of its own: an overridden ``neuronal_charge`` of elementwise torch code is
+    captured into expressions (:mod:`snncompile.dynamics.capture`), checked against the method
+    itself; anything else runs as written. :data:`REASONS` keeps why a class is not fused.
     """
-    why, spec, form = _blocker(node)
-    if why is not None or form is None:
+    fn = getattr(node, "neuron_dynamics", None)
+    if fn is None:
         return None
-    key = _spec_key(spec, form)
-    if key not in _cache:
-        try:
-            _cache[key] = from_spec(spec)
-        except (ValueError, TypeError):
-            _cache[key] = None
-    return _cache[key]
+    cls = type(node)
+    defining = _owner(cls, "define_dynamics")
+    overridden = overridden_step_methods(cls)
+    from snncompile.neuron import BaseNode
+
+    if defining is None or (defining is BaseNode and "neuronal_charge" not in overridden):
+        # BaseNode's own definition has no charge: a subclass must define or override one.
+        REASONS[cls] = f"{cls.__name__} defines no dynamics (define_dynamics or neuronal_charge)"
+        return None
+    try:
+        if overridden == ["neuronal_charge"]:
+            from snncompile.dynamics.capture import captured_dynamics
+
+            return captured_dynamics(node)
+        if overridden:
+            REASONS[cls] = (
+                f"{cls.__name__} overrides {', '.join(overridden)} (only an overridden "
+                "neuronal_charge is captured)"
+            )
+            return None
+        return fn()
+    except (ValueError, TypeError, NotImplementedError) as err:
+        REASONS[cls] = str(err)
+        return None
+
+
+def fusion_blocker(node: Any) -> str | None:
+    """Why the neuron module ``node`` has no fused kernel, or ``None`` when it has one.
+
+    Reasons: no dynamics definition, a subclass with its own step methods that could not be
+    captured, or a surrogate that is not a registered surrogate class (matched by identity, see
+    :func:`snncompile.dynamics.surrogates.resolve_surrogate`) or has non-finite parameters.
+    """
+    if dynamics_for(node) is not None:
+        return None
+    if not callable(getattr(node, "neuron_dynamics", None)):
+        return f"{type(node).__name__} has no dynamics definition (define_dynamics)"
+    return REASONS.get(type(node), "its configuration has no expression form")
 
 
 def auto_fuses_size(x_seq: torch.Tensor) -> bool:
@@ -132,11 +135,12 @@ def run_fused(
     extra = extra_params or {}
     params = {n: extra[n] if n in extra else getattr(node, n) for n in dynamics.param_names}
     node.v_float_to_tensor(x_seq[0])
-    v0 = node.v
-    spikes, v_last, v_seq = fused_multi_step(
-        dynamics, x_seq, v0, params or None, store_v_seq=node.store_v_seq
+    states = {n: getattr(node, n) for n in dynamics.state_names}
+    spikes, last, v_seq = fused_multi_step_states(
+        dynamics, x_seq, states, params or None, store_v_seq=node.store_v_seq
     )
-    node.v = v_last
+    for name, value in last.items():
+        setattr(node, name, value)
     if node.store_v_seq:
         node.v_seq = v_seq
     return spikes
@@ -234,9 +238,6 @@ def install() -> None:
     """Register the ``'cpu'``, ``'cuda'`` and ``'auto'`` backends on snncompile's neurons."""
     from snncompile import neuron
 
-    _KNOWN_CLASSES.update(
-        {neuron.BaseNode, neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode}
-    )
     neuron.BaseNode.register_backend("cpu", _make_impl("cpu"))
     neuron.BaseNode.register_backend(
         "cuda", _make_impl("cuda"), check=lambda owner: check_available("cuda", owner)

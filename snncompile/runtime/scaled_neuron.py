@@ -72,14 +72,19 @@ def scaled_dynamics(base: NeuronDynamics, scale_in: bool, scale_out: bool) -> Ne
             f"scaled_dynamics: neuron {base.name!r} already has an output gain; it cannot take "
             "a second one."
         )
-    charge = base.charge
-    if scale_in:
+    charge, states = base.charge, base.states
+    if scale_in:  # every read of the input (the charge and the extra states' updates)
         x = var("x")
-        charge = substitute(charge, {x: x * param(IN_GAIN)})
+        gained = {x: x * param(IN_GAIN)}
+        charge = substitute(charge, gained)
+        states = tuple(
+            dataclasses.replace(s, update=substitute(s.update, gained)) for s in base.states
+        )
     d = dataclasses.replace(
         base,
         name=f"{base.name}_scaled",
         charge=charge,
+        states=states,
         output_gain=param(OUT_GAIN) if scale_out else base.output_gain,
     )
     with _lock:
