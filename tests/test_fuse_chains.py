@@ -170,6 +170,23 @@ def test_pass_five_steps_train(pool):
         assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("pool", [layer.MaxPool2d, layer.AvgPool2d])
+def test_pack_spikes_after_chain(pool):
+    """With pack_spikes on, a max-pooled chain output (binary) is saved packed by the next conv
+    and an average-pooled one (counts / K^2, not binary) is not; gradients match eager."""
+    model = _csnn(pool)
+    x = (torch.rand(4, 3, 2, 8, 8) > 0.6).float()
+    mf = copy.deepcopy(model)
+    fused = snncompile.optimize(mf, x, pack_spikes=True)
+    conv = fused.graph.find(Op.CONV2D)[1]  # reads the first chain's pooled spikes
+    assert bool(conv.attrs.get("packed_input")) is (pool is layer.MaxPool2d)
+    out_f, grads_f = _step(fused, x, mf)
+    out_e, grads_e = _step(model, x)
+    assert torch.equal(out_f, out_e)
+    for a, b in zip(grads_f, grads_e, strict=True):
+        assert _rel(a, b) < 1e-5
+
+
 def test_pass_eval_and_inference_compile():
     """Eval-mode batchnorm (train compile switched to eval) and the inference compile with
     batchnorm folding off: spikes bit-equal to unfused and eager."""

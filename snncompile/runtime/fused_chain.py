@@ -341,13 +341,19 @@ class FusedChain(nn.Module):
 
     def unfused(self, x_seq: torch.Tensor) -> torch.Tensor:
         """The chain as separate ops, as the unfused compiled graph runs them."""
+        return self.unfused_with_spikes(x_seq)[0]
+
+    def unfused_with_spikes(self, x_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, spikes)``: the chain as separate ops, and the neuron's own (unpooled)
+        spikes ``[T, N, C, H, W]``, which the fused kernel never writes (the profiler counts
+        them)."""
         T = x_seq.shape[0]
         if self.bn is not None:
             x_seq = self.bn(x_seq.flatten(0, 1)).unflatten(0, (T, -1))
-        s = self.neuron(x_seq)
+        spikes = out = self.neuron(x_seq)
         if self.pool is not None:
-            s = self.pool(s.flatten(0, 1)).unflatten(0, (T, -1))
-        return s
+            out = self.pool(spikes.flatten(0, 1)).unflatten(0, (T, -1))
+        return out, spikes
 
 
 def _eval_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
