@@ -189,7 +189,7 @@ def test_pack_spikes_after_chain(pool):
 
 def test_pass_eval_and_inference_compile():
     """Eval-mode batchnorm (train compile switched to eval) and the inference compile with
-    batchnorm folding off: spikes bit-equal to unfused and eager."""
+    batchnorm folding off (batchnorms then not merged): spikes bit-equal to unfused and eager."""
     model = _csnn()
     x = (torch.rand(3, 2, 2, 8, 8) > 0.6).float()
     fused = snncompile.optimize(copy.deepcopy(model), x).eval()
@@ -201,8 +201,14 @@ def test_pass_eval_and_inference_compile():
             functional.reset_net(m)
             outs.append(m(x))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # fold_batchnorm=False asks for eval outputs bit-exact with eager: the batchnorms stay
+    # PyTorch's own ops, only the poolings are merged.
     inf = snncompile.optimize(copy.deepcopy(model), x, fold_batchnorm=False)
-    assert len([n for n in inf.graph.find(Op.FUSED_NEURON) if CHAIN_ATTR in n.attrs]) == 2
+    chains = [n for n in inf.graph.find(Op.FUSED_NEURON) if CHAIN_ATTR in n.attrs]
+    assert [n.attrs["chain"] for n in chains] == [("neuron", "pool")] * 2
+    assert len(inf.graph.find(Op.BATCHNORM)) == 2
+    notes = next(r for r in inf.records if r.name == "fuse_chains").notes
+    assert sum("fold_batchnorm=False keeps PyTorch's batchnorm" in n for n in notes) == 2
     functional.reset_net(inf)
     with torch.no_grad():
         assert torch.equal(inf(x), outs[2])

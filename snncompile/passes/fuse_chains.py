@@ -28,7 +28,9 @@ The neuron node keeps its name, op and ``seq`` layout and runs a
 with the reason in the pass notes: neurons whose spikes have other readers than the pooling (the
 spikes must exist), pooling the kernels do not express, batchnorms with other users or other
 than 2-D, and a neuron with neither a batchnorm before nor a pooling after (nothing to merge).
-On CUDA tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the
+With ``optimize(..., fold_batchnorm=False)`` (``graph.meta['exact_batchnorm']``: eval outputs
+bit-exact with the eager model asked for) no batchnorm is merged, only poolings. On CUDA
+tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the
 same ops unfused. Listed in the pipeline's ``'fusion'`` stage (both modes), after
 ``fuse_elementwise`` and before ``pack_spikes``.
 """
@@ -97,6 +99,9 @@ def fuse_chains(graph: Graph) -> PassResult:
 
     fused: list[str] = []
     left: list[str] = []
+    # optimize(fold_batchnorm=False) asks for eval outputs bit-exact with the eager model; the
+    # kernel's x * a + b may round 1 ulp off PyTorch's batchnorm, so batchnorms stay unmerged.
+    exact_bn = bool(graph.meta.get("exact_batchnorm"))
     for node in graph.find(Op.FUSED_NEURON):
         if MERGED_ATTR in node.attrs or CHAIN_ATTR in node.attrs or node.module is None:
             continue
@@ -105,6 +110,9 @@ def fuse_chains(graph: Graph) -> PassResult:
         users = graph.users_map()
         before = _bn_before(graph, node, users)
         after = _pool_after(graph, node, users)
+        if before is not None and exact_bn:
+            left.append(f"%{before[1].name}: fold_batchnorm=False keeps PyTorch's batchnorm")
+            before = None
         bn = before[1].module if before else None
         pool = after[1].module if after else None
         if before is None and after is None:
