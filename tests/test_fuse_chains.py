@@ -59,15 +59,27 @@ GRID = list(
 )
 
 
+def _plif_terms(chain: FusedChain, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The PLIF weight gradient's terms, one per neuron (summed over steps), in float64: the
+    same chain run unfused in float64 with ``w`` expanded to one copy per neuron."""
+    ref = copy.deepcopy(chain).double()
+    ref.neuron.backend = "torch"
+    ref.neuron.w = nn.Parameter(ref.neuron.w.detach().expand(x.shape[1:]).clone())
+    (ref.unfused(x.detach().double()) * g.double()).sum().backward()
+    return ref.neuron.w.grad
+
+
 @pytest.mark.parametrize("kind,pool,train,v_reset,detach_reset", GRID)
 def test_chain_module_matches_unfused(kind, pool, train, v_reset, detach_reset):
     """Fused chain vs the same modules run one after the other: spikes bit-equal, state equal,
-    gradients (input, BN affine, PLIF weight) within 1e-6 relative, running stats to 1 ulp."""
-    torch.manual_seed(hash((kind, pool, train, v_reset, detach_reset)) % 1000)
+    input gradient within 1e-6 relative, BN affine gradients within 1e-5, the PLIF weight
+    gradient within float32 rounding of its float64 value, running stats to 1 ulp."""
+    torch.manual_seed(GRID.index((kind, pool, train, v_reset, detach_reset)))
     T, N, C, H, W = 3, 2, 4, 6, 6
     pool_m = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), None: None}[pool]
     chain = FusedChain(_neuron(kind, detach_reset, v_reset), _bn(C), pool_m).train(train)
     ref = copy.deepcopy(chain)
+    ref64 = copy.deepcopy(chain)
     x = (torch.randn(T, N, C, H, W) * 1.5 + 0.7).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = chain(x), ref.unfused(x_ref)
@@ -78,10 +90,19 @@ def test_chain_module_matches_unfused(kind, pool, train, v_reset, detach_reset):
     (y * g).sum().backward()
     (y_ref * g).sum().backward()
     assert _rel(x.grad, x_ref.grad) < 1e-6
-    # Parameter gradients are sums over T*N*H*W terms: the kernel's are float64 sums, PyTorch's
-    # float32 ones carry ~1e-6 relative rounding themselves.
-    for p, q in zip(chain.parameters(), ref.parameters(), strict=True):
-        assert _rel(p.grad, q.grad) < 1e-4
+    # BN affine gradients: sums over T*N*H*W terms, float64 in the kernel, float32 in PyTorch
+    # (measured up to 1.5e-6 relative over 288 random cases).
+    for p, q in zip(chain.bn.parameters(), ref.bn.parameters(), strict=True):
+        assert _rel(p.grad, q.grad) < 1e-5
+    if kind == "plif":
+        # The scalar PLIF weight gradient is a sum of terms of both signs (|sum| down to 1/190
+        # of sum |term| here), so both float32 computations, fused and unfused, are only
+        # accurate relative to sum |term|: the bound is 2 float32 ulps of it (measured up to
+        # 0.7 ulp fused, similar unfused; relative to the sum itself up to 6e-5 unfused).
+        terms = _plif_terms(ref64, x, g)
+        bound = 2 * torch.finfo(torch.float32).eps * terms.abs().sum()
+        assert (chain.neuron.w.grad.double() - terms.sum()).abs() <= bound
+        assert (ref.neuron.w.grad.double() - terms.sum()).abs() <= bound
     torch.testing.assert_close(chain.bn.running_mean, ref.bn.running_mean, rtol=2e-7, atol=1e-7)
     torch.testing.assert_close(chain.bn.running_var, ref.bn.running_var, rtol=2e-7, atol=1e-7)
 
