@@ -82,8 +82,9 @@ def zoo(name: str) -> nn.Module:
 
 
 def without_chains(mode: str) -> list[str]:
-    """The default pipeline of ``mode`` minus ``fuse_chains``."""
-    return [n for n, _ in build_pipeline(mode) if n != "fuse_chains"]
+    """The default pipeline of ``mode`` minus ``fuse_chains`` (and ``pack_spikes``, which the
+    default pipeline drops unless asked for: listing it would turn packing on)."""
+    return [n for n, _ in build_pipeline(mode) if n not in ("fuse_chains", "pack_spikes")]
 
 
 def reset(model: nn.Module) -> None:
