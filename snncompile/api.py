@@ -83,7 +83,8 @@ def optimize(
             1e-6 relative on pre-activations), which can flip a spike whose membrane sits
             within that distance of the threshold, and in deep nets the flips add up (logits
             of a ResNet-18 moved by ~1). ``compiled.report()`` says when it happened. Pass
-            ``False`` for eval outputs bit-exact with the eager model.
+            ``False`` for eval outputs bit-exact with the eager model (then no BatchNorm is
+            merged into a neuron's kernel by ``fuse_chains`` either, in any mode).
         pack_spikes: Training only: conv/linear/max-pooling layers whose input is a binary spike
             tensor save it for backward packed 1 bit per spike (gradients bit-equal; see
             :mod:`snncompile.passes.pack_spikes`). Packing and unpacking cost step time (1.5-1.9x
@@ -186,6 +187,8 @@ def _compile(
     verify(graph)
     pipeline = build_pipeline(mode, passes)
     if not fold_batchnorm:
+        # Read by fuse_chains: batchnorms run as PyTorch's own op, not inside a chain kernel.
+        graph.meta["exact_batchnorm"] = True
         if passes is not None and any(name == "fold_batchnorm" for name, _ in pipeline):
             raise ValueError(
                 "optimize: passes lists 'fold_batchnorm' but fold_batchnorm=False; drop one"

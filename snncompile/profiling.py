@@ -32,7 +32,10 @@ r"""Per-layer activity of a spiking network: firing rates, synaptic operations, 
   more than an uninterrupted forward; compare layers with each other, not with a benchmark.
 
 On a compiled module the rows are the IR nodes that compute something (synapse and neuron ops);
-a fused neuron's row counts its (possibly scaled) non-zero outputs as spikes.
+a fused neuron's row counts its (possibly scaled) non-zero outputs as spikes. A fused
+batchnorm -> neuron -> pooling chain (one kernel that never writes the neuron's spikes) runs its
+ops separately under the profiler, so its row counts the neuron's own spikes and its time is
+that of the separate ops.
 """
 
 from __future__ import annotations
@@ -460,8 +463,19 @@ class _NodeProfiler(fx.Interpreter):
         self.rows: dict[str, LayerStats] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        from snncompile.passes.fuse_chains import CHAIN_ATTR
+        from snncompile.runtime.fused_chain import FusedChain
+
+        chain = self.fetch_attr(n.target) if n.op == "call_module" else None
+        spikes: torch.Tensor | None = None
         start = time.perf_counter()
-        result = super().run_node(n)
+        if isinstance(chain, FusedChain):
+            # A fused batchnorm -> neuron -> pooling chain returns the pooled spikes: run its
+            # ops separately so the neuron's own spikes can be counted.
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            result, spikes = chain.unfused_with_spikes(*args)
+        else:
+            result = super().run_node(n)
         seconds = time.perf_counter() - start
         ir_name = n.meta.get("snn_node")
         ir_node = self.ir.get(ir_name) if ir_name is not None else None
@@ -480,12 +494,13 @@ class _NodeProfiler(fx.Interpreter):
             row._module = module  # type: ignore[attr-defined]
         row.seconds += seconds
         row.calls += 1
-        y = _first_tensor((result,))
+        y = spikes if spikes is not None else _first_tensor((result,))
         if y is None:
             return result
-        if not row.shape and ir_node.shape:
-            row.shape = tuple(ir_node.shape[2:] if ir_node.layout.name == "SEQ"
-                              else ir_node.shape[1:])
+        # A fused chain's node has the pooled shape; its record keeps the neuron's own.
+        shape = ir_node.attrs.get(CHAIN_ATTR, {}).get("shape", ir_node.shape)
+        if not row.shape and shape:
+            row.shape = tuple(shape[2:] if ir_node.layout.name == "SEQ" else shape[1:])
         if row.kind == "neuron":
             _count_neuron(row, y, None, self.record)
         elif row.kind == "synapse":

@@ -116,9 +116,11 @@ def _inference_graph(model_or_compiled: nn.Module, example_input: torch.Tensor) 
         compiled = model_or_compiled
         graph = compiled.graph.copy()
         # Scales merged into fused neurons (fuse_elementwise) are exported as the ops they were.
+        # So are batchnorms and poolings merged into them (fuse_chains, which ran last).
+        from snncompile.passes.fuse_chains import unfuse_chains
         from snncompile.passes.fuse_elementwise import unfuse_elementwise
 
-        graph = unfuse_elementwise(graph).graph
+        graph = unfuse_elementwise(unfuse_chains(graph).graph).graph
         if compiled.mode != "inference" or compiled.training:
             warnings.warn(
                 "export_onnx: the compiled module was built for training; exporting it with "

@@ -3,7 +3,8 @@
 Math: a spiking neuron's output ``s_t = heaviside(h_t - v_th)`` is exactly 0 or 1 (when its
 surrogate is in spiking mode and no output gain is merged into it). Binary stays binary through
 ops that only move or select values: time-layout changes (``MERGE_TIME``/``SPLIT_TIME``),
-``FLATTEN``/``RESHAPE``/``IDENTITY`` and max pooling (a max of 0/1 values is 0 or 1). A
+``FLATTEN``/``RESHAPE``/``IDENTITY`` and max pooling (a max of 0/1 values is 0 or 1); a fused
+batchnorm -> neuron -> pooling chain is binary unless its pooling is an average. A
 conv/linear layer saves its input for the weight gradient and max pooling saves its input and
 int64 indices; for a binary input both are replaced by the input packed 8 spikes per byte
 (:mod:`snncompile.runtime.packed_ops`), with the same gradients bit for bit.
@@ -43,6 +44,10 @@ def is_binary_neuron(node: Node) -> bool:
     if node.op not in (Op.NEURON, Op.FUSED_NEURON) or node.module is None:
         return False
     if node.attrs.get("kind") not in BINARY_KINDS or "out" in node.attrs.get("merged", ()):
+        return False
+    # A fused chain (snncompile.passes.fuse_chains) outputs its pooled spikes: binary after a
+    # max pooling (an OR), counts / K^2 after an average pooling.
+    if getattr(node.module, "pool_kind", "none") not in ("none", "max"):
         return False
     inner = getattr(node.module, "neuron", node.module)
     surrogate = getattr(inner, "surrogate_function", None)

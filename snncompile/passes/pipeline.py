@@ -59,12 +59,15 @@ PIPELINE: list[PipelineEntry | Stage] = [
     PipelineEntry("fold_batchnorm", fold_batchnorm, INFERENCE),
     # Kernel fusion sees the final op set and layouts (neurons as seq ops, synapses as flat):
     # fuse_neurons first, then fuse_elementwise, because merging scales needs FUSED_NEURON nodes
-    # to merge into; passes registered for the stage run after these.
+    # to merge into; then fuse_chains (batchnorm / pooling around a fused neuron without merged
+    # scales, so after fuse_elementwise has decided which neurons take scales); passes
+    # registered for the stage run after these.
     Stage(
         "fusion",
         (
             ("fuse_neurons", "snncompile.passes.fuse_neurons:fuse_neurons"),
             ("fuse_elementwise", "snncompile.passes.fuse_elementwise:fuse_elementwise"),
+            ("fuse_chains", "snncompile.passes.fuse_chains:fuse_chains"),
             # Last in the stage: a spike is binary only once no gain has been merged into it.
             ("pack_spikes", "snncompile.passes.pack_spikes:pack_spikes", frozenset({"train"})),
         ),

@@ -1,0 +1,219 @@
+"""Benchmark: chain fusion (batchnorm -> neuron -> pooling in one kernel), with vs without.
+
+Models (SpikingJelly 2.0.0 modules, multi-step):
+
+* a CSNN: ``(conv3x3 - BN - LIF - maxpool2) x 3`` (32, 64, 128 channels) + linear - LIF, on
+  3x32x32 spike inputs, batch 16, T=4 and T=16 (LIF with ATan and ``detach_reset=True``);
+* ``spiking_resnet18`` and ``sew_resnet18`` (ADD) from SpikingJelly's zoo (IF, ATan,
+  ``detach_reset=True``), T=4, batch 8, 3x32x32.
+
+One training step = reset state, forward, cross-entropy on the time-mean output, backward,
+``SGD.step()``. Contestants, each on its own copy of the same initial model, in the same
+process, interleaved rep by rep (median of ``--reps``): eager SpikingJelly, ``torch.compile`` of
+the SpikingJelly model (CSNN only), ``snncompile.optimize`` without the ``fuse_chains`` pass and
+with it. Inference (``torch.no_grad``, eval mode, batchnorms folded) of the zoo models is timed
+with vs without the pass. Before timing, outputs of the two compiles are compared.
+
+Run: ``.venv/bin/python benchmarks/bench_chain_fusion.py [--reps 7] [--only csnn|zoo]
+[--no-torch-compile] [--profile]``. On a shared machine absolute times vary; the ratios of one
+run are what count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import snncompile
+from snncompile.passes.pipeline import build_pipeline
+
+
+def csnn(channels: tuple[int, ...] = (32, 64, 128)) -> nn.Module:
+    """The CSNN of the benchmark (SpikingJelly modules, multi-step)."""
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    mods: list[nn.Module] = []
+    cin = 3
+    for co in channels:
+        mods += [
+            layer.Conv2d(cin, co, 3, padding=1, bias=False),
+            layer.BatchNorm2d(co),
+            neuron.LIFNode(surrogate_function=surrogate.ATan(), detach_reset=True),
+            layer.MaxPool2d(2),
+        ]
+        cin = co
+    mods += [
+        layer.Flatten(),
+        layer.Linear(cin * 16, 10),
+        neuron.LIFNode(surrogate_function=surrogate.ATan(), detach_reset=True),
+    ]
+    model = nn.Sequential(*mods)
+    functional.set_step_mode(model, "m")
+    return model
+
+
+def zoo(name: str) -> nn.Module:
+    """A SpikingJelly zoo ResNet in multi-step mode."""
+    from snncompile.zoo_compat import install_torchvision_stand_in
+
+    install_torchvision_stand_in()
+    from spikingjelly.activation_based import functional, neuron, surrogate
+    from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
+
+    kw: dict[str, Any] = {
+        "spiking_neuron": neuron.IFNode,
+        "surrogate_function": surrogate.ATan(),
+        "detach_reset": True,
+        "num_classes": 10,
+    }
+    if name == "spiking_resnet18":
+        model = spiking_resnet.spiking_resnet18(**kw)
+    else:
+        model = sew_resnet.sew_resnet18(**kw, cnf="ADD")
+    functional.set_step_mode(model, "m")
+    return model
+
+
+def without_chains(mode: str) -> list[str]:
+    """The default pipeline of ``mode`` minus ``fuse_chains`` (and ``pack_spikes``, which the
+    default pipeline drops unless asked for: listing it would turn packing on)."""
+    return [n for n, _ in build_pipeline(mode) if n not in ("fuse_chains", "pack_spikes")]
+
+
+def reset(model: nn.Module) -> None:
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(model)
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    run: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One SGD step of ``model`` (run through ``run`` when given); returns the outputs."""
+    reset(run if isinstance(run, nn.Module) else model)
+    opt.zero_grad(set_to_none=True)
+    out = (run or model)(x)
+    loss = nn.functional.cross_entropy(out.mean(0), y)
+    loss.backward()
+    opt.step()
+    return out.detach()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each function, rep by rep interleaved (after a warm-up)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_train(name: str, model: nn.Module, x: torch.Tensor, args: Any) -> dict[str, float]:
+    y = torch.randint(0, 10, (x.shape[1],))
+    models = {k: copy.deepcopy(model) for k in ("eager", "torch.compile", "unfused", "fused")}
+    runs: dict[str, Any] = {}
+    runs["unfused"] = snncompile.optimize(models["unfused"], x, passes=without_chains("train"))
+    runs["fused"] = snncompile.optimize(models["fused"], x)
+    runs["eager"] = models["eager"]
+    if not args.no_torch_compile and name == "csnn":
+        runs["torch.compile"] = torch.compile(models["torch.compile"])
+    else:
+        del models["torch.compile"]
+    with torch.no_grad():
+        outs = {}
+        for k in ("unfused", "fused"):
+            reset(runs[k])
+            outs[k] = runs[k](x)
+        diff = (outs["unfused"] - outs["fused"]).abs().max().item()
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01) for k, m in models.items()}
+    fns = {
+        k: (lambda k=k: train_step(models[k], opts[k], x, y, runs[k]))
+        for k in models
+    }  # fmt: skip
+    t = interleaved(fns, args.reps)
+    line = "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in t.items())
+    print(f"{name:<18} T={x.shape[0]:<3} train step: {line}   (max |fused - unfused| {diff:.2g})")
+    f = t["fused"]
+    ratios = [f"fused vs eager {t['eager'] / f:.2f}x", f"vs unfused {t['unfused'] / f:.2f}x"]
+    if "torch.compile" in t:
+        ratios.insert(1, f"vs torch.compile {t['torch.compile'] / f:.2f}x")
+    print(" " * 24 + "  ".join(ratios))
+    if args.profile:
+        profile(runs["fused"], models["fused"], opts["fused"], x, y)
+    return t
+
+
+def bench_inference(name: str, model: nn.Module, x: torch.Tensor, args: Any) -> None:
+    m = copy.deepcopy(model).eval()
+    unfused = snncompile.optimize(copy.deepcopy(m), x, passes=without_chains("inference"))
+    fused = snncompile.optimize(copy.deepcopy(m), x)
+
+    def run(c: nn.Module) -> Callable[[], Any]:
+        def f() -> Any:
+            reset(c)
+            with torch.no_grad():
+                return c(x)
+
+        return f
+
+    diff = (run(unfused)() - run(fused)()).abs().max().item()
+    t = interleaved({"unfused": run(unfused), "fused": run(fused)}, args.reps)
+    print(
+        f"{name:<18} T={x.shape[0]:<3} inference:  unfused {t['unfused'] * 1e3:7.1f} ms  fused "
+        f"{t['fused'] * 1e3:7.1f} ms  {t['unfused'] / t['fused']:.2f}x  (max diff {diff:.2g})"
+    )
+    notes = next(r for r in fused.records if r.name == "fuse_chains").notes
+    print(" " * 24 + "; ".join(notes[:1] + [n for n in notes if n.startswith("left")][:3]))
+
+
+def profile(run: nn.Module, model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(3):
+            train_step(model, opt, x, y, run)
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=("csnn", "zoo"), default=None)
+    parser.add_argument("--T", type=str, default="4,16")
+    parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads}, reps={args.reps} (median, interleaved)")
+    if args.only in (None, "csnn"):
+        for T in (int(t) for t in args.T.split(",")):
+            x = (torch.rand(T, 16, 3, 32, 32) > 0.5).float()
+            bench_train("csnn", csnn(), x, args)
+    if args.only in (None, "zoo"):
+        for name in ("spiking_resnet18", "sew_resnet18"):
+            x = (torch.rand(4, 8, 3, 32, 32) > 0.5).float()
+            model = zoo(name)
+            bench_train(name, model, x, args)
+            bench_inference(name, model, x, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Kernel sources of a fused *chain*: per-channel prologue -> neuron -> pooling, in one pass.
+
+A chain is what :mod:`snncompile.passes.fuse_chains` merges around a multi-step neuron on
+``[T, N, C, H, W]``: an optional per-channel affine map of the input (a batchnorm in training or
+in inference, a per-channel scale), an optional residual input added before the neuron, the
+neuron, and an optional non-overlapping pooling of its spikes::
+
+    x   = PROLOGUE(xin, a_c, b_c) (+ r)         # e.g. xin * a_c + b_c  (batchnorm: a = w/std)
+    h, s, v = neuron step(v, x)                 # the neuron's own generated step body
+    out = POOL(s over K x K windows)            # max = OR of the spikes, avg = count / K^2
+
+Everything is data: the prologue is an expression from :data:`PROLOGUES` (rendered by
+:func:`~snncompile.codegen.render.render_block`, its backward derived by
+:func:`~snncompile.dynamics.expr.grad`), the neuron's forward and backward bodies are the ones
+of :mod:`snncompile.codegen.kernels`, and the pooling loops are format strings from
+:data:`POOLS`. The C template :data:`_C_CHAIN` wraps them; one work item is one ``(n, c)`` plane
+(``H * W`` neurons sharing a channel), with the time loop inside.
+
+Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
+``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
+the pooled gradient (max: to the first position of the window holding its maximum, as
+PyTorch's ``max_pool2d`` does, so no float indices are stored; avg: ``g / K^2`` everywhere),
+runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
+``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
+and of the parameter gradients. The training batchnorm's own statistics and backward are two
+more small kernels here (:data:`_C_BN`): per-plane float64 ``sum(x)`` and ``sum(x^2)``, and
+``gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd)`` per channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snncompile.codegen.kernels import (
+    _C_HEADER,
+    MATH_SOURCE,
+    SNN_BLOCK,
+    _comment_text,
+    backward_body,
+    forward_body,
+)
+from snncompile.codegen.render import C_TARGET, render_block
+from snncompile.dynamics.expr import Expr, grad, var
+from snncompile.dynamics.neuron import NeuronDynamics
+
+XIN = var("xin")
+CA = var("ca_c")
+CB = var("cb_c")
+
+#: The per-channel maps a chain applies before the neuron, as expressions of the input ``xin``
+#: and the channel's ``ca_c`` / ``cb_c``. ``'affine'`` is a batchnorm (``a = w * invstd``,
+#: ``b = bias - mean * a``, PyTorch's own order), ``'scale'`` a per-channel scale.
+PROLOGUES: dict[str, Expr] = {
+    "none": XIN,
+    "affine": XIN * CA + CB,
+    "scale": XIN * CA,
+}
+
+
+@dataclass(frozen=True)
+class PoolCode:
+    """A pooling kind: its forward window loop and its gradient routing (C format strings)."""
+
+    forward: str
+    backward: str
+
+
+_WINDOW = """\
+            for (int64_t oh = 0; oh < OH; ++oh)
+                for (int64_t ow = 0; ow < OW; ++ow) {{
+                    const float *restrict w0 = {src} + (oh * K) * W + ow * K;
+{inner}
+                }}
+"""
+
+#: Pooling after the neuron, over ``K x K`` windows with stride ``K`` (the loops read the
+#: step's spikes ``st`` and write the pooled ``ot``; the backward reads ``gt`` and fills ``gsb``).
+POOLS: dict[str, PoolCode] = {
+    "none": PoolCode(
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j];\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
+    ),
+    # PyTorch's max_pool2d keeps the first maximum in row-major window order (strict >).
+    "max": PoolCode(
+        forward=_WINDOW.format(
+            src="st",
+            inner="""\
+                    float m = w0[0];
+                    for (int64_t kh = 0; kh < K; ++kh)
+                        for (int64_t kw = 0; kw < K; ++kw) {
+                            const float e = w0[kh * W + kw];
+                            m = (e > m) ? e : m;
+                        }
+                    ot[oh * OW + ow] = m;""",
+        ),
+        backward="""\
+            for (int64_t j = 0; j < HW; ++j) gsb[j] = 0.0f;
+"""
+        + _WINDOW.format(
+            src="st",
+            inner="""\
+                    float m = w0[0];
+                    int64_t arg = 0;
+                    for (int64_t kh = 0; kh < K; ++kh)
+                        for (int64_t kw = 0; kw < K; ++kw) {
+                            const float e = w0[kh * W + kw];
+                            if (e > m) { m = e; arg = kh * W + kw; }
+                        }
+                    gsb[(oh * K) * W + ow * K + arg] = gt[oh * OW + ow];""",
+        ),
+    ),
+    # PyTorch's avg_pool2d (no padding): the float sum in row-major order, then / K^2.
+    "avg": PoolCode(
+        forward=_WINDOW.format(
+            src="st",
+            inner="""\
+                    float acc = 0.0f;
+                    for (int64_t kh = 0; kh < K; ++kh)
+                        for (int64_t kw = 0; kw < K; ++kw) acc += w0[kh * W + kw];
+                    ot[oh * OW + ow] = acc / (float)(K * K);""",
+        ),
+        backward="""\
+            for (int64_t j = 0; j < HW; ++j) gsb[j] = 0.0f;
+"""
+        + _WINDOW.format(
+            src="st",
+            inner="""\
+                    const float g = gt[oh * OW + ow] / (float)(K * K);
+                    for (int64_t kh = 0; kh < K; ++kh)
+                        for (int64_t kw = 0; kw < K; ++kw) gsb[(oh * K) * W + ow * K
+                                                               + kh * W + kw] = g;""",
+        ),
+    ),
+}
+
+_C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
+
+_C_CHAIN = """\
+void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
+                    const float *restrict v_init, const float *restrict uniforms,
+                    const float *restrict ca, const float *restrict cb,
+                    float *restrict out_seq, float *restrict v_last,
+                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t K,
+                    int32_t num_threads)
+{{
+    (void)ca; (void)cb; (void)r_seq;
+{uniforms}
+    const int64_t HW = H * W, P = NB * C;
+    const int64_t OH = {oh}, OW = {ow}, OHW = OH * OW;
+    (void)K;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {{
+    float *v_state = (float *)malloc(sizeof(float) * HW);
+    float *st = (float *)malloc(sizeof(float) * HW);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {{
+        const int64_t c = p % C;
+        const float ca_c = ca ? ca[c] : 1.0f;
+        const float cb_c = cb ? cb[c] : 0.0f;
+        (void)ca_c; (void)cb_c;
+        memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
+        for (int64_t t = 0; t < T; ++t) {{
+            const int64_t off = (t * P + p) * HW;
+            const float *restrict xt = xin_seq + off;
+            const float *restrict rt = r_seq ? r_seq + off : xt;
+            (void)rt;
+            float *restrict ot = out_seq + (t * P + p) * OHW;
+            for (int64_t j = 0; j < HW; ++j) {{
+                const float v = v_state[j];
+                const float xin = xt[j];
+{prologue}
+{body}
+                st[j] = s;
+                v_state[j] = v_next;
+            }}
+{pool_forward}
+        }}
+        memcpy(v_last + p * HW, v_state, sizeof(float) * HW);
+    }}
+    free(v_state);
+    free(st);
+    }}
+}}
+
+void {name}_backward(const float *restrict gout_seq, const float *restrict grad_v_last,
+                     const float *restrict xin_seq, const float *restrict r_seq,
+                     const float *restrict v_init, const float *restrict uniforms,
+                     const float *restrict ca, const float *restrict cb,
+                     float *restrict gx_seq, float *restrict gxin_seq,
+                     float *restrict grad_v_init, double *restrict psum,
+                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t K,
+                     int32_t num_threads)
+{{
+    (void)ca; (void)cb; (void)r_seq;
+{uniforms}
+    const int64_t HW = H * W, P = NB * C, NS = 2 + {nu};
+    const int64_t OH = {oh}, OW = {ow}, OHW = OH * OW;
+    (void)K;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {{
+    float *hb = (float *)malloc(sizeof(float) * T * HW);
+    float *sb = (float *)malloc(sizeof(float) * T * HW);
+    float *vb = {need_v} ? (float *)malloc(sizeof(float) * T * HW) : NULL;
+    float *xb = {need_x} ? (float *)malloc(sizeof(float) * T * HW) : NULL;
+    float *carry = (float *)malloc(sizeof(float) * HW);
+    float *gsb = (float *)malloc(sizeof(float) * HW);
+    double *acc = (double *)malloc(sizeof(double) * NS * HW);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {{
+        const int64_t c = p % C;
+        const float ca_c = ca ? ca[c] : 1.0f;
+        const float cb_c = cb ? cb[c] : 0.0f;
+        (void)ca_c; (void)cb_c;
+        /* recompute h (and s, v, x when needed) of this plane for every step */
+        memcpy(carry, v_init + p * HW, sizeof(float) * HW);
+        for (int64_t t = 0; t < T; ++t) {{
+            const int64_t off = (t * P + p) * HW;
+            const float *restrict xt = xin_seq + off;
+            const float *restrict rt = r_seq ? r_seq + off : xt;
+            (void)rt;
+            for (int64_t j = 0; j < HW; ++j) {{
+                const float v = carry[j];
+                const float xin = xt[j];
+{prologue}
+{body}
+                hb[t * HW + j] = h;
+                sb[t * HW + j] = s;
+                if (vb) vb[t * HW + j] = v;
+                if (xb) xb[t * HW + j] = x;
+                carry[j] = v_next;
+            }}
+        }}
+        for (int64_t j = 0; j < HW; ++j) carry[j] = grad_v_last ? grad_v_last[p * HW + j] : 0.0f;
+        for (int64_t j = 0; j < NS * HW; ++j) acc[j] = 0.0;
+        for (int64_t t = T - 1; t >= 0; --t) {{
+            const int64_t off = (t * P + p) * HW;
+            const float *restrict st = sb + t * HW;
+            const float *restrict gt = gout_seq + (t * P + p) * OHW;
+{pool_backward}
+            for (int64_t j = 0; j < HW; ++j) {{
+                const float h = hb[t * HW + j];
+                const float gs = gsb[j];
+                const float gv = carry[j];
+{load_x}{load_v}{bwd_body}
+                carry[j] = gv_prev;
+                const float xin = xin_seq[off + j];
+                gx_seq[off + j] = gx;
+                if (gxin_seq) {{
+{prologue_bwd}
+                    gxin_seq[off + j] = gxin;
+                }}
+                acc[j] += (double)gx;
+                acc[HW + j] += (double)gx * (double)xin;
+{gu_acc}
+            }}
+        }}
+        memcpy(grad_v_init + p * HW, carry, sizeof(float) * HW);
+        for (int64_t k = 0; k < NS; ++k) {{
+            double sum = 0.0;
+            for (int64_t j = 0; j < HW; ++j) sum += acc[k * HW + j];
+            psum[p * NS + k] = sum;
+        }}
+    }}
+    free(hb); free(sb); free(vb); free(xb); free(carry); free(gsb); free(acc);
+    }}
+}}
+"""
+
+_C_BN = """\
+/* per-plane float64 sum(x) and sum(x * x) of [M, C, HW] (planes p = m * C + c) */
+void {name}_stats(const float *restrict x, double *restrict out, int64_t P, int64_t HW,
+                  int32_t num_threads)
+{{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
+    for (int64_t p = 0; p < P; ++p) {{
+        const float *restrict xp = x + p * HW;
+        double s = 0.0, q = 0.0;
+        for (int64_t j = 0; j < HW; ++j) {{
+            const double e = (double)xp[j];
+            s += e;
+            q += e * e;
+        }}
+        out[2 * p] = s;
+        out[2 * p + 1] = q;
+    }}
+}}
+
+/* training batchnorm backward over [M, C, HW]: k = [C][4] (mean, k, mean(gy), w * invstd) */
+void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
+                        const float *restrict k, float *restrict gx, int64_t P, int64_t C,
+                        int64_t HW, int32_t num_threads)
+{{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
+    for (int64_t p = 0; p < P; ++p) {{
+        const int64_t c = p % C;
+        const float mean_c = k[4 * c], k_c = k[4 * c + 1];
+        const float gmean_c = k[4 * c + 2], winv_c = k[4 * c + 3];
+        const int64_t off = p * HW;
+        for (int64_t j = 0; j < HW; ++j) {{
+            const float g = gy[off + j];
+            const float xin = xin_seq[off + j];
+{bn_bwd}
+            gx[off + j] = gxin;
+        }}
+    }}
+}}
+"""
+
+#: The training batchnorm's input gradient (PyTorch's formula and order), per element.
+BN_BACKWARD: Expr = (var("g") - var("gmean_c") - (XIN - var("mean_c")) * var("k_c")) * var("winv_c")
+
+
+@dataclass(frozen=True)
+class ChainSource:
+    """Generated C source of one chain configuration."""
+
+    name: str
+    source: str
+    num_uniforms: int
+    prologue: str
+    pool: str
+
+
+def generate_chain(
+    dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool
+) -> ChainSource:
+    """The C source of the chain ``prologue -> (+ r) -> dynamics -> pool``.
+
+    ``prologue`` is a key of :data:`PROLOGUES`, ``pool`` one of :data:`POOLS`; with
+    ``residual`` the residual input ``r`` is added to the prologue's output before the charge.
+    """
+    if prologue not in PROLOGUES:
+        raise ValueError(
+            f"generate_chain: unknown prologue {prologue!r}; known: {sorted(PROLOGUES)}"
+        )
+    if pool not in POOLS:
+        raise ValueError(f"generate_chain: unknown pool {pool!r}; known: {sorted(POOLS)}")
+    program = dynamics.step_program()
+    pro = PROLOGUES[prologue]
+    x_expr = pro + var("r") if residual else pro
+    ind = " " * 16
+    pro_fwd = render_block(C_TARGET, {"x": x_expr}, names={"r": "rt[j]"}, prefix="q", indent=ind)
+    g_pro = grad({x_expr: var("gx")}, [XIN])[XIN]
+    pro_bwd = render_block(C_TARGET, {"gxin": g_pro}, prefix="z", indent=ind + "    ")
+    nu = program.num_uniforms
+    uniforms = "\n".join(f"    const float u{i} = uniforms[{i}];" for i in range(nu))
+    need_x = "x" in program.backward_needs
+    need_v = "v" in program.backward_needs
+    load_x = f"{ind}const float x = xb[t * HW + j];\n" if need_x else ""
+    load_v = f"{ind}const float v = vb[t * HW + j];\n" if need_v else ""
+    gu_acc = "\n".join(f"{ind}acc[{2 + i} * HW + j] += (double)gu{i};" for i in range(nu))
+    tag = f"{prologue}_{pool}{'_res' if residual else ''}"
+    name = f"snnc_{dynamics.name}_{tag}_{dynamics.key()}"
+    body = forward_body(program, C_TARGET)
+    bn_bwd = render_block(
+        C_TARGET, {"gxin": BN_BACKWARD}, names={"g": "g"}, prefix="w", indent=" " * 12
+    )
+    source = "\n".join(
+        [
+            _C_HEADER.format(
+                desc=_comment_text(dynamics.describe()) + f" chain {tag}",
+                block=SNN_BLOCK,
+                math=MATH_SOURCE,
+            ),
+            _C_CHAIN_HEADER,
+            _C_CHAIN.format(
+                name=name,
+                oh="H" if pool == "none" else "H / K",
+                ow="W" if pool == "none" else "W / K",
+                uniforms=uniforms,
+                prologue=pro_fwd,
+                body=body,
+                pool_forward=POOLS[pool].forward,
+                pool_backward=POOLS[pool].backward,
+                nu=nu,
+                need_x=int(need_x),
+                need_v=int(need_v),
+                load_x=load_x,
+                load_v=load_v,
+                bwd_body=backward_body(program, C_TARGET),
+                prologue_bwd=pro_bwd,
+                gu_acc=gu_acc,
+            ),
+            _C_BN.format(name=name, bn_bwd=bn_bwd),
+        ]
+    )
+    return ChainSource(name=name, source=source, num_uniforms=nu, prologue=prologue, pool=pool)

@@ -1,0 +1,185 @@
+"""Chain fusion: ``BatchNorm2d -> neuron -> max/avg pool`` on ``[T, N, C, H, W]`` in one kernel.
+
+Math (per channel ``c``, per neuron and step): ``x = xin * a_c + b_c`` with ``a = w / sqrt(var +
+eps)``, ``b = bias - mean * a`` (batch statistics over ``T*N*H*W`` in training, as SpikingJelly's
+multi-step ``BatchNorm2d`` pools them; running statistics in eval), then the neuron's charge /
+fire / reset, then ``K x K`` pooling with stride ``K`` of the spikes (max: the OR of the window,
+avg: its count / ``K^2``). The unfused graph makes three passes over the ``[T*N, C, H, W]``
+tensor forward and three backward (plus the pooling's zero-filled gradient and its float
+indices); the fused node makes one forward (two in training: the statistics are a reduction
+before the neuron) and two backward, keeping only its input for backward (``h`` and the spikes
+are recomputed in the kernel, the max-pool routing recomputed from the spikes). Spikes are
+bit-identical to the unfused compile in eval and, in the tests, in training too (the statistics
+are float64 sums there: see :mod:`snncompile.runtime.fused_chain` for the bound); gradients
+agree to ~1e-6 relative.
+
+Cases handled: a ``FUSED_NEURON`` node running a plain snncompile neuron (``fuse_neurons`` made
+it; no merged scales, no ``store_v_seq``) on a 5-D ``seq`` input, with
+
+* before it, through a single-user ``SPLIT_TIME``, a ``BATCHNORM`` node (``nn.BatchNorm2d``, not
+  per step) whose only user is that split, and/or
+* after it, through a single-user ``MERGE_TIME``, the only reader of the spikes: a ``MAXPOOL`` /
+  ``AVGPOOL`` node (``nn.MaxPool2d`` / ``nn.AvgPool2d``) with a square window equal to its
+  stride, no padding, dilation 1, floor mode, no indices or divisor override.
+
+The neuron node keeps its name, op and ``seq`` layout and runs a
+:class:`~snncompile.runtime.fused_chain.FusedChain`; the batchnorm and pooling nodes are removed
+(the split now reads the batchnorm's input; the merge gives the pooled shape). Left as they are,
+with the reason in the pass notes: neurons whose spikes have other readers than the pooling (the
+spikes must exist), pooling the kernels do not express, batchnorms with other users or other
+than 2-D, and a neuron with neither a batchnorm before nor a pooling after (nothing to merge).
+With ``optimize(..., fold_batchnorm=False)`` (``graph.meta['exact_batchnorm']``: eval outputs
+bit-exact with the eager model asked for) no batchnorm is merged, only poolings. On CUDA
+tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the
+same ops unfused. Listed in the pipeline's ``'fusion'`` stage (both modes), after
+``fuse_elementwise`` and before ``pack_spikes``.
+"""
+
+from __future__ import annotations
+
+from snncompile.ir.graph import Graph, Node
+from snncompile.ir.ops import Layout, Op
+from snncompile.passes.base import PassResult
+from snncompile.passes.fuse_elementwise import MERGED_ATTR
+
+#: The hidden attribute of a chain node recording what was merged (for :func:`unfuse_chains`).
+CHAIN_ATTR = "_chain"
+
+
+def _single(users: dict[str, list[Node]], name: str) -> Node | None:
+    us = users.get(name, [])
+    return us[0] if len(us) == 1 else None
+
+
+def _bn_before(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[Node, Node] | None:
+    """``(split, bn)`` feeding ``node`` only, or None."""
+    from torch import nn
+
+    if len(node.inputs) != 1:
+        return None
+    split = graph[node.inputs[0]]
+    if split.op is not Op.SPLIT_TIME or _single(users, split.name) is not node:
+        return None
+    bn = graph[split.inputs[0]]
+    if (
+        bn.op is not Op.BATCHNORM
+        or bn.layout is not Layout.FLAT
+        or bn.attrs.get("per_step")
+        or not isinstance(bn.module, nn.BatchNorm2d)
+        or len(bn.inputs) != 1
+        or _single(users, bn.name) is not split
+        or bn.attrs.get("kwargs")
+    ):
+        return None
+    return split, bn
+
+
+def _pool_after(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[Node, Node] | None:
+    """``(merge, pool)`` reading ``node``'s spikes only, or None."""
+    merge = _single(users, node.name)
+    if merge is None or merge.op is not Op.MERGE_TIME:
+        return None
+    pool = _single(users, merge.name)
+    if (
+        pool is None
+        or pool.op not in (Op.MAXPOOL, Op.AVGPOOL)
+        or pool.attrs.get("per_step")
+        or pool.module is None
+        or pool.inputs != (merge.name,)
+        or pool.attrs.get("kwargs")
+    ):
+        return None
+    return merge, pool
+
+
+def fuse_chains(graph: Graph) -> PassResult:
+    """Merge batchnorms and poolings into the fused neurons next to them (module docstring)."""
+    from snncompile.runtime.fused_backends import dynamics_for
+    from snncompile.runtime.fused_chain import FusedChain, chain_blocker
+
+    fused: list[str] = []
+    left: list[str] = []
+    # optimize(fold_batchnorm=False) asks for eval outputs bit-exact with the eager model; the
+    # kernel's x * a + b may round 1 ulp off PyTorch's batchnorm, so batchnorms stay unmerged.
+    exact_bn = bool(graph.meta.get("exact_batchnorm"))
+    for node in graph.find(Op.FUSED_NEURON):
+        if MERGED_ATTR in node.attrs or CHAIN_ATTR in node.attrs or node.module is None:
+            continue
+        if dynamics_for(node.module) is None or node.shape is None or len(node.shape) != 5:
+            continue
+        users = graph.users_map()
+        before = _bn_before(graph, node, users)
+        after = _pool_after(graph, node, users)
+        if before is not None and exact_bn:
+            left.append(f"%{before[1].name}: fold_batchnorm=False keeps PyTorch's batchnorm")
+            before = None
+        bn = before[1].module if before else None
+        pool = after[1].module if after else None
+        if before is None and after is None:
+            continue  # a plain neuron: nothing to merge
+        why = chain_blocker(node.module, bn, pool)
+        if why is not None and after is not None:
+            left.append(f"%{node.name} -> %{after[1].name}: {why}")
+            after, pool = None, None
+            why = chain_blocker(node.module, bn, None) if before is not None else "no batchnorm"
+        if why is not None:
+            left.append(f"%{node.name}: {why}")
+            continue
+        record: dict[str, object] = {"neuron": node.module, "shape": node.shape}
+        parts = []
+        if before is not None:
+            split, bn_node = before
+            split.inputs = (bn_node.inputs[0],)
+            graph.remove(bn_node.name)
+            record["bn"] = bn_node
+            parts.append(f"%{bn_node.name}")
+        parts.append(f"%{node.name}")
+        if after is not None:
+            merge, pool_node = after
+            T = node.shape[0]
+            if pool_node.shape is not None:
+                node.shape = (T, pool_node.shape[0] // T, *pool_node.shape[1:])
+                merge.shape = pool_node.shape
+            graph.replace_all_uses(pool_node.name, merge.name)
+            graph.remove(pool_node.name)
+            record["pool"] = (pool_node, merge.name)
+            parts.append(f"%{pool_node.name}")
+        node.module = FusedChain(record["neuron"], bn, pool)  # type: ignore[arg-type]
+        node.attrs[CHAIN_ATTR] = record
+        node.attrs["chain"] = tuple(k for k in ("bn", "neuron", "pool") if k in record)
+        fused.append(" -> ".join(parts))
+    notes = [f"fused {len(fused)} chain(s)"] + [f"fused {f}" for f in fused]
+    notes += [f"left {w}" for w in left]
+    return PassResult(graph, bool(fused), notes if (fused or left) else [])
+
+
+def unfuse_chains(graph: Graph) -> PassResult:
+    """Undo :func:`fuse_chains` on ``graph`` (in place): the batchnorm and pooling nodes come
+    back and the neuron nodes run their neuron modules again (exporters use it)."""
+    import dataclasses
+
+    restored = 0
+    for node in graph.find(Op.FUSED_NEURON):
+        record = node.attrs.pop(CHAIN_ATTR, None)
+        if record is None:
+            continue
+        node.attrs.pop("chain", None)
+        node.module = record["neuron"]
+        node.shape = record["shape"]
+        if "bn" in record:
+            bn = record["bn"]
+            bn = dataclasses.replace(bn, attrs=dict(bn.attrs), meta=dict(bn.meta))
+            split = graph[node.inputs[0]]
+            graph.add(bn, before=split.name)
+            split.inputs = (bn.name,)
+        if "pool" in record:
+            pool, merge_name = record["pool"]
+            pool = dataclasses.replace(pool, attrs=dict(pool.attrs), meta=dict(pool.meta))
+            merge = graph[merge_name]
+            graph.replace_all_uses(merge_name, pool.name)
+            if node.shape is not None:
+                merge.shape = (node.shape[0] * node.shape[1], *node.shape[2:])
+            graph.add(pool, after=merge_name)
+        restored += 1
+    return PassResult(graph, bool(restored), [f"restored the chains of {restored} neuron(s)"])
+

@@ -1,0 +1,364 @@
+"""A batchnorm / per-channel scale, a neuron and a pooling in one generated kernel: FusedChain.
+
+:mod:`snncompile.passes.fuse_chains` replaces ``BN -> neuron -> pool`` on ``[T, N, C, H, W]``
+(each part optional, at least two present) by one node running a :class:`FusedChain`. The module
+holds the compiled model's own modules (the neuron keeps its state ``v``; the batchnorm its
+parameters and running statistics, shared with the model), so ``reset_net``, ``train()`` /
+``eval()`` and state dicts work unchanged. One call computes, with the kernels of
+:mod:`snncompile.codegen.chain_kernels`::
+
+    a_c, b_c = w_c * invstd_c, bias_c - mean_c * a_c         # eval: running stats; train: batch
+    x = xin * a_c + b_c;  h, s, v = neuron(v, x);  out = pool(s)
+
+Numbers: PyTorch's CPU batchnorm rounds ``a`` and ``b`` and contracts ``x * a + b`` in ways
+that depend on its vectorized code path, which the kernel does not reproduce, so the normalised
+input may differ from PyTorch's by ~1 ulp of ``|x * a| + |b|`` (eval and train). Training
+batchnorm: the batch statistics are one extra read of the input (per-plane float64 sums
+``sum(x)``, ``sum(x^2)``, reduced over planes in float64, ``var = E[x^2] - E[x]^2``, then float32
+as PyTorch: ``invstd = 1 / sqrt(var + eps)``), so mean and variance agree with PyTorch's to the
+last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
+the threshold (none did over the tests' random inputs); the membrane agrees to a few ulp.
+Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative average,
+unbiased variance). The backward is
+the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; ``h`` is
+recomputed from the kept input), then PyTorch's batchnorm input gradient
+``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
+M`` from the kernel's float64 per-plane sums (gradients within ~1e-6 relative of PyTorch's).
+
+When the kernel does not apply (not float32 on CPU, no compiler, ``backend='torch'`` or
+``'auto'`` below its size threshold) or one of the modules has forward hooks (a monitor: it
+must see its module's call), the module runs exactly the unfused ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from snncompile.codegen.build import load_library, march
+from snncompile.codegen.chain_kernels import ChainSource, generate_chain
+from snncompile.codegen.cpu import WORKSPACES, num_threads
+from snncompile.dynamics.neuron import NeuronDynamics
+from snncompile.runtime.fused import compiler_available, uniforms_for
+from snncompile.runtime.fused_backends import auto_fuses_size, dynamics_for
+
+__all__ = ["ChainKernel", "FusedChain", "chain_kernel"]
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_I32 = ctypes.c_int32
+_lock = threading.Lock()
+_kernels: dict[tuple[Any, ...], ChainKernel] = {}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class ChainKernel:
+    """The forward, backward, statistics and batchnorm-backward C kernels of one chain."""
+
+    def __init__(
+        self, dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool = False
+    ) -> None:
+        """Build (or load from the cache) the chain ``prologue -> dynamics -> pool``."""
+        self.source: ChainSource = generate_chain(dynamics, prologue, pool, residual)
+        name = self.source.name
+        syms = [f"{name}_{s}" for s in ("forward", "backward", "stats", "bn_backward")]
+        lib = load_library(self.source.source, symbols=syms)
+        self._lib = lib
+        self.fwd = getattr(lib, syms[0])
+        self.fwd.argtypes = [_P] * 8 + [_I64] * 6 + [_I32]
+        self.bwd = getattr(lib, syms[1])
+        self.bwd.argtypes = [_P] * 12 + [_I64] * 6 + [_I32]
+        self.stats = getattr(lib, syms[2])
+        self.stats.argtypes = [_P, _P, _I64, _I64, _I32]
+        self.bn_bwd = getattr(lib, syms[3])
+        self.bn_bwd.argtypes = [_P] * 4 + [_I64] * 3 + [_I32]
+        for f in (self.fwd, self.bwd, self.stats, self.bn_bwd):
+            f.restype = None
+
+
+def chain_kernel(
+    dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool = False
+) -> ChainKernel:
+    """The (per-process cached) :class:`ChainKernel` of a chain configuration."""
+    key = (dynamics, prologue, pool, residual, march())
+    with _lock:
+        k = _kernels.get(key)
+    if k is None:
+        k = ChainKernel(dynamics, prologue, pool, residual)
+        with _lock:
+            k = _kernels.setdefault(key, k)
+    return k
+
+
+def _batch_stats(k: ChainKernel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel float64 mean and biased variance of ``x`` ``[M, C, H, W]`` and the count."""
+    M, C = x.shape[0], x.shape[1]
+    HW = x[0, 0].numel()
+    sums = torch.empty((M * C, 2), dtype=torch.float64)
+    k.stats(_ptr(x), _ptr(sums), M * C, HW, num_threads(x.numel()))
+    s = sums.view(M, C, 2).sum(0)
+    count = M * HW
+    mean = s[:, 0] / count
+    var = (s[:, 1] / count - mean * mean).clamp_min(0.0)
+    return mean, var, count
+
+
+class _ChainFunction(torch.autograd.Function):
+    """Forward and backward of one chain call (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kern: ChainKernel,
+        x: torch.Tensor,
+        v0: torch.Tensor,
+        uniforms: torch.Tensor,
+        ca: torch.Tensor | None,
+        cb: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        bn: dict[str, Any] | None,
+        K: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        T, NB, C, H, W = x.shape
+        stats = None
+        if bn is not None:  # training batchnorm: statistics first, then the affine map
+            mean, var, count = _batch_stats(kern, x.view(T * NB, C, H, W))
+            # PyTorch's order: float32 statistics, invstd = 1 / sqrt(var + eps) in float32.
+            mean32 = mean.float()
+            invstd = 1.0 / torch.sqrt(var.float() + bn["eps"])
+            ca = invstd if weight is None else weight.detach() * invstd
+            cb = -mean32 * ca if bias is None else bias.detach() - mean32 * ca
+            bn["update"](mean, var, count)
+            stats = (mean32, invstd)
+        OH, OW = (H // K, W // K) if K > 1 else (H, W)
+        out = WORKSPACES.empty((T, NB, C, OH, OW))
+        v_last = WORKSPACES.empty((NB * C * H * W,))
+        ca_c = None if ca is None else ca.detach().float().contiguous()
+        cb_c = None if cb is None else cb.detach().float().contiguous()
+        kern.fwd(
+            _ptr(x), None, _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(out),
+            _ptr(v_last), T, NB, C, H, W, K, num_threads(x.numel()),
+        )  # fmt: skip
+        ctx.kern, ctx.K, ctx.bn = kern, K, bn is not None
+        ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
+        ctx.stats = stats
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, v0, uniforms, ca_c, cb_c, weight)
+        return out, v_last
+
+    @staticmethod
+    def backward(ctx: Any, g_out: torch.Tensor | None, g_vlast: torch.Tensor | None) -> Any:
+        x, v0, uniforms, ca, cb, weight = ctx.saved_tensors
+        kern: ChainKernel = ctx.kern
+        T, NB, C, H, W = x.shape
+        OH, OW = (H // ctx.K, W // ctx.K) if ctx.K > 1 else (H, W)
+        if g_out is None:
+            g_out = torch.zeros((T, NB, C, OH, OW))
+        g_out = g_out.float().contiguous()
+        gvl = None if g_vlast is None else g_vlast.float().contiguous()
+        nu = kern.source.num_uniforms
+        gx = WORKSPACES.empty(tuple(x.shape))
+        gxin = None if ctx.bn else WORKSPACES.empty(tuple(x.shape))
+        gv0 = torch.empty_like(v0)
+        psum = torch.empty((NB * C, 2 + nu), dtype=torch.float64)
+        kern.bwd(
+            _ptr(g_out), _ptr(gvl), _ptr(x), None, _ptr(v0), _ptr(uniforms), _ptr(ca),
+            _ptr(cb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum), T, NB, C, H, W, ctx.K,
+            num_threads(x.numel()),
+        )  # fmt: skip
+        sums = psum.view(NB, C, 2 + nu).sum(0)  # float64 [C, 2 + U]
+        s_g, s_gx = sums[:, 0], sums[:, 1]
+        g_u = psum[:, 2:].sum(0).float()
+        g_ca = g_cb = g_w = g_b = None
+        if ctx.bn:
+            mean32, invstd = ctx.stats
+            mean, inv = mean32.double(), invstd.double()
+            count = T * NB * H * W
+            dotp = s_gx - mean * s_g  # sum(gy * (x - mean))
+            k = dotp * inv * inv / count
+            w = torch.ones(C, dtype=torch.float64) if weight is None else weight.detach().double()
+            coeffs = torch.stack([mean, k, s_g / count, w * inv], 1).float().contiguous()
+            gxin = WORKSPACES.empty(tuple(x.shape))
+            kern.bn_bwd(_ptr(gx), _ptr(x), _ptr(coeffs), _ptr(gxin), T * NB * C, C, H * W,
+                        num_threads(x.numel()))  # fmt: skip
+            if weight is not None and ctx.needs_input_grad[6]:
+                g_w = (dotp * inv).float()
+            if ctx.needs_input_grad[7]:
+                g_b = s_g.float()
+        else:
+            if ctx.has_ca:
+                g_ca = s_gx.float()
+            if ctx.has_cb:
+                g_cb = s_g.float()
+        g_v0 = gv0 if ctx.needs_input_grad[2] else None
+        g_u = g_u if ctx.needs_input_grad[3] else None
+        return None, gxin, g_v0, g_u, g_ca, g_cb, g_w, g_b, None, None
+
+
+def _pool_window(pool: nn.Module | None) -> tuple[str, int] | None:
+    """``('max' | 'avg', K)`` for a pooling module the chain kernels express, else None."""
+    if pool is None:
+        return ("none", 1)
+
+    def square(v: Any) -> int | None:
+        t = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        return int(t[0]) if len(t) == 2 and t[0] == t[1] else None
+
+    k = square(pool.kernel_size)
+    s = square(pool.stride if pool.stride is not None else pool.kernel_size)
+    pad = square(pool.padding)
+    if k is None or k != s or pad != 0 or getattr(pool, "ceil_mode", False):
+        return None
+    if isinstance(pool, nn.MaxPool2d):
+        if square(pool.dilation) != 1 or pool.return_indices:
+            return None
+        return ("max", k)
+    if isinstance(pool, nn.AvgPool2d):
+        if pool.divisor_override is not None:
+            return None
+        return ("avg", k)
+    return None
+
+
+def chain_blocker(neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | None) -> str | None:
+    """Why ``bn -> neuron -> pool`` has no chain kernel, or None when it has one."""
+    if dynamics_for(neuron) is None:
+        return f"{type(neuron).__name__} has no fused kernel"
+    if getattr(neuron, "store_v_seq", False):
+        return "the neuron stores v_seq"
+    if bn is not None and not isinstance(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not a BatchNorm2d"
+    if _pool_window(pool) is None:
+        return (
+            f"{type(pool).__name__} is not a square, non-overlapping (kernel == stride), "
+            "unpadded, dilation-1, floor-mode max/avg pooling"
+        )
+    return None
+
+
+class FusedChain(nn.Module):
+    """``pool(neuron(bn(x)))`` on ``[T, N, C, H, W]`` as one generated kernel when possible.
+
+    ``bn`` (a ``BatchNorm2d``) and ``pool`` (``MaxPool2d`` / ``AvgPool2d``) may be None. The
+    modules are the compiled model's; see the module docstring for the math and the fallback.
+    """
+
+    def __init__(self, neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | None) -> None:
+        super().__init__()
+        why = chain_blocker(neuron, bn, pool)
+        if why is not None:
+            raise ValueError(f"FusedChain: {why}; keep the ops separate.")
+        self.neuron = neuron
+        self.bn = bn
+        self.pool = pool
+        self.pool_kind, self.pool_k = _pool_window(pool)  # type: ignore[misc]
+
+    @property
+    def step_mode(self) -> str:
+        """The neuron's step mode (the chain runs multi-step ``[T, N, ...]`` inputs)."""
+        return getattr(self.neuron, "step_mode", "m")
+
+    @property
+    def v(self) -> Any:
+        """The neuron's membrane state (the chain holds no state of its own)."""
+        return self.neuron.v
+
+    @v.setter
+    def v(self, value: Any) -> None:
+        self.neuron.v = value
+
+    def _fused_ok(self, x_seq: torch.Tensor) -> bool:
+        backend = getattr(self.neuron, "backend", "torch")
+        if backend not in ("cpu", "auto") or x_seq.device.type != "cpu":
+            return False
+        if x_seq.dtype != torch.float32 or x_seq.dim() != 5:
+            return False
+        if getattr(self.neuron, "step_mode", "m") != "m" or not compiler_available():
+            return False
+        if backend == "auto" and not auto_fuses_size(x_seq):
+            return False
+        # A hooked module (a monitor, a learner) must see its own call: run the ops separately.
+        for m in (self.neuron, self.bn, self.pool):
+            if m is not None and (m._forward_hooks or m._forward_pre_hooks):
+                return False
+        return dynamics_for(self.neuron) is not None
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Run ``x_seq`` ``[T, N, C, H, W]``; returns the (pooled) spikes ``[T, N, C, H', W']``."""
+        if not self._fused_ok(x_seq):
+            return self.unfused(x_seq)
+        d = dynamics_for(self.neuron)
+        assert d is not None
+        neuron, bn = self.neuron, self.bn
+        prologue = "none"
+        ca = cb = weight = bias = None
+        bn_info = None
+        if bn is not None:
+            prologue = "affine"
+            if bn.training or bn.running_mean is None:
+                weight, bias = bn.weight, bn.bias
+                bn_info = {"eps": float(bn.eps), "update": self._updater()}
+            else:
+                ca, cb = _eval_affine(bn)
+        kern = chain_kernel(d, prologue, self.pool_kind)
+        params = {n: getattr(neuron, n) for n in d.param_names}
+        uniforms = uniforms_for(d, params or None, x_seq.device)
+        shape = x_seq.shape[1:]
+        neuron.v_float_to_tensor(x_seq[0])
+        v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
+        out, v_last = _ChainFunction.apply(
+            kern, x_seq.contiguous(), v0, uniforms, ca, cb, weight, bias, bn_info, self.pool_k
+        )
+        neuron.v = v_last.view(shape)
+        return out
+
+    def _updater(self) -> Any:
+        bn = self.bn
+
+        def update(mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+            if not bn.track_running_stats or bn.running_mean is None:
+                return
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:
+                    f = 1.0 / float(bn.num_batches_tracked)
+                else:
+                    f = float(bn.momentum)
+                unbiased = var * (count / max(count - 1, 1))
+                rm, rv = bn.running_mean, bn.running_var
+                rm.copy_((rm.double() * (1.0 - f) + mean * f).to(rm.dtype))
+                rv.copy_((rv.double() * (1.0 - f) + unbiased * f).to(rv.dtype))
+
+        return update
+
+    def unfused(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """The chain as separate ops, as the unfused compiled graph runs them."""
+        return self.unfused_with_spikes(x_seq)[0]
+
+    def unfused_with_spikes(self, x_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, spikes)``: the chain as separate ops, and the neuron's own (unpooled)
+        spikes ``[T, N, C, H, W]``, which the fused kernel never writes (the profiler counts
+        them)."""
+        T = x_seq.shape[0]
+        if self.bn is not None:
+            x_seq = self.bn(x_seq.flatten(0, 1)).unflatten(0, (T, -1))
+        spikes = out = self.neuron(x_seq)
+        if self.pool is not None:
+            out = self.pool(spikes.flatten(0, 1)).unflatten(0, (T, -1))
+        return out, spikes
+
+
+def _eval_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float32 ``(a, b)`` of an eval-mode batchnorm (``x * a + b`` in the kernel)."""
+    invstd = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    a = invstd if bn.weight is None else bn.weight * invstd
+    b = -bn.running_mean * a if bn.bias is None else bn.bias - bn.running_mean * a
+    return a, b
