@@ -87,8 +87,8 @@ def optimize(
             merged into a neuron's kernel by ``fuse_chains`` either, in any mode).
         pack_spikes: Training only: conv/linear/max-pooling layers whose input is a binary spike
             tensor save it for backward packed 1 bit per spike (gradients bit-equal; see
-            :mod:`snncompile.passes.pack_spikes`). Packing and unpacking cost step time (1.5-1.9x
-            measured on a conv-BN-LIF CNN at T=4-16 on 2 CPU threads), so the default ``None``
+            :mod:`snncompile.passes.pack_spikes`). Packing and unpacking cost step time (1.1-1.9x
+            measured on a conv-BN-LIF CNN at T=4-16), so the default ``None``
             packs only under a training ``memory_budget``; ``True`` always packs, ``False``
             never.
 
