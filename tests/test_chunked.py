@@ -10,7 +10,6 @@ from snncompile import functional, neuron
 from snncompile.ann2snn.encoders import ConstantEncoder, PoissonEncoder
 from snncompile.runtime.chunked import (
     ChunkedModule,
-    _LiveBytes,
     chunk_size_for_budget,
     chunked_forward,
     measure_step_memory,
@@ -18,6 +17,7 @@ from snncompile.runtime.chunked import (
     reset_states,
     stream,
 )
+from snncompile.runtime.memory import LiveBytes
 
 T, N, F_IN = 12, 3, 5
 
@@ -95,7 +95,7 @@ def test_reduction_memory_does_not_grow_with_T() -> None:
         x = _input(steps)
         for reduce in ("sum", None):
             reset_states(model)
-            meter = _LiveBytes()
+            meter = LiveBytes()
             with meter:
                 chunked_forward(model, x, 16, reduce=reduce)
             peaks[(steps, reduce)] = meter.peak

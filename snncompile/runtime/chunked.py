@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from snncompile.progress import progress_bar
+from snncompile.runtime.memory import LiveBytes
 
 __all__ = [
     "REDUCTIONS",
@@ -271,40 +269,6 @@ def stream(
 # -- memory model -------------------------------------------------------------------------------
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Tracks the bytes held by tensors created inside the mode, and their peak.
-
-    Every freshly allocated, non-view op output is counted until its tensor object dies (views
-    keep their base alive through ``_base``, so counting bases is exact for storage).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t._base is not None:
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() in inputs or storage.nbytes() == 0:
-                continue
-            self.live += storage.nbytes()
-            weakref.finalize(t, self._free, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
 def _tensor_bytes(values: Iterable[Any]) -> int:
     return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
@@ -363,7 +327,7 @@ def measure_step_memory(module: nn.Module, example_input: torch.Tensor) -> StepM
     reset_states(module)
     T = max(1, example_input.shape[0])
     with torch.no_grad():
-        meter = _LiveBytes()
+        meter = LiveBytes()
         with meter:
             y = module(example_input)
         y = _as_tensor_output(y, module)
