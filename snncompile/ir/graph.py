@@ -28,6 +28,20 @@ class Ref(NamedTuple):
     index: int
 
 
+def fill_refs(template: Any, values: Callable[[int], Any]) -> Any:
+    """``template`` with every :class:`Ref` ``r`` replaced by ``values(r.index)`` (tuples, lists
+    and dicts are rebuilt; anything else is kept)."""
+    if isinstance(template, Ref):
+        return values(template.index)
+    if isinstance(template, tuple):
+        return tuple(fill_refs(t, values) for t in template)
+    if isinstance(template, list):
+        return [fill_refs(t, values) for t in template]
+    if isinstance(template, dict):
+        return {k: fill_refs(v, values) for k, v in template.items()}
+    return template
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Node:
     """One operation of the IR and the value it produces.

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from snncompile.ir.graph import Graph, Node, Ref
+from snncompile.ir.graph import Graph, Node, Ref, fill_refs
 from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
@@ -75,15 +75,7 @@ def lower_to_fx(graph: Graph) -> fx.GraphModule:
         return attr
 
     def fill(template: Any, node: Node) -> Any:
-        if isinstance(template, Ref):
-            return env[node.inputs[template.index]]
-        if isinstance(template, tuple):
-            return tuple(fill(t, node) for t in template)
-        if isinstance(template, list):
-            return [fill(t, node) for t in template]
-        if isinstance(template, dict):
-            return {k: fill(v, node) for k, v in template.items()}
-        return template
+        return fill_refs(template, lambda i: env[node.inputs[i]])
 
     def time_steps() -> fx.Node:
         if not time_size:

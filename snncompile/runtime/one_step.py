@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from snncompile.ir.graph import Graph, Node, Ref
+from snncompile.ir.graph import Graph, Node, Ref, fill_refs
 from snncompile.ir.ops import Layout, Op, OpGroup
 from snncompile.runtime.fused import AUTO_MIN_ELEMENTS
 from snncompile.runtime.fused_backends import _auto_impl
@@ -137,30 +137,18 @@ def _lower(graph: Graph, attrs: dict[str, str]) -> fx.Graph:
         raise _Unsupported
 
     def fill(template: Any, node: Node) -> Any:
-        if isinstance(template, Ref):
-            return env[node.inputs[template.index]]
-        if isinstance(template, tuple):
-            return tuple(fill(t, node) for t in template)
-        if isinstance(template, list):
-            return [fill(t, node) for t in template]
-        if isinstance(template, dict):
-            return {k: fill(v, node) for k, v in template.items()}
-        return template
+        return fill_refs(template, lambda i: env[node.inputs[i]])
 
     def out(template: Any, node: Node) -> Any:
-        if isinstance(template, Ref):
-            src = graph[node.inputs[template.index]]
-            value = env[src.name]
+        def value(index: int) -> Any:
+            src = graph[node.inputs[index]]
             if src.layout is Layout.SEQ and src.is_tensor:
-                return g.call_method("unsqueeze", (value, 0))
+                return g.call_method("unsqueeze", (env[src.name], 0))
             if src.layout not in (Layout.FLAT, Layout.NONE):
                 raise _Unsupported
-            return value
-        if isinstance(template, (tuple, list)):
-            return type(template)(out(t, node) for t in template)
-        if isinstance(template, dict):
-            return {k: out(v, node) for k, v in template.items()}
-        return template
+            return env[src.name]
+
+        return fill_refs(template, value)
 
     def seq_call(node: Node, attr: str) -> Any:
         """Call the gm's module ``attr`` on ``[1, N, *]`` inputs; take step 0 of its output."""
