@@ -17,11 +17,10 @@ from snncompile.dynamics import (
     lif_dynamics,
     plif_dynamics,
 )
+from snncompile.dynamics.surrogates import DEFAULT_ALPHA
 
-SURROGATES = ["Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign", "SuperSpike",
-              "Erf"]  # fmt: skip
-ALPHAS = {"Sigmoid": 4.0, "ATan": 2.0, "PiecewiseQuadratic": 1.0, "PiecewiseExp": 1.0,
-          "SoftSign": 2.0, "SuperSpike": 1.0, "Erf": 2.0}  # fmt: skip
+ALPHAS = dict(DEFAULT_ALPHA)  # the fusable surrogates, each with SpikingJelly's default alpha
+SURROGATES = list(ALPHAS)
 FULL = os.environ.get("SNNCOMPILE_FULL_GRID") == "1"
 
 Config = tuple[str, bool, float | None, bool, str]  # kind, decay_input, v_reset, detach, surrogate

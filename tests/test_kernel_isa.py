@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from neuron_grid import ALPHAS
 
 from snncompile.codegen import build
 from snncompile.codegen.cpu import CpuKernel
@@ -48,15 +49,6 @@ from snncompile.dynamics import (
 pytestmark = pytest.mark.skipif(build.find_compiler() is None, reason="no C compiler installed")
 
 X86 = platform.machine() in ("x86_64", "AMD64")
-ALPHAS = {
-    "Sigmoid": 4.0,
-    "ATan": 2.0,
-    "PiecewiseQuadratic": 1.0,
-    "PiecewiseExp": 1.0,
-    "SoftSign": 2.0,
-    "SuperSpike": 1.0,
-    "Erf": 2.0,
-}
 
 
 def _grid() -> dict[str, NeuronDynamics]:
