@@ -543,6 +543,14 @@ class IFNode(BaseNode):
         )
 
 
+def _positive(owner: str, name: str, value: object) -> float:
+    """``value`` as a float, which must be > 0 (a ValueError naming ``owner.name`` otherwise)."""
+    number = _as_float(owner, name, value)
+    if not number > 0:
+        raise ValueError(f"{owner}: {name} must be > 0, got {number!r}.")
+    return number
+
+
 def _check_tau(owner: str, name: str, tau: object) -> float:
     value = _as_float(owner, name, tau)
     if not value > 1.0:

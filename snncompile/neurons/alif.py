@@ -24,7 +24,7 @@ from torch import nn
 from snncompile.dynamics.expr import var
 from snncompile.dynamics.neuron import NeuronDynamics, State
 from snncompile.dynamics.surrogates import SurrogateExpr
-from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau
+from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau, _positive
 
 
 class ALIFNode(BaseNode):
@@ -57,9 +57,7 @@ class ALIFNode(BaseNode):
     ) -> None:
         owner = type(self).__name__
         tau = _check_tau(owner, "tau", tau)
-        tau_a = _as_float(owner, "tau_a", tau_a)
-        if not tau_a > 0:
-            raise ValueError(f"{owner}: tau_a must be > 0, got {tau_a!r}.")
+        tau_a = _positive(owner, "tau_a", tau_a)
         beta = _as_float(owner, "beta", beta)
         if not isinstance(decay_input, bool):
             raise TypeError(f"{owner}: decay_input must be a bool.")

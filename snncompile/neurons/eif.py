@@ -16,7 +16,7 @@ from torch import nn
 from snncompile.dynamics.expr import exp, var
 from snncompile.dynamics.neuron import NeuronDynamics
 from snncompile.dynamics.surrogates import SurrogateExpr
-from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau
+from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau, _positive
 from snncompile.neurons.qif import check_rest
 
 
@@ -45,9 +45,7 @@ class EIFNode(BaseNode):
     ) -> None:
         owner = type(self).__name__
         tau = _check_tau(owner, "tau", tau)
-        delta_T = _as_float(owner, "delta_T", delta_T)  # noqa: N806
-        if not delta_T > 0:
-            raise ValueError(f"{owner}: delta_T must be > 0, got {delta_T!r}.")
+        delta_T = _positive(owner, "delta_T", delta_T)  # noqa: N806
         theta_rh = _as_float(owner, "theta_rh", theta_rh)
         v_rest = _as_float(owner, "v_rest", v_rest)
         base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)

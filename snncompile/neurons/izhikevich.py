@@ -16,7 +16,7 @@ from torch import nn
 from snncompile.dynamics.expr import var
 from snncompile.dynamics.neuron import NeuronDynamics, State
 from snncompile.dynamics.surrogates import SurrogateExpr
-from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau
+from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau, _positive
 
 
 class IzhikevichNode(BaseNode):
@@ -49,9 +49,7 @@ class IzhikevichNode(BaseNode):
     ) -> None:
         owner = type(self).__name__
         tau = _check_tau(owner, "tau", tau)
-        a0 = _as_float(owner, "a0", a0)
-        if not a0 > 0:
-            raise ValueError(f"{owner}: a0 must be > 0, got {a0!r}.")
+        a0 = _positive(owner, "a0", a0)
         values = {
             n: _as_float(owner, n, val)
             for n, val in (("v_c", v_c), ("v_rest", v_rest), ("w_rest", w_rest),

@@ -14,7 +14,7 @@ from torch import nn
 from snncompile.dynamics.expr import var
 from snncompile.dynamics.neuron import NeuronDynamics
 from snncompile.dynamics.surrogates import SurrogateExpr
-from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau
+from snncompile.neuron import _DEFAULT_SURROGATE, BaseNode, _as_float, _check_tau, _positive
 
 
 def check_rest(owner: str, v_threshold: float, v_rest: float, v_reset: float | None) -> None:
@@ -52,9 +52,7 @@ class QIFNode(BaseNode):
     ) -> None:
         owner = type(self).__name__
         tau = _check_tau(owner, "tau", tau)
-        a0 = _as_float(owner, "a0", a0)
-        if not a0 > 0:
-            raise ValueError(f"{owner}: a0 must be > 0, got {a0!r}.")
+        a0 = _positive(owner, "a0", a0)
         v_c = _as_float(owner, "v_c", v_c)
         v_rest = _as_float(owner, "v_rest", v_rest)
         base = (v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq)
