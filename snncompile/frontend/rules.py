@@ -367,6 +367,14 @@ def _runs_as_written(module: nn.Module) -> bool:
     return origin.startswith("spikingjelly") and type(module).__name__ in _AS_WRITTEN_CONTAINERS
 
 
+def _opaque_info(module: nn.Module, step_mode: str | None, multi_only: bool = False) -> ModuleInfo:
+    """An OPAQUE_MODULE that runs ``module`` as written (stateful if it holds state)."""
+    kind = Kind.STATEFUL if is_stateful_module(module) else Kind.STATELESS
+    return ModuleInfo(
+        Op.OPAQUE_MODULE, kind, {"type": type(module).__name__}, step_mode, multi_only
+    )
+
+
 def classify_module(module: nn.Module) -> ModuleInfo | None:
     """Describe a module the tracer keeps as a leaf, or ``None`` if it should be traced through.
 
@@ -382,13 +390,7 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
     step_mode = getattr(module, "step_mode", None)
     step_mode = step_mode if step_mode in ("s", "m") else None
     if _runs_as_written(module):
-        stateful = is_stateful_module(module)
-        return ModuleInfo(
-            Op.OPAQUE_MODULE,
-            Kind.STATEFUL if stateful else Kind.STATELESS,
-            {"type": type(module).__name__},
-            step_mode,
-        )
+        return _opaque_info(module, step_mode)
     ckind = _container_kind(module)
     if ckind is not None:
         return ModuleInfo(Op.OPAQUE_MODULE, ckind, {"container": type(module).__name__}, "m")
@@ -409,14 +411,8 @@ def classify_module(module: nn.Module) -> ModuleInfo | None:
         multi_only = True
     if is_step:
         # A step-mode aware module with no rule: run it as a black box in its own mode.
-        stateful = is_stateful_module(module)
-        return ModuleInfo(
-            Op.OPAQUE_MODULE,
-            Kind.STATEFUL if stateful else Kind.STATELESS,
-            {"type": type(module).__name__},
-            step_mode,
-            multi_only or step_mode == "m" and "s" not in supported_step_modes(module),
-        )
+        multi = multi_only or step_mode == "m" and "s" not in supported_step_modes(module)
+        return _opaque_info(module, step_mode, multi)
     origin = type(module).__module__
     if origin.startswith("torch.nn") or origin.startswith("torch.ao.nn"):
         if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
