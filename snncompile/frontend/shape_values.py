@@ -107,6 +107,12 @@ class ValueRecorder:
         if ok:
             self.static.add(node)
 
+    def drop_unused_static(self, graph: fx.Graph) -> None:
+        """Remove shape-derived values nobody reads (sizes that only fed an ``if``/``raise``)."""
+        for node in reversed(list(graph.nodes)):
+            if node in self.static and not node.users:
+                graph.erase_node(node)
+
     def _all_static(self, inputs: list[fx.Node]) -> bool:
         return all(self.is_static(i) for i in inputs)
 

@@ -414,6 +414,8 @@ def _trace(
                 fx_graph = tracer.trace(probe)
                 check_no_state_writes(probe, "")  # the model's own forward
                 check_no_python_state(probe, before)
+            if tracer.values is not None:
+                tracer.values.drop_unused_static(fx_graph)
             return fx.GraphModule(tracer.root, fx_graph), probe
         except Exception as exc:
             path, err = tracer.failure if tracer.failure is not None else ("", exc)
