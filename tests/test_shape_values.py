@@ -76,3 +76,14 @@ def test_data_decisions_still_run_as_written() -> None:
     assert torch.equal(compiled(x), _eager(model, x))
     with pytest.raises(FrontendError, match="strict=True"):
         snncompile.optimize(model, torch.rand(3, 2, 4), strict=True)
+
+
+def test_live_state_from_an_earlier_run_does_not_block_tracing() -> None:
+    """The values beside the proxies start from reset state, whatever the model holds."""
+    torch.manual_seed(0)
+    model = _SizeBranch()
+    model(torch.rand(3, 5, 4))  # live membrane of batch 5, not reset
+    compiled = snncompile.optimize(model, torch.rand(3, 2, 4))
+    assert "ran as written" not in compiled.report(), compiled.report()
+    x = torch.rand(3, 2, 4) * 3
+    assert torch.equal(compiled(x), _eager(model, x))

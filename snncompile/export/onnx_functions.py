@@ -181,9 +181,7 @@ def _getitem(e: Emitter, node: Node) -> str:
         raise e.fail(node, f"index {index!r} is not exported (ints and slices only)")
     lead = e.shift(node) + 1  # time (sequence-level) and batch: must be taken whole
     if any(i != slice(None) for i in items[:lead]):
-        raise e.fail(
-            node, f"index {index!r} selects along the time/batch dimensions; not exported"
-        )
+        raise e.fail(node, f"index {index!r} selects along the time/batch dimensions; not exported")
     starts, ends, axes, steps, squeeze = [], [], [], [], []
     for axis, item in enumerate(items[lead:], start=1):
         if isinstance(item, int):
@@ -265,9 +263,7 @@ def _size_of(e: Emitter, node: Node, src: Node, dim: int | None) -> Any:
     if src.shape is None:
         return _NOT_STATIC
     lead = e.lead(src)
-    sizes: list[Any] = [
-        _NOT_STATIC if i < lead else int(s) for i, s in enumerate(src.shape)
-    ]
+    sizes: list[Any] = [_NOT_STATIC if i < lead else int(s) for i, s in enumerate(src.shape)]
     if dim is None:
         return tuple(sizes)
     return sizes[dim]

@@ -246,6 +246,7 @@ class SNNTracer(fx.Tracer):
         self.values: ValueRecorder | None = None
         if example is not None:
             shadow = copy.deepcopy(root, state_copy_memo(root))
+            _reset_state(shadow)  # the user's model may hold state from an earlier run
             self.values = ValueRecorder(shadow, example, self._mode_module)
         self._mode_copies: dict[str, nn.Module] = {}
         # Classify before tracing: during tracing fx records every parameter read as a node.
