@@ -15,8 +15,10 @@ How a model is read:
    ``x_seq.flatten(0, 1)`` is ``MERGE_TIME`` and ``y.unflatten(0, (x_seq.size(0), -1))`` (or a
    ``view``/``reshape`` to ``(T, -1, ...)`` with ``T`` read from a sequence) is ``SPLIT_TIME``
    (rules and the fallback in :mod:`snncompile.frontend.time_reshape`; ``ann2snn.convert``
-   emits this form). A submodule fx cannot trace (data-dependent
-   control flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module
+   emits this form). The example runs beside the proxies (:mod:`snncompile.frontend.
+   shape_values`), so ranks, shape unpacking and shape-derived ``if``/``raise`` trace,
+   specialised to the example (the compiled module's shape guard re-traces at every new input
+   shape). A submodule fx cannot trace (data-dependent control flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module
    itself; with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
 3. **Shapes.** The probe runs the example once (twice for single-step models, with batch sizes
    ``N`` and ``N+1``, to learn which values keep the batch in dimension 0 -- those may run over
