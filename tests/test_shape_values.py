@@ -87,3 +87,19 @@ def test_live_state_from_an_earlier_run_does_not_block_tracing() -> None:
     assert "ran as written" not in compiled.report(), compiled.report()
     x = torch.rand(3, 2, 4) * 3
     assert torch.equal(compiled(x), _eager(model, x))
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sn = neuron.IFNode(step_mode="m")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sn(x.mul_(2.0))
+
+
+def test_tracing_leaves_the_example_untouched() -> None:
+    example = torch.rand(3, 2, 4)
+    kept = example.clone()
+    snncompile.optimize(_InPlace(), example)
+    assert torch.equal(example, kept)

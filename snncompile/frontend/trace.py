@@ -15,11 +15,12 @@ How a model is read:
    ``x_seq.flatten(0, 1)`` is ``MERGE_TIME`` and ``y.unflatten(0, (x_seq.size(0), -1))`` (or a
    ``view``/``reshape`` to ``(T, -1, ...)`` with ``T`` read from a sequence) is ``SPLIT_TIME``
    (rules and the fallback in :mod:`snncompile.frontend.time_reshape`; ``ann2snn.convert``
-   emits this form). The example runs beside the proxies (:mod:`snncompile.frontend.
-   shape_values`), so ranks, shape unpacking and shape-derived ``if``/``raise`` trace,
-   specialised to the example (the compiled module's shape guard re-traces at every new input
-   shape). A submodule fx cannot trace (data-dependent control flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module
-   itself; with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
+   emits this form). The example runs beside the proxies
+   (:mod:`snncompile.frontend.shape_values`), so ranks, shape unpacking and shape-derived
+   ``if``/``raise`` trace, specialised to the example (the compiled module's shape guard
+   re-traces at every new input shape). A submodule fx cannot trace (data-dependent control
+   flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module itself;
+   with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
 3. **Shapes.** The probe runs the example once (twice for single-step models, with batch sizes
    ``N`` and ``N+1``, to learn which values keep the batch in dimension 0 -- those may run over
    ``[T*N, *]`` after lowering). The user's model and its state are never touched; the global
@@ -249,7 +250,8 @@ class SNNTracer(fx.Tracer):
         if example is not None:
             shadow = copy.deepcopy(root, state_copy_memo(root))
             _reset_state(shadow)  # the user's model may hold state from an earlier run
-            self.values = ValueRecorder(shadow, example, self._mode_module)
+            own = example.detach().clone() if isinstance(example, torch.Tensor) else example
+            self.values = ValueRecorder(shadow, own, self._mode_module)  # in-place ops: a copy
         self._mode_copies: dict[str, nn.Module] = {}
         # Classify before tracing: during tracing fx records every parameter read as a node.
         self._leaf = {id(m): classify_module(m) is not None for m in root.modules()}
@@ -493,7 +495,7 @@ def _probe_shapes(
     """Run the traced program on the example: value shapes (for batch ``N``, and ``N+1`` for
     single-step models) and the calls received by the submodules of the ``watch`` modules."""
     with torch.no_grad(), _rng_kept():
-        x = example[0] if step_mode == "s" else example
+        x = (example[0] if step_mode == "s" else example).clone()  # in-place ops: a copy
         _reset_state(root)
         probe = _Probe(gm, plan)
         try:
