@@ -95,6 +95,6 @@ class _Calls(nn.Module):
     ],
 )
 def test_unexportable_calls_name_the_node(call: str, match: str) -> None:
-    model = _Calls(call)
+    model = _Calls(call).eval()
     with pytest.raises(OnnxExportError, match=match):
         export_onnx(model, torch.rand(2, 2, 3, 4), mode="sequence")
