@@ -103,3 +103,22 @@ def test_tracing_leaves_the_example_untouched() -> None:
     kept = example.clone()
     snncompile.optimize(_InPlace(), example)
     assert torch.equal(example, kept)
+
+
+class _IntSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sn = neuron.IFNode(step_mode="m")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sn(x * int(x.shape[1]) * 0.1)  # the batch size baked in as a constant
+
+
+def test_sizes_baked_into_constants_are_not_reused() -> None:
+    model = _IntSize()
+    compiled = snncompile.optimize(model, torch.rand(3, 2, 4))
+    for n in (2, 3, 5):
+        x = torch.rand(3, n, 4) * 4
+        functional.reset_net(compiled)
+        assert torch.equal(compiled(x), _eager(model, x)), n
+    assert len(set(compiled.shape_guard.signatures.values())) == 3
