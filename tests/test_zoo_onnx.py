@@ -16,6 +16,7 @@ says so.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch import nn
 
 from snncompile import functional as our_functional
 from snncompile.api import optimize
-from snncompile.export.onnx import adaptive_pool_matrix, export_onnx
+from snncompile.export.onnx import OnnxExportError, adaptive_pool_matrix, export_onnx
 from snncompile.frontend.trace import FrontendError
 from snncompile.onnx_runtime import run_sequence_model, run_step_model
 from snncompile.zoo_compat import install_torchvision_stand_in
@@ -39,14 +40,24 @@ TOL = 0.0  # dyadic weights (see _scale): onnxruntime and PyTorch agree exactly
 def zoo(sj):  # noqa: ANN001, ANN201  (the sj fixture is SpikingJelly's activation_based)
     install_torchvision_stand_in()
     from spikingjelly.activation_based.model import (
+        masnn,
+        maxformer,
         parametric_lif_net,
+        qkformer,
         sew_resnet,
+        spike_driven_transformer,
+        spikformer,
         spiking_resnet,
         spiking_vgg,
     )
 
     return {
         "sj": sj,
+        "masnn": masnn,
+        "maxformer": maxformer,
+        "qkformer": qkformer,
+        "sdt": spike_driven_transformer,
+        "spikformer": spikformer,
         "spiking_resnet": spiking_resnet,
         "sew_resnet": sew_resnet,
         "spiking_vgg": spiking_vgg,
@@ -213,6 +224,115 @@ def test_zoo_model_exports_in_both_modes(zoo: dict, name: str, step_mode: str) -
     example = _spikes((*EXAMPLE, *sample), 1)
     x = _spikes((*RUN, *sample), 2)
     _check_exports(model, example, x, f"{name} ({step_mode})")
+
+
+# -- spiking transformers (multi-step only): attention as transpose/permute/matmul/chunk ----------
+def _transformers() -> dict[str, tuple[Callable[[dict], nn.Module], tuple[int, ...], bool]]:
+    """name -> (factory, per-sample input shape, whether the output is averaged over time)."""
+    return {
+        "SpikeDrivenTransformer": (
+            lambda z: z["sdt"].SpikeDrivenTransformer(
+                T=2, num_classes=10, embed_dims=32, num_heads=2, depths=1
+            ),
+            (3, 32, 32),
+            True,
+        ),
+        "QKFormer": (
+            lambda z: z["qkformer"].QKFormer(
+                T=2, num_classes=10, embed_dims=32, num_heads=(1, 2, 2), depths=(1, 1, 1)
+            ),
+            (3, 32, 32),
+            True,
+        ),
+        "MaxFormer": (
+            lambda z: z["maxformer"].MaxFormer(
+                T=2, num_classes=10, embed_dims=32, depths=(1, 1, 1), cifar=True
+            ),
+            (3, 32, 32),
+            True,
+        ),
+        "Spikformer": (
+            lambda z: z["spikformer"].Spikformer(
+                T=2,
+                img_size_h=32,
+                img_size_w=32,
+                patch_size=4,
+                num_classes=10,
+                embed_dims=32,
+                num_heads=2,
+                depths=1,
+            ),
+            (3, 32, 32),
+            False,
+        ),
+    }
+
+
+TRANSFORMERS = _transformers()
+# matmul and ReduceMean add in another order than PyTorch (~1e-6 on the logits); spikes equal.
+TRANSFORMER_TOL = 1e-5
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_zoo_transformer_exports(zoo: dict, name: str) -> None:
+    factory, sample, time_mean = TRANSFORMERS[name]
+    torch.manual_seed(0)
+    model = factory(zoo)
+    _scale(model, 16.0)
+    _bn_stats(model)
+    model.eval()
+    zoo["sj"].functional.set_step_mode(model, "m")
+    example, x = _spikes((*EXAMPLE, *sample), 1), _spikes((*RUN, *sample), 2)
+    if not time_mean:
+        _check_exports(model, example, x, name, tol=TRANSFORMER_TOL)
+        return
+    compiled = optimize(model, example, mode="inference", backend="torch")
+    assert "ran as written" not in compiled.report()
+    with torch.no_grad():
+        ref = compiled(x).numpy()
+    assert np.abs(ref).sum() > 0
+    seq = np.asarray(run_sequence_model(export_onnx(model, example, mode="sequence"), x))
+    assert float(np.abs(seq - ref).max()) <= TRANSFORMER_TOL
+    # The firing-rate head (mean over T) needs the step export's running time mean.
+    try:
+        step_model = export_onnx(model, example, mode="step")
+    except OnnxExportError as exc:
+        assert re.search(r"IR node %mean\w* \(op FUNCTION, mean\): reduces over time", str(exc))
+        return
+    steps = np.asarray(run_step_model(step_model, x))
+    assert float(np.abs(steps[-1] - ref).max()) <= TRANSFORMER_TOL
+
+
+@pytest.mark.parametrize("name", ["MASNN", "AttMSResNet"])
+def test_temporal_attention_export_error_names_the_node(zoo: dict, name: str) -> None:
+    """Temporal attention pools over T (it mixes time steps): a clear error naming the node."""
+    masnn = zoo["masnn"]
+    surrogate = zoo["sj"].surrogate.ATan()
+    if name == "MASNN":
+        model = masnn.MASNN(
+            T=2,
+            num_classes=11,
+            input_size=(16, 16),
+            channels=(8, 8, 8),
+            fc_hidden=16,
+            reduction_t=1,
+            reduction_c=2,
+            surrogate_function=surrogate,
+        )
+        sample = (2, 16, 16)
+    else:
+        model = masnn.AttMSResNet(
+            T=2, num_classes=10, base_channels=8, layers=(1, 1, 1, 1), surrogate_function=surrogate
+        )
+        sample = (3, 16, 16)
+    model.eval()
+    example = _spikes((*EXAMPLE, *sample), 1)
+    for mode in ("step", "sequence"):
+        with pytest.raises(
+            OnnxExportError,
+            match=r"IR node %\w*(attn|attention) \(op OPAQUE_MODULE.*MultiDimensionalAttention",
+        ):
+            export_onnx(model, example, mode=mode)
 
 
 class _RepeatInside(nn.Module):

@@ -49,6 +49,9 @@ class _Unknown:
     node: Node
 
 
+_NOT_STATIC = object()  # static_value's answer for a value the export does not compute
+
+
 @dataclasses.dataclass
 class StateInfo:
     """One neuron state of an exported model (see the module docstring, metadata)."""
@@ -353,10 +356,16 @@ class Emitter:
                 "out of the exported model.",
             )
         entry = self.ops.get(node.op)
+        several = node.meta.get("value_kind") == "tensors"  # e.g. x.chunk(2): a list of values
+        if not node.is_tensor and not several and node.op in (Op.FUNCTION, Op.OPAQUE_FUNCTION):
+            # Sizes of per-sample dimensions (and arithmetic on them) are known constants of
+            # the export; anything reading the batch or time size is not computed.
+            from snncompile.export.onnx_functions import static_value
+
+            value = static_value(self, node)
+            self.env[node.name] = _Unknown(node) if value is _NOT_STATIC else value
+            return
         if entry is None:
-            if not node.is_tensor and node.op in (Op.FUNCTION, Op.OPAQUE_FUNCTION):
-                self.env[node.name] = _Unknown(node)  # e.g. x.size(0) for a view
-                return
             raise self.fail(
                 node,
                 "has no ONNX rendering. Supported ops: "
@@ -365,7 +374,8 @@ class Emitter:
                 "Replace it by a supported layer or register a rendering in "
                 "snncompile.export.onnx_ops.SYNAPSE_OPS.",
             )
-        self.env[node.name] = _T(entry(self, node))
+        out = entry(self, node)
+        self.env[node.name] = [_T(o) for o in out] if isinstance(out, list) else _T(out)
 
     def crossing(self) -> list[Node]:
         """Per-step values that nodes after the loop read, plus per-step graph outputs."""

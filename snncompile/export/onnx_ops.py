@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from snncompile.export.onnx_emitter import Emitter
+from snncompile.export.onnx_functions import function_call
 from snncompile.ir.graph import Node
 from snncompile.ir.ops import Op
 
@@ -379,4 +380,5 @@ SYNAPSE_OPS: dict[Op, Callable[[Emitter, Node], str]] = {
     Op.IDENTITY: _identity,
     Op.ELEMENTWISE: _elementwise,
     Op.OPAQUE_MODULE: _opaque_module,
+    Op.FUNCTION: function_call,
 }

@@ -15,9 +15,12 @@ How a model is read:
    ``x_seq.flatten(0, 1)`` is ``MERGE_TIME`` and ``y.unflatten(0, (x_seq.size(0), -1))`` (or a
    ``view``/``reshape`` to ``(T, -1, ...)`` with ``T`` read from a sequence) is ``SPLIT_TIME``
    (rules and the fallback in :mod:`snncompile.frontend.time_reshape`; ``ann2snn.convert``
-   emits this form). A submodule fx cannot trace (data-dependent
-   control flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module
-   itself; with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
+   emits this form). The example runs beside the proxies
+   (:mod:`snncompile.frontend.shape_values`), so ranks, shape unpacking and shape-derived
+   ``if``/``raise`` trace, specialised to the example (the compiled module's shape guard
+   re-traces at every new input shape). A submodule fx cannot trace (data-dependent control
+   flow) is retried as a leaf and becomes an ``OPAQUE_MODULE`` that runs the module itself;
+   with ``strict=True`` that is a :class:`FrontendError` naming the module and reason.
 3. **Shapes.** The probe runs the example once (twice for single-step models, with batch sizes
    ``N`` and ``N+1``, to learn which values keep the batch in dimension 0 -- those may run over
    ``[T*N, *]`` after lowering). The user's model and its state are never touched; the global
@@ -63,6 +66,7 @@ from snncompile.frontend.rules import (
     step_module_types,
     supported_step_modes,
 )
+from snncompile.frontend.shape_values import ValueProxy, ValueRecorder, concrete_bool
 from snncompile.frontend.state_guard import (
     StateWriteError,
     check_no_python_state,
@@ -238,19 +242,47 @@ class SNNTracer(fx.Tracer):
     """An fx tracer that keeps neurons, stateful and known layers as leaves and expands
     SpikingJelly-style containers into explicit time-layout ops (see the module docstring)."""
 
-    def __init__(self, plan: _Plan, root: nn.Module, input_rank: int | None = None) -> None:
+    def __init__(self, plan: _Plan, root: nn.Module, example: Any = None) -> None:
         super().__init__()
         self.plan = plan
-        self.input_rank = input_rank
+        # Values beside the proxies (sizes, ranks, shape checks): see frontend.shape_values.
+        self.values: ValueRecorder | None = None
+        if example is not None:
+            shadow = copy.deepcopy(root, state_copy_memo(root))
+            _reset_state(shadow)  # the user's model may hold state from an earlier run
+            own = example.detach().clone() if isinstance(example, torch.Tensor) else example
+            self.values = ValueRecorder(shadow, own, self._mode_module)  # in-place ops: a copy
+        self._mode_copies: dict[str, nn.Module] = {}
         # Classify before tracing: during tracing fx records every parameter read as a node.
         self._leaf = {id(m): classify_module(m) is not None for m in root.modules()}
         self._stack: list[str] = []
         self.failure: tuple[str, BaseException] | None = None
 
+    def _mode_module(self, path: str, module: nn.Module) -> nn.Module:
+        """The module a ``call_module`` node runs (a copy in the plan's step mode, see _Plan)."""
+        mode = self.plan.run_mode(path)
+        if mode is None:
+            return module
+        if path not in self._mode_copies:
+            clone = copy_sharing_parameters(module)
+            clone.step_mode = mode
+            self._mode_copies[path] = clone
+        return self._mode_copies[path]
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        if node.op == "placeholder" and self.input_rank is not None:
-            return _InputProxy(node, self, self.input_rank)
+        if self.values is not None:
+            return ValueProxy(node, self, self.values)
         return super().proxy(node)
+
+    def create_proxy(self, *args: Any, **kwargs: Any) -> fx.Proxy:
+        proxy = super().create_proxy(*args, **kwargs)
+        if self.values is not None:
+            self.values.record(proxy.node)
+        return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = concrete_bool(obj)  # a shape-derived condition: specialise (shape-guarded)
+        return super().to_bool(obj) if value is None else value
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.plan.opaque:
@@ -269,6 +301,8 @@ class SNNTracer(fx.Tracer):
     def call_module(
         self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if self.values is not None and self.values.running:
+            return forward(*args, **kwargs)  # the value copy runs its modules for real
         path = self.path_of_module(m)
         plan = self.plan
         if path not in plan.opaque:
@@ -311,26 +345,6 @@ class SNNTracer(fx.Tracer):
             raise
         finally:
             self._stack.pop()
-
-
-class _InputProxy(fx.Proxy):
-    """The traced input: its rank is known (the compiled module checks every input's rank), so
-    ``x.ndim`` and ``x.dim()`` are plain ints and forwards that branch on them can be traced
-    (SpikingJelly's ``if x.ndim == 4: x = x.unsqueeze(0).repeat(T, ...)``). Sizes stay symbolic.
-    """
-
-    def __init__(self, node: fx.Node, tracer: fx.Tracer, rank: int) -> None:
-        super().__init__(node, tracer)
-        self._rank = rank
-
-    @property
-    def ndim(self) -> int:
-        return self._rank
-
-    def dim(self) -> int:
-        return self._rank
-
-
 
 
 class _RootWrapper(nn.Module):
@@ -391,20 +405,22 @@ class _Probe(fx.Interpreter):
 
 
 def _trace(
-    probe: nn.Module, plan: _Plan, strict: bool, input_rank: int | None = None
+    probe: nn.Module, plan: _Plan, strict: bool, example: Any = None
 ) -> tuple[fx.GraphModule, nn.Module]:
     """Trace ``probe``, retrying untraceable submodules as leaves. Returns (gm, traced root)."""
     limit = sum(1 for _ in probe.modules()) + 1
     root_reason = "the model's forward cannot be traced"
     root_state = False
     for _ in range(limit):
-        tracer = SNNTracer(plan, probe, input_rank)
+        tracer = SNNTracer(plan, probe, example)
         try:
             with state_guarded(probe):
                 before = python_state(probe)
                 fx_graph = tracer.trace(probe)
                 check_no_state_writes(probe, "")  # the model's own forward
                 check_no_python_state(probe, before)
+            if tracer.values is not None:
+                tracer.values.drop_unused_static(fx_graph)
             return fx.GraphModule(tracer.root, fx_graph), probe
         except Exception as exc:
             path, err = tracer.failure if tracer.failure is not None else ("", exc)
@@ -479,7 +495,7 @@ def _probe_shapes(
     """Run the traced program on the example: value shapes (for batch ``N``, and ``N+1`` for
     single-step models) and the calls received by the submodules of the ``watch`` modules."""
     with torch.no_grad(), _rng_kept():
-        x = example[0] if step_mode == "s" else example
+        x = (example[0] if step_mode == "s" else example).clone()  # in-place ops: a copy
         _reset_state(root)
         probe = _Probe(gm, plan)
         try:
@@ -562,8 +578,9 @@ def trace_model(
     T, N = int(example_input.shape[0]), int(example_input.shape[1])
     probe = copy.deepcopy(model, state_copy_memo(model))
     plan = _make_plan(probe, step_mode)
-    input_rank = example_input.dim() - (1 if step_mode == "s" else 0)
-    gm, traced_root = _trace(probe, plan, strict, input_rank)
+    call_input = example_input[0] if step_mode == "s" else example_input
+    with _rng_kept():
+        gm, traced_root = _trace(probe, plan, strict, call_input)
     work_root: nn.Module = model if traced_root is probe else _RootWrapper(model)
     watch = {}
     if compile_part is not None:
