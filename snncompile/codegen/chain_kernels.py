@@ -73,41 +73,46 @@ _WINDOW = """\
                 }}
 """
 
-#: Pooling after the neuron, over ``K x K`` windows with stride ``K`` (the loops read the
-#: step's spikes ``st`` and write the pooled ``ot``; the backward reads ``gt`` and fills ``gsb``).
+_MAX_WINDOW = """\
+            for (int64_t oh = 0; oh < OH; ++oh) {{
+                const int64_t h0 = oh * S - PD;
+                const int64_t hs = h0 < 0 ? 0 : h0, he = h0 + K < H ? h0 + K : H;
+                for (int64_t ow = 0; ow < OW; ++ow) {{
+                    const int64_t w0 = ow * S - PD;
+                    const int64_t ws = w0 < 0 ? 0 : w0, we = w0 + K < W ? w0 + K : W;
+                    int64_t arg = hs * W + ws;
+                    float m = st[arg];
+                    for (int64_t ih = hs; ih < he; ++ih)
+                        for (int64_t iw = ws; iw < we; ++iw) {{
+                            const float e = st[ih * W + iw];
+                            if (e > m) {{ m = e; arg = ih * W + iw; }}
+                        }}
+                    {store}
+                }}
+            }}
+"""
+
+#: Pooling after the neuron (the loops read the step's spikes ``st`` and write the pooled
+#: ``ot``; the backward reads ``gt`` and fills ``gsb``). ``K``, ``S`` and ``PD`` (window,
+#: stride, padding) are compile-time constants of the kernel; avg pooling has ``S == K``,
+#: ``PD == 0``.
 POOLS: dict[str, PoolCode] = {
     "none": PoolCode(
         forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j];\n",
         backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
     ),
-    # PyTorch's max_pool2d keeps the first maximum in row-major window order (strict >).
+    # PyTorch's max_pool2d: padded positions never win (they are -inf), and the window's
+    # maximum is the first in row-major order over its in-bounds part (strict >). The gradient
+    # of each output is added to that position, outputs in row-major order (as PyTorch's CPU
+    # backward accumulates them), so overlapping windows (K > S) sum the same way.
     "max": PoolCode(
-        forward=_WINDOW.format(
-            src="st",
-            inner="""\
-                    float m = w0[0];
-                    for (int64_t kh = 0; kh < K; ++kh)
-                        for (int64_t kw = 0; kw < K; ++kw) {
-                            const float e = w0[kh * W + kw];
-                            m = (e > m) ? e : m;
-                        }
-                    ot[oh * OW + ow] = m;""",
+        forward=_MAX_WINDOW.format(
+            store="ot[oh * OW + ow] = m;",
         ),
         backward="""\
             for (int64_t j = 0; j < HW; ++j) gsb[j] = 0.0f;
 """
-        + _WINDOW.format(
-            src="st",
-            inner="""\
-                    float m = w0[0];
-                    int64_t arg = 0;
-                    for (int64_t kh = 0; kh < K; ++kh)
-                        for (int64_t kw = 0; kw < K; ++kw) {
-                            const float e = w0[kh * W + kw];
-                            if (e > m) { m = e; arg = kh * W + kw; }
-                        }
-                    gsb[(oh * K) * W + ow * K + arg] = gt[oh * OW + ow];""",
-        ),
+        + _MAX_WINDOW.format(store="gsb[arg] += gt[oh * OW + ow];"),
     ),
     # PyTorch's avg_pool2d (no padding): the float sum in row-major order, then / K^2.
     "avg": PoolCode(
@@ -140,14 +145,15 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
                     const float *restrict v_init, const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
                     float *restrict out_seq, float *restrict v_last,
-                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t K,
+                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                     int32_t num_threads)
 {{
     (void)ca; (void)cb; (void)r_seq;
 {uniforms}
     const int64_t HW = H * W, P = NB * C;
-    const int64_t OH = {oh}, OW = {ow}, OHW = OH * OW;
-    (void)K;
+    const int64_t K = {k}, S = {s}, PD = {pd};
+    const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
+    (void)S; (void)PD;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
     float *v_state = (float *)malloc(sizeof(float) * HW);
@@ -188,14 +194,15 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                      const float *restrict ca, const float *restrict cb,
                      float *restrict gx_seq, float *restrict gxin_seq,
                      float *restrict grad_v_init, double *restrict psum,
-                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t K,
+                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                      int32_t num_threads)
 {{
     (void)ca; (void)cb; (void)r_seq;
 {uniforms}
     const int64_t HW = H * W, P = NB * C, NS = 2 + {nu};
-    const int64_t OH = {oh}, OW = {ow}, OHW = OH * OW;
-    (void)K;
+    const int64_t K = {k}, S = {s}, PD = {pd};
+    const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
+    (void)S; (void)PD;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
     float *hb = (float *)malloc(sizeof(float) * T * HW);
@@ -322,13 +329,25 @@ class ChainSource:
 
 
 def generate_chain(
-    dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool
+    dynamics: NeuronDynamics,
+    prologue: str,
+    pool: str,
+    residual: bool,
+    window: tuple[int, int, int] = (1, 1, 0),
 ) -> ChainSource:
     """The C source of the chain ``prologue -> (+ r) -> dynamics -> pool``.
 
     ``prologue`` is a key of :data:`PROLOGUES`, ``pool`` one of :data:`POOLS`; with
     ``residual`` the residual input ``r`` is added to the prologue's output before the charge.
+    ``window`` is the pooling's ``(kernel, stride, padding)`` (square), built into the source.
     """
+    k, stride, pad = window
+    if pool == "none" and window != (1, 1, 0):
+        raise ValueError(f"generate_chain: no pooling takes window (1, 1, 0), not {window}")
+    if pool == "avg" and (stride != k or pad != 0):
+        raise ValueError(f"generate_chain: avg pooling needs stride == kernel, no padding: {window}")
+    if k < 1 or stride < 1 or not 0 <= pad <= k // 2:
+        raise ValueError(f"generate_chain: bad pooling window (kernel, stride, pad) {window}")
     if prologue not in PROLOGUES:
         raise ValueError(
             f"generate_chain: unknown prologue {prologue!r}; known: {sorted(PROLOGUES)}"
@@ -350,6 +369,8 @@ def generate_chain(
     load_v = f"{ind}const float v = vb[t * HW + j];\n" if need_v else ""
     gu_acc = "\n".join(f"{ind}acc[{2 + i} * HW + j] += (double)gu{i};" for i in range(nu))
     tag = f"{prologue}_{pool}{'_res' if residual else ''}"
+    if pool != "none":
+        tag += f"_k{k}s{stride}p{pad}"
     name = f"snnc_{dynamics.name}_{tag}_{dynamics.key()}"
     body = forward_body(program, C_TARGET)
     bn_bwd = render_block(
@@ -365,8 +386,9 @@ def generate_chain(
             _C_CHAIN_HEADER,
             _C_CHAIN.format(
                 name=name,
-                oh="H" if pool == "none" else "H / K",
-                ow="W" if pool == "none" else "W / K",
+                k=k,
+                s=stride,
+                pd=pad,
                 uniforms=uniforms,
                 prologue=pro_fwd,
                 body=body,
