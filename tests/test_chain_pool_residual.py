@@ -15,7 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from snncompile import neuron, surrogate
+import snncompile
+from snncompile import functional, layer, neuron, surrogate
+from snncompile.ir.ops import Op
+from snncompile.ir.verify import verify
+from snncompile.passes.fuse_chains import unfuse_chains
+from snncompile.passes.pipeline import build_pipeline
 from snncompile.runtime.fused import compiler_available
 from snncompile.runtime.fused_chain import FusedChain, chain_blocker
 
@@ -129,3 +134,87 @@ def test_blocker_names_unsupported_pools():
     assert why is not None and "avg: kernel == stride" in why
     assert chain_blocker(_lif(), None, nn.MaxPool2d(3, 2, dilation=2)) is not None
     assert chain_blocker(_lif(), None, nn.MaxPool2d(2, ceil_mode=True)) is not None
+
+
+class _Block(nn.Module):
+    """A spiking-ResNet basic block: ``sn2(bn2(conv2(sn1(bn1(conv1(x))))) + x)``, multi-step."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = layer.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = layer.BatchNorm2d(c)
+        self.sn1 = neuron.IFNode(surrogate_function=surrogate.ATan(), detach_reset=True)
+        self.conv2 = layer.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = layer.BatchNorm2d(c)
+        self.sn2 = neuron.IFNode(surrogate_function=surrogate.ATan(), detach_reset=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.sn1(self.bn1(self.conv1(x)))))
+        return self.sn2(out + x)
+
+
+def _resnet() -> nn.Module:
+    m = nn.Sequential(
+        layer.Conv2d(2, 4, 3, padding=1, bias=False), layer.BatchNorm2d(4),
+        neuron.IFNode(surrogate_function=surrogate.ATan(), detach_reset=True),
+        layer.MaxPool2d(3, 2, 1), _Block(4), _Block(4), layer.Flatten(), layer.Linear(64, 3),
+    )  # fmt: skip
+    functional.set_step_mode(m, "m")
+    return m
+
+
+def _without() -> list[str]:
+    return [n for n, _ in build_pipeline("train") if n not in ("fuse_chains", "pack_spikes")]
+
+
+def test_pass_fuses_residual_and_stem_pool():
+    """The stem's ``bn -> sn -> maxpool(3, 2, 1)`` and each block's ``bn2 -> + x -> sn2`` become
+    chains; a training step and eval agree with the compile without the pass (spikes and
+    outputs bit-equal, gradients within 1e-5 relative: batchnorm sums over deep paths);
+    unfuse_chains restores the adds and the pooling."""
+    torch.manual_seed(3)
+    model = _resnet()
+    x = (torch.rand(3, 2, 2, 8, 8) < 0.5).float()
+    fused = snncompile.optimize(copy.deepcopy(model), x)
+    plain = snncompile.optimize(copy.deepcopy(model), x, passes=_without())
+    chains = {n.name: n.attrs["chain"] for n in fused.graph.find(Op.FUSED_NEURON)
+              if "chain" in n.attrs}  # fmt: skip
+    assert sorted(chains.values()).count(("bn", "add", "neuron")) == 2
+    assert ("bn", "neuron", "pool") in chains.values()
+    assert not fused.graph.find(Op.ADD) and not fused.graph.find(Op.MAXPOOL)
+    verify(fused.graph)
+    rec = next(r for r in fused.records if r.name == "fuse_chains")
+    assert any("(+ %" in n for n in rec.notes)
+    for step in range(2):
+        functional.reset_net(fused)
+        functional.reset_net(plain)
+        ya, yb = fused(x), plain(x)
+        assert torch.equal(ya, yb), step
+        g = torch.randn_like(ya)
+        (ya * g).sum().backward()
+        (yb * g).sum().backward()
+        for (n, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            assert _rel(p.grad, q.grad) < 1e-5, n
+            p.grad = q.grad = None
+    fused.eval()
+    plain.eval()
+    functional.reset_net(fused)
+    functional.reset_net(plain)
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+    g = fused.graph.copy()
+    assert unfuse_chains(g).modified
+    assert len(g.find(Op.ADD)) == 2 and len(g.find(Op.MAXPOOL)) == 1
+    verify(g)
+
+
+def test_residual_left_when_batchnorm_exact():
+    """With fold_batchnorm=False no batchnorm is merged, so the adds stay too."""
+    model = _resnet()
+    x = (torch.rand(2, 2, 2, 8, 8) < 0.5).float()
+    c = snncompile.optimize(copy.deepcopy(model).eval(), x, mode="inference",
+                            fold_batchnorm=False)  # fmt: skip
+    assert len(c.graph.find(Op.ADD)) == 2
+    with torch.no_grad():
+        functional.reset_net(model)
+        assert torch.equal(c(x), model.eval()(x))

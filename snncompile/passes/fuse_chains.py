@@ -37,7 +37,9 @@ same ops unfused. Listed in the pipeline's ``'fusion'`` stage (both modes), afte
 
 from __future__ import annotations
 
-from snncompile.ir.graph import Graph, Node
+import dataclasses
+
+from snncompile.ir.graph import Graph, Node, Ref
 from snncompile.ir.ops import Layout, Op
 from snncompile.passes.base import PassResult
 from snncompile.passes.fuse_elementwise import MERGED_ATTR
@@ -74,6 +76,38 @@ def _bn_before(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[
     return split, bn
 
 
+def _residual_before(
+    graph: Graph, node: Node, users: dict[str, list[Node]]
+) -> tuple[Node, str] | None:
+    """``(add, r)``: ``node`` reads ``add = split + r`` (or ``r + split``) only, where ``split``
+    is a single-user ``SPLIT_TIME`` of a batchnorm; ``r`` is the other operand's name."""
+    if len(node.inputs) != 1 or node.attrs.get("args") not in (None, (Ref(0),)):
+        return None
+    add = graph[node.inputs[0]]
+    if (
+        add.op is not Op.ADD
+        or len(add.inputs) != 2
+        or add.inputs[0] == add.inputs[1]
+        or add.layout is not Layout.SEQ
+        or add.attrs.get("kwargs")
+        or add.attrs.get("args") not in (None, (Ref(0), Ref(1)))
+        or _single(users, add.name) is not node
+    ):
+        return None
+    for i in (0, 1):
+        split, other = graph[add.inputs[i]], graph[add.inputs[1 - i]]
+        if (
+            split.op is Op.SPLIT_TIME
+            and _single(users, split.name) is add
+            and other.layout is Layout.SEQ
+            and other.shape is not None
+            and other.shape == node.shape == split.shape
+            and graph[split.inputs[0]].op is Op.BATCHNORM
+        ):
+            return add, other.name
+    return None
+
+
 def _pool_after(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[Node, Node] | None:
     """``(merge, pool)`` reading ``node``'s spikes only, or None."""
     merge = _single(users, node.name)
@@ -108,7 +142,17 @@ def fuse_chains(graph: Graph) -> PassResult:
         if dynamics_for(node.module) is None or node.shape is None or len(node.shape) != 5:
             continue
         users = graph.users_map()
-        before = _bn_before(graph, node, users)
+        residual = _residual_before(graph, node, users)
+        if residual is not None:  # view the batchnorm's split as the neuron's input
+            add, r_name = residual
+            split_name = next(i for i in add.inputs if i != r_name)
+            probe = dataclasses.replace(node, inputs=(split_name,), attrs={})
+            users = {**users, split_name: [probe]}
+            before = _bn_before(graph, probe, users)
+            if before is None:
+                residual = None
+        if residual is None:
+            before = _bn_before(graph, node, users)
         after = _pool_after(graph, node, users)
         if before is not None and exact_bn:
             left.append(f"%{before[1].name}: fold_batchnorm=False keeps PyTorch's batchnorm")
@@ -125,14 +169,25 @@ def fuse_chains(graph: Graph) -> PassResult:
         if why is not None:
             left.append(f"%{node.name}: {why}")
             continue
+        if residual is not None and before is None:
+            residual = None  # fold_batchnorm=False or no chain: the add stays as it is
         record: dict[str, object] = {"neuron": node.module, "shape": node.shape}
         parts = []
+        if residual is not None:
+            add, r_name = residual
+            node.inputs = (next(i for i in add.inputs if i != r_name), r_name)
+            if "args" in node.attrs:
+                node.attrs["args"] = (Ref(0), Ref(1))
+            graph.remove(add.name)
+            record["add"] = (add, r_name)
         if before is not None:
             split, bn_node = before
             split.inputs = (bn_node.inputs[0],)
             graph.remove(bn_node.name)
             record["bn"] = bn_node
             parts.append(f"%{bn_node.name}")
+        if residual is not None:
+            parts.append(f"%{residual[0].name} (+ %{residual[1]})")
         parts.append(f"%{node.name}")
         if after is not None:
             merge, pool_node = after
@@ -144,9 +199,11 @@ def fuse_chains(graph: Graph) -> PassResult:
             graph.remove(pool_node.name)
             record["pool"] = (pool_node, merge.name)
             parts.append(f"%{pool_node.name}")
-        node.module = FusedChain(record["neuron"], bn, pool)  # type: ignore[arg-type]
+        node.module = FusedChain(  # type: ignore[arg-type]
+            record["neuron"], bn, pool, residual=residual is not None
+        )
         node.attrs[CHAIN_ATTR] = record
-        node.attrs["chain"] = tuple(k for k in ("bn", "neuron", "pool") if k in record)
+        node.attrs["chain"] = tuple(k for k in ("bn", "add", "neuron", "pool") if k in record)
         fused.append(" -> ".join(parts))
     notes = [f"fused {len(fused)} chain(s)"] + [f"fused {f}" for f in fused]
     notes += [f"left {w}" for w in left]
@@ -156,8 +213,6 @@ def fuse_chains(graph: Graph) -> PassResult:
 def unfuse_chains(graph: Graph) -> PassResult:
     """Undo :func:`fuse_chains` on ``graph`` (in place): the batchnorm and pooling nodes come
     back and the neuron nodes run their neuron modules again (exporters use it)."""
-    import dataclasses
-
     restored = 0
     for node in graph.find(Op.FUSED_NEURON):
         record = node.attrs.pop(CHAIN_ATTR, None)
@@ -172,6 +227,13 @@ def unfuse_chains(graph: Graph) -> PassResult:
             split = graph[node.inputs[0]]
             graph.add(bn, before=split.name)
             split.inputs = (bn.name,)
+        if "add" in record:
+            add = record["add"][0]
+            add = dataclasses.replace(add, attrs=dict(add.attrs), meta=dict(add.meta))
+            graph.add(add, before=node.name)
+            node.inputs = (add.name,)
+            if "args" in node.attrs:
+                node.attrs["args"] = (Ref(0),)
         if "pool" in record:
             pool, merge_name = record["pool"]
             pool = dataclasses.replace(pool, attrs=dict(pool.attrs), meta=dict(pool.meta))
