@@ -345,7 +345,9 @@ def generate_chain(
     if pool == "none" and window != (1, 1, 0):
         raise ValueError(f"generate_chain: no pooling takes window (1, 1, 0), not {window}")
     if pool == "avg" and (stride != k or pad != 0):
-        raise ValueError(f"generate_chain: avg pooling needs stride == kernel, no padding: {window}")
+        raise ValueError(
+            f"generate_chain: avg pooling needs stride == kernel and no padding, not {window}"
+        )
     if k < 1 or stride < 1 or not 0 <= pad <= k // 2:
         raise ValueError(f"generate_chain: bad pooling window (kernel, stride, pad) {window}")
     if prologue not in PROLOGUES:

@@ -244,4 +244,3 @@ def unfuse_chains(graph: Graph) -> PassResult:
             graph.add(pool, after=merge_name)
         restored += 1
     return PassResult(graph, bool(restored), [f"restored the chains of {restored} neuron(s)"])
-
