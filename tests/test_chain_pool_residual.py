@@ -208,13 +208,75 @@ def test_pass_fuses_residual_and_stem_pool():
     verify(g)
 
 
-def test_residual_left_when_batchnorm_exact():
-    """With fold_batchnorm=False no batchnorm is merged, so the adds stay too."""
+def test_residual_without_batchnorm_when_exact():
+    """With fold_batchnorm=False no batchnorm is merged, but the adds are (without a prologue),
+    and the eval output stays bit-exact with the eager model."""
     model = _resnet()
     x = (torch.rand(2, 2, 2, 8, 8) < 0.5).float()
     c = snncompile.optimize(copy.deepcopy(model).eval(), x, mode="inference",
                             fold_batchnorm=False)  # fmt: skip
-    assert len(c.graph.find(Op.ADD)) == 2
+    assert len(c.graph.find(Op.BATCHNORM)) == 5 and not c.graph.find(Op.ADD)
     with torch.no_grad():
         functional.reset_net(model)
         assert torch.equal(c(x), model.eval()(x))
+
+
+class _SewBlock(_Block):
+    """A SEW-ResNet ADD block: ``sn2(bn2(conv2(sn1(bn1(conv1(x)))))) + x``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sn2(self.bn2(self.conv2(self.sn1(self.bn1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("mode", ["train", "inference"])
+def test_pass_fuses_sew_add_after_neuron(mode):
+    """SEW's ``x + sn2(...)`` is merged into sn2's chain (``'added'``); training and inference
+    agree with the compile without the pass (outputs bit-equal, gradients within 1e-5)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        layer.Conv2d(2, 4, 3, padding=1, bias=False), layer.BatchNorm2d(4),
+        neuron.IFNode(surrogate_function=surrogate.ATan(), detach_reset=True),
+        _SewBlock(4), _SewBlock(4), layer.Flatten(), layer.Linear(256, 3),
+    )  # fmt: skip
+    functional.set_step_mode(model, "m")
+    if mode == "inference":
+        model.eval()
+    x = (torch.rand(3, 2, 2, 8, 8) < 0.5).float()
+    passes = [n for n, _ in build_pipeline(mode) if n not in ("fuse_chains", "pack_spikes")]
+    fused = snncompile.optimize(copy.deepcopy(model), x, mode=mode)
+    plain = snncompile.optimize(copy.deepcopy(model), x, mode=mode, passes=passes)
+    chains = [n.attrs.get("chain") for n in fused.graph.find(Op.FUSED_NEURON)]
+    assert sum(1 for c in chains if c and "added" in c) == 2
+    assert not fused.graph.find(Op.ADD)
+    verify(fused.graph)
+    ya, yb = fused(x), plain(x)
+    assert torch.equal(ya, yb)
+    if mode == "train":
+        g = torch.randn_like(ya)
+        (ya * g).sum().backward()
+        (yb * g).sum().backward()
+        for (n, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            assert _rel(p.grad, q.grad) < 1e-5, n
+    g2 = fused.graph.copy()
+    assert unfuse_chains(g2).modified
+    assert len(g2.find(Op.ADD)) == 2
+    verify(g2)
+
+
+def test_added_residual_module_matches_unfused():
+    """FusedChain(added=True): ``e + neuron(bn(x))``, gradients of ``x`` and ``e``."""
+    torch.manual_seed(6)
+    chain = FusedChain(_lif(), _bn(3), None, added=True)
+    ref = copy.deepcopy(chain)
+    x = torch.randn(3, 2, 3, 5, 5).requires_grad_()
+    e = torch.randn(3, 2, 3, 5, 5).requires_grad_()
+    xr, er = x.detach().clone().requires_grad_(), e.detach().clone().requires_grad_()
+    y, y_ref = chain(x, e), ref.unfused(xr, er)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert _rel(x.grad, xr.grad) < 1e-6
+    assert torch.equal(e.grad, er.grad)
+    with pytest.raises(ValueError, match="needs no pooling"):
+        FusedChain(_lif(), None, nn.MaxPool2d(2), added=True)

@@ -101,6 +101,12 @@ POOLS: dict[str, PoolCode] = {
         forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j];\n",
         backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
     ),
+    # No pooling, the spikes plus a residual ``e`` (SEW ResNet's ADD): ``out = s + e``; the
+    # spikes' gradient is the output's (and so is ``e``'s, which the caller passes on).
+    "sum": PoolCode(
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] + et[j];\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
+    ),
     # PyTorch's max_pool2d: padded positions never win (they are -inf), and the window's
     # maximum is the first in row-major order over its in-bounds part (strict >). The gradient
     # of each output is added to that position, outputs in row-major order (as PyTorch's CPU
@@ -142,13 +148,14 @@ _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 
 _C_CHAIN = """\
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
-                    const float *restrict v_init, const float *restrict uniforms,
+                    const float *restrict e_seq, const float *restrict v_init,
+                    const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
                     float *restrict out_seq, float *restrict v_last,
                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                     int32_t num_threads)
 {{
-    (void)ca; (void)cb; (void)r_seq;
+    (void)ca; (void)cb; (void)r_seq; (void)e_seq;
 {uniforms}
     const int64_t HW = H * W, P = NB * C;
     const int64_t K = {k}, S = {s}, PD = {pd};
@@ -170,6 +177,8 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
+            const float *restrict et = e_seq ? e_seq + off : xt;
+            (void)et;
             float *restrict ot = out_seq + (t * P + p) * OHW;
             for (int64_t j = 0; j < HW; ++j) {{
                 const float v = v_state[j];
@@ -342,7 +351,7 @@ def generate_chain(
     ``window`` is the pooling's ``(kernel, stride, padding)`` (square), built into the source.
     """
     k, stride, pad = window
-    if pool == "none" and window != (1, 1, 0):
+    if pool in ("none", "sum") and window != (1, 1, 0):
         raise ValueError(f"generate_chain: no pooling takes window (1, 1, 0), not {window}")
     if pool == "avg" and (stride != k or pad != 0):
         raise ValueError(
@@ -371,7 +380,7 @@ def generate_chain(
     load_v = f"{ind}const float v = vb[t * HW + j];\n" if need_v else ""
     gu_acc = "\n".join(f"{ind}acc[{2 + i} * HW + j] += (double)gu{i};" for i in range(nu))
     tag = f"{prologue}_{pool}{'_res' if residual else ''}"
-    if pool != "none":
+    if pool in ("max", "avg"):
         tag += f"_k{k}s{stride}p{pad}"
     name = f"snnc_{dynamics.name}_{tag}_{dynamics.key()}"
     body = forward_body(program, C_TARGET)

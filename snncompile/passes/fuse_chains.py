@@ -80,7 +80,8 @@ def _residual_before(
     graph: Graph, node: Node, users: dict[str, list[Node]]
 ) -> tuple[Node, str] | None:
     """``(add, r)``: ``node`` reads ``add = split + r`` (or ``r + split``) only, where ``split``
-    is a single-user ``SPLIT_TIME`` of a batchnorm; ``r`` is the other operand's name."""
+    is a single-user ``SPLIT_TIME`` (of a batchnorm, or of a convolution whose batchnorm was
+    folded); ``r`` is the other operand's name."""
     if len(node.inputs) != 1 or node.attrs.get("args") not in (None, (Ref(0),)):
         return None
     add = graph[node.inputs[0]]
@@ -102,10 +103,32 @@ def _residual_before(
             and other.layout is Layout.SEQ
             and other.shape is not None
             and other.shape == node.shape == split.shape
-            and graph[split.inputs[0]].op is Op.BATCHNORM
         ):
             return add, other.name
     return None
+
+
+def _add_after(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[Node, str] | None:
+    """``(add, e)``: the only reader of ``node``'s spikes is ``add = node + e`` (or ``e +
+    node``) of the same shape, ``e`` another ``seq`` value (SEW ResNet's ADD)."""
+    add = _single(users, node.name)
+    if (
+        add is None
+        or add.op is not Op.ADD
+        or len(add.inputs) != 2
+        or node.name not in add.inputs
+        or add.inputs[0] == add.inputs[1]
+        or add.layout is not Layout.SEQ
+        or add.attrs.get("kwargs")
+        or add.attrs.get("args") not in (None, (Ref(0), Ref(1)))
+    ):
+        return None
+    other = graph[next(i for i in add.inputs if i != node.name)]
+    if other.layout is not Layout.SEQ or other.shape is None or other.shape != node.shape:
+        return None
+    if add.shape is not None and add.shape != node.shape:
+        return None
+    return add, other.name
 
 
 def _pool_after(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[Node, Node] | None:
@@ -133,6 +156,7 @@ def fuse_chains(graph: Graph) -> PassResult:
 
     fused: list[str] = []
     left: list[str] = []
+    reorder = False
     # optimize(fold_batchnorm=False) asks for eval outputs bit-exact with the eager model; the
     # kernel's x * a + b may round 1 ulp off PyTorch's batchnorm, so batchnorms stay unmerged.
     exact_bn = bool(graph.meta.get("exact_batchnorm"))
@@ -149,28 +173,28 @@ def fuse_chains(graph: Graph) -> PassResult:
             probe = dataclasses.replace(node, inputs=(split_name,), attrs={})
             users = {**users, split_name: [probe]}
             before = _bn_before(graph, probe, users)
-            if before is None:
-                residual = None
-        if residual is None:
+        else:
             before = _bn_before(graph, node, users)
         after = _pool_after(graph, node, users)
+        added = _add_after(graph, node, users) if after is None else None
         if before is not None and exact_bn:
             left.append(f"%{before[1].name}: fold_batchnorm=False keeps PyTorch's batchnorm")
             before = None
         bn = before[1].module if before else None
         pool = after[1].module if after else None
-        if before is None and after is None:
+        if before is None and after is None and added is None and residual is None:
             continue  # a plain neuron: nothing to merge
         why = chain_blocker(node.module, bn, pool)
         if why is not None and after is not None:
             left.append(f"%{node.name} -> %{after[1].name}: {why}")
             after, pool = None, None
-            why = chain_blocker(node.module, bn, None) if before is not None else "no batchnorm"
+            if before is not None or residual is not None:
+                why = chain_blocker(node.module, bn, None)
+            else:
+                why = "nothing else to merge"
         if why is not None:
             left.append(f"%{node.name}: {why}")
             continue
-        if residual is not None and before is None:
-            residual = None  # fold_batchnorm=False or no chain: the add stays as it is
         record: dict[str, object] = {"neuron": node.module, "shape": node.shape}
         parts = []
         if residual is not None:
@@ -199,14 +223,28 @@ def fuse_chains(graph: Graph) -> PassResult:
             graph.remove(pool_node.name)
             record["pool"] = (pool_node, merge.name)
             parts.append(f"%{pool_node.name}")
+        if added is not None:
+            add_node, e_name = added
+            node.inputs = (*node.inputs, e_name)
+            if "args" in node.attrs:
+                node.attrs["args"] = tuple(Ref(i) for i in range(len(node.inputs)))
+            graph.replace_all_uses(add_node.name, node.name)
+            graph.remove(add_node.name)
+            record["added"] = (add_node, e_name)
+            parts.append(f"%{add_node.name} (+ %{e_name})")
+            reorder = True
         node.module = FusedChain(  # type: ignore[arg-type]
-            record["neuron"], bn, pool, residual=residual is not None
+            record["neuron"], bn, pool, residual=residual is not None, added=added is not None
         )
         node.attrs[CHAIN_ATTR] = record
-        node.attrs["chain"] = tuple(k for k in ("bn", "add", "neuron", "pool") if k in record)
+        node.attrs["chain"] = tuple(
+            k for k in ("bn", "add", "neuron", "pool", "added") if k in record
+        )
         fused.append(" -> ".join(parts))
     notes = [f"fused {len(fused)} chain(s)"] + [f"fused {f}" for f in fused]
     notes += [f"left {w}" for w in left]
+    if reorder:  # an added residual may be computed after the neuron (a downsample branch)
+        graph.toposort()
     return PassResult(graph, bool(fused), notes if (fused or left) else [])
 
 
@@ -234,6 +272,15 @@ def unfuse_chains(graph: Graph) -> PassResult:
             node.inputs = (add.name,)
             if "args" in node.attrs:
                 node.attrs["args"] = (Ref(0),)
+        if "added" in record:
+            add = record["added"][0]
+            add = dataclasses.replace(add, attrs=dict(add.attrs), meta=dict(add.meta))
+            node.inputs = node.inputs[:-1]
+            if "args" in node.attrs:
+                node.attrs["args"] = tuple(Ref(i) for i in range(len(node.inputs)))
+            graph.replace_all_uses(node.name, add.name)
+            graph.add(add)
+            graph.toposort()
         if "pool" in record:
             pool, merge_name = record["pool"]
             pool = dataclasses.replace(pool, attrs=dict(pool.attrs), meta=dict(pool.meta))

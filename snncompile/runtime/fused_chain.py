@@ -79,7 +79,7 @@ class ChainKernel:
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
         self.fwd = getattr(lib, syms[0])
-        self.fwd.argtypes = [_P] * 8 + [_I64] * 5 + [_I32]
+        self.fwd.argtypes = [_P] * 9 + [_I64] * 5 + [_I32]
         self.bwd = getattr(lib, syms[1])
         self.bwd.argtypes = [_P] * 12 + [_I64] * 5 + [_I32]
         self.stats = getattr(lib, syms[2])
@@ -130,6 +130,7 @@ class _ChainFunction(torch.autograd.Function):
         kern: ChainKernel,
         x: torch.Tensor,
         r: torch.Tensor | None,
+        e: torch.Tensor | None,
         v0: torch.Tensor,
         uniforms: torch.Tensor,
         ca: torch.Tensor | None,
@@ -155,7 +156,7 @@ class _ChainFunction(torch.autograd.Function):
         ca_c = None if ca is None else ca.detach().float().contiguous()
         cb_c = None if cb is None else cb.detach().float().contiguous()
         kern.fwd(
-            _ptr(x), _ptr(r), _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(out),
+            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(out),
             _ptr(v_last), T, NB, C, H, W, num_threads(x.numel()),
         )  # fmt: skip
         ctx.kern, ctx.bn = kern, bn is not None
@@ -200,9 +201,9 @@ class _ChainFunction(torch.autograd.Function):
             gxin = WORKSPACES.empty(tuple(x.shape))
             kern.bn_bwd(_ptr(gx), _ptr(x), _ptr(coeffs), _ptr(gxin), T * NB * C, C, H * W,
                         num_threads(x.numel()))  # fmt: skip
-            if weight is not None and ctx.needs_input_grad[7]:
+            if weight is not None and ctx.needs_input_grad[8]:
                 g_w = (dotp * inv).float()
-            if ctx.needs_input_grad[8]:
+            if ctx.needs_input_grad[9]:
                 g_b = s_g.float()
         else:
             if ctx.has_ca:
@@ -211,9 +212,11 @@ class _ChainFunction(torch.autograd.Function):
                 g_cb = s_g.float()
         # x = prologue(xin) + r: the residual's gradient is the neuron input's, gx.
         g_r = gx if r is not None and ctx.needs_input_grad[2] else None
-        g_v0 = gv0 if ctx.needs_input_grad[3] else None
-        g_u = g_u if ctx.needs_input_grad[4] else None
-        return None, gxin, g_r, g_v0, g_u, g_ca, g_cb, g_w, g_b, None
+        # out = s + e: the added residual's gradient is the output's.
+        g_e = g_out if ctx.needs_input_grad[3] else None
+        g_v0 = gv0 if ctx.needs_input_grad[4] else None
+        g_u = g_u if ctx.needs_input_grad[5] else None
+        return None, gxin, g_r, g_e, g_v0, g_u, g_ca, g_cb, g_w, g_b, None
 
 
 def _pooled(window: tuple[int, int, int], H: int, W: int) -> tuple[int, int]:
@@ -270,8 +273,9 @@ class FusedChain(nn.Module):
     """``pool(neuron(bn(x) + r))`` on ``[T, N, C, H, W]`` as one generated kernel when possible.
 
     ``bn`` (a ``BatchNorm2d``) and ``pool`` (``MaxPool2d`` / ``AvgPool2d``) may be None; with
-    ``residual`` the forward takes a second input ``r`` (same shape as ``x``) added to the
-    batchnorm's output before the neuron. The modules are the compiled model's; see the module
+    ``residual`` the forward takes an input ``r`` (same shape as ``x``) added to the
+    batchnorm's output before the neuron, with ``added`` an input ``e`` added to the spikes
+    (SEW ResNet's ADD: ``out = e + s``). The modules are the compiled model's; see the module
     docstring for the math and the fallback.
     """
 
@@ -281,9 +285,13 @@ class FusedChain(nn.Module):
         bn: nn.Module | None,
         pool: nn.Module | None,
         residual: bool = False,
+        added: bool = False,
     ) -> None:
         super().__init__()
         self.residual = residual
+        self.added = added
+        if added and pool is not None:
+            raise ValueError("FusedChain: a residual added after the neuron needs no pooling.")
         why = chain_blocker(neuron, bn, pool)
         if why is not None:
             raise ValueError(f"FusedChain: {why}; keep the ops separate.")
@@ -322,20 +330,38 @@ class FusedChain(nn.Module):
                 return False
         return dynamics_for(self.neuron) is not None
 
-    def forward(self, x_seq: torch.Tensor, r_seq: torch.Tensor | None = None) -> torch.Tensor:
-        """Run ``x_seq`` ``[T, N, C, H, W]`` (plus the residual ``r_seq`` of that shape when the
-        chain has one); returns the (pooled) spikes ``[T, N, C, H', W']``."""
-        if (r_seq is not None) != self.residual:
+    def _split(
+        self, x_seq: torch.Tensor, extra: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(r, e)`` from the inputs after ``x``: ``r`` when ``residual``, then ``e`` when
+        ``added``; each must have ``x``'s shape."""
+        want = int(self.residual) + int(self.added)
+        if len(extra) != want:
             raise ValueError(
-                f"FusedChain: built with residual={self.residual} but called with"
-                f"{'out' if r_seq is None else ''} a residual input"
+                f"FusedChain: built with residual={self.residual}, added={self.added}, so it "
+                f"takes {1 + want} input(s), got {1 + len(extra)}"
             )
-        if r_seq is not None and (
-            r_seq.shape != x_seq.shape or r_seq.dtype != x_seq.dtype or r_seq.device != x_seq.device
-        ):
-            return self.unfused(x_seq, r_seq)
+        for t in extra:
+            if t.shape != x_seq.shape:
+                raise ValueError(
+                    f"FusedChain: a residual input has shape {tuple(t.shape)}, the chain's "
+                    f"input {tuple(x_seq.shape)}; the fused add does not broadcast"
+                )
+        it = iter(extra)
+        r = next(it) if self.residual else None
+        e = next(it) if self.added else None
+        return r, e
+
+    def forward(self, x_seq: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """Run ``x_seq`` ``[T, N, C, H, W]`` (then the residual ``r`` added before the neuron
+        when ``residual``, then ``e`` added to the spikes when ``added``, both of that shape);
+        returns the (pooled) spikes ``[T, N, C, H', W']`` (plus ``e``)."""
+        r_seq, e_seq = self._split(x_seq, extra)
+        for t in (r_seq, e_seq):
+            if t is not None and (t.dtype != x_seq.dtype or t.device != x_seq.device):
+                return self.unfused(x_seq, *extra)
         if not self._fused_ok(x_seq):
-            return self.unfused(x_seq, r_seq)
+            return self.unfused(x_seq, *extra)
         d = dynamics_for(self.neuron)
         assert d is not None
         neuron, bn = self.neuron, self.bn
@@ -349,15 +375,17 @@ class FusedChain(nn.Module):
                 bn_info = {"eps": float(bn.eps), "update": self._updater()}
             else:
                 ca, cb = _eval_affine(bn)
-        kern = chain_kernel(d, prologue, self.pool_kind, self.residual, self.pool_window)
+        kind = "sum" if self.added else self.pool_kind
+        kern = chain_kernel(d, prologue, kind, self.residual, self.pool_window)
         r_c = None if r_seq is None else r_seq.contiguous()
+        e_c = None if e_seq is None else e_seq.contiguous()
         params = {n: getattr(neuron, n) for n in d.param_names}
         uniforms = uniforms_for(d, params or None, x_seq.device)
         shape = x_seq.shape[1:]
         neuron.v_float_to_tensor(x_seq[0])
         v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
         out, v_last = _ChainFunction.apply(
-            kern, x_seq.contiguous(), r_c, v0, uniforms, ca, cb, weight, bias, bn_info
+            kern, x_seq.contiguous(), r_c, e_c, v0, uniforms, ca, cb, weight, bias, bn_info
         )
         neuron.v = v_last.view(shape)
         return out
@@ -381,16 +409,17 @@ class FusedChain(nn.Module):
 
         return update
 
-    def unfused(self, x_seq: torch.Tensor, r_seq: torch.Tensor | None = None) -> torch.Tensor:
+    def unfused(self, x_seq: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """The chain as separate ops, as the unfused compiled graph runs them."""
-        return self.unfused_with_spikes(x_seq, r_seq)[0]
+        return self.unfused_with_spikes(x_seq, *extra)[0]
 
     def unfused_with_spikes(
-        self, x_seq: torch.Tensor, r_seq: torch.Tensor | None = None
+        self, x_seq: torch.Tensor, *extra: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, spikes)``: the chain as separate ops, and the neuron's own (unpooled)
         spikes ``[T, N, C, H, W]``, which the fused kernel never writes (the profiler counts
         them)."""
+        r_seq, e_seq = self._split(x_seq, extra)
         T = x_seq.shape[0]
         if self.bn is not None:
             x_seq = self.bn(x_seq.flatten(0, 1)).unflatten(0, (T, -1))
@@ -399,6 +428,8 @@ class FusedChain(nn.Module):
         spikes = out = self.neuron(x_seq)
         if self.pool is not None:
             out = self.pool(spikes.flatten(0, 1)).unflatten(0, (T, -1))
+        if e_seq is not None:
+            out = e_seq + out
         return out, spikes
 
 
