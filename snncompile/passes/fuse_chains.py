@@ -152,7 +152,7 @@ def _pool_after(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple
 def fuse_chains(graph: Graph) -> PassResult:
     """Merge batchnorms and poolings into the fused neurons next to them (module docstring)."""
     from snncompile.runtime.fused_backends import dynamics_for
-    from snncompile.runtime.fused_chain import FusedChain, chain_blocker
+    from snncompile.runtime.fused_chain import FusedChain, chain_blocker, size_blocker
 
     fused: list[str] = []
     left: list[str] = []
@@ -184,6 +184,10 @@ def fuse_chains(graph: Graph) -> PassResult:
         pool = after[1].module if after else None
         if before is None and after is None and added is None and residual is None:
             continue  # a plain neuron: nothing to merge
+        small = size_blocker(node.module, node.shape)
+        if small is not None:
+            left.append(f"%{node.name}: {small}")
+            continue
         why = chain_blocker(node.module, bn, pool)
         if why is not None and after is not None:
             left.append(f"%{node.name} -> %{after[1].name}: {why}")

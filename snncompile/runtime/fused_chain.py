@@ -252,6 +252,26 @@ def _pool_window(pool: nn.Module | None) -> tuple[str, tuple[int, int, int]] | N
     return None
 
 
+#: With ``backend='auto'`` a chain is fused only when its planes have at least this many
+#: neurons (``H * W``): one kernel work item is one ``(n, c)`` plane, and on ResNet-18's
+#: 4x4 / 2x2 / 1x1 planes (``benchmarks/bench_chain_fusion.py``) the per-plane loop and the
+#: per-call statistics ops made the fused chain 0.5-0.9x the unfused ops.
+AUTO_MIN_PLANE = 32
+
+
+def size_blocker(neuron: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why ``backend='auto'`` leaves a chain on ``[T, N, C, H, W]`` inputs unfused, or None."""
+    if getattr(neuron, "backend", "auto") != "auto" or len(shape) != 5:
+        return None
+    plane = shape[3] * shape[4]
+    if plane < AUTO_MIN_PLANE:
+        return (
+            f"planes of {plane} < {AUTO_MIN_PLANE} neurons, where the per-plane chain kernel "
+            "is slower than the separate ops (backend='cpu' fuses them anyway)"
+        )
+    return None
+
+
 def chain_blocker(neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | None) -> str | None:
     """Why ``bn -> neuron -> pool`` has no chain kernel, or None when it has one."""
     if dynamics_for(neuron) is None:
