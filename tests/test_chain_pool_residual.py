@@ -175,8 +175,8 @@ def test_pass_fuses_residual_and_stem_pool():
     torch.manual_seed(3)
     model = _resnet()
     x = (torch.rand(3, 2, 2, 8, 8) < 0.5).float()
-    fused = snncompile.optimize(copy.deepcopy(model), x)
-    plain = snncompile.optimize(copy.deepcopy(model), x, passes=_without())
+    fused = snncompile.optimize(copy.deepcopy(model), x, backend="cpu")
+    plain = snncompile.optimize(copy.deepcopy(model), x, backend="cpu", passes=_without())
     chains = {n.name: n.attrs["chain"] for n in fused.graph.find(Op.FUSED_NEURON)
               if "chain" in n.attrs}  # fmt: skip
     assert sorted(chains.values()).count(("bn", "add", "neuron")) == 2
@@ -213,7 +213,7 @@ def test_residual_without_batchnorm_when_exact():
     and the eval output stays bit-exact with the eager model."""
     model = _resnet()
     x = (torch.rand(2, 2, 2, 8, 8) < 0.5).float()
-    c = snncompile.optimize(copy.deepcopy(model).eval(), x, mode="inference",
+    c = snncompile.optimize(copy.deepcopy(model).eval(), x, backend="cpu", mode="inference",
                             fold_batchnorm=False)  # fmt: skip
     assert len(c.graph.find(Op.BATCHNORM)) == 5 and not c.graph.find(Op.ADD)
     with torch.no_grad():
@@ -243,8 +243,8 @@ def test_pass_fuses_sew_add_after_neuron(mode):
         model.eval()
     x = (torch.rand(3, 2, 2, 8, 8) < 0.5).float()
     passes = [n for n, _ in build_pipeline(mode) if n not in ("fuse_chains", "pack_spikes")]
-    fused = snncompile.optimize(copy.deepcopy(model), x, mode=mode)
-    plain = snncompile.optimize(copy.deepcopy(model), x, mode=mode, passes=passes)
+    fused = snncompile.optimize(copy.deepcopy(model), x, backend="cpu", mode=mode)
+    plain = snncompile.optimize(copy.deepcopy(model), x, backend="cpu", mode=mode, passes=passes)
     chains = [n.attrs.get("chain") for n in fused.graph.find(Op.FUSED_NEURON)]
     assert sum(1 for c in chains if c and "added" in c) == 2
     assert not fused.graph.find(Op.ADD)
@@ -280,3 +280,15 @@ def test_added_residual_module_matches_unfused():
     assert torch.equal(e.grad, er.grad)
     with pytest.raises(ValueError, match="needs no pooling"):
         FusedChain(_lif(), None, nn.MaxPool2d(2), added=True)
+
+
+def test_auto_leaves_small_planes_with_reason():
+    """backend='auto' (the default) leaves chains on planes of < AUTO_MIN_PLANE neurons."""
+    model = _resnet()
+    x = (torch.rand(2, 2, 2, 8, 8) < 0.5).float()
+    c = snncompile.optimize(copy.deepcopy(model), x)
+    notes = next(r for r in c.records if r.name == "fuse_chains").notes
+    assert any("planes of 16 < 32 neurons" in n for n in notes)  # the 4x4 blocks
+    chains = [n.attrs.get("chain") for n in c.graph.find(Op.FUSED_NEURON)]
+    assert ("bn", "neuron", "pool") in chains  # the 8x8 stem
+    assert len(c.graph.find(Op.ADD)) == 2

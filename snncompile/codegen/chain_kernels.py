@@ -3,11 +3,12 @@
 A chain is what :mod:`snncompile.passes.fuse_chains` merges around a multi-step neuron on
 ``[T, N, C, H, W]``: an optional per-channel affine map of the input (a batchnorm in training or
 in inference, a per-channel scale), an optional residual input added before the neuron, the
-neuron, and an optional non-overlapping pooling of its spikes::
+neuron, and an optional pooling of its spikes (or a residual added to them)::
 
     x   = PROLOGUE(xin, a_c, b_c) (+ r)         # e.g. xin * a_c + b_c  (batchnorm: a = w/std)
     h, s, v = neuron step(v, x)                 # the neuron's own generated step body
-    out = POOL(s over K x K windows)            # max = OR of the spikes, avg = count / K^2
+    out = POOL(s over K x K windows, stride S, padding PD)  # max = OR, avg = count / K^2
+        or s + e                                # 'sum': SEW ResNet's ADD
 
 Everything is data: the prologue is an expression from :data:`PROLOGUES` (rendered by
 :func:`~snncompile.codegen.render.render_block`, its backward derived by
@@ -18,8 +19,9 @@ of :mod:`snncompile.codegen.kernels`, and the pooling loops are format strings f
 
 Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
 ``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
-the pooled gradient (max: to the first position of the window holding its maximum, as
-PyTorch's ``max_pool2d`` does, so no float indices are stored; avg: ``g / K^2`` everywhere),
+the pooled gradient (max: added to the first in-bounds position of the window holding its
+maximum, outputs in row-major order, as PyTorch's ``max_pool2d`` backward does, so no float
+indices are stored; avg: ``g / K^2`` everywhere),
 runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
 ``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
 and of the parameter gradients. The training batchnorm's own statistics and backward are two

@@ -1,36 +1,47 @@
-"""Chain fusion: ``BatchNorm2d -> neuron -> max/avg pool`` on ``[T, N, C, H, W]`` in one kernel.
+"""Chain fusion: ``BatchNorm2d -> (+ r) -> neuron -> max/avg pool (+ e)`` on ``[T, N, C, H, W]``.
 
-Math (per channel ``c``, per neuron and step): ``x = xin * a_c + b_c`` with ``a = w / sqrt(var +
-eps)``, ``b = bias - mean * a`` (batch statistics over ``T*N*H*W`` in training, as SpikingJelly's
-multi-step ``BatchNorm2d`` pools them; running statistics in eval), then the neuron's charge /
-fire / reset, then ``K x K`` pooling with stride ``K`` of the spikes (max: the OR of the window,
-avg: its count / ``K^2``). The unfused graph makes three passes over the ``[T*N, C, H, W]``
-tensor forward and three backward (plus the pooling's zero-filled gradient and its float
-indices); the fused node makes one forward (two in training: the statistics are a reduction
-before the neuron) and two backward, keeping only its input for backward (``h`` and the spikes
-are recomputed in the kernel, the max-pool routing recomputed from the spikes). Spikes are
+Math (per channel ``c``, per neuron and step): ``x = xin * a_c + b_c (+ r)`` with ``a = w /
+sqrt(var + eps)``, ``b = bias - mean * a`` (batch statistics over ``T*N*H*W`` in training, as
+SpikingJelly's multi-step ``BatchNorm2d`` pools them; running statistics in eval), then the
+neuron's charge / fire / reset, then either a pooling of the spikes (max: the OR of a ``K x K``
+window with stride ``S`` and padding ``P``, the gradient routed to PyTorch's first maximum and
+summed over overlapping windows; avg: ``K == S``, no padding, the count / ``K^2``) or ``out = e +
+s``. ``r`` is the residual add of a spiking ResNet block (``sn2(bn2(conv2(.)) + identity)``),
+``e`` SEW ResNet's ADD after the neuron (``identity + sn2(.)``); both gradients are pass-through
+(``gr = gx``, ``ge = gout``). The unfused graph makes one pass per op over the ``[T*N, C, H,
+W]`` tensor forward and backward (plus the pooling's zero-filled gradient and its indices); the
+fused node makes one forward (two in training: the statistics are a reduction before the
+neuron) and two backward, keeping only its inputs for backward (``h`` and the spikes are
+recomputed in the kernel, the max-pool routing recomputed from the spikes). Spikes are
 bit-identical to the unfused compile in eval and, in the tests, in training too (the statistics
 are float64 sums there: see :mod:`snncompile.runtime.fused_chain` for the bound); gradients
-agree to ~1e-6 relative.
+agree to ~1e-6 relative (the adds are exact: ``a + b`` is commutative in IEEE arithmetic).
 
 Cases handled: a ``FUSED_NEURON`` node running a plain snncompile neuron (``fuse_neurons`` made
-it; no merged scales, no ``store_v_seq``) on a 5-D ``seq`` input, with
+it; no merged scales, no ``store_v_seq``) on a 5-D ``seq`` input, with any of
 
 * before it, through a single-user ``SPLIT_TIME``, a ``BATCHNORM`` node (``nn.BatchNorm2d``, not
-  per step) whose only user is that split, and/or
-* after it, through a single-user ``MERGE_TIME``, the only reader of the spikes: a ``MAXPOOL`` /
-  ``AVGPOOL`` node (``nn.MaxPool2d`` / ``nn.AvgPool2d``) with a square window equal to its
-  stride, no padding, dilation 1, floor mode, no indices or divisor override.
+  per step) whose only user is that split;
+* between that split and the neuron, an ``ADD`` (its only user the neuron) of the split and
+  another ``seq`` value ``r`` of the same shape (also without a batchnorm: inference compiles
+  fold it into the convolution);
+* after it, through a single-user ``MERGE_TIME``, the only reader of the spikes: a ``MAXPOOL``
+  (square window, stride and padding, dilation 1, floor mode, no indices) or ``AVGPOOL``
+  (window == stride, no padding, floor mode, no divisor override) node; or, instead of a
+  pooling, an ``ADD`` of the spikes and another ``seq`` value ``e`` of the same shape, the only
+  reader of the spikes (the graph is re-sorted when ``e`` was computed after the neuron).
 
 The neuron node keeps its name, op and ``seq`` layout and runs a
-:class:`~snncompile.runtime.fused_chain.FusedChain`; the batchnorm and pooling nodes are removed
-(the split now reads the batchnorm's input; the merge gives the pooled shape). Left as they are,
-with the reason in the pass notes: neurons whose spikes have other readers than the pooling (the
-spikes must exist), pooling the kernels do not express, batchnorms with other users or other
-than 2-D, and a neuron with neither a batchnorm before nor a pooling after (nothing to merge).
-With ``optimize(..., fold_batchnorm=False)`` (``graph.meta['exact_batchnorm']``: eval outputs
-bit-exact with the eager model asked for) no batchnorm is merged, only poolings. On CUDA
-tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the
+:class:`~snncompile.runtime.fused_chain.FusedChain` on its inputs ``(x, [r], [e])``; the merged
+nodes are removed (the split now reads the batchnorm's input; the merge gives the pooled shape;
+the add's readers read the neuron). Left as they are, with the reason in the pass notes:
+neurons whose spikes have other readers (the spikes must exist), pooling the kernels do not
+express, batchnorms with other users or other than 2-D, with ``backend='auto'`` planes of fewer
+than :data:`~snncompile.runtime.fused_chain.AUTO_MIN_PLANE` neurons (the per-plane kernel is
+slower there), and a neuron with nothing next to it to merge. With
+``optimize(..., fold_batchnorm=False)`` (``graph.meta['exact_batchnorm']``: eval outputs
+bit-exact with the eager model asked for) no batchnorm is merged, only poolings and adds. On
+CUDA tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the
 same ops unfused. Listed in the pipeline's ``'fusion'`` stage (both modes), after
 ``fuse_elementwise`` and before ``pack_spikes``.
 """
@@ -184,7 +195,8 @@ def fuse_chains(graph: Graph) -> PassResult:
         pool = after[1].module if after else None
         if before is None and after is None and added is None and residual is None:
             continue  # a plain neuron: nothing to merge
-        small = size_blocker(node.module, node.shape)
+        backend = node.attrs.get("fused_backend", getattr(node.module, "backend", None))
+        small = size_blocker(backend, node.shape)
         if small is not None:
             left.append(f"%{node.name}: {small}")
             continue

@@ -8,7 +8,10 @@ parameters and running statistics, shared with the model), so ``reset_net``, ``t
 :mod:`snncompile.codegen.chain_kernels`::
 
     a_c, b_c = w_c * invstd_c, bias_c - mean_c * a_c         # eval: running stats; train: batch
-    x = xin * a_c + b_c;  h, s, v = neuron(v, x);  out = pool(s)
+    x = xin * a_c + b_c (+ r);  h, s, v = neuron(v, x);  out = pool(s)  or  out = e + s
+
+(``r``: a spiking ResNet's residual before the neuron, ``e``: SEW ResNet's ADD after it; their
+gradients are the neuron input's and the output's).
 
 Numbers: PyTorch's CPU batchnorm rounds ``a`` and ``b`` and contracts ``x * a + b`` in ways
 that depend on its vectorized code path, which the kernel does not reproduce, so the normalised
@@ -259,9 +262,10 @@ def _pool_window(pool: nn.Module | None) -> tuple[str, tuple[int, int, int]] | N
 AUTO_MIN_PLANE = 32
 
 
-def size_blocker(neuron: nn.Module, shape: tuple[int, ...]) -> str | None:
-    """Why ``backend='auto'`` leaves a chain on ``[T, N, C, H, W]`` inputs unfused, or None."""
-    if getattr(neuron, "backend", "auto") != "auto" or len(shape) != 5:
+def size_blocker(backend: str | None, shape: tuple[int, ...]) -> str | None:
+    """Why a chain whose neuron runs ``backend`` (``'auto'`` is size-driven) on ``[T, N, C, H,
+    W]`` inputs is left unfused, or None."""
+    if backend != "auto" or len(shape) != 5:
         return None
     plane = shape[3] * shape[4]
     if plane < AUTO_MIN_PLANE:
