@@ -292,3 +292,58 @@ def test_auto_leaves_small_planes_with_reason():
     chains = [n.attrs.get("chain") for n in c.graph.find(Op.FUSED_NEURON)]
     assert ("bn", "neuron", "pool") in chains  # the 8x8 stem
     assert len(c.graph.find(Op.ADD)) == 2
+
+
+def test_pass_fuses_per_channel_voltage_scales():
+    """ann2snn with channel-wise scales: ``VoltageScale([C, 1, 1]) -> IF -> VoltageScale`` is
+    one chain; outputs bit-equal to the converted model run eagerly and to the compile without
+    the pass, at two steps counts and after a second call without reset; unfuse restores them."""
+    from snncompile.ann2snn import convert
+    from snncompile.ann2snn.modules import VoltageScale
+
+    torch.manual_seed(7)
+    ann = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 64, 3),
+    ).eval()  # fmt: skip
+    snn = convert(ann, torch.rand(30, 2, 8, 8).split(10), channel_wise=True, progress=False)
+    assert any(isinstance(m, VoltageScale) and m.scale.numel() == 4 for m in snn.modules())
+    x = torch.rand(6, 2, 2, 8, 8)
+    passes = [n for n, _ in build_pipeline("inference") if n not in ("fuse_chains", "pack_spikes")]
+    fused = snncompile.optimize(copy.deepcopy(snn), x, mode="inference", backend="cpu")
+    plain = snncompile.optimize(copy.deepcopy(snn), x, mode="inference", backend="cpu",
+                                passes=passes)  # fmt: skip
+    chains = [n.attrs.get("chain") for n in fused.graph.find(Op.FUSED_NEURON)]
+    assert chains.count(("scale_in", "neuron", "scale_out")) == 2
+    assert not fused.graph.find(Op.ELEMENTWISE)
+    with torch.no_grad():
+        for m in (fused, plain, snn):
+            functional.reset_net(m)
+        for _ in range(2):  # the second call continues from the first call's membranes
+            y = fused(x)
+            assert torch.equal(y, plain(x))
+            assert torch.equal(y, snn(x))
+    g = fused.graph.copy()
+    assert unfuse_chains(g).modified
+    assert len(g.find(Op.ELEMENTWISE)) == 4
+    verify(g)
+
+
+def test_per_channel_scale_module_gradients():
+    """FusedChain with scale_in / scale_out: spikes and the input gradient as unfused."""
+    from snncompile.ann2snn.modules import VoltageScale
+
+    torch.manual_seed(8)
+    s_in, s_out = VoltageScale(torch.rand(3, 1, 1) + 0.5), VoltageScale(torch.rand(3, 1, 1) + 0.5)
+    chain = FusedChain(_lif(False), None, None, scale_in=s_in, scale_out=s_out)
+    ref = copy.deepcopy(chain)
+    x = (torch.randn(3, 2, 3, 6, 6) * 2).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, y_ref = chain(x), ref.unfused(xr)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert _rel(x.grad, xr.grad) < 1e-6
+    with pytest.raises(ValueError, match="batchnorm and an input scale"):
+        FusedChain(_lif(), _bn(3), None, scale_in=s_in)

@@ -103,6 +103,12 @@ POOLS: dict[str, PoolCode] = {
         forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j];\n",
         backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
     ),
+    # No pooling, the spikes times a per-channel scale ``eb_c`` (ann2snn's VoltageScale after
+    # the neuron): ``out = s * eb_c``, ``gs = g * eb_c`` (PyTorch's products).
+    "scale": PoolCode(
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] * eb_c;\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j] * eb_c;\n",
+    ),
     # No pooling, the spikes plus a residual ``e`` (SEW ResNet's ADD): ``out = s + e``; the
     # spikes' gradient is the output's (and so is ``e``'s, which the caller passes on).
     "sum": PoolCode(
@@ -153,6 +159,7 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
                     const float *restrict e_seq, const float *restrict v_init,
                     const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
+                    const float *restrict eb,
                     float *restrict out_seq, float *restrict v_last,
                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                     int32_t num_threads)
@@ -172,7 +179,8 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
         const int64_t c = p % C;
         const float ca_c = ca ? ca[c] : 1.0f;
         const float cb_c = cb ? cb[c] : 0.0f;
-        (void)ca_c; (void)cb_c;
+        const float eb_c = eb ? eb[c] : 1.0f;
+        (void)ca_c; (void)cb_c; (void)eb_c;
         memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p) * HW;
@@ -203,7 +211,7 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                      const float *restrict xin_seq, const float *restrict r_seq,
                      const float *restrict v_init, const float *restrict uniforms,
                      const float *restrict ca, const float *restrict cb,
-                     float *restrict gx_seq, float *restrict gxin_seq,
+                     const float *restrict eb, float *restrict gx_seq, float *restrict gxin_seq,
                      float *restrict grad_v_init, double *restrict psum,
                      int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                      int32_t num_threads)
@@ -228,7 +236,8 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         const int64_t c = p % C;
         const float ca_c = ca ? ca[c] : 1.0f;
         const float cb_c = cb ? cb[c] : 0.0f;
-        (void)ca_c; (void)cb_c;
+        const float eb_c = eb ? eb[c] : 1.0f;
+        (void)ca_c; (void)cb_c; (void)eb_c;
         /* recompute h (and s, v, x when needed) of this plane for every step */
         memcpy(carry, v_init + p * HW, sizeof(float) * HW);
         for (int64_t t = 0; t < T; ++t) {{
@@ -353,7 +362,7 @@ def generate_chain(
     ``window`` is the pooling's ``(kernel, stride, padding)`` (square), built into the source.
     """
     k, stride, pad = window
-    if pool in ("none", "sum") and window != (1, 1, 0):
+    if pool in ("none", "sum", "scale") and window != (1, 1, 0):
         raise ValueError(f"generate_chain: no pooling takes window (1, 1, 0), not {window}")
     if pool == "avg" and (stride != k or pad != 0):
         raise ValueError(

@@ -25,6 +25,10 @@ it; no merged scales, no ``store_v_seq``) on a 5-D ``seq`` input, with any of
 * between that split and the neuron, an ``ADD`` (its only user the neuron) of the split and
   another ``seq`` value ``r`` of the same shape (also without a batchnorm: inference compiles
   fold it into the convolution);
+* instead of a batchnorm, through a single-user ``SPLIT_TIME``, a per-channel ``VoltageScale``
+  (ann2snn's channel-wise ``x * a_c``, scale shape ``[C, 1, 1]``; scalar ones are
+  :mod:`~snncompile.passes.fuse_elementwise`'s), and/or, instead of a pooling, one after the
+  neuron (``out = s * b_c``), bit-exact (the same float32 products);
 * after it, through a single-user ``MERGE_TIME``, the only reader of the spikes: a ``MAXPOOL``
   (square window, stride and padding, dilation 1, floor mode, no indices) or ``AVGPOOL``
   (window == stride, no padding, floor mode, no divisor override) node; or, instead of a
@@ -85,6 +89,50 @@ def _bn_before(graph: Graph, node: Node, users: dict[str, list[Node]]) -> tuple[
     ):
         return None
     return split, bn
+
+
+def _channel_scale(node: Node, channels: int) -> bool:
+    """Whether ``node`` is a ``VoltageScale`` with one scale per channel (``[C, 1, 1]``)."""
+    from snncompile.ann2snn.modules import VoltageScale
+
+    return (
+        node.op is Op.ELEMENTWISE
+        and node.attrs.get("fn") == "VoltageScale"
+        and isinstance(node.module, VoltageScale)
+        and tuple(node.module.scale.shape) == (channels, 1, 1)
+        and len(node.inputs) == 1
+        and node.attrs.get("args") in (None, (Ref(0),))
+        and not node.attrs.get("kwargs")
+        and not node.attrs.get("per_step")
+    )
+
+
+def _scale_before(
+    graph: Graph, node: Node, users: dict[str, list[Node]]
+) -> tuple[Node, Node] | None:
+    """``(split, scale)``: a per-channel ``VoltageScale`` feeding ``node`` only, or None."""
+    if len(node.inputs) != 1 or node.shape is None:
+        return None
+    split = graph[node.inputs[0]]
+    if split.op is not Op.SPLIT_TIME or _single(users, split.name) is not node:
+        return None
+    scale = graph[split.inputs[0]]
+    if not _channel_scale(scale, node.shape[2]) or _single(users, scale.name) is not split:
+        return None
+    return split, scale
+
+
+def _scale_after(
+    graph: Graph, node: Node, users: dict[str, list[Node]]
+) -> tuple[Node, Node] | None:
+    """``(merge, scale)``: a per-channel ``VoltageScale``, the only reader of the spikes."""
+    merge = _single(users, node.name)
+    if merge is None or merge.op is not Op.MERGE_TIME or node.shape is None:
+        return None
+    scale = _single(users, merge.name)
+    if scale is None or scale.inputs != (merge.name,) or not _channel_scale(scale, node.shape[2]):
+        return None
+    return merge, scale
 
 
 def _residual_before(
@@ -188,12 +236,14 @@ def fuse_chains(graph: Graph) -> PassResult:
             before = _bn_before(graph, node, users)
         after = _pool_after(graph, node, users)
         added = _add_after(graph, node, users) if after is None else None
+        s_in = _scale_before(graph, node, users) if before is None and residual is None else None
+        s_out = _scale_after(graph, node, users) if after is None and added is None else None
         if before is not None and exact_bn:
             left.append(f"%{before[1].name}: fold_batchnorm=False keeps PyTorch's batchnorm")
             before = None
         bn = before[1].module if before else None
         pool = after[1].module if after else None
-        if before is None and after is None and added is None and residual is None:
+        if (before, after, added, residual, s_in, s_out) == (None,) * 6:
             continue  # a plain neuron: nothing to merge
         backend = node.attrs.get("fused_backend", getattr(node.module, "backend", None))
         small = size_blocker(backend, node.shape)
@@ -239,6 +289,18 @@ def fuse_chains(graph: Graph) -> PassResult:
             graph.remove(pool_node.name)
             record["pool"] = (pool_node, merge.name)
             parts.append(f"%{pool_node.name}")
+        if s_in is not None:
+            split, sc = s_in
+            split.inputs = (sc.inputs[0],)
+            graph.remove(sc.name)
+            record["scale_in"] = sc
+            parts.insert(0, f"%{sc.name}")
+        if s_out is not None:
+            merge, sc = s_out
+            graph.replace_all_uses(sc.name, merge.name)
+            graph.remove(sc.name)
+            record["scale_out"] = (sc, merge.name)
+            parts.append(f"%{sc.name}")
         if added is not None:
             add_node, e_name = added
             node.inputs = (*node.inputs, e_name)
@@ -250,11 +312,14 @@ def fuse_chains(graph: Graph) -> PassResult:
             parts.append(f"%{add_node.name} (+ %{e_name})")
             reorder = True
         node.module = FusedChain(  # type: ignore[arg-type]
-            record["neuron"], bn, pool, residual=residual is not None, added=added is not None
-        )
+            record["neuron"], bn, pool, residual=residual is not None, added=added is not None,
+            scale_in=s_in[1].module if s_in else None, scale_out=s_out[1].module if s_out else None,
+        )  # fmt: skip
         node.attrs[CHAIN_ATTR] = record
         node.attrs["chain"] = tuple(
-            k for k in ("bn", "add", "neuron", "pool", "added") if k in record
+            k
+            for k in ("scale_in", "bn", "add", "neuron", "pool", "added", "scale_out")
+            if k in record
         )
         fused.append(" -> ".join(parts))
     notes = [f"fused {len(fused)} chain(s)"] + [f"fused {f}" for f in fused]
@@ -288,6 +353,17 @@ def unfuse_chains(graph: Graph) -> PassResult:
             node.inputs = (add.name,)
             if "args" in node.attrs:
                 node.attrs["args"] = (Ref(0),)
+        if "scale_in" in record:
+            sc = record["scale_in"]
+            sc = dataclasses.replace(sc, attrs=dict(sc.attrs), meta=dict(sc.meta))
+            split = graph[node.inputs[0]]
+            graph.add(sc, before=split.name)
+            split.inputs = (sc.name,)
+        if "scale_out" in record:
+            sc, merge_name = record["scale_out"]
+            sc = dataclasses.replace(sc, attrs=dict(sc.attrs), meta=dict(sc.meta))
+            graph.replace_all_uses(merge_name, sc.name)
+            graph.add(sc, after=merge_name)
         if "added" in record:
             add = record["added"][0]
             add = dataclasses.replace(add, attrs=dict(add.attrs), meta=dict(add.meta))

@@ -82,9 +82,9 @@ class ChainKernel:
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
         self.fwd = getattr(lib, syms[0])
-        self.fwd.argtypes = [_P] * 9 + [_I64] * 5 + [_I32]
+        self.fwd.argtypes = [_P] * 10 + [_I64] * 5 + [_I32]
         self.bwd = getattr(lib, syms[1])
-        self.bwd.argtypes = [_P] * 12 + [_I64] * 5 + [_I32]
+        self.bwd.argtypes = [_P] * 13 + [_I64] * 5 + [_I32]
         self.stats = getattr(lib, syms[2])
         self.stats.argtypes = [_P, _P, _I64, _I64, _I32]
         self.bn_bwd = getattr(lib, syms[3])
@@ -141,6 +141,7 @@ class _ChainFunction(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         bn: dict[str, Any] | None,
+        eb: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, NB, C, H, W = x.shape
         stats = None
@@ -159,19 +160,19 @@ class _ChainFunction(torch.autograd.Function):
         ca_c = None if ca is None else ca.detach().float().contiguous()
         cb_c = None if cb is None else cb.detach().float().contiguous()
         kern.fwd(
-            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(out),
-            _ptr(v_last), T, NB, C, H, W, num_threads(x.numel()),
+            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(eb),
+            _ptr(out), _ptr(v_last), T, NB, C, H, W, num_threads(x.numel()),
         )  # fmt: skip
         ctx.kern, ctx.bn = kern, bn is not None
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
         ctx.stats = stats
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, r, v0, uniforms, ca_c, cb_c, weight)
+        ctx.save_for_backward(x, r, v0, uniforms, ca_c, cb_c, weight, eb)
         return out, v_last
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor | None, g_vlast: torch.Tensor | None) -> Any:
-        x, r, v0, uniforms, ca, cb, weight = ctx.saved_tensors
+        x, r, v0, uniforms, ca, cb, weight, eb = ctx.saved_tensors
         kern: ChainKernel = ctx.kern
         T, NB, C, H, W = x.shape
         OH, OW = _pooled(kern.window, H, W)
@@ -186,7 +187,7 @@ class _ChainFunction(torch.autograd.Function):
         psum = torch.empty((NB * C, 2 + nu), dtype=torch.float64)
         kern.bwd(
             _ptr(g_out), _ptr(gvl), _ptr(x), _ptr(r), _ptr(v0), _ptr(uniforms), _ptr(ca),
-            _ptr(cb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum), T, NB, C, H, W,
+            _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum), T, NB, C, H, W,
             num_threads(x.numel()),
         )  # fmt: skip
         sums = psum.view(NB, C, 2 + nu).sum(0)  # float64 [C, 2 + U]
@@ -219,7 +220,7 @@ class _ChainFunction(torch.autograd.Function):
         g_e = g_out if ctx.needs_input_grad[3] else None
         g_v0 = gv0 if ctx.needs_input_grad[4] else None
         g_u = g_u if ctx.needs_input_grad[5] else None
-        return None, gxin, g_r, g_e, g_v0, g_u, g_ca, g_cb, g_w, g_b, None
+        return None, gxin, g_r, g_e, g_v0, g_u, g_ca, g_cb, g_w, g_b, None, None
 
 
 def _pooled(window: tuple[int, int, int], H: int, W: int) -> tuple[int, int]:
@@ -310,12 +311,20 @@ class FusedChain(nn.Module):
         pool: nn.Module | None,
         residual: bool = False,
         added: bool = False,
+        scale_in: nn.Module | None = None,
+        scale_out: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.residual = residual
         self.added = added
         if added and pool is not None:
             raise ValueError("FusedChain: a residual added after the neuron needs no pooling.")
+        if scale_in is not None and bn is not None:
+            raise ValueError("FusedChain: a batchnorm and an input scale cannot both be merged.")
+        if scale_out is not None and (pool is not None or added):
+            raise ValueError("FusedChain: an output scale cannot follow a pooling or an add.")
+        self.scale_in = scale_in
+        self.scale_out = scale_out
         why = chain_blocker(neuron, bn, pool)
         if why is not None:
             raise ValueError(f"FusedChain: {why}; keep the ops separate.")
@@ -349,7 +358,7 @@ class FusedChain(nn.Module):
         if backend == "auto" and not auto_fuses_size(x_seq):
             return False
         # A hooked module (a monitor, a learner) must see its own call: run the ops separately.
-        for m in (self.neuron, self.bn, self.pool):
+        for m in (self.neuron, self.bn, self.pool, self.scale_in, self.scale_out):
             if m is not None and (m._forward_hooks or m._forward_pre_hooks):
                 return False
         return dynamics_for(self.neuron) is not None
@@ -399,7 +408,12 @@ class FusedChain(nn.Module):
                 bn_info = {"eps": float(bn.eps), "update": self._updater()}
             else:
                 ca, cb = _eval_affine(bn)
-        kind = "sum" if self.added else self.pool_kind
+        C = x_seq.shape[2]
+        if self.scale_in is not None:
+            prologue = "scale"
+            ca = _per_channel(self.scale_in, C)
+        eb = None if self.scale_out is None else _per_channel(self.scale_out, C)
+        kind = "sum" if self.added else ("scale" if eb is not None else self.pool_kind)
         kern = chain_kernel(d, prologue, kind, self.residual, self.pool_window)
         r_c = None if r_seq is None else r_seq.contiguous()
         e_c = None if e_seq is None else e_seq.contiguous()
@@ -409,7 +423,7 @@ class FusedChain(nn.Module):
         neuron.v_float_to_tensor(x_seq[0])
         v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
         out, v_last = _ChainFunction.apply(
-            kern, x_seq.contiguous(), r_c, e_c, v0, uniforms, ca, cb, weight, bias, bn_info
+            kern, x_seq.contiguous(), r_c, e_c, v0, uniforms, ca, cb, weight, bias, bn_info, eb
         )
         neuron.v = v_last.view(shape)
         return out
@@ -447,6 +461,8 @@ class FusedChain(nn.Module):
         T = x_seq.shape[0]
         if self.bn is not None:
             x_seq = self.bn(x_seq.flatten(0, 1)).unflatten(0, (T, -1))
+        if self.scale_in is not None:
+            x_seq = self.scale_in(x_seq)
         if r_seq is not None:
             x_seq = x_seq + r_seq
         spikes = out = self.neuron(x_seq)
@@ -454,7 +470,19 @@ class FusedChain(nn.Module):
             out = self.pool(spikes.flatten(0, 1)).unflatten(0, (T, -1))
         if e_seq is not None:
             out = e_seq + out
+        if self.scale_out is not None:
+            out = self.scale_out(out)
         return out, spikes
+
+
+def _per_channel(scale: nn.Module, C: int) -> torch.Tensor:
+    """A ``VoltageScale``'s scale as ``C`` contiguous float32 values (a scalar is expanded)."""
+    t = scale.scale.detach().float()
+    if t.numel() not in (1, C):
+        raise ValueError(
+            f"FusedChain: {type(scale).__name__} has {t.numel()} scale values for {C} channels"
+        )
+    return t.reshape(-1).expand(C).contiguous()
 
 
 def _eval_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
