@@ -3,11 +3,12 @@
 A chain is what :mod:`snncompile.passes.fuse_chains` merges around a multi-step neuron on
 ``[T, N, C, H, W]``: an optional per-channel affine map of the input (a batchnorm in training or
 in inference, a per-channel scale), an optional residual input added before the neuron, the
-neuron, and an optional non-overlapping pooling of its spikes::
+neuron, and an optional pooling of its spikes (or a residual added to them)::
 
     x   = PROLOGUE(xin, a_c, b_c) (+ r)         # e.g. xin * a_c + b_c  (batchnorm: a = w/std)
     h, s, v = neuron step(v, x)                 # the neuron's own generated step body
-    out = POOL(s over K x K windows)            # max = OR of the spikes, avg = count / K^2
+    out = POOL(s over K x K windows, stride S, padding PD)  # max = OR, avg = count / K^2
+        or s + e                                # 'sum': SEW ResNet's ADD
 
 Everything is data: the prologue is an expression from :data:`PROLOGUES` (rendered by
 :func:`~snncompile.codegen.render.render_block`, its backward derived by
@@ -18,8 +19,9 @@ of :mod:`snncompile.codegen.kernels`, and the pooling loops are format strings f
 
 Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
 ``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
-the pooled gradient (max: to the first position of the window holding its maximum, as
-PyTorch's ``max_pool2d`` does, so no float indices are stored; avg: ``g / K^2`` everywhere),
+the pooled gradient (max: added to the first in-bounds position of the window holding its
+maximum, outputs in row-major order, as PyTorch's ``max_pool2d`` backward does, so no float
+indices are stored; avg: ``g / K^2`` everywhere),
 runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
 ``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
 and of the parameter gradients. The training batchnorm's own statistics and backward are two
@@ -73,41 +75,58 @@ _WINDOW = """\
                 }}
 """
 
-#: Pooling after the neuron, over ``K x K`` windows with stride ``K`` (the loops read the
-#: step's spikes ``st`` and write the pooled ``ot``; the backward reads ``gt`` and fills ``gsb``).
+_MAX_WINDOW = """\
+            for (int64_t oh = 0; oh < OH; ++oh) {{
+                const int64_t h0 = oh * S - PD;
+                const int64_t hs = h0 < 0 ? 0 : h0, he = h0 + K < H ? h0 + K : H;
+                for (int64_t ow = 0; ow < OW; ++ow) {{
+                    const int64_t w0 = ow * S - PD;
+                    const int64_t ws = w0 < 0 ? 0 : w0, we = w0 + K < W ? w0 + K : W;
+                    int64_t arg = hs * W + ws;
+                    float m = st[arg];
+                    for (int64_t ih = hs; ih < he; ++ih)
+                        for (int64_t iw = ws; iw < we; ++iw) {{
+                            const float e = st[ih * W + iw];
+                            if (e > m) {{ m = e; arg = ih * W + iw; }}
+                        }}
+                    {store}
+                }}
+            }}
+"""
+
+#: Pooling after the neuron (the loops read the step's spikes ``st`` and write the pooled
+#: ``ot``; the backward reads ``gt`` and fills ``gsb``). ``K``, ``S`` and ``PD`` (window,
+#: stride, padding) are compile-time constants of the kernel; avg pooling has ``S == K``,
+#: ``PD == 0``.
 POOLS: dict[str, PoolCode] = {
     "none": PoolCode(
         forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j];\n",
         backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
     ),
-    # PyTorch's max_pool2d keeps the first maximum in row-major window order (strict >).
+    # No pooling, the spikes times a per-channel scale ``eb_c`` (ann2snn's VoltageScale after
+    # the neuron): ``out = s * eb_c``, ``gs = g * eb_c`` (PyTorch's products).
+    "scale": PoolCode(
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] * eb_c;\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j] * eb_c;\n",
+    ),
+    # No pooling, the spikes plus a residual ``e`` (SEW ResNet's ADD): ``out = s + e``; the
+    # spikes' gradient is the output's (and so is ``e``'s, which the caller passes on).
+    "sum": PoolCode(
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] + et[j];\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j];\n",
+    ),
+    # PyTorch's max_pool2d: padded positions never win (they are -inf), and the window's
+    # maximum is the first in row-major order over its in-bounds part (strict >). The gradient
+    # of each output is added to that position, outputs in row-major order (as PyTorch's CPU
+    # backward accumulates them), so overlapping windows (K > S) sum the same way.
     "max": PoolCode(
-        forward=_WINDOW.format(
-            src="st",
-            inner="""\
-                    float m = w0[0];
-                    for (int64_t kh = 0; kh < K; ++kh)
-                        for (int64_t kw = 0; kw < K; ++kw) {
-                            const float e = w0[kh * W + kw];
-                            m = (e > m) ? e : m;
-                        }
-                    ot[oh * OW + ow] = m;""",
+        forward=_MAX_WINDOW.format(
+            store="ot[oh * OW + ow] = m;",
         ),
         backward="""\
             for (int64_t j = 0; j < HW; ++j) gsb[j] = 0.0f;
 """
-        + _WINDOW.format(
-            src="st",
-            inner="""\
-                    float m = w0[0];
-                    int64_t arg = 0;
-                    for (int64_t kh = 0; kh < K; ++kh)
-                        for (int64_t kw = 0; kw < K; ++kw) {
-                            const float e = w0[kh * W + kw];
-                            if (e > m) { m = e; arg = kh * W + kw; }
-                        }
-                    gsb[(oh * K) * W + ow * K + arg] = gt[oh * OW + ow];""",
-        ),
+        + _MAX_WINDOW.format(store="gsb[arg] += gt[oh * OW + ow];"),
     ),
     # PyTorch's avg_pool2d (no padding): the float sum in row-major order, then / K^2.
     "avg": PoolCode(
@@ -137,17 +156,20 @@ _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 
 _C_CHAIN = """\
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
-                    const float *restrict v_init, const float *restrict uniforms,
+                    const float *restrict e_seq, const float *restrict v_init,
+                    const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
+                    const float *restrict eb,
                     float *restrict out_seq, float *restrict v_last,
-                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t K,
+                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                     int32_t num_threads)
 {{
-    (void)ca; (void)cb; (void)r_seq;
+    (void)ca; (void)cb; (void)r_seq; (void)e_seq;
 {uniforms}
     const int64_t HW = H * W, P = NB * C;
-    const int64_t OH = {oh}, OW = {ow}, OHW = OH * OW;
-    (void)K;
+    const int64_t K = {k}, S = {s}, PD = {pd};
+    const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
+    (void)S; (void)PD;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
     float *v_state = (float *)malloc(sizeof(float) * HW);
@@ -157,13 +179,16 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
         const int64_t c = p % C;
         const float ca_c = ca ? ca[c] : 1.0f;
         const float cb_c = cb ? cb[c] : 0.0f;
-        (void)ca_c; (void)cb_c;
+        const float eb_c = eb ? eb[c] : 1.0f;
+        (void)ca_c; (void)cb_c; (void)eb_c;
         memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p) * HW;
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
+            const float *restrict et = e_seq ? e_seq + off : xt;
+            (void)et;
             float *restrict ot = out_seq + (t * P + p) * OHW;
             for (int64_t j = 0; j < HW; ++j) {{
                 const float v = v_state[j];
@@ -186,16 +211,17 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                      const float *restrict xin_seq, const float *restrict r_seq,
                      const float *restrict v_init, const float *restrict uniforms,
                      const float *restrict ca, const float *restrict cb,
-                     float *restrict gx_seq, float *restrict gxin_seq,
+                     const float *restrict eb, float *restrict gx_seq, float *restrict gxin_seq,
                      float *restrict grad_v_init, double *restrict psum,
-                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t K,
+                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
                      int32_t num_threads)
 {{
     (void)ca; (void)cb; (void)r_seq;
 {uniforms}
     const int64_t HW = H * W, P = NB * C, NS = 2 + {nu};
-    const int64_t OH = {oh}, OW = {ow}, OHW = OH * OW;
-    (void)K;
+    const int64_t K = {k}, S = {s}, PD = {pd};
+    const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
+    (void)S; (void)PD;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
     float *hb = (float *)malloc(sizeof(float) * T * HW);
@@ -210,7 +236,8 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         const int64_t c = p % C;
         const float ca_c = ca ? ca[c] : 1.0f;
         const float cb_c = cb ? cb[c] : 0.0f;
-        (void)ca_c; (void)cb_c;
+        const float eb_c = eb ? eb[c] : 1.0f;
+        (void)ca_c; (void)cb_c; (void)eb_c;
         /* recompute h (and s, v, x when needed) of this plane for every step */
         memcpy(carry, v_init + p * HW, sizeof(float) * HW);
         for (int64_t t = 0; t < T; ++t) {{
@@ -322,13 +349,27 @@ class ChainSource:
 
 
 def generate_chain(
-    dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool
+    dynamics: NeuronDynamics,
+    prologue: str,
+    pool: str,
+    residual: bool,
+    window: tuple[int, int, int] = (1, 1, 0),
 ) -> ChainSource:
     """The C source of the chain ``prologue -> (+ r) -> dynamics -> pool``.
 
     ``prologue`` is a key of :data:`PROLOGUES`, ``pool`` one of :data:`POOLS`; with
     ``residual`` the residual input ``r`` is added to the prologue's output before the charge.
+    ``window`` is the pooling's ``(kernel, stride, padding)`` (square), built into the source.
     """
+    k, stride, pad = window
+    if pool in ("none", "sum", "scale") and window != (1, 1, 0):
+        raise ValueError(f"generate_chain: no pooling takes window (1, 1, 0), not {window}")
+    if pool == "avg" and (stride != k or pad != 0):
+        raise ValueError(
+            f"generate_chain: avg pooling needs stride == kernel and no padding, not {window}"
+        )
+    if k < 1 or stride < 1 or not 0 <= pad <= k // 2:
+        raise ValueError(f"generate_chain: bad pooling window (kernel, stride, pad) {window}")
     if prologue not in PROLOGUES:
         raise ValueError(
             f"generate_chain: unknown prologue {prologue!r}; known: {sorted(PROLOGUES)}"
@@ -350,6 +391,8 @@ def generate_chain(
     load_v = f"{ind}const float v = vb[t * HW + j];\n" if need_v else ""
     gu_acc = "\n".join(f"{ind}acc[{2 + i} * HW + j] += (double)gu{i};" for i in range(nu))
     tag = f"{prologue}_{pool}{'_res' if residual else ''}"
+    if pool in ("max", "avg"):
+        tag += f"_k{k}s{stride}p{pad}"
     name = f"snnc_{dynamics.name}_{tag}_{dynamics.key()}"
     body = forward_body(program, C_TARGET)
     bn_bwd = render_block(
@@ -365,8 +408,9 @@ def generate_chain(
             _C_CHAIN_HEADER,
             _C_CHAIN.format(
                 name=name,
-                oh="H" if pool == "none" else "H / K",
-                ow="W" if pool == "none" else "W / K",
+                k=k,
+                s=stride,
+                pd=pad,
                 uniforms=uniforms,
                 prologue=pro_fwd,
                 body=body,

@@ -20,7 +20,8 @@ holding the neuron (its state stays there) and the scale modules (buffers shared
 its ``seq`` input and output. Both modes: gradients with respect to the input are those of the
 chain; training then keeps the input ``x`` for backward besides ``h`` (the gain's derivative
 reads it), 8 instead of 4 bytes per neuron-step. Left as they are: per-channel scales
-(``scale_shape != ()``, no per-call scalar), scales with other users (their values are needed
+(``scale_shape != ()``, no per-call scalar; :mod:`~snncompile.passes.fuse_chains` merges those
+of ``[C, 1, 1]`` shape on 5-D inputs), scales with other users (their values are needed
 anyway), other elementwise ops, neurons without a fused kernel (``backend='torch'``: there are no
 ``FUSED_NEURON`` nodes, so this pass does nothing). At run time the wrapper computes the unfused
 chain when the fused kernel does not apply (``'auto'`` below its size threshold, non-float32

@@ -8,7 +8,10 @@ parameters and running statistics, shared with the model), so ``reset_net``, ``t
 :mod:`snncompile.codegen.chain_kernels`::
 
     a_c, b_c = w_c * invstd_c, bias_c - mean_c * a_c         # eval: running stats; train: batch
-    x = xin * a_c + b_c;  h, s, v = neuron(v, x);  out = pool(s)
+    x = xin * a_c + b_c (+ r);  h, s, v = neuron(v, x);  out = pool(s)  or  out = e + s
+
+(``r``: a spiking ResNet's residual before the neuron, ``e``: SEW ResNet's ADD after it; their
+gradients are the neuron input's and the output's).
 
 Numbers: PyTorch's CPU batchnorm rounds ``a`` and ``b`` and contracts ``x * a + b`` in ways
 that depend on its vectorized code path, which the kernel does not reproduce, so the normalised
@@ -63,18 +66,25 @@ class ChainKernel:
     """The forward, backward, statistics and batchnorm-backward C kernels of one chain."""
 
     def __init__(
-        self, dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool = False
+        self,
+        dynamics: NeuronDynamics,
+        prologue: str,
+        pool: str,
+        residual: bool = False,
+        window: tuple[int, int, int] = (1, 1, 0),
     ) -> None:
-        """Build (or load from the cache) the chain ``prologue -> dynamics -> pool``."""
-        self.source: ChainSource = generate_chain(dynamics, prologue, pool, residual)
+        """Build (or load from the cache) the chain ``prologue (+ r) -> dynamics -> pool``
+        with the pooling window ``(kernel, stride, padding)``."""
+        self.source: ChainSource = generate_chain(dynamics, prologue, pool, residual, window)
+        self.window = window
         name = self.source.name
         syms = [f"{name}_{s}" for s in ("forward", "backward", "stats", "bn_backward")]
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
         self.fwd = getattr(lib, syms[0])
-        self.fwd.argtypes = [_P] * 8 + [_I64] * 6 + [_I32]
+        self.fwd.argtypes = [_P] * 10 + [_I64] * 5 + [_I32]
         self.bwd = getattr(lib, syms[1])
-        self.bwd.argtypes = [_P] * 12 + [_I64] * 6 + [_I32]
+        self.bwd.argtypes = [_P] * 13 + [_I64] * 5 + [_I32]
         self.stats = getattr(lib, syms[2])
         self.stats.argtypes = [_P, _P, _I64, _I64, _I32]
         self.bn_bwd = getattr(lib, syms[3])
@@ -84,14 +94,18 @@ class ChainKernel:
 
 
 def chain_kernel(
-    dynamics: NeuronDynamics, prologue: str, pool: str, residual: bool = False
+    dynamics: NeuronDynamics,
+    prologue: str,
+    pool: str,
+    residual: bool = False,
+    window: tuple[int, int, int] = (1, 1, 0),
 ) -> ChainKernel:
     """The (per-process cached) :class:`ChainKernel` of a chain configuration."""
-    key = (dynamics, prologue, pool, residual, march())
+    key = (dynamics, prologue, pool, residual, window, march())
     with _lock:
         k = _kernels.get(key)
     if k is None:
-        k = ChainKernel(dynamics, prologue, pool, residual)
+        k = ChainKernel(dynamics, prologue, pool, residual, window)
         with _lock:
             k = _kernels.setdefault(key, k)
     return k
@@ -118,6 +132,8 @@ class _ChainFunction(torch.autograd.Function):
         ctx: Any,
         kern: ChainKernel,
         x: torch.Tensor,
+        r: torch.Tensor | None,
+        e: torch.Tensor | None,
         v0: torch.Tensor,
         uniforms: torch.Tensor,
         ca: torch.Tensor | None,
@@ -125,7 +141,7 @@ class _ChainFunction(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         bn: dict[str, Any] | None,
-        K: int,
+        eb: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, NB, C, H, W = x.shape
         stats = None
@@ -138,28 +154,28 @@ class _ChainFunction(torch.autograd.Function):
             cb = -mean32 * ca if bias is None else bias.detach() - mean32 * ca
             bn["update"](mean, var, count)
             stats = (mean32, invstd)
-        OH, OW = (H // K, W // K) if K > 1 else (H, W)
+        OH, OW = _pooled(kern.window, H, W)
         out = WORKSPACES.empty((T, NB, C, OH, OW))
         v_last = WORKSPACES.empty((NB * C * H * W,))
         ca_c = None if ca is None else ca.detach().float().contiguous()
         cb_c = None if cb is None else cb.detach().float().contiguous()
         kern.fwd(
-            _ptr(x), None, _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(out),
-            _ptr(v_last), T, NB, C, H, W, K, num_threads(x.numel()),
+            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(eb),
+            _ptr(out), _ptr(v_last), T, NB, C, H, W, num_threads(x.numel()),
         )  # fmt: skip
-        ctx.kern, ctx.K, ctx.bn = kern, K, bn is not None
+        ctx.kern, ctx.bn = kern, bn is not None
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
         ctx.stats = stats
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, v0, uniforms, ca_c, cb_c, weight)
+        ctx.save_for_backward(x, r, v0, uniforms, ca_c, cb_c, weight, eb)
         return out, v_last
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor | None, g_vlast: torch.Tensor | None) -> Any:
-        x, v0, uniforms, ca, cb, weight = ctx.saved_tensors
+        x, r, v0, uniforms, ca, cb, weight, eb = ctx.saved_tensors
         kern: ChainKernel = ctx.kern
         T, NB, C, H, W = x.shape
-        OH, OW = (H // ctx.K, W // ctx.K) if ctx.K > 1 else (H, W)
+        OH, OW = _pooled(kern.window, H, W)
         if g_out is None:
             g_out = torch.zeros((T, NB, C, OH, OW))
         g_out = g_out.float().contiguous()
@@ -170,8 +186,8 @@ class _ChainFunction(torch.autograd.Function):
         gv0 = torch.empty_like(v0)
         psum = torch.empty((NB * C, 2 + nu), dtype=torch.float64)
         kern.bwd(
-            _ptr(g_out), _ptr(gvl), _ptr(x), None, _ptr(v0), _ptr(uniforms), _ptr(ca),
-            _ptr(cb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum), T, NB, C, H, W, ctx.K,
+            _ptr(g_out), _ptr(gvl), _ptr(x), _ptr(r), _ptr(v0), _ptr(uniforms), _ptr(ca),
+            _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum), T, NB, C, H, W,
             num_threads(x.numel()),
         )  # fmt: skip
         sums = psum.view(NB, C, 2 + nu).sum(0)  # float64 [C, 2 + U]
@@ -189,24 +205,36 @@ class _ChainFunction(torch.autograd.Function):
             gxin = WORKSPACES.empty(tuple(x.shape))
             kern.bn_bwd(_ptr(gx), _ptr(x), _ptr(coeffs), _ptr(gxin), T * NB * C, C, H * W,
                         num_threads(x.numel()))  # fmt: skip
-            if weight is not None and ctx.needs_input_grad[6]:
+            if weight is not None and ctx.needs_input_grad[8]:
                 g_w = (dotp * inv).float()
-            if ctx.needs_input_grad[7]:
+            if ctx.needs_input_grad[9]:
                 g_b = s_g.float()
         else:
             if ctx.has_ca:
                 g_ca = s_gx.float()
             if ctx.has_cb:
                 g_cb = s_g.float()
-        g_v0 = gv0 if ctx.needs_input_grad[2] else None
-        g_u = g_u if ctx.needs_input_grad[3] else None
-        return None, gxin, g_v0, g_u, g_ca, g_cb, g_w, g_b, None, None
+        # x = prologue(xin) + r: the residual's gradient is the neuron input's, gx.
+        g_r = gx if r is not None and ctx.needs_input_grad[2] else None
+        # out = s + e: the added residual's gradient is the output's.
+        g_e = g_out if ctx.needs_input_grad[3] else None
+        g_v0 = gv0 if ctx.needs_input_grad[4] else None
+        g_u = g_u if ctx.needs_input_grad[5] else None
+        return None, gxin, g_r, g_e, g_v0, g_u, g_ca, g_cb, g_w, g_b, None, None
 
 
-def _pool_window(pool: nn.Module | None) -> tuple[str, int] | None:
-    """``('max' | 'avg', K)`` for a pooling module the chain kernels express, else None."""
+def _pooled(window: tuple[int, int, int], H: int, W: int) -> tuple[int, int]:
+    """The pooled height and width of ``H x W`` planes (floor mode, dilation 1)."""
+    k, st, pad = window
+    return (H + 2 * pad - k) // st + 1, (W + 2 * pad - k) // st + 1
+
+
+def _pool_window(pool: nn.Module | None) -> tuple[str, tuple[int, int, int]] | None:
+    """``('max' | 'avg' | 'none', (kernel, stride, padding))`` for a pooling module the chain
+    kernels express, else None. Max pooling: any square window, stride and padding (at most
+    half the window, as PyTorch requires); avg pooling: kernel == stride, no padding."""
     if pool is None:
-        return ("none", 1)
+        return ("none", (1, 1, 0))
 
     def square(v: Any) -> int | None:
         t = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
@@ -215,16 +243,37 @@ def _pool_window(pool: nn.Module | None) -> tuple[str, int] | None:
     k = square(pool.kernel_size)
     s = square(pool.stride if pool.stride is not None else pool.kernel_size)
     pad = square(pool.padding)
-    if k is None or k != s or pad != 0 or getattr(pool, "ceil_mode", False):
+    if k is None or s is None or pad is None or getattr(pool, "ceil_mode", False):
         return None
     if isinstance(pool, nn.MaxPool2d):
-        if square(pool.dilation) != 1 or pool.return_indices:
+        if square(pool.dilation) != 1 or pool.return_indices or not 0 <= pad <= k // 2:
             return None
-        return ("max", k)
+        return ("max", (k, s, pad))
     if isinstance(pool, nn.AvgPool2d):
-        if pool.divisor_override is not None:
+        if pool.divisor_override is not None or k != s or pad != 0:
             return None
-        return ("avg", k)
+        return ("avg", (k, s, pad))
+    return None
+
+
+#: With ``backend='auto'`` a chain is fused only when its planes have at least this many
+#: neurons (``H * W``): one kernel work item is one ``(n, c)`` plane, and on ResNet-18's
+#: 4x4 / 2x2 / 1x1 planes (``benchmarks/bench_chain_fusion.py``) the per-plane loop and the
+#: per-call statistics ops made the fused chain 0.5-0.9x the unfused ops.
+AUTO_MIN_PLANE = 32
+
+
+def size_blocker(backend: str | None, shape: tuple[int, ...]) -> str | None:
+    """Why a chain whose neuron runs ``backend`` (``'auto'`` is size-driven) on ``[T, N, C, H,
+    W]`` inputs is left unfused, or None."""
+    if backend != "auto" or len(shape) != 5:
+        return None
+    plane = shape[3] * shape[4]
+    if plane < AUTO_MIN_PLANE:
+        return (
+            f"planes of {plane} < {AUTO_MIN_PLANE} neurons, where the per-plane chain kernel "
+            "is slower than the separate ops (backend='cpu' fuses them anyway)"
+        )
     return None
 
 
@@ -238,28 +287,51 @@ def chain_blocker(neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | Non
         return f"{type(bn).__name__} is not a BatchNorm2d"
     if _pool_window(pool) is None:
         return (
-            f"{type(pool).__name__} is not a square, non-overlapping (kernel == stride), "
-            "unpadded, dilation-1, floor-mode max/avg pooling"
+            f"{type(pool).__name__} is not a square, floor-mode pooling the kernels express "
+            "(max: dilation 1, padding <= kernel/2, no indices; avg: kernel == stride, no "
+            "padding, no divisor override)"
         )
     return None
 
 
 class FusedChain(nn.Module):
-    """``pool(neuron(bn(x)))`` on ``[T, N, C, H, W]`` as one generated kernel when possible.
+    """``pool(neuron(bn(x) + r))`` on ``[T, N, C, H, W]`` as one generated kernel when possible.
 
-    ``bn`` (a ``BatchNorm2d``) and ``pool`` (``MaxPool2d`` / ``AvgPool2d``) may be None. The
-    modules are the compiled model's; see the module docstring for the math and the fallback.
+    ``bn`` (a ``BatchNorm2d``) and ``pool`` (``MaxPool2d`` / ``AvgPool2d``) may be None; with
+    ``residual`` the forward takes an input ``r`` (same shape as ``x``) added to the
+    batchnorm's output before the neuron, with ``added`` an input ``e`` added to the spikes
+    (SEW ResNet's ADD: ``out = e + s``). The modules are the compiled model's; see the module
+    docstring for the math and the fallback.
     """
 
-    def __init__(self, neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | None) -> None:
+    def __init__(
+        self,
+        neuron: nn.Module,
+        bn: nn.Module | None,
+        pool: nn.Module | None,
+        residual: bool = False,
+        added: bool = False,
+        scale_in: nn.Module | None = None,
+        scale_out: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        self.residual = residual
+        self.added = added
+        if added and pool is not None:
+            raise ValueError("FusedChain: a residual added after the neuron needs no pooling.")
+        if scale_in is not None and bn is not None:
+            raise ValueError("FusedChain: a batchnorm and an input scale cannot both be merged.")
+        if scale_out is not None and (pool is not None or added):
+            raise ValueError("FusedChain: an output scale cannot follow a pooling or an add.")
+        self.scale_in = scale_in
+        self.scale_out = scale_out
         why = chain_blocker(neuron, bn, pool)
         if why is not None:
             raise ValueError(f"FusedChain: {why}; keep the ops separate.")
         self.neuron = neuron
         self.bn = bn
         self.pool = pool
-        self.pool_kind, self.pool_k = _pool_window(pool)  # type: ignore[misc]
+        self.pool_kind, self.pool_window = _pool_window(pool)  # type: ignore[misc]
 
     @property
     def step_mode(self) -> str:
@@ -286,15 +358,43 @@ class FusedChain(nn.Module):
         if backend == "auto" and not auto_fuses_size(x_seq):
             return False
         # A hooked module (a monitor, a learner) must see its own call: run the ops separately.
-        for m in (self.neuron, self.bn, self.pool):
+        for m in (self.neuron, self.bn, self.pool, self.scale_in, self.scale_out):
             if m is not None and (m._forward_hooks or m._forward_pre_hooks):
                 return False
         return dynamics_for(self.neuron) is not None
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """Run ``x_seq`` ``[T, N, C, H, W]``; returns the (pooled) spikes ``[T, N, C, H', W']``."""
+    def _split(
+        self, x_seq: torch.Tensor, extra: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(r, e)`` from the inputs after ``x``: ``r`` when ``residual``, then ``e`` when
+        ``added``; each must have ``x``'s shape."""
+        want = int(self.residual) + int(self.added)
+        if len(extra) != want:
+            raise ValueError(
+                f"FusedChain: built with residual={self.residual}, added={self.added}, so it "
+                f"takes {1 + want} input(s), got {1 + len(extra)}"
+            )
+        for t in extra:
+            if t.shape != x_seq.shape:
+                raise ValueError(
+                    f"FusedChain: a residual input has shape {tuple(t.shape)}, the chain's "
+                    f"input {tuple(x_seq.shape)}; the fused add does not broadcast"
+                )
+        it = iter(extra)
+        r = next(it) if self.residual else None
+        e = next(it) if self.added else None
+        return r, e
+
+    def forward(self, x_seq: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """Run ``x_seq`` ``[T, N, C, H, W]`` (then the residual ``r`` added before the neuron
+        when ``residual``, then ``e`` added to the spikes when ``added``, both of that shape);
+        returns the (pooled) spikes ``[T, N, C, H', W']`` (plus ``e``)."""
+        r_seq, e_seq = self._split(x_seq, extra)
+        for t in (r_seq, e_seq):
+            if t is not None and (t.dtype != x_seq.dtype or t.device != x_seq.device):
+                return self.unfused(x_seq, *extra)
         if not self._fused_ok(x_seq):
-            return self.unfused(x_seq)
+            return self.unfused(x_seq, *extra)
         d = dynamics_for(self.neuron)
         assert d is not None
         neuron, bn = self.neuron, self.bn
@@ -308,14 +408,22 @@ class FusedChain(nn.Module):
                 bn_info = {"eps": float(bn.eps), "update": self._updater()}
             else:
                 ca, cb = _eval_affine(bn)
-        kern = chain_kernel(d, prologue, self.pool_kind)
+        C = x_seq.shape[2]
+        if self.scale_in is not None:
+            prologue = "scale"
+            ca = _per_channel(self.scale_in, C)
+        eb = None if self.scale_out is None else _per_channel(self.scale_out, C)
+        kind = "sum" if self.added else ("scale" if eb is not None else self.pool_kind)
+        kern = chain_kernel(d, prologue, kind, self.residual, self.pool_window)
+        r_c = None if r_seq is None else r_seq.contiguous()
+        e_c = None if e_seq is None else e_seq.contiguous()
         params = {n: getattr(neuron, n) for n in d.param_names}
         uniforms = uniforms_for(d, params or None, x_seq.device)
         shape = x_seq.shape[1:]
         neuron.v_float_to_tensor(x_seq[0])
         v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
         out, v_last = _ChainFunction.apply(
-            kern, x_seq.contiguous(), v0, uniforms, ca, cb, weight, bias, bn_info, self.pool_k
+            kern, x_seq.contiguous(), r_c, e_c, v0, uniforms, ca, cb, weight, bias, bn_info, eb
         )
         neuron.v = v_last.view(shape)
         return out
@@ -339,21 +447,42 @@ class FusedChain(nn.Module):
 
         return update
 
-    def unfused(self, x_seq: torch.Tensor) -> torch.Tensor:
+    def unfused(self, x_seq: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """The chain as separate ops, as the unfused compiled graph runs them."""
-        return self.unfused_with_spikes(x_seq)[0]
+        return self.unfused_with_spikes(x_seq, *extra)[0]
 
-    def unfused_with_spikes(self, x_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unfused_with_spikes(
+        self, x_seq: torch.Tensor, *extra: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, spikes)``: the chain as separate ops, and the neuron's own (unpooled)
         spikes ``[T, N, C, H, W]``, which the fused kernel never writes (the profiler counts
         them)."""
+        r_seq, e_seq = self._split(x_seq, extra)
         T = x_seq.shape[0]
         if self.bn is not None:
             x_seq = self.bn(x_seq.flatten(0, 1)).unflatten(0, (T, -1))
+        if self.scale_in is not None:
+            x_seq = self.scale_in(x_seq)
+        if r_seq is not None:
+            x_seq = x_seq + r_seq
         spikes = out = self.neuron(x_seq)
         if self.pool is not None:
             out = self.pool(spikes.flatten(0, 1)).unflatten(0, (T, -1))
+        if e_seq is not None:
+            out = e_seq + out
+        if self.scale_out is not None:
+            out = self.scale_out(out)
         return out, spikes
+
+
+def _per_channel(scale: nn.Module, C: int) -> torch.Tensor:
+    """A ``VoltageScale``'s scale as ``C`` contiguous float32 values (a scalar is expanded)."""
+    t = scale.scale.detach().float()
+    if t.numel() not in (1, C):
+        raise ValueError(
+            f"FusedChain: {type(scale).__name__} has {t.numel()} scale values for {C} channels"
+        )
+    return t.reshape(-1).expand(C).contiguous()
 
 
 def _eval_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
