@@ -27,6 +27,7 @@ from snncompile import functional as our_functional
 from snncompile.api import optimize
 from snncompile.export.onnx import adaptive_pool_matrix, export_onnx, read_states
 from snncompile.frontend.trace import FrontendError
+from snncompile.ir.ops import Op
 from snncompile.onnx_runtime import StreamingSession, run_sequence_model, run_step_model
 from snncompile.zoo_compat import install_torchvision_stand_in
 
@@ -377,3 +378,83 @@ def test_running_sum_refuses_mixing_with_per_step_values(sj) -> None:  # noqa: A
     model = _MixesReduced(sj).eval()
     with pytest.raises(OnnxExportError, match=r"mixes the per-step value .* reduced over time"):
         export_onnx(model, torch.rand(2, 2, 4), mode="step")
+
+
+# -- OTTT networks (SpikingJelly's spiking_vggws_ottt): their eval form -----------------------
+def _ottt_vgg(sj, seed: int = 0) -> nn.Module:  # noqa: ANN001
+    install_torchvision_stand_in()
+    from spikingjelly.activation_based.model import spiking_vggws_ottt
+
+    torch.manual_seed(seed)
+    net = spiking_vggws_ottt.OTTTSpikingVGG(
+        [8, "M", 16, "M", 512], num_classes=10, spiking_neuron=sj.neuron.OTTTLIFNode
+    )
+    with torch.no_grad():  # the zoo's N(0, 0.01) classifier would make every logit ~0
+        net.classifier[2].weight.normal_(0.0, 0.5)
+    return net.eval()
+
+
+def test_ottt_vgg_exports_and_matches_eager_spikingjelly(sj) -> None:  # noqa: ANN001
+    """OTTTSpikingVGG in eval: OTTT neurons are LIF steps, OTTTSequential a Sequential.
+
+    Both exports under onnxruntime, the compiled inference module and eager SpikingJelly (the
+    model stepped as written, in eval mode) agree; every neuron of the compiled module is a
+    plain (fused) neuron, not an opaque module.
+    """
+    net = _ottt_vgg(sj)
+    example, x = torch.rand(2, 2, 3, 16, 16), torch.rand(5, 3, 3, 16, 16)
+    sj.functional.reset_net(net)
+    with torch.no_grad():
+        want = torch.stack([net(x_t) for x_t in x]).numpy()
+    assert np.abs(want).sum() > 0
+    compiled = optimize(net, example, mode="inference")
+    neurons = sum(isinstance(m, sj.neuron.OTTTLIFNode) for m in net.modules())
+    assert len(compiled.graph.find(Op.FUSED_NEURON)) == neurons == 3, compiled.report()
+    assert not compiled.graph.find(Op.OPAQUE_MODULE), compiled.graph
+    with torch.no_grad():
+        got = compiled(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    seq = np.asarray(run_sequence_model(export_onnx(net, example, mode="sequence"), x))
+    step = np.asarray(run_step_model(export_onnx(net, example, mode="step"), x))
+    np.testing.assert_allclose(seq, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(step, seq, rtol=0, atol=1e-6)
+    assert isinstance(net.features, sj.layer.OTTTSequential)  # the user's model is unchanged
+
+
+def test_ottt_training_compile_keeps_the_containers_as_written(sj) -> None:  # noqa: ANN001
+    """Training semantics ([spike, trace] pairs) are never rewritten: the containers run as
+    written, and the online form's rewrite refuses a training-mode module by name."""
+    from snncompile.frontend.online_eval import online_eval_equivalent
+
+    net = _ottt_vgg(sj).train()
+    compiled = optimize(net, torch.rand(2, 2, 3, 16, 16), mode="train")
+    assert compiled.graph.find(Op.OPAQUE_MODULE)
+    with pytest.raises(ValueError, match=r"features \(OTTTSequential\) is in training mode"):
+        online_eval_equivalent(net)
+
+
+def test_weight_standardised_layers_export_their_standardised_weight(sj) -> None:  # noqa: ANN001
+    """WSConv2d/WSLinear compute with ``get_weight()``, not ``.weight``: the export (and BN
+    folding, which must then leave a WSConv2d's batchnorm unfolded) use that weight too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        sj.layer.WSConv2d(2, 4, 3),
+        sj.layer.BatchNorm2d(4),
+        sj.neuron.IFNode(),
+        sj.layer.Flatten(),
+        sj.layer.WSLinear(4 * 5 * 5, 6),
+        sj.neuron.IFNode(),
+    )
+    _bn_stats(model)
+    model.eval()
+    example, x = torch.rand(2, 2, 2, 7, 7) * 2, torch.rand(5, 3, 2, 7, 7) * 2
+    sj.functional.reset_net(model)
+    with torch.no_grad():
+        want = torch.stack([model(x_t) for x_t in x]).numpy()
+    assert want.sum() > 0
+    compiled = optimize(model, example, mode="inference")
+    with torch.no_grad():
+        np.testing.assert_array_equal(compiled(x).numpy(), want)
+    for mode, run in (("sequence", run_sequence_model), ("step", run_step_model)):
+        got = np.asarray(run(export_onnx(model, example, mode=mode), x))
+        assert np.mean(got != want) < 0.01, f"{mode}: spikes differ in {np.mean(got != want):.1%}"
