@@ -10,8 +10,10 @@ same initial model, in the same process, interleaved rep by rep (median of ``--r
 * eager SpikingJelly (``step_mode='m'``: the model called on ``[T, N, ...]``; ``'s'``: a
   Python loop over the steps, ``functional.multi_step_forward``);
 * ``snncompile.optimize(model, x)`` (training mode);
-* ``torch.compile`` of the SpikingJelly model (inductor, default options; in ``'s'`` the
+* ``torch.compile`` of the SpikingJelly model (inductor, ``dynamic=False``; in ``'s'`` the
   single-step model is compiled and called per step). Where it fails, the row says why.
+  Its first (compiling) call takes 20-120 s per model here; inductor's on-disk caches make a
+  second run of the table much faster.
 
 The first step's outputs are compared with eager (``max|diff|`` column: 0 is bit-exact;
 torch.compile reorders float sums, so it is not). ``--profile NAME:MODE`` prints the top
@@ -300,8 +302,10 @@ def bench_row(name: str, fam: Family, mode: str, args: argparse.Namespace) -> di
         contestants.append(ours)
     if not args.no_torch_compile:
         tc_model = copy.deepcopy(base)
-        tc_fn = _eager_run(torch.compile(tc_model), mode) if mode == "s" else None
-        contestants.append(Contestant("torch.compile", tc_model, tc_fn or torch.compile(tc_model)))
+        # Static shapes: automatic dynamic shapes after a recompile (the neurons' first call
+        # sees a float membrane, the next a tensor) fail in inductor on some of these models.
+        tc = torch.compile(tc_model, dynamic=False)
+        contestants.append(Contestant("torch.compile", tc_model, _eager_run(tc, mode)))
 
     first: dict[str, torch.Tensor] = {}
     for c in contestants:

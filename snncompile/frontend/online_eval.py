@@ -21,12 +21,10 @@ semantics are never rewritten: a training compile keeps the containers as writte
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 from torch import nn
 
 from snncompile.frontend.rules import sj_modules
+from snncompile.frontend.trace import copy_sharing_parameters
 
 _ONLINE_NEURONS = ("OTTTLIFNode", "SLTTLIFNode")
 _ONLINE_CONTAINERS = ("OTTTSequential",)
@@ -53,7 +51,6 @@ def _lif_like(node: nn.Module, lif_cls: type) -> nn.Module:
         detach_reset=bool(node.detach_reset),
         step_mode="s",
     )
-    lif.v = node.v  # the current membrane (the initial float after reset)
     return lif.train(node.training)
 
 
@@ -76,9 +73,7 @@ def online_eval_equivalent(model: nn.Module) -> nn.Module:
                 "training mode; its eval-mode form is only exact in eval mode. Call "
                 "model.eval() first."
             )
-    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
-    memo.update({id(t): t for t in model.buffers()})
-    work = copy.deepcopy(model, memo)
+    work = copy_sharing_parameters(model)
 
     def replace(module: nn.Module) -> nn.Module:
         if _is_sj(module, _ONLINE_NEURONS):
