@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from snncompile.frontend.online_eval import online_eval_equivalent
 from snncompile.frontend.trace import state_copy_memo, trace_model
 from snncompile.ir.graph import Graph
 from snncompile.ir.verify import verify
@@ -165,6 +166,10 @@ def _compile(
         memo: dict[int, Any] = state_copy_memo(model)
         memo.update({id(p): p for p in model.parameters()})
         work = copy.deepcopy(model, memo).eval()
+    if mode == "inference":
+        # SpikingJelly's OTTT/SLTT neurons and OTTTSequential are plain LIF/Sequential in eval.
+        work = online_eval_equivalent(work)
+
     def compile_part(part: nn.Module, part_input: torch.Tensor) -> nn.Module:
         # A part of a module that runs as written (see snncompile.frontend.partial).
         return optimize(part, part_input, mode=mode, backend=backend, passes=passes)

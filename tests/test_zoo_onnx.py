@@ -26,9 +26,15 @@ from torch import nn
 
 from snncompile import functional as our_functional
 from snncompile.api import optimize
-from snncompile.export.onnx import OnnxExportError, adaptive_pool_matrix, export_onnx
+from snncompile.export.onnx import (
+    OnnxExportError,
+    adaptive_pool_matrix,
+    export_onnx,
+    read_states,
+)
 from snncompile.frontend.trace import FrontendError
-from snncompile.onnx_runtime import run_sequence_model, run_step_model
+from snncompile.ir.ops import Op
+from snncompile.onnx_runtime import StreamingSession, run_sequence_model, run_step_model
 from snncompile.zoo_compat import install_torchvision_stand_in
 
 EXAMPLE = (2, 2)  # (T, N) of the export example
@@ -373,8 +379,9 @@ def test_repeat_inside_forward_exports(sj) -> None:  # noqa: ANN001
     example, x = torch.rand(2, 1, 12, 12), torch.rand(3, 1, 12, 12)
     got = _check_exports(per_step, example, x, "repeat-inside, per-step output", repeats=4)
     assert got["sequence"].shape == (4, 3, 10)
-    # With the firing-rate readout (mean over T) only the sequence export applies; it equals
-    # the step export's per-step outputs averaged over the T calls.
+    # With the firing-rate readout (mean over T) the sequence export equals the per-step
+    # outputs averaged over the T calls, and the readout's step export (the running mean a
+    # state) ends with the same value.
     readout = _RepeatInside(sj, readout=True)
     readout.load_state_dict(per_step.state_dict())
     readout.eval()
@@ -384,6 +391,8 @@ def test_repeat_inside_forward_exports(sj) -> None:  # noqa: ANN001
     with torch.no_grad():
         np.testing.assert_allclose(rates, compiled(x).numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(rates, got["step"].mean(0), rtol=0, atol=1e-6)
+    running = run_step_model(export_onnx(readout, example, mode="step"), x.repeat(4, 1, 1, 1, 1))
+    np.testing.assert_allclose(np.asarray(running)[-1], rates, rtol=0, atol=1e-6)
 
 
 def test_adaptive_pool_matrix_matches_torch() -> None:
@@ -424,3 +433,153 @@ def test_voting_layer_exports(sj) -> None:  # noqa: ANN001
     example, x = _spikes((2, 2, 8), 1), _spikes((6, 3, 8), 2)
     got = _check_exports(model, example, x, "VotingLayer", tol=1e-6)
     assert got["step"].shape == (6, 3, 2)
+
+
+# -- models whose output is a reduction over time (MSResNet, MaxResNet) -------------------------
+def _ms_family(sj, name: str) -> nn.Module:  # noqa: ANN001
+    install_torchvision_stand_in()
+    from spikingjelly.activation_based.model import ms_resnet
+
+    sg = {"surrogate_function": sj.surrogate.ATan(), "detach_reset": True}
+    if name == "MSResNet":
+        return ms_resnet.MSResNet(T=2, num_classes=10, base_channels=8, layers=(1, 1, 1, 1), **sg)
+    return ms_resnet.max_resnet18(T=2, num_classes=10, **sg)
+
+
+@pytest.mark.parametrize("name", ["MSResNet", "MaxResNet"])
+def test_time_mean_models_stream_a_running_mean(sj, name: str) -> None:  # noqa: ANN001
+    """Step export of a model that returns ``head(x).mean(0)``: the running mean is a state.
+
+    Step ``t`` of the stream returns the mean over the first ``t`` steps; the last step equals
+    the sequence export and the compiled module, and an earlier step equals the compiled module
+    run on the first steps only.
+    """
+    torch.manual_seed(0)
+    model = _ms_family(sj, name)
+    _scale(model, 1.5)
+    _bn_stats(model)
+    model.eval()
+    example, x = _spikes((*EXAMPLE, 3, 16, 16), 1), _spikes((*RUN, 3, 16, 16), 2)
+    compiled = optimize(model, example, mode="inference", backend="torch")
+    with torch.no_grad():
+        our_functional.reset_net(compiled)
+        ref = compiled(x).numpy()
+        our_functional.reset_net(compiled)
+        ref_first = compiled(x[:2]).numpy()
+    assert np.abs(ref).sum() > 0
+    step = export_onnx(model, example, mode="step")
+    running = [s for s in read_states(step) if s["node"] == "mean"]
+    assert [(s["state"], s["init"]) for s in running] == [("acc", 0.0), ("steps", 0.0)]
+    assert running[0]["shape"] == [-1, 10] and running[1]["shape"] == [-1, 1]
+    got_step = np.asarray(run_step_model(step, x))  # [T, N, classes]: the running means
+    got_seq = np.asarray(run_sequence_model(export_onnx(model, example, mode="sequence"), x))
+    assert got_step.shape == (RUN[0], *ref.shape) and got_seq.shape == ref.shape
+    np.testing.assert_allclose(got_seq, ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_step[-1], got_seq, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_step[1], ref_first, rtol=0, atol=1e-6)
+    session = StreamingSession(step)
+    for t in range(RUN[0]):
+        y_t = session.step(x[t].numpy())
+    np.testing.assert_allclose(y_t, got_seq, rtol=0, atol=1e-6)
+
+
+class _MixesReduced(nn.Module):
+    """Reads a per-step value after a reduction over time: not expressible in one step."""
+
+    def __init__(self, sj) -> None:  # noqa: ANN001
+        super().__init__()
+        self.fc = sj.layer.Linear(4, 4)
+        self.sn = sj.neuron.IFNode()
+        sj.functional.set_step_mode(self, "m")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.sn(self.fc(x))
+        return y.sum(0) * y
+
+
+def test_running_sum_refuses_mixing_with_per_step_values(sj) -> None:  # noqa: ANN001
+    from snncompile.export.onnx import OnnxExportError
+
+    model = _MixesReduced(sj).eval()
+    with pytest.raises(OnnxExportError, match=r"mixes the per-step value .* reduced over time"):
+        export_onnx(model, torch.rand(2, 2, 4), mode="step")
+
+
+# -- OTTT networks (SpikingJelly's spiking_vggws_ottt): their eval form -----------------------
+def _ottt_vgg(sj, seed: int = 0) -> nn.Module:  # noqa: ANN001
+    install_torchvision_stand_in()
+    from spikingjelly.activation_based.model import spiking_vggws_ottt
+
+    torch.manual_seed(seed)
+    net = spiking_vggws_ottt.OTTTSpikingVGG(
+        [8, "M", 16, "M", 512], num_classes=10, spiking_neuron=sj.neuron.OTTTLIFNode
+    )
+    with torch.no_grad():  # the zoo's N(0, 0.01) classifier would make every logit ~0
+        net.classifier[2].weight.normal_(0.0, 0.5)
+    return net.eval()
+
+
+def test_ottt_vgg_exports_and_matches_eager_spikingjelly(sj) -> None:  # noqa: ANN001
+    """OTTTSpikingVGG in eval: OTTT neurons are LIF steps, OTTTSequential a Sequential.
+
+    Both exports under onnxruntime, the compiled inference module and eager SpikingJelly (the
+    model stepped as written, in eval mode) agree; every neuron of the compiled module is a
+    plain (fused) neuron, not an opaque module.
+    """
+    net = _ottt_vgg(sj)
+    example, x = torch.rand(2, 2, 3, 16, 16), torch.rand(5, 3, 3, 16, 16)
+    sj.functional.reset_net(net)
+    with torch.no_grad():
+        want = torch.stack([net(x_t) for x_t in x]).numpy()
+    assert np.abs(want).sum() > 0
+    compiled = optimize(net, example, mode="inference")
+    neurons = sum(isinstance(m, sj.neuron.OTTTLIFNode) for m in net.modules())
+    assert len(compiled.graph.find(Op.FUSED_NEURON)) == neurons == 3, compiled.report()
+    assert not compiled.graph.find(Op.OPAQUE_MODULE), compiled.graph
+    with torch.no_grad():
+        got = compiled(x).numpy()
+    np.testing.assert_array_equal(got, want)  # the eval form is exact
+    seq = np.asarray(run_sequence_model(export_onnx(net, example, mode="sequence"), x))
+    step = np.asarray(run_step_model(export_onnx(net, example, mode="step"), x))
+    np.testing.assert_allclose(seq, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(step, seq, rtol=0, atol=1e-6)
+    assert isinstance(net.features, sj.layer.OTTTSequential)  # the user's model is unchanged
+
+
+def test_ottt_training_compile_keeps_the_containers_as_written(sj) -> None:  # noqa: ANN001
+    """Training semantics ([spike, trace] pairs) are never rewritten: the containers run as
+    written, and the online form's rewrite refuses a training-mode module by name."""
+    from snncompile.frontend.online_eval import online_eval_equivalent
+
+    net = _ottt_vgg(sj).train()
+    compiled = optimize(net, torch.rand(2, 2, 3, 16, 16), mode="train")
+    assert compiled.graph.find(Op.OPAQUE_MODULE)
+    with pytest.raises(ValueError, match=r"features \(OTTTSequential\) is in training mode"):
+        online_eval_equivalent(net)
+
+
+def test_weight_standardised_layers_export_their_standardised_weight(sj) -> None:  # noqa: ANN001
+    """WSConv2d/WSLinear compute with ``get_weight()``, not ``.weight``: the export (and BN
+    folding, which must then leave a WSConv2d's batchnorm unfolded) use that weight too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        sj.layer.WSConv2d(2, 4, 3),
+        sj.layer.BatchNorm2d(4),
+        sj.neuron.IFNode(),
+        sj.layer.Flatten(),
+        sj.layer.WSLinear(4 * 5 * 5, 6),
+        sj.neuron.IFNode(),
+    )
+    _bn_stats(model)
+    model.eval()
+    example, x = torch.rand(2, 2, 2, 7, 7) * 2, torch.rand(5, 3, 2, 7, 7) * 2
+    sj.functional.reset_net(model)
+    with torch.no_grad():
+        want = torch.stack([model(x_t) for x_t in x]).numpy()
+    assert want.sum() > 0
+    compiled = optimize(model, example, mode="inference")
+    with torch.no_grad():
+        np.testing.assert_array_equal(compiled(x).numpy(), want)
+    for mode, run in (("sequence", run_sequence_model), ("step", run_step_model)):
+        got = np.asarray(run(export_onnx(model, example, mode=mode), x))
+        assert np.mean(got != want) < 0.01, f"{mode}: spikes differ in {np.mean(got != want):.1%}"

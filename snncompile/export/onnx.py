@@ -26,6 +26,12 @@ states of multi-state neurons), and returns the output ``y_t`` and the next stat
   states are built inside the graph (``ConstantOfShape`` with the batch size read from ``x``).
   Reductions over time (``x.mean(0)``, ``x.sum(0)``: a firing-rate readout) and every node that
   depends on them run after the ``Scan`` on the stacked per-step values.
+* Reductions over time in ``mode='step'``: the step model carries each one's running sum
+  (``<node>.acc``) and, for a mean, its step count (``<node>.steps``) as extra states after the
+  neurons' (listed in the metadata, starting at 0), and returns the mean (sum) of the steps seen
+  so far: the last of ``T`` steps gives the sequence model's output, every earlier step the
+  readout so far (what a streaming classifier reads). A neuron after a reduction, or a node
+  mixing reduced and per-step values, has no one-step form and is refused by name.
 
 **Metadata** (``model.metadata_props``), so runtimes without Python can build the states:
 

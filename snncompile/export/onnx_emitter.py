@@ -61,7 +61,7 @@ class StateInfo:
     output: str
     shape: tuple[int, ...]  # per-step shape without the batch dimension
     init: float
-    dynamics: NeuronDynamics
+    dynamics: NeuronDynamics | None  # None: the running sum/step count of a time reduction
     uniforms: tuple[float, ...]
     state: str = "v"  # which state of the neuron ('v', or an extra state such as 'w')
 
@@ -214,6 +214,7 @@ class Emitter:
         opset: int,
         post: frozenset[str] = frozenset(),
         passthrough: frozenset[str] = frozenset(),
+        running: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = graph
         self.b = b
@@ -221,21 +222,28 @@ class Emitter:
         self.opset = opset
         self.post = post  # nodes computed after the time loop, on [N, *] values
         self.passthrough = passthrough  # nodes that are the identity at one step (a repeat)
+        # Step mode: time reductions computed as running sums/means, and the nodes after them
+        # (on [N, *] values, like ``post`` in sequence mode, but inside the step).
+        self.running = running
         self.env: dict[str, Any] = {}
+
+    def _reduced(self, node: Node) -> bool:
+        """Whether the node's value is already reduced over time (its dims are ``[N, *]``)."""
+        return node.name in self.post or node.name in self.running
 
     def shift(self, node: Node) -> int:
         """1 when the node's own dims are ``[T, N, *]`` (a sequence-level op), else 0."""
-        return 0 if node.name in self.post else _time_shift(node)
+        return 0 if self._reduced(node) else _time_shift(node)
 
     def step_shape(self, node: Node) -> tuple[int, ...] | None:
         """Per-step feature shape (without batch) of a node's value."""
-        if node.name in self.post and node.shape is not None:
+        if self._reduced(node) and node.shape is not None:
             return tuple(node.shape[1:])
         return per_step_shape(node)
 
     def lead(self, node: Node) -> int:
         """How many leading (time/batch) dims the node's recorded shape has."""
-        return 2 if node.layout is Layout.SEQ and node.name not in self.post else 1
+        return 2 if node.layout is Layout.SEQ and not self._reduced(node) else 1
 
     # -- helpers for the op table --
     def fail(self, node: Node, why: str) -> OnnxExportError:
@@ -338,14 +346,52 @@ class Emitter:
             elif node.op is Op.OUTPUT:
                 outputs = self._outputs(node) if not self.post else []
             elif node.op.group is OpGroup.NEURON:
+                if node.name in self.running:
+                    raise self.fail(node, "a neuron after a reduction over time cannot be exported")
                 spike, nxt = self._neuron(node, states, infos[node.name])
                 self.env[node.name] = _T(spike)
                 next_states.update(nxt)
             elif node.op in (Op.MERGE_TIME, Op.SPLIT_TIME) or node.name in self.passthrough:
                 self.env[node.name] = self.env[node.inputs[0]]
+            elif is_time_reduction(node) and state_key(node.name, RUNNING_SUM) in states:
+                value, nxt = self._running_reduction(node, states)
+                self.env[node.name] = _T(value)
+                next_states.update(nxt)
             else:
+                if node.name in self.running:
+                    self._check_reduced_inputs(node)
                 self._synapse(node)
         return outputs, next_states
+
+    def _running_reduction(self, node: Node, states: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """``x.sum(0)`` / ``x.mean(0)`` in step mode: the running sum (mean) up to this step.
+
+        ``acc_t = acc_{t-1} + x_t`` (``acc_0 = 0``); a mean also counts the steps,
+        ``n_t = n_{t-1} + 1``, and returns ``acc_t / n_t``. After the last of ``T`` steps this
+        is the whole-sequence ``x.sum(0)`` / ``x.mean(0)``.
+        """
+        x = self.data(node)
+        acc_key = state_key(node.name, RUNNING_SUM)
+        acc = self.b.node("Add", [states[acc_key], x], f"{node.name}_{RUNNING_SUM}")
+        if call_name(node) == "sum":
+            return acc, {acc_key: acc}
+        steps_key = state_key(node.name, RUNNING_STEPS)
+        one = self.b.scalar(1.0)
+        steps = self.b.node("Add", [states[steps_key], one], f"{node.name}_{RUNNING_STEPS}")
+        mean = self.b.node("Div", [acc, steps], node.name)
+        return mean, {acc_key: acc, steps_key: steps}
+
+    def _check_reduced_inputs(self, node: Node) -> None:
+        """A node after a time reduction may not also read per-step values (as in sequence
+        mode, where such a node would mix ``[T, N, *]`` and ``[N, *]`` values)."""
+        for name in node.inputs:
+            src = self.graph[name]
+            if name not in self.running and src.is_tensor and src.layout is not Layout.NONE:
+                raise self.fail(
+                    node,
+                    f"mixes the per-step value %{name} with values reduced over time; only "
+                    "time reductions (mean/sum over dim 0) may read the per-step results",
+                )
 
     def _synapse(self, node: Node) -> None:
         if is_time_reduction(node):
@@ -455,6 +501,10 @@ class Emitter:
 
 
 _T_missing = object()
+
+#: State names of a time reduction in step mode: its running sum and (a mean) its step count.
+RUNNING_SUM = "acc"
+RUNNING_STEPS = "steps"
 
 
 # -- reductions over time (sequence mode, after the Scan) -----------------------------------------

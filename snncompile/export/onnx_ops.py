@@ -27,6 +27,16 @@ def _pair(value: Any, n: int) -> list[int]:
     return [int(value)] * n
 
 
+def effective_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a conv/linear layer computes with: ``m.weight``, or, for a layer that
+    re-parametrises it at run time (SpikingJelly's weight-standardised ``WSConv2d`` and
+    ``WSLinear``: ``get_weight()``, ``(W - mean) / sqrt(var * fan_in + eps) * gain``), that
+    weight, computed with PyTorch exactly as the layer's forward does."""
+    get_weight = getattr(m, "get_weight", None)
+    with torch.no_grad():
+        return (get_weight() if callable(get_weight) else m.weight).detach()
+
+
 def _conv(e: Emitter, node: Node) -> str:
     m = node.module
     if m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -45,7 +55,7 @@ def _conv(e: Emitter, node: Node) -> str:
     else:
         p = _pair(m.padding, nd)
         pads = p + p
-    w = e.b.inits.add(m.weight.detach().cpu().float().numpy(), f"{node.name}.weight")
+    w = e.b.inits.add(effective_weight(m).cpu().float().numpy(), f"{node.name}.weight")
     ins = [e.data(node), w]
     if m.bias is not None:
         ins.append(e.b.inits.add(m.bias.detach().cpu().float().numpy(), f"{node.name}.bias"))
@@ -67,7 +77,7 @@ def _linear(e: Emitter, node: Node) -> str:
         raise e.fail(node, "functional linear layers have no ONNX rendering; use nn.Linear")
     x = e.data(node)
     shape = e.in_shape(node)
-    wt = m.weight.detach().cpu().float().numpy()
+    wt = effective_weight(m).cpu().float().numpy()
     bias = None if m.bias is None else m.bias.detach().cpu().float().numpy()
     if shape is not None and len(shape) == 1:  # [N, F]: one Gemm, like torch's addmm
         w = e.b.inits.add(wt, f"{node.name}.weight")

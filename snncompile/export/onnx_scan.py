@@ -5,6 +5,11 @@
 * ``mode='sequence'``: the step graph is the body of one ``Scan`` over axis 0 of
   ``x: [T, N, *]``; initial states are built in the graph (``ConstantOfShape`` with the batch
   size read from ``x``); time reductions and what depends on them run after the ``Scan``.
+* Time reductions in step mode (``x.mean(0)``, ``x.sum(0)``: a firing-rate readout): the step
+  model carries the running sum ``<node>.acc`` (and, for a mean, the step count
+  ``<node>.steps``) as states like a neuron's, listed in the same metadata, and returns the
+  mean (sum) of the steps seen so far. A stream of ``T`` steps then ends with the sequence
+  model's output, and every earlier step gives the readout so far (an anytime prediction).
   A model that builds its sequence with ``x.unsqueeze(0).repeat(T, 1, ...)`` takes
   ``[N, *]`` and is tiled in the graph.
 """
@@ -22,6 +27,8 @@ from onnx import TensorProto, helper
 from snncompile.dynamics.neuron import NeuronDynamics
 from snncompile.export.onnx_builder import GraphBuilder, Initializers, NameSource, OnnxExportError
 from snncompile.export.onnx_emitter import (
+    RUNNING_STEPS,
+    RUNNING_SUM,
     Emitter,
     StateInfo,
     call_name,
@@ -138,6 +145,40 @@ def _state_infos(graph: Graph, names: NameSource, prefix: str) -> dict[str, Stat
     return infos
 
 
+def _reduction_infos(graph: Graph, names: NameSource) -> dict[str, StateInfo]:
+    """Step mode: the states of each time reduction (``x.sum(0)``, ``x.mean(0)``).
+
+    A reduction carries its running sum ``<node>.acc`` (``[N, *]`` of its per-step input,
+    starting at 0) and, for a mean, its step count ``<node>.steps`` (``[N, 1, ..., 1]``,
+    starting at 0), so that each step returns the sum/mean of the steps so far.
+    """
+    infos: dict[str, StateInfo] = {}
+    for node in graph:
+        if not is_time_reduction(node):
+            continue
+        shape = per_step_shape(graph[node.inputs[0]]) if node.inputs else None
+        if shape is None:
+            raise OnnxExportError(
+                f"export_onnx: IR node %{node.name} reduces over time a value without a recorded "
+                "shape; trace it with an example input."
+            )
+        states = [(RUNNING_SUM, tuple(int(s) for s in shape))]
+        if call_name(node) == "mean":
+            states.append((RUNNING_STEPS, (1,) * len(shape)))
+        for state, dims in states:
+            infos[state_key(node.name, state)] = StateInfo(
+                node=node.name,
+                input=names.reserve(f"{node.name}.{state}"),
+                output=names.reserve(f"{node.name}.{state}_next"),
+                shape=dims,
+                init=0.0,
+                dynamics=None,
+                uniforms=(),
+                state=state,
+            )
+    return infos
+
+
 def _initial_state(node: Node, dyn: NeuronDynamics, state: str) -> float:
     """An extra state's start: the module's registered reset value, else the dynamics' init."""
     reset_values = getattr(node.module, "_memories_rv", None) or {}
@@ -205,16 +246,23 @@ def build_model(
     through = frozenset(repeat.names) if repeat else frozenset()
     x_public = names.reserve(x_node.name)
     if mode == "step":
-        infos = _state_infos(graph, names, "")
+        infos = {**_state_infos(graph, names, ""), **_reduction_infos(graph, names)}
         b = GraphBuilder(names, inits)
-        emitter = Emitter(graph, b, ops=SYNAPSE_OPS, opset=opset, passthrough=through)
+        emitter = Emitter(
+            graph,
+            b,
+            ops=SYNAPSE_OPS,
+            opset=opset,
+            passthrough=through,
+            running=post_loop_nodes(graph),
+        )
         outs, nxt = emitter.run(x_public, {k: i.input for k, i in infos.items()}, infos)
         taken: dict[str, str] = {}
         out_vis = []
         for k, (value, src) in enumerate(outs):
             public = names.reserve("output" if len(outs) == 1 else f"output_{k}")
             _publish(b, value, public, taken)
-            shape = per_step_shape(src) or ()
+            shape = emitter.step_shape(src) or ()
             out_vis.append(_value_info(public, src.dtype, ["N", *shape]))
         for key, info in infos.items():
             _publish(b, nxt[key], info.output, taken)

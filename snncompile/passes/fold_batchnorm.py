@@ -71,6 +71,8 @@ def _foldable(layer_node: Node, bn_node: Node) -> bool:
     layer, bn = layer_node.module, bn_node.module
     if layer is None or bn is None or bn.training or bn.running_mean is None:
         return False
+    if callable(getattr(layer, "get_weight", None)):
+        return False  # WSConv2d standardises its weight at run time: a folded .weight is undone
     if layer_node.layout is not bn_node.layout or bn_node.layout not in (Layout.STEP, Layout.FLAT):
         return False
     if layer_node.attrs.get("per_step") or bn_node.attrs.get("per_step"):
