@@ -329,6 +329,11 @@ def fuse_chains(graph: Graph) -> PassResult:
     return PassResult(graph, bool(fused), notes if (fused or left) else [])
 
 
+def _detached_copy(node: Node) -> Node:
+    """A copy of a removed ``node`` with its own ``attrs``/``meta``, to put back in the graph."""
+    return dataclasses.replace(node, attrs=dict(node.attrs), meta=dict(node.meta))
+
+
 def unfuse_chains(graph: Graph) -> PassResult:
     """Undo :func:`fuse_chains` on ``graph`` (in place): the batchnorm and pooling nodes come
     back and the neuron nodes run their neuron modules again (exporters use it)."""
@@ -342,31 +347,31 @@ def unfuse_chains(graph: Graph) -> PassResult:
         node.shape = record["shape"]
         if "bn" in record:
             bn = record["bn"]
-            bn = dataclasses.replace(bn, attrs=dict(bn.attrs), meta=dict(bn.meta))
+            bn = _detached_copy(bn)
             split = graph[node.inputs[0]]
             graph.add(bn, before=split.name)
             split.inputs = (bn.name,)
         if "add" in record:
             add = record["add"][0]
-            add = dataclasses.replace(add, attrs=dict(add.attrs), meta=dict(add.meta))
+            add = _detached_copy(add)
             graph.add(add, before=node.name)
             node.inputs = (add.name,)
             if "args" in node.attrs:
                 node.attrs["args"] = (Ref(0),)
         if "scale_in" in record:
             sc = record["scale_in"]
-            sc = dataclasses.replace(sc, attrs=dict(sc.attrs), meta=dict(sc.meta))
+            sc = _detached_copy(sc)
             split = graph[node.inputs[0]]
             graph.add(sc, before=split.name)
             split.inputs = (sc.name,)
         if "scale_out" in record:
             sc, merge_name = record["scale_out"]
-            sc = dataclasses.replace(sc, attrs=dict(sc.attrs), meta=dict(sc.meta))
+            sc = _detached_copy(sc)
             graph.replace_all_uses(merge_name, sc.name)
             graph.add(sc, after=merge_name)
         if "added" in record:
             add = record["added"][0]
-            add = dataclasses.replace(add, attrs=dict(add.attrs), meta=dict(add.meta))
+            add = _detached_copy(add)
             node.inputs = node.inputs[:-1]
             if "args" in node.attrs:
                 node.attrs["args"] = tuple(Ref(i) for i in range(len(node.inputs)))
@@ -375,7 +380,7 @@ def unfuse_chains(graph: Graph) -> PassResult:
             graph.toposort()
         if "pool" in record:
             pool, merge_name = record["pool"]
-            pool = dataclasses.replace(pool, attrs=dict(pool.attrs), meta=dict(pool.meta))
+            pool = _detached_copy(pool)
             merge = graph[merge_name]
             graph.replace_all_uses(merge_name, pool.name)
             if node.shape is not None:
