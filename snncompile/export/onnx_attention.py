@@ -184,7 +184,17 @@ class SequenceModule:
     """The whole-sequence rendering of one layer class, and why it has no one-step form."""
 
     render: Callable[[Ctx, nn.Module, str, Sequence[int]], str]
-    mixes: str  # completes "it pools ...": the reason step mode refuses the layer
+    mixes: Callable[[nn.Module], str]  # "it pools ...": why step mode refuses this layer
+
+
+def _mda_mixes(m: nn.Module) -> str:
+    parts = {
+        "ta": "temporal attention runs an MLP over the T pooled steps",
+        "ca": "channel attention pools over (T, H, W)",
+        "sa": "spatial attention takes the mean and max over T*C",
+    }
+    enabled = [why for name, why in parts.items() if getattr(m, name, None) is not None]
+    return f"over the time axis ({'; '.join(enabled)})"
 
 
 _ATTENTION = "spikingjelly.activation_based.layer.attention"
@@ -193,13 +203,9 @@ _ATTENTION = "spikingjelly.activation_based.layer.attention"
 #: sequence, between the time loops of a sequence export.
 SEQUENCE_MODULES: dict[tuple[str, str], SequenceModule] = {
     (_ATTENTION, "TemporalWiseAttention"): SequenceModule(
-        _temporal_wise, "over the time axis (an MLP over the T pooled steps)"
+        _temporal_wise, lambda m: "over the time axis (an MLP over the T pooled steps)"
     ),
-    (_ATTENTION, "MultiDimensionalAttention"): SequenceModule(
-        _multi_dimensional,
-        "over the time axis (temporal and channel attention pool over T, spatial attention "
-        "over T*C)",
-    ),
+    (_ATTENTION, "MultiDimensionalAttention"): SequenceModule(_multi_dimensional, _mda_mixes),
 }
 
 
@@ -221,8 +227,9 @@ def _where(node: Node) -> str:
 
 def step_refusal(node: Node, entry: SequenceModule) -> OnnxExportError:
     """The step-mode error for a layer that mixes time steps."""
+    layer_name = type(node.module).__name__
     return OnnxExportError(
-        f"export_onnx: IR node {_where(node)}: {type(node.module).__name__} pools {entry.mixes}, "
+        f"export_onnx: IR node {_where(node)}: {layer_name} pools {entry.mixes(node.module)}, "
         "so its output at step t needs the steps after t; it has no one-step form. Export "
         "with mode='sequence' (the layer then runs on the whole sequence between the time "
         "loops)."

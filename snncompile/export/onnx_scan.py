@@ -5,6 +5,9 @@
 * ``mode='sequence'``: the step graph is the body of one ``Scan`` over axis 0 of
   ``x: [T, N, *]``; initial states are built in the graph (``ConstantOfShape`` with the batch
   size read from ``x``); time reductions and what depends on them run after the ``Scan``.
+  A layer that mixes time steps (:mod:`~snncompile.export.onnx_attention`) runs in the main
+  graph on the stacked ``[T, N, *]`` values; the per-step parts before and after it are
+  separate ``Scan``s (:func:`time_loops`).
 * Time reductions in step mode (``x.mean(0)``, ``x.sum(0)``: a firing-rate readout): the step
   model carries the running sum ``<node>.acc`` (and, for a mean, the step count
   ``<node>.steps``) as states like a neuron's, listed in the same metadata, and returns the
