@@ -305,11 +305,11 @@ def test_zoo_transformer_exports(zoo: dict, name: str) -> None:
     assert float(np.abs(steps[-1] - ref).max()) <= TRANSFORMER_TOL
 
 
-@pytest.mark.parametrize("name", ["MASNN", "AttMSResNet"])
-def test_temporal_attention_export_error_names_the_node(zoo: dict, name: str) -> None:
-    """Temporal attention pools over T (it mixes time steps): a clear error naming the node."""
-    masnn = zoo["masnn"]
-    surrogate = zoo["sj"].surrogate.ATan()
+# -- attention that mixes time steps (MASNN, AttMSResNet): sequence mode only -------------------
+def _masnn(z: dict, name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A small MASNN / AttMSResNet (T=2) and its per-sample input shape."""
+    masnn = z["masnn"]
+    surrogate = z["sj"].surrogate.ATan()
     if name == "MASNN":
         model = masnn.MASNN(
             T=2,
@@ -321,20 +321,141 @@ def test_temporal_attention_export_error_names_the_node(zoo: dict, name: str) ->
             reduction_c=2,
             surrogate_function=surrogate,
         )
-        sample = (2, 16, 16)
-    else:
-        model = masnn.AttMSResNet(
-            T=2, num_classes=10, base_channels=8, layers=(1, 1, 1, 1), surrogate_function=surrogate
-        )
-        sample = (3, 16, 16)
+        return model, (2, 16, 16)
+    model = masnn.AttMSResNet(
+        T=2, num_classes=10, base_channels=8, layers=(1, 1, 1, 1), surrogate_function=surrogate
+    )
+    return model, (3, 16, 16)
+
+
+# Sigmoid/ReduceMean/ReduceMax in the attention round like PyTorch's to ~1 ulp; spikes equal.
+ATTENTION_TOL = 1e-5
+
+
+@pytest.mark.parametrize("name", ["MASNN", "AttMSResNet"])
+def test_masnn_family_sequence_export_matches(zoo: dict, name: str) -> None:
+    """Sequence export of the models with MultiDimensionalAttention / TemporalWiseAttention.
+
+    The attention runs between ``Scan``s on the whole sequence; onnxruntime matches the
+    compiled inference module (and eager SpikingJelly) at another batch size. MASNN's temporal
+    attention is built for its own ``T``, so it runs at ``T=2``; AttMSResNet at ``T=5``.
+    """
+    torch.manual_seed(0)
+    model, sample = _masnn(zoo, name)
+    _scale(model, 1.5 if name == "AttMSResNet" else 3.0)
+    _bn_stats(model)
+    model.eval()
+    t_run = 2 if name == "MASNN" else RUN[0]
+    example, x = _spikes((*EXAMPLE, *sample), 1), _spikes((t_run, RUN[1], *sample), 2)
+    compiled = optimize(model, example, mode="inference", backend="torch")
+    with torch.no_grad():
+        our_functional.reset_net(compiled)
+        ref = compiled(x).numpy()
+        zoo["sj"].functional.reset_net(model)
+        eager = model(x).numpy()
+    assert np.abs(ref).sum() > 0, compiled.report()
+    onnx_model = export_onnx(model, example, mode="sequence")
+    scans = [n for n in onnx_model.graph.node if n.op_type == "Scan"]
+    attention = sum(
+        isinstance(m, zoo["sj"].layer.MultiDimensionalAttention) for m in model.modules()
+    ) + sum(isinstance(m, zoo["sj"].layer.TemporalWiseAttention) for m in model.modules())
+    assert len(scans) == attention + 1  # one time loop between each two attention layers
+    got = np.asarray(run_sequence_model(onnx_model, x))
+    assert got.shape == ref.shape
+    diff = float(np.abs(got - ref).max())
+    print(f"{name}: max |onnxruntime - compiled| = {diff:.3g}")
+    assert diff <= ATTENTION_TOL, f"{name}: max |onnxruntime - compiled| = {diff}"
+    np.testing.assert_allclose(ref, eager, rtol=0, atol=ATTENTION_TOL)
+
+
+@pytest.mark.parametrize("name", ["MASNN", "AttMSResNet"])
+def test_temporal_attention_step_export_is_refused(zoo: dict, name: str) -> None:
+    """The attention pools over T (output at step t needs later steps): step mode names the
+    node and its type, says why and what to do."""
+    model, sample = _masnn(zoo, name)
     model.eval()
     example = _spikes((*EXAMPLE, *sample), 1)
-    for mode in ("step", "sequence"):
-        with pytest.raises(
-            OnnxExportError,
-            match=r"IR node %\w*(attn|attention) \(op OPAQUE_MODULE.*MultiDimensionalAttention",
-        ):
-            export_onnx(model, example, mode=mode)
+    with pytest.raises(
+        OnnxExportError,
+        match=r"IR node %\w*(attn|attention) \(op OPAQUE_MODULE.*MultiDimensionalAttention.*"
+        r"step t needs the steps after t.*mode='sequence'",
+    ):
+        export_onnx(model, example, mode="step")
+
+
+class _AttentionNet(nn.Module):
+    """Conv -> MultiDimensionalAttention -> IF -> Linear -> TemporalWiseAttention -> IF."""
+
+    def __init__(self, sj, T: int, attention: str, **attn_kw: bool) -> None:  # noqa: ANN001
+        super().__init__()
+        c = 4
+        self.conv = sj.layer.Conv2d(2, c, 3, padding=1)
+        self.mda = (
+            sj.layer.MultiDimensionalAttention(T, c, reduction_t=1, reduction_c=2, **attn_kw)
+            if attention in ("mda", "both")
+            else nn.Identity()
+        )
+        self.sn1 = sj.neuron.IFNode(v_threshold=0.25)
+        self.flat = sj.layer.Flatten()
+        self.fc = sj.layer.Linear(c * 6 * 6, 8)
+        self.twa = (
+            sj.layer.TemporalWiseAttention(T, reduction=1, dimension=2)
+            if attention in ("twa", "both")
+            else nn.Identity()
+        )
+        self.sn2 = sj.neuron.IFNode(v_threshold=0.25)
+        sj.functional.set_step_mode(self, "m")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.sn1(self.mda(self.conv(x)))
+        return self.sn2(self.twa(self.fc(self.flat(y))))
+
+
+@pytest.mark.parametrize(
+    "attention, attn_kw",
+    [
+        ("twa", {}),
+        ("both", {}),
+        ("mda", {"use_temporal": False}),
+        ("mda", {"use_temporal": False, "use_spatial": False}),
+        ("mda", {"use_temporal": False, "use_channel": False}),
+    ],
+)
+def test_attention_layers_export_in_sequence_mode(sj, attention: str, attn_kw: dict) -> None:  # noqa: ANN001
+    """TemporalWiseAttention and MultiDimensionalAttention variants in a small model: sequence
+    export equals the compiled module and eager SpikingJelly; step export is refused (every
+    variant pools over T: channel attention over (T, H, W), spatial attention over T*C)."""
+    torch.manual_seed(0)
+    T = 3
+    model = _AttentionNet(sj, T, attention, **attn_kw)
+    for m in (model.conv, model.fc):  # the attention's own convolutions keep their init
+        _scale(m, 8.0)
+    model.eval()
+    example, x = _spikes((T, 2, 2, 6, 6), 1), _spikes((T, 3, 2, 6, 6), 2)
+    compiled = optimize(model, example, mode="inference", backend="torch")
+    with torch.no_grad():
+        ref = compiled(x).numpy()
+        sj.functional.reset_net(model)
+        eager = model(x).numpy()
+    assert ref.sum() > 0
+    np.testing.assert_array_equal(ref, eager)
+    got = np.asarray(run_sequence_model(export_onnx(model, example, mode="sequence"), x))
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(OnnxExportError, match=r"step t needs the steps after t"):
+        export_onnx(model, example, mode="step")
+
+
+def test_attention_subclass_is_not_rendered(sj) -> None:  # noqa: ANN001
+    """A subclass may change the forward: it is refused, not exported with the parent's math."""
+
+    class _Custom(sj.layer.TemporalWiseAttention):
+        def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+            return super().forward(x_seq) * 2.0
+
+    model = nn.Sequential(sj.layer.Linear(4, 4), _Custom(2, 1, 2), sj.neuron.IFNode())
+    sj.functional.set_step_mode(model, "m")
+    with pytest.raises(OnnxExportError, match=r"_Custom.*no ONNX rendering"):
+        export_onnx(model.eval(), torch.rand(2, 2, 4), mode="sequence")
 
 
 class _RepeatInside(nn.Module):

@@ -324,9 +324,17 @@ class Emitter:
 
     # -- the walk --
     def run(
-        self, x_name: str, states: dict[str, str], infos: dict[str, StateInfo]
+        self,
+        x_name: str,
+        states: dict[str, str],
+        infos: dict[str, StateInfo],
+        include: frozenset[str] | None = None,
     ) -> tuple[list[tuple[str, Node]], dict[str, str]]:
-        """Emit the step; return ``[(output value, producing IR node)]`` and next states."""
+        """Emit the step; return ``[(output value, producing IR node)]`` and next states.
+
+        ``include`` (sequence exports with several time loops): emit only these nodes; the
+        values they read from other loops must already be in :attr:`env`.
+        """
         inputs = self.graph.input_nodes
         if len(inputs) != 1:
             raise OnnxExportError(
@@ -336,8 +344,8 @@ class Emitter:
         next_states: dict[str, str] = {}
         outputs: list[tuple[str, Node]] = []
         for node in self.graph:
-            if node.name in self.post:
-                continue  # computed after the time loop (see run_post)
+            if node.name in self.post or (include is not None and node.name not in include):
+                continue  # computed after the time loop (see run_post), or in another loop
             if node.op is Op.INPUT:
                 self.env[node.name] = _T(x_name)
             elif node.op is Op.CONSTANT:

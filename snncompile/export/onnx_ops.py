@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from snncompile.export.onnx_builder import GraphBuilder, OnnxExportError
 from snncompile.export.onnx_emitter import Emitter
 from snncompile.export.onnx_functions import function_call
 from snncompile.ir.graph import Node
@@ -37,12 +38,20 @@ def effective_weight(m: nn.Module) -> torch.Tensor:
         return (get_weight() if callable(get_weight) else m.weight).detach()
 
 
-def _conv(e: Emitter, node: Node) -> str:
-    m = node.module
-    if m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        raise e.fail(node, "functional convolutions have no ONNX rendering; use nn.Conv1d/2d")
+def conv_node(
+    b: GraphBuilder,
+    m: nn.Module,
+    x: str,
+    hint: str,
+    fail: Callable[[str], OnnxExportError],
+) -> str:
+    """One ONNX ``Conv`` computing the ``nn.Conv1d/2d/3d`` module ``m`` on ``x``.
+
+    ``fail(why)`` builds the error for a configuration that is not exported (it names the
+    node). ``padding='same'`` puts the extra pixel of an odd total at the end, like PyTorch.
+    """
     if m.padding_mode != "zeros":
-        raise e.fail(node, f"padding_mode={m.padding_mode!r} is not exported; use 'zeros'")
+        raise fail(f"padding_mode={m.padding_mode!r} is not exported; use 'zeros'")
     k = list(m.kernel_size)
     nd = len(k)
     dil = _pair(m.dilation, nd)
@@ -55,20 +64,27 @@ def _conv(e: Emitter, node: Node) -> str:
     else:
         p = _pair(m.padding, nd)
         pads = p + p
-    w = e.b.inits.add(effective_weight(m).cpu().float().numpy(), f"{node.name}.weight")
-    ins = [e.data(node), w]
+    w = b.inits.add(effective_weight(m).cpu().float().numpy(), f"{hint}.weight")
+    ins = [x, w]
     if m.bias is not None:
-        ins.append(e.b.inits.add(m.bias.detach().cpu().float().numpy(), f"{node.name}.bias"))
-    return e.b.node(
+        ins.append(b.inits.add(m.bias.detach().cpu().float().numpy(), f"{hint}.bias"))
+    return b.node(
         "Conv",
         ins,
-        node.name,
+        hint,
         kernel_shape=k,
         strides=_pair(m.stride, nd),
         pads=pads,
         dilations=dil,
         group=int(m.groups),
     )
+
+
+def _conv(e: Emitter, node: Node) -> str:
+    m = node.module
+    if m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        raise e.fail(node, "functional convolutions have no ONNX rendering; use nn.Conv1d/2d")
+    return conv_node(e.b, m, e.data(node), node.name, lambda why: e.fail(node, why))
 
 
 def _linear(e: Emitter, node: Node) -> str:
@@ -230,17 +246,32 @@ def _sj_class(module_path: str, name: str) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
+#: ``(module, class name) -> emitter`` for opaque modules (SpikingJelly layers without a
+#: frontend rule) that have a per-step inference form. Layers that mix time steps
+#: (``MultiDimensionalAttention``, ...) are in
+#: :data:`snncompile.export.onnx_attention.SEQUENCE_MODULES` instead.
+OPAQUE_MODULES: dict[tuple[str, str], Callable[[Emitter, Node], str]] = {
+    ("spikingjelly.activation_based.layer", "VotingLayer"): _voting,
+}
+
+
 def _opaque_module(e: Emitter, node: Node) -> str:
-    """Opaque modules with a known inference form (SpikingJelly layers without a rule)."""
+    """Opaque modules with a known inference form (see :data:`OPAQUE_MODULES`)."""
     m = node.module
-    voting = _sj_class("spikingjelly.activation_based.layer", "VotingLayer")
-    if voting is not None and isinstance(m, voting):
-        return _voting(e, node)
+    for (module_path, name), emit in OPAQUE_MODULES.items():
+        cls = _sj_class(module_path, name)
+        if cls is not None and isinstance(m, cls):
+            return emit(e, node)
+    from snncompile.export.onnx_attention import sequence_module, step_refusal
+
+    entry = sequence_module(node)
+    if entry is not None:  # reached only in a step export: the sequence export runs it apart
+        raise step_refusal(node, entry)
     raise e.fail(
         node,
         f"opaque module {type(m).__name__} (it runs as written in PyTorch) has no ONNX rendering; "
         "replace it by supported layers or register a rendering in "
-        "snncompile.export.onnx.SYNAPSE_OPS.",
+        "snncompile.export.onnx_ops.OPAQUE_MODULES.",
     )
 
 

@@ -5,6 +5,9 @@
 * ``mode='sequence'``: the step graph is the body of one ``Scan`` over axis 0 of
   ``x: [T, N, *]``; initial states are built in the graph (``ConstantOfShape`` with the batch
   size read from ``x``); time reductions and what depends on them run after the ``Scan``.
+  A layer that mixes time steps (:mod:`~snncompile.export.onnx_attention`) runs in the main
+  graph on the stacked ``[T, N, *]`` values; the per-step parts before and after it are
+  separate ``Scan``s (:func:`time_loops`).
 * Time reductions in step mode (``x.mean(0)``, ``x.sum(0)``: a firing-rate readout): the step
   model carries the running sum ``<node>.acc`` (and, for a mean, the step count
   ``<node>.steps``) as states like a neuron's, listed in the same metadata, and returns the
@@ -25,8 +28,10 @@ import torch
 from onnx import TensorProto, helper
 
 from snncompile.dynamics.neuron import NeuronDynamics
+from snncompile.export.onnx_attention import render_sequence_module, sequence_module
 from snncompile.export.onnx_builder import GraphBuilder, Initializers, NameSource, OnnxExportError
 from snncompile.export.onnx_emitter import (
+    _T,
     RUNNING_STEPS,
     RUNNING_SUM,
     Emitter,
@@ -40,7 +45,7 @@ from snncompile.export.onnx_emitter import (
 from snncompile.export.onnx_metadata import DTYPES
 from snncompile.export.onnx_ops import SYNAPSE_OPS
 from snncompile.ir.graph import Graph, Node
-from snncompile.ir.ops import Op, OpGroup
+from snncompile.ir.ops import Layout, Op, OpGroup
 
 
 # -- a sequence built inside forward: x.unsqueeze(0).repeat(T, 1, ...) --------------------------
@@ -271,27 +276,62 @@ def build_model(
         in_vis += [_value_info(i.input, "float32", ["N", *i.shape]) for i in infos.values()]
         g = helper.make_graph(b.nodes, "snncompile_step", in_vis, out_vis, inits.tensors)
         return g, _states_meta(infos)
-    # sequence: the step graph as a Scan body; time reductions (and what follows) after it
-    post = post_loop_nodes(graph)
-    infos = _state_infos(graph, names, "scan.")
-    body = GraphBuilder(names, inits)
-    x_t = names.reserve("scan.x_t")
-    emitter = Emitter(graph, body, ops=SYNAPSE_OPS, opset=opset, post=post, passthrough=through)
-    _, nxt = emitter.run(x_t, {k: i.input for k, i in infos.items()}, infos)
-    taken: dict[str, str] = {}
-    body_out_vis = []
-    for key, info in infos.items():
-        _publish(body, nxt[key], info.output, taken)
-        body_out_vis.append(_value_info(info.output, "float32", ["N", *info.shape]))
-    per_step = emitter.crossing()  # per-step values the loop stacks over T
-    for k, src in enumerate(per_step):
-        public = names.reserve(f"scan.y_{k}")
-        _publish(body, emitter.tensor(src, emitter.env[src.name]), public, taken)
-        body_out_vis.append(_value_info(public, src.dtype, ["N", *(per_step_shape(src) or ())]))
-    body_in_vis = [_value_info(i.input, "float32", ["N", *i.shape]) for i in infos.values()]
-    body_in_vis.append(_value_info(x_t, "float32", ["N", *feat]))
-    body_graph = helper.make_graph(body.nodes, "snncompile_step", body_in_vis, body_out_vis)
+    return _build_sequence(graph, names, inits, x_public, feat, repeat, through, opset)
 
+
+def time_loops(graph: Graph, post: frozenset[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    """Assign every node before the time reductions to a time loop (``Scan``) of a sequence
+    export, and find the layers that mix time steps (:mod:`~snncompile.export.onnx_attention`).
+
+    ``loop(n) = max(loop(i) for the inputs i of n)`` (0 for the input), except that a layer
+    mixing time steps gets ``max(...) + 1``: it runs in the main graph on the stacked
+    ``[T, N, *]`` values of the loops before it, and the nodes that read it run in a later loop.
+    A model without such layers has one loop. Returns ``({node: loop}, {mixing node: its
+    rendering})``.
+    """
+    loop: dict[str, int] = {}
+    mixers: dict[str, Any] = {}
+    for node in graph:
+        if node.op is Op.OUTPUT or node.name in post:
+            continue
+        level = max((loop.get(i, 0) for i in node.inputs), default=0)
+        entry = sequence_module(node)
+        if entry is not None:
+            mixers[node.name] = entry
+            level += 1
+        loop[node.name] = level
+    return loop, mixers
+
+
+def _crossing(graph: Graph, members: frozenset[str]) -> list[Node]:
+    """Per-step values of one loop read outside it (later loops, mixing layers, the nodes
+    after the time reductions, graph outputs): the loop stacks them over ``T``."""
+    out: dict[str, Node] = {}
+    for node in graph:
+        if node.name in members:
+            continue
+        for name in node.inputs:
+            src = graph[name]
+            if name in members and src.is_tensor and src.layout is not Layout.NONE:
+                out.setdefault(name, src)
+    return list(out.values())
+
+
+def _build_sequence(
+    graph: Graph,
+    names: NameSource,
+    inits: Initializers,
+    x_public: str,
+    feat: list[int],
+    repeat: _RepeatOverTime | None,
+    through: frozenset[str],
+    opset: int,
+) -> tuple[onnx.GraphProto, list[dict[str, Any]]]:
+    """The sequence model: per-step parts as ``Scan`` bodies, mixing layers and time
+    reductions (and what follows them) in the main graph on stacked values."""
+    post = post_loop_nodes(graph)
+    loop, mixers = time_loops(graph, post)
+    infos = _state_infos(graph, names, "scan.")
     main = GraphBuilder(names, inits)
     scan_in = x_public
     if repeat is not None:  # the sequence is built in the graph: Tile(Unsqueeze(x, 0))
@@ -299,31 +339,105 @@ def build_model(
         scan_in = main.node(
             "Tile", [unsq, inits.int64(list(repeat.repeats), "time_repeats")], "x_seq"
         )
-    init_states = []
+    batch = None
     if infos:
         shape_x = main.node("Shape", [scan_in], "x_shape")
-        n = main.node("Gather", [shape_x, inits.int64([1], "batch_index")], "batch", axis=0)
-        for info in infos.values():
+        batch = main.node("Gather", [shape_x, inits.int64([1], "batch_index")], "batch", axis=0)
+    stacked: dict[str, str] = {}  # IR value -> its [T, N, *] ONNX value in the main graph
+    carried: dict[str, Any] = {}  # non-tensor values (constants, sizes) of earlier loops
+    for k in range(max(loop.values(), default=0) + 1):
+        for name, entry in mixers.items():  # the mixing layers that the loop k reads
+            if loop[name] == k:
+                node = graph[name]
+                src = node.inputs[0] if node.inputs else None
+                if src not in stacked:
+                    raise OnnxExportError(
+                        f"export_onnx: IR node %{name} ({type(node.module).__name__}) reads "
+                        f"{'%' + src if src else 'nothing'}, which is not a whole-sequence "
+                        "value of the model; it cannot be exported."
+                    )
+                stacked[name] = render_sequence_module(main, node, stacked[src], opset, entry)
+        members = frozenset(n for n, lv in loop.items() if lv == k and n not in mixers)
+        if not members:
+            continue
+        body = GraphBuilder(names, inits)
+        emitter = Emitter(graph, body, ops=SYNAPSE_OPS, opset=opset, post=post, passthrough=through)
+        emitter.env.update(carried)
+        prefix = "scan." if k == 0 else f"scan{k}."
+        scan_values: list[str] = []  # main-graph [T, N, *] values sliced by this loop
+        body_in_vis: list[onnx.ValueInfoProto] = []
+        x_t = ""
+        if k == 0:
+            x_t = names.reserve("scan.x_t")
+            scan_values.append(scan_in)
+            body_in_vis.append(_value_info(x_t, "float32", ["N", *feat]))
+        for node in graph:
+            if node.name not in members:
+                continue
+            for name in node.inputs:
+                if name in members or name in carried or name in emitter.env:
+                    continue
+                if name not in stacked:
+                    raise OnnxExportError(
+                        f"export_onnx: IR node %{node.name} reads %{name}, which no earlier "
+                        "time loop computes; it cannot be exported."
+                    )
+                value_t = names.fresh(f"{prefix}{name}_t")
+                emitter.env[name] = _T(value_t)
+                scan_values.append(stacked[name])
+                src = graph[name]
+                body_in_vis.append(
+                    _value_info(value_t, src.dtype, ["N", *(per_step_shape(src) or ())])
+                )
+        loop_infos = {key: i for key, i in infos.items() if loop[i.node] == k}
+        _, nxt = emitter.run(
+            x_t, {key: i.input for key, i in loop_infos.items()}, loop_infos, include=members
+        )
+        carried.update(
+            (n, v) for n, v in emitter.env.items() if not isinstance(v, (_T, list)) and n in members
+        )
+        taken: dict[str, str] = {}
+        body_out_vis = []
+        for key, info in loop_infos.items():
+            _publish(body, nxt[key], info.output, taken)
+            body_out_vis.append(_value_info(info.output, "float32", ["N", *info.shape]))
+        per_step = _crossing(graph, members)
+        for j, src in enumerate(per_step):
+            public = names.reserve(f"{prefix}y_{j}")
+            _publish(body, emitter.tensor(src, emitter.env[src.name]), public, taken)
+            body_out_vis.append(_value_info(public, src.dtype, ["N", *(per_step_shape(src) or ())]))
+        if not body_out_vis:
+            continue  # nothing of this loop is read: dead code
+        body_in_vis = [
+            *[_value_info(i.input, "float32", ["N", *i.shape]) for i in loop_infos.values()],
+            *body_in_vis,
+        ]
+        body_graph = helper.make_graph(body.nodes, "snncompile_step", body_in_vis, body_out_vis)
+        init_states = []
+        for info in loop_infos.values():
+            assert batch is not None
             dims = inits.int64(list(info.shape), f"{info.node}_dims")
-            full = main.node("Concat", [n, dims], f"{info.node}_shape", axis=0)
+            full = main.node("Concat", [batch, dims], f"{info.node}_shape", axis=0)
             value = helper.make_tensor("value", TensorProto.FLOAT, [1], [info.init])
             init_states.append(
                 main.node("ConstantOfShape", [full], f"{info.node}_{info.state}0", value=value)
             )
-    final = [names.fresh(f"{i.node}_{i.state}_final") for i in infos.values()]
-    stacked = [names.fresh(f"{src.name}_seq") for src in per_step]
-    main.nodes.append(
-        helper.make_node(
-            "Scan",
-            [*init_states, scan_in],
-            [*final, *stacked],
-            name="n_time_loop",
-            body=body_graph,
-            num_scan_inputs=1,
+        final = [names.fresh(f"{i.node}_{i.state}_final") for i in loop_infos.values()]
+        seq_names = [names.fresh(f"{src.name}_seq") for src in per_step]
+        main.nodes.append(
+            helper.make_node(
+                "Scan",
+                [*init_states, *scan_values],
+                [*final, *seq_names],
+                name=names.fresh("n_time_loop"),
+                body=body_graph,
+                num_scan_inputs=len(scan_values),
+            )
         )
-    )
+        stacked.update({src.name: st for src, st in zip(per_step, seq_names, strict=True)})
     after = Emitter(graph, main, ops=SYNAPSE_OPS, opset=opset, post=post)
-    outs = after.run_post({src.name: st for src, st in zip(per_step, stacked, strict=True)})
+    after.env.update(carried)
+    outs = after.run_post(stacked)
     out_vis = []
     renamed: dict[str, str] = {}
     for k, (value, src) in enumerate(outs):
