@@ -156,7 +156,7 @@ _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 
 _C_CHAIN = """\
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
-                    const float *restrict e_seq, const float *restrict v_init,
+                    const float *restrict e_seq, const float *restrict v_init, float v_fill,
                     const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
                     const float *restrict eb,
@@ -181,7 +181,8 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
         const float cb_c = cb ? cb[c] : 0.0f;
         const float eb_c = eb ? eb[c] : 1.0f;
         (void)ca_c; (void)cb_c; (void)eb_c;
-        memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
+        if (v_init) memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
+        else for (int64_t j = 0; j < HW; ++j) v_state[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p) * HW;
             const float *restrict xt = xin_seq + off;
@@ -209,7 +210,8 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
 
 void {name}_backward(const float *restrict gout_seq, const float *restrict grad_v_last,
                      const float *restrict xin_seq, const float *restrict r_seq,
-                     const float *restrict v_init, const float *restrict uniforms,
+                     const float *restrict v_init, float v_fill,
+                     const float *restrict uniforms,
                      const float *restrict ca, const float *restrict cb,
                      const float *restrict eb, float *restrict gx_seq, float *restrict gxin_seq,
                      float *restrict grad_v_init, double *restrict psum,
@@ -239,7 +241,8 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         const float eb_c = eb ? eb[c] : 1.0f;
         (void)ca_c; (void)cb_c; (void)eb_c;
         /* recompute h (and s, v, x when needed) of this plane for every step */
-        memcpy(carry, v_init + p * HW, sizeof(float) * HW);
+        if (v_init) memcpy(carry, v_init + p * HW, sizeof(float) * HW);
+        else for (int64_t j = 0; j < HW; ++j) carry[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p) * HW;
             const float *restrict xt = xin_seq + off;
@@ -281,7 +284,7 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
 {gu_acc}
             }}
         }}
-        memcpy(grad_v_init + p * HW, carry, sizeof(float) * HW);
+        if (grad_v_init) memcpy(grad_v_init + p * HW, carry, sizeof(float) * HW);
         for (int64_t k = 0; k < NS; ++k) {{
             double sum = 0.0;
             for (int64_t j = 0; j < HW; ++j) sum += acc[k * HW + j];
@@ -294,10 +297,22 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
 """
 
 _C_BN = """\
-/* per-plane float64 sum(x) and sum(x * x) of [M, C, HW] (planes p = m * C + c) */
-void {name}_stats(const float *restrict x, double *restrict out, int64_t P, int64_t HW,
-                  int32_t num_threads)
+/* Training batchnorm statistics of x [M, C, HW] (planes p = m * C + c), all in one call:
+   per-plane float64 sum(x), sum(x^2) (in parallel), reduced per channel over m in order;
+   mean = s / n, var = max(q / n - mean^2, 0) (float64, n = M * HW); then PyTorch's float32
+   order: invstd = 1 / sqrt((float)var + eps), a = w * invstd, b = bias - mean * a. The
+   running statistics (when running_mean is not NULL) are updated as nn.BatchNorm2d does:
+   num_batches_tracked += 1, f = momentum (or 1 / num_batches_tracked when momentum < 0),
+   running = f * stat + (1 - f) * running in float64 with the unbiased n / (n - 1) variance.
+   out: [4][C] float32 rows a, b, mean, invstd. */
+void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
+                     const float *restrict weight, const float *restrict bias, double eps,
+                     double momentum, float *restrict running_mean,
+                     float *restrict running_var, int64_t *restrict num_batches,
+                     float *restrict out, int32_t num_threads)
 {{
+    const int64_t P = M * C;
+    double *sums = (double *)malloc(sizeof(double) * 2 * P);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int64_t p = 0; p < P; ++p) {{
         const float *restrict xp = x + p * HW;
@@ -307,16 +322,110 @@ void {name}_stats(const float *restrict x, double *restrict out, int64_t P, int6
             s += e;
             q += e * e;
         }}
-        out[2 * p] = s;
-        out[2 * p + 1] = q;
+        sums[2 * p] = s;
+        sums[2 * p + 1] = q;
+    }}
+    const double n = (double)(M * HW);
+    double f = momentum;
+    if (running_mean && num_batches) {{
+        *num_batches += 1;
+        if (momentum < 0.0) f = 1.0 / (double)(*num_batches);
+    }}
+    const double unb = n / (n - 1.0 > 1.0 ? n - 1.0 : 1.0);
+    for (int64_t c = 0; c < C; ++c) {{
+        double s = 0.0, q = 0.0;
+        for (int64_t m = 0; m < M; ++m) {{
+            s += sums[2 * (m * C + c)];
+            q += sums[2 * (m * C + c) + 1];
+        }}
+        const double mean = s / n;
+        double var = q / n - mean * mean;
+        if (var < 0.0) var = 0.0;
+        const float mean32 = (float)mean;
+        const float invstd = 1.0f / sqrtf((float)var + (float)eps);
+        const float a = weight ? weight[c] * invstd : invstd;
+        const float b = bias ? bias[c] - mean32 * a : -mean32 * a;
+        out[c] = a;
+        out[C + c] = b;
+        out[2 * C + c] = mean32;
+        out[3 * C + c] = invstd;
+        if (running_mean) {{
+            running_mean[c] = (float)((double)running_mean[c] * (1.0 - f) + mean * f);
+            running_var[c] = (float)((double)running_var[c] * (1.0 - f) + var * unb * f);
+        }}
+    }}
+    free(sums);
+}}
+
+/* Per-channel float64 sums of the backward's per-plane sums psum [NB * C][NS] (over n in
+   order): chan[c][k]. Then g_a[c] = sum(gx * xin), g_b[c] = sum(gx) and the uniforms'
+   gradients g_u[i] = sum over channels of chan[c][2 + i] (each NULL when not wanted). */
+static void {name}_channel_sums(const double *restrict psum, int64_t NB, int64_t C,
+                                int64_t NS, double *restrict chan)
+{{
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t k = 0; k < NS; ++k) {{
+            double s = 0.0;
+            for (int64_t n = 0; n < NB; ++n) s += psum[(n * C + c) * NS + k];
+            chan[c * NS + k] = s;
+        }}
+}}
+
+static void {name}_uniform_grads(const double *restrict chan, int64_t C, int64_t NS,
+                                 float *restrict g_u)
+{{
+    if (!g_u) return;
+    for (int64_t i = 0; i + 2 < NS; ++i) {{
+        double s = 0.0;
+        for (int64_t c = 0; c < C; ++c) s += chan[c * NS + 2 + i];
+        g_u[i] = (float)s;
     }}
 }}
 
-/* training batchnorm backward over [M, C, HW]: k = [C][4] (mean, k, mean(gy), w * invstd) */
-void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
-                        const float *restrict k, float *restrict gx, int64_t P, int64_t C,
-                        int64_t HW, int32_t num_threads)
+void {name}_reduce(const double *restrict psum, int64_t NB, int64_t C, int64_t NS,
+                   float *restrict g_a, float *restrict g_b, float *restrict g_u)
 {{
+    double *chan = (double *)malloc(sizeof(double) * C * NS);
+    {name}_channel_sums(psum, NB, C, NS, chan);
+    for (int64_t c = 0; c < C; ++c) {{
+        if (g_a) g_a[c] = (float)chan[c * NS + 1];
+        if (g_b) g_b[c] = (float)chan[c * NS];
+    }}
+    {name}_uniform_grads(chan, C, NS, g_u);
+    free(chan);
+}}
+
+/* Training batchnorm backward over [M, C, HW] from the chain backward's per-plane sums
+   psum [NB * C][NS] (sum(gy), sum(gy * xin), ...) and the forward's float32 mean / invstd:
+   per channel (float64) dot = sum(gy * (x - mean)) = sum(gy * x) - mean * sum(gy),
+   k = dot * invstd^2 / n, then float32 (mean, k, sum(gy) / n, w * invstd) for PyTorch's
+   gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd); g_w = dot * invstd,
+   g_bias = sum(gy), g_u the uniforms' gradients (each NULL when not wanted). */
+void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
+                        const double *restrict psum, const float *restrict mean32,
+                        const float *restrict invstd32, const float *restrict weight,
+                        float *restrict gx, float *restrict g_w, float *restrict g_bias,
+                        float *restrict g_u, int64_t M, int64_t NB, int64_t C, int64_t HW,
+                        int64_t NS, int32_t num_threads)
+{{
+    double *chan = (double *)malloc(sizeof(double) * C * NS);
+    float *k = (float *)malloc(sizeof(float) * 4 * C);
+    {name}_channel_sums(psum, NB, C, NS, chan);
+    {name}_uniform_grads(chan, C, NS, g_u);
+    const double n = (double)(M * HW);
+    for (int64_t c = 0; c < C; ++c) {{
+        const double s_g = chan[c * NS], s_gx = chan[c * NS + 1];
+        const double mean = (double)mean32[c], inv = (double)invstd32[c];
+        const double dot = s_gx - mean * s_g;
+        const double w = weight ? (double)weight[c] : 1.0;
+        k[4 * c] = (float)mean;
+        k[4 * c + 1] = (float)(dot * inv * inv / n);
+        k[4 * c + 2] = (float)(s_g / n);
+        k[4 * c + 3] = (float)(w * inv);
+        if (g_w) g_w[c] = (float)(dot * inv);
+        if (g_bias) g_bias[c] = (float)s_g;
+    }}
+    const int64_t P = M * C;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int64_t p = 0; p < P; ++p) {{
         const int64_t c = p % C;
@@ -330,6 +439,8 @@ void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
             gx[off + j] = gxin;
         }}
     }}
+    free(chan);
+    free(k);
 }}
 """
 
