@@ -17,9 +17,7 @@ pytestmark = pytest.mark.skipif(not compiler_available(), reason="no C compiler 
 
 
 def _chain(bn: nn.BatchNorm2d, pool: nn.Module | None = None) -> FusedChain:
-    lif = neuron.LIFNode(
-        tau=2.0, step_mode="m", surrogate_function=surrogate.ATan(), backend="cpu"
-    )
+    lif = neuron.LIFNode(tau=2.0, step_mode="m", surrogate_function=surrogate.ATan(), backend="cpu")
     return FusedChain(lif, bn, pool).train()
 
 
