@@ -106,8 +106,8 @@ POOLS: dict[str, PoolCode] = {
     # No pooling, the spikes times a per-channel scale ``eb_c`` (ann2snn's VoltageScale after
     # the neuron): ``out = s * eb_c``, ``gs = g * eb_c`` (PyTorch's products).
     "scale": PoolCode(
-        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] * eb_c;\n",
-        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j] * eb_c;\n",
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] * ebE[j];\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j] * ebE[j];\n",
     ),
     # No pooling, the spikes plus a residual ``e`` (SEW ResNet's ADD): ``out = s + e``; the
     # spikes' gradient is the output's (and so is ``e``'s, which the caller passes on).
@@ -161,50 +161,56 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
                     const float *restrict ca, const float *restrict cb,
                     const float *restrict eb,
                     float *restrict out_seq, float *restrict v_last,
-                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
+                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t GP,
                     int32_t num_threads)
 {{
-    (void)ca; (void)cb; (void)r_seq; (void)e_seq;
+    (void)r_seq; (void)e_seq;
 {uniforms}
-    const int64_t HW = H * W, P = NB * C;
+    const int64_t HW = H * W, P = NB * C, NG = (P + GP - 1) / GP;
     const int64_t K = {k}, S = {s}, PD = {pd};
     const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
-    (void)S; (void)PD;
+    (void)S; (void)PD; (void)OHW;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
-    float *v_state = (float *)malloc(sizeof(float) * HW);
-    float *st = (float *)malloc(sizeof(float) * HW);
+    const int64_t LM = GP * HW;
+    float *v_state = (float *)malloc(sizeof(float) * LM);
+    float *stg = (float *)malloc(sizeof(float) * LM);
+    float *caE = (float *)malloc(sizeof(float) * 3 * LM);
+    float *cbE = caE + LM, *ebE = caE + 2 * LM;
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; ++p) {{
-        const int64_t c = p % C;
-        const float ca_c = ca ? ca[c] : 1.0f;
-        const float cb_c = cb ? cb[c] : 0.0f;
-        const float eb_c = eb ? eb[c] : 1.0f;
-        (void)ca_c; (void)cb_c; (void)eb_c;
-        if (v_init) memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
-        else for (int64_t j = 0; j < HW; ++j) v_state[j] = v_fill;
+    for (int64_t g = 0; g < NG; ++g) {{
+        const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
+        for (int64_t q = 0; q < np; ++q) {{
+            const int64_t c = (p0 + q) % C;
+            const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
+            for (int64_t j = 0; j < HW; ++j) {{
+                caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
+            }}
+        }}
+        if (v_init) memcpy(v_state, v_init + p0 * HW, sizeof(float) * L);
+        else for (int64_t j = 0; j < L; ++j) v_state[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
-            const int64_t off = (t * P + p) * HW;
+            const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
-            const float *restrict et = e_seq ? e_seq + off : xt;
-            (void)et;
-            float *restrict ot = out_seq + (t * P + p) * OHW;
-            for (int64_t j = 0; j < HW; ++j) {{
+            for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
                 const float xin = xt[j];
+                const float ca_c = caE[j], cb_c = cbE[j];
+                (void)ca_c; (void)cb_c;
 {prologue}
 {body}
-                st[j] = s;
+                stg[j] = s;
                 v_state[j] = v_next;
             }}
 {pool_forward}
         }}
-        memcpy(v_last + p * HW, v_state, sizeof(float) * HW);
+        memcpy(v_last + p0 * HW, v_state, sizeof(float) * L);
     }}
     free(v_state);
-    free(st);
+    free(stg);
+    free(caE);
     }}
 }}
 
@@ -215,62 +221,70 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                      const float *restrict ca, const float *restrict cb,
                      const float *restrict eb, float *restrict gx_seq, float *restrict gxin_seq,
                      float *restrict grad_v_init, double *restrict psum,
-                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
+                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t GP,
                      int32_t num_threads)
 {{
-    (void)ca; (void)cb; (void)r_seq;
+    (void)r_seq;
 {uniforms}
-    const int64_t HW = H * W, P = NB * C, NS = 2 + {nu};
+    const int64_t HW = H * W, P = NB * C, NS = 2 + {nu}, NG = (P + GP - 1) / GP;
     const int64_t K = {k}, S = {s}, PD = {pd};
     const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
-    (void)S; (void)PD;
+    (void)S; (void)PD; (void)OHW;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
-    float *hb = (float *)malloc(sizeof(float) * T * HW);
-    float *sb = (float *)malloc(sizeof(float) * T * HW);
-    float *vb = {need_v} ? (float *)malloc(sizeof(float) * T * HW) : NULL;
-    float *xb = {need_x} ? (float *)malloc(sizeof(float) * T * HW) : NULL;
-    float *carry = (float *)malloc(sizeof(float) * HW);
-    float *gsb = (float *)malloc(sizeof(float) * HW);
-    double *acc = (double *)malloc(sizeof(double) * NS * HW);
+    const int64_t LM = GP * HW;
+    float *hb = (float *)malloc(sizeof(float) * T * LM);
+    float *sb = (float *)malloc(sizeof(float) * T * LM);
+    float *vb = {need_v} ? (float *)malloc(sizeof(float) * T * LM) : NULL;
+    float *xb = {need_x} ? (float *)malloc(sizeof(float) * T * LM) : NULL;
+    float *carry = (float *)malloc(sizeof(float) * LM);
+    float *gsg = (float *)malloc(sizeof(float) * LM);
+    double *acc = (double *)malloc(sizeof(double) * NS * LM);
+    float *caE = (float *)malloc(sizeof(float) * 3 * LM);
+    float *cbE = caE + LM, *ebE = caE + 2 * LM;
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; ++p) {{
-        const int64_t c = p % C;
-        const float ca_c = ca ? ca[c] : 1.0f;
-        const float cb_c = cb ? cb[c] : 0.0f;
-        const float eb_c = eb ? eb[c] : 1.0f;
-        (void)ca_c; (void)cb_c; (void)eb_c;
-        /* recompute h (and s, v, x when needed) of this plane for every step */
-        if (v_init) memcpy(carry, v_init + p * HW, sizeof(float) * HW);
-        else for (int64_t j = 0; j < HW; ++j) carry[j] = v_fill;
+    for (int64_t g = 0; g < NG; ++g) {{
+        const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
+        for (int64_t q = 0; q < np; ++q) {{
+            const int64_t c = (p0 + q) % C;
+            const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
+            for (int64_t j = 0; j < HW; ++j) {{
+                caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
+            }}
+        }}
+        /* recompute h (and s, v, x when needed) of these planes for every step */
+        if (v_init) memcpy(carry, v_init + p0 * HW, sizeof(float) * L);
+        else for (int64_t j = 0; j < L; ++j) carry[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
-            const int64_t off = (t * P + p) * HW;
+            const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
-            for (int64_t j = 0; j < HW; ++j) {{
+            for (int64_t j = 0; j < L; ++j) {{
                 const float v = carry[j];
                 const float xin = xt[j];
+                const float ca_c = caE[j], cb_c = cbE[j];
+                (void)ca_c; (void)cb_c;
 {prologue}
 {body}
-                hb[t * HW + j] = h;
-                sb[t * HW + j] = s;
-                if (vb) vb[t * HW + j] = v;
-                if (xb) xb[t * HW + j] = x;
+                hb[t * L + j] = h;
+                sb[t * L + j] = s;
+                if (vb) vb[t * L + j] = v;
+                if (xb) xb[t * L + j] = x;
                 carry[j] = v_next;
             }}
         }}
-        for (int64_t j = 0; j < HW; ++j) carry[j] = grad_v_last ? grad_v_last[p * HW + j] : 0.0f;
-        for (int64_t j = 0; j < NS * HW; ++j) acc[j] = 0.0;
+        for (int64_t j = 0; j < L; ++j) carry[j] = grad_v_last ? grad_v_last[p0 * HW + j] : 0.0f;
+        for (int64_t j = 0; j < NS * L; ++j) acc[j] = 0.0;
         for (int64_t t = T - 1; t >= 0; --t) {{
-            const int64_t off = (t * P + p) * HW;
-            const float *restrict st = sb + t * HW;
-            const float *restrict gt = gout_seq + (t * P + p) * OHW;
+            const int64_t off = (t * P + p0) * HW;
 {pool_backward}
-            for (int64_t j = 0; j < HW; ++j) {{
-                const float h = hb[t * HW + j];
-                const float gs = gsb[j];
+            for (int64_t j = 0; j < L; ++j) {{
+                const float h = hb[t * L + j];
+                const float gs = gsg[j];
                 const float gv = carry[j];
+                const float ca_c = caE[j], cb_c = cbE[j];
+                (void)ca_c; (void)cb_c;
 {load_x}{load_v}{bwd_body}
                 carry[j] = gv_prev;
                 const float xin = xin_seq[off + j];
@@ -280,21 +294,60 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                     gxin_seq[off + j] = gxin;
                 }}
                 acc[j] += (double)gx;
-                acc[HW + j] += (double)gx * (double)xin;
+                acc[L + j] += (double)gx * (double)xin;
 {gu_acc}
             }}
         }}
-        if (grad_v_init) memcpy(grad_v_init + p * HW, carry, sizeof(float) * HW);
-        for (int64_t k = 0; k < NS; ++k) {{
-            double sum = 0.0;
-            for (int64_t j = 0; j < HW; ++j) sum += acc[k * HW + j];
-            psum[p * NS + k] = sum;
-        }}
+        if (grad_v_init) memcpy(grad_v_init + p0 * HW, carry, sizeof(float) * L);
+        for (int64_t q = 0; q < np; ++q)
+            for (int64_t k = 0; k < NS; ++k) {{
+                double sum = 0.0;
+                for (int64_t j = 0; j < HW; ++j) sum += acc[k * L + q * HW + j];
+                psum[(p0 + q) * NS + k] = sum;
+            }}
     }}
-    free(hb); free(sb); free(vb); free(xb); free(carry); free(gsb); free(acc);
+    free(hb); free(sb); free(vb); free(xb); free(carry); free(gsg); free(acc); free(caE);
     }}
 }}
+
 """
+
+#: How a pooling's loops are placed in the group of planes: elementwise ones run once over the
+#: group's ``L`` neurons (``HW`` shadowed by ``L``), window ones once per plane ``q``.
+_POOL_FWD_GROUP = """\
+            {{
+                const int64_t HW = L;
+                const float *restrict st = stg;
+                float *restrict ot = out_seq + off;
+                const float *restrict et = e_seq ? e_seq + off : st;
+                (void)et;
+{code}            }}
+"""
+_POOL_FWD_PLANE = """\
+            for (int64_t q = 0; q < np; ++q) {{
+                const float *restrict st = stg + q * HW;
+                float *restrict ot = out_seq + (t * P + p0 + q) * OHW;
+{code}            }}
+"""
+_POOL_BWD_GROUP = """\
+            {{
+                const int64_t HW = L;
+                const float *restrict gt = gout_seq + off;
+                float *restrict gsb = gsg;
+{code}            }}
+"""
+_POOL_BWD_PLANE = """\
+            for (int64_t q = 0; q < np; ++q) {{
+                const float *restrict st = sb + t * L + q * HW;
+                const float *restrict gt = gout_seq + (t * P + p0 + q) * OHW;
+                float *restrict gsb = gsg + q * HW;
+{code}            }}
+"""
+
+
+def _indent(code: str, n: int = 4) -> str:
+    return "".join(" " * n + line if line.strip() else line for line in code.splitlines(True))
+
 
 _C_BN = """\
 /* Training batchnorm statistics of x [M, C, HW] (planes p = m * C + c), all in one call:
@@ -498,14 +551,20 @@ def generate_chain(
     uniforms = "\n".join(f"    const float u{i} = uniforms[{i}];" for i in range(nu))
     need_x = "x" in program.backward_needs
     need_v = "v" in program.backward_needs
-    load_x = f"{ind}const float x = xb[t * HW + j];\n" if need_x else ""
-    load_v = f"{ind}const float v = vb[t * HW + j];\n" if need_v else ""
-    gu_acc = "\n".join(f"{ind}acc[{2 + i} * HW + j] += (double)gu{i};" for i in range(nu))
+    load_x = f"{ind}const float x = xb[t * L + j];\n" if need_x else ""
+    load_v = f"{ind}const float v = vb[t * L + j];\n" if need_v else ""
+    gu_acc = "\n".join(f"{ind}acc[{2 + i} * L + j] += (double)gu{i};" for i in range(nu))
     tag = f"{prologue}_{pool}{'_res' if residual else ''}"
     if pool in ("max", "avg"):
         tag += f"_k{k}s{stride}p{pad}"
     name = f"snnc_{dynamics.name}_{tag}_{dynamics.key()}"
     body = forward_body(program, C_TARGET)
+    if pool in ("max", "avg"):
+        pool_fwd = _POOL_FWD_PLANE.format(code=_indent(POOLS[pool].forward))
+        pool_bwd = _POOL_BWD_PLANE.format(code=_indent(POOLS[pool].backward))
+    else:
+        pool_fwd = _POOL_FWD_GROUP.format(code=_indent(POOLS[pool].forward))
+        pool_bwd = _POOL_BWD_GROUP.format(code=_indent(POOLS[pool].backward))
     bn_bwd = render_block(
         C_TARGET, {"gxin": BN_BACKWARD}, names={"g": "g"}, prefix="w", indent=" " * 12
     )
@@ -525,8 +584,8 @@ def generate_chain(
                 uniforms=uniforms,
                 prologue=pro_fwd,
                 body=body,
-                pool_forward=POOLS[pool].forward,
-                pool_backward=POOLS[pool].backward,
+                pool_forward=pool_fwd,
+                pool_backward=pool_bwd,
                 nu=nu,
                 need_x=int(need_x),
                 need_v=int(need_v),

@@ -85,9 +85,9 @@ class ChainKernel:
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
         self.fwd = getattr(lib, syms[0])
-        self.fwd.argtypes = [_P] * 4 + [_F] + [_P] * 6 + [_I64] * 5 + [_I32]
+        self.fwd.argtypes = [_P] * 4 + [_F] + [_P] * 6 + [_I64] * 6 + [_I32]
         self.bwd = getattr(lib, syms[1])
-        self.bwd.argtypes = [_P] * 5 + [_F] + [_P] * 8 + [_I64] * 5 + [_I32]
+        self.bwd.argtypes = [_P] * 5 + [_F] + [_P] * 8 + [_I64] * 6 + [_I32]
         self.bn_stats = getattr(lib, syms[2])
         self.bn_stats.argtypes = [_P] + [_I64] * 3 + [_P] * 2 + [_D] * 2 + [_P] * 4 + [_I32]
         self.bn_bwd = getattr(lib, syms[3])
@@ -157,7 +157,8 @@ class _ChainFunction(torch.autograd.Function):
         v_last = WORKSPACES.empty((NB * C * H * W,))
         kern.fwd(
             _ptr(x), _ptr(r), _ptr(e), _ptr(v0), v_fill, _ptr(uniforms), _ptr(ca_c), _ptr(cb_c),
-            _ptr(eb), _ptr(out), _ptr(v_last), T, NB, C, H, W, num_threads(x.numel()),
+            _ptr(eb), _ptr(out), _ptr(v_last), T, NB, C, H, W, group_planes(NB * C, H * W),
+            num_threads(x.numel()),
         )  # fmt: skip
         ctx.kern, ctx.bn, ctx.v_fill = kern, bn is not None, v_fill
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
@@ -186,7 +187,7 @@ class _ChainFunction(torch.autograd.Function):
         kern.bwd(
             _ptr(g_out), _ptr(gvl), _ptr(x), _ptr(r), _ptr(v0), ctx.v_fill, _ptr(uniforms),
             _ptr(ca), _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum),
-            T, NB, C, H, W, nt,
+            T, NB, C, H, W, group_planes(NB * C, H * W), nt,
         )  # fmt: skip
         # One buffer for the per-channel results: rows g_ca / g_w, g_cb / g_b, then g_u.
         small = torch.empty((2 * C + nu,))
@@ -212,6 +213,21 @@ class _ChainFunction(torch.autograd.Function):
         # out = s + e: the added residual's gradient is the output's.
         g_e = g_out if need[3] else None
         return None, gxin, g_r, g_e, gv0, None, g_u, g_ca, g_cb, g_w, g_b, None, None
+
+
+#: A kernel work item is a group of consecutive ``(n, c)`` planes holding about this many
+#: neurons (one plane when planes are larger): the neuron loop then runs over the group's
+#: neurons as one contiguous span, which small planes (ResNet's 4x4 ... 1x1) need.
+GROUP_NEURONS = 256
+
+#: At least this many work items per call when there are enough planes (load balance).
+MIN_GROUPS = 8
+
+
+def group_planes(planes: int, plane: int) -> int:
+    """How many of ``planes`` planes of ``plane`` neurons one kernel work item takes."""
+    g = max(1, GROUP_NEURONS // max(plane, 1))
+    return max(1, min(g, planes // MIN_GROUPS))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
