@@ -14,8 +14,12 @@ Everything is data: the prologue is an expression from :data:`PROLOGUES` (render
 :func:`~snncompile.codegen.render.render_block`, its backward derived by
 :func:`~snncompile.dynamics.expr.grad`), the neuron's forward and backward bodies are the ones
 of :mod:`snncompile.codegen.kernels`, and the pooling loops are format strings from
-:data:`POOLS`. The C template :data:`_C_CHAIN` wraps them; one work item is one ``(n, c)`` plane
-(``H * W`` neurons sharing a channel), with the time loop inside.
+:data:`POOLS`. The C template :data:`_C_CHAIN` wraps them; one work item is a group of ``GP``
+consecutive ``(n, c)`` planes (``GP * H * W`` neurons contiguous in memory at each step, their
+channels' ``a_c`` / ``b_c`` expanded per neuron once per item), with the time loop inside. The
+neuron loop runs over the whole group (so small planes, ResNet's 4x4 ... 1x1, still get long
+vectorizable loops); window poolings loop over the group's planes; every sum is per plane in the
+same order whatever ``GP`` is, so results do not depend on the grouping (bit for bit).
 
 Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
 ``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
@@ -25,8 +29,12 @@ indices are stored; avg: ``g / K^2`` everywhere),
 runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
 ``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
 and of the parameter gradients. The training batchnorm's own statistics and backward are two
-more small kernels here (:data:`_C_BN`): per-plane float64 ``sum(x)`` and ``sum(x^2)``, and
-``gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd)`` per channel.
+more kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics
+(per-plane float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``,
+``b_c`` and the running-statistics update), and the backward (per-channel sums of the chain
+backward's per-plane sums, the coefficients, ``gxin = (gy - mean(gy) - (xin - mean) * k) * (w *
+invstd)``, the weight / bias / uniforms' gradients); ``{name}_reduce`` gives the per-channel
+sums when there is no training batchnorm.
 """
 
 from __future__ import annotations

@@ -18,15 +18,18 @@ that depend on its vectorized code path, which the kernel does not reproduce, so
 input may differ from PyTorch's by ~1 ulp of ``|x * a| + |b|`` (eval and train). Training
 batchnorm: the batch statistics are one extra read of the input (per-plane float64 sums
 ``sum(x)``, ``sum(x^2)``, reduced over planes in float64, ``var = E[x^2] - E[x]^2``, then float32
-as PyTorch: ``invstd = 1 / sqrt(var + eps)``), so mean and variance agree with PyTorch's to the
-last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
+as PyTorch: ``invstd = 1 / sqrt(var + eps)``), all in one C call, so mean and variance agree
+with PyTorch's (a float32 reduction in another order) to the last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
 the threshold (none did over the tests' random inputs); the membrane agrees to a few ulp.
-Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative average,
-unbiased variance). The backward is
+Running statistics are updated in that same C call as ``nn.BatchNorm2d`` does
+(``num_batches_tracked += 1``, momentum or cumulative average, unbiased variance, in float64
+then rounded once; within one float32 ulp of PyTorch's). The backward is
 the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; ``h`` is
 recomputed from the kept input), then PyTorch's batchnorm input gradient
 ``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
-M`` from the kernel's float64 per-plane sums (gradients within ~1e-6 relative of PyTorch's).
+M`` from the kernel's float64 per-plane sums, reduced per channel and turned into the
+coefficients in the same C call (gradients within ~1e-6 relative of PyTorch's). A fresh
+neuron state (the float ``v_reset``) is filled inside the kernels, not materialised.
 
 When the kernel does not apply (not float32 on CPU, no compiler, ``backend='torch'`` or
 ``'auto'`` below its size threshold) or one of the modules has forward hooks (a monitor: it
