@@ -21,8 +21,8 @@ from snncompile.ir.ops import Op
 from snncompile.ir.verify import verify
 from snncompile.passes.fuse_chains import unfuse_chains
 from snncompile.passes.pipeline import build_pipeline
-from snncompile.runtime.fused import compiler_available
 from snncompile.runtime import fused_chain
+from snncompile.runtime.fused import compiler_available
 from snncompile.runtime.fused_chain import FusedChain, chain_blocker
 
 pytestmark = pytest.mark.skipif(not compiler_available(), reason="no C compiler installed")

@@ -19,8 +19,9 @@ input may differ from PyTorch's by ~1 ulp of ``|x * a| + |b|`` (eval and train).
 batchnorm: the batch statistics are one extra read of the input (per-plane float64 sums
 ``sum(x)``, ``sum(x^2)``, reduced over planes in float64, ``var = E[x^2] - E[x]^2``, then float32
 as PyTorch: ``invstd = 1 / sqrt(var + eps)``), all in one C call, so mean and variance agree
-with PyTorch's (a float32 reduction in another order) to the last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
-the threshold (none did over the tests' random inputs); the membrane agrees to a few ulp.
+with PyTorch's (a float32 reduction in another order) to the last float32 bit or one ulp.
+A spike can therefore flip only where ``h`` is within a few ulp of the threshold (none did
+over the tests' random inputs); the membrane agrees to a few ulp.
 Running statistics are updated in that same C call as ``nn.BatchNorm2d`` does
 (``num_batches_tracked += 1``, momentum or cumulative average, unbiased variance, in float64
 then rounded once; within one float32 ulp of PyTorch's). The backward is
