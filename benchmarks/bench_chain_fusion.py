@@ -12,11 +12,13 @@ One training step = reset state, forward, cross-entropy on the time-mean output,
 process, interleaved rep by rep (median of ``--reps``): eager SpikingJelly, ``torch.compile`` of
 the SpikingJelly model (CSNN only), ``snncompile.optimize`` without the ``fuse_chains`` pass and
 with it. Inference (``torch.no_grad``, eval mode, batchnorms folded) of the zoo models is timed
-with vs without the pass. Before timing, outputs of the two compiles are compared.
+with vs without the pass, for the CSNN too. Before timing, outputs of the two compiles are
+compared. ``--micro`` times one ``FusedChain`` (training batchnorm or eval, residual add before
+an IF neuron, T=4, batch 8) fused vs its separate ops on ResNet-18's plane sizes, 8x8 ... 1x1.
 
 Run: ``.venv/bin/python benchmarks/bench_chain_fusion.py [--reps 7] [--only csnn|zoo]
-[--no-torch-compile] [--profile]``. On a shared machine absolute times vary; the ratios of one
-run are what count.
+[--no-torch-compile] [--profile] [--micro]``. On a shared machine absolute times vary; the
+ratios of one run are what count.
 """
 
 from __future__ import annotations
@@ -191,6 +193,37 @@ def profile(run: nn.Module, model: nn.Module, opt: Any, x: torch.Tensor, y: torc
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def bench_micro(args: Any) -> None:
+    """One chain (batchnorm -> + r -> IF) fused vs its separate ops, per plane size."""
+    from snncompile import neuron, surrogate
+    from snncompile.runtime.fused_chain import FusedChain, group_planes
+
+    for C, H in ((512, 1), (256, 2), (128, 4), (64, 8)):
+        for train in (True, False):
+            sn = neuron.IFNode(step_mode="m", surrogate_function=surrogate.ATan(),
+                               detach_reset=True, backend="cpu")  # fmt: skip
+            chain = FusedChain(sn, nn.BatchNorm2d(C), None, residual=True).train(train)
+            x = torch.randn(4, 8, C, H, H, requires_grad=train)
+            r = torch.randn(4, 8, C, H, H)
+
+            def call(unfused: bool, chain: FusedChain = chain, x: Any = x, r: Any = r,
+                     train: bool = train) -> None:  # fmt: skip
+                chain.neuron.reset()
+                with torch.set_grad_enabled(train):
+                    y = chain.unfused(x, r) if unfused else chain(x, r)
+                    if train:
+                        y.sum().backward()
+
+            t = interleaved({"fused": lambda: call(False), "unfused": lambda: call(True)},
+                            args.reps)  # fmt: skip
+            print(
+                f"chain C={C:<3} {H}x{H} {'train fwd+bwd' if train else 'eval no_grad':<13} "
+                f"fused {t['fused'] * 1e3:6.3f} ms  unfused {t['unfused'] * 1e3:6.3f} ms  "
+                f"{t['unfused'] / t['fused']:.2f}x  (planes per work item "
+                f"{group_planes(8 * C, H * H)})"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -199,14 +232,20 @@ def main() -> None:
     parser.add_argument("--T", type=str, default="4,16")
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--micro", action="store_true", help="only the per-plane-size chain rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}, reps={args.reps} (median, interleaved)")
+    if args.micro:
+        bench_micro(args)
+        return
     if args.only in (None, "csnn"):
         for T in (int(t) for t in args.T.split(",")):
             x = (torch.rand(T, 16, 3, 32, 32) > 0.5).float()
-            bench_train("csnn", csnn(), x, args)
+            model = csnn()
+            bench_train("csnn", model, x, args)
+            bench_inference("csnn", model, x, args)
     if args.only in (None, "zoo"):
         for name in ("spiking_resnet18", "sew_resnet18"):
             x = (torch.rand(4, 8, 3, 32, 32) > 0.5).float()

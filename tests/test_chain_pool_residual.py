@@ -21,6 +21,7 @@ from snncompile.ir.ops import Op
 from snncompile.ir.verify import verify
 from snncompile.passes.fuse_chains import unfuse_chains
 from snncompile.passes.pipeline import build_pipeline
+from snncompile.runtime import fused_chain
 from snncompile.runtime.fused import compiler_available
 from snncompile.runtime.fused_chain import FusedChain, chain_blocker
 
@@ -282,8 +283,26 @@ def test_added_residual_module_matches_unfused():
         FusedChain(_lif(), None, nn.MaxPool2d(2), added=True)
 
 
-def test_auto_leaves_small_planes_with_reason():
-    """backend='auto' (the default) leaves chains on planes of < AUTO_MIN_PLANE neurons."""
+def test_auto_fuses_small_planes():
+    """backend='auto' (the default) fuses the 4x4 residual blocks too (small planes are
+    grouped per work item), and the outputs match the compile without the pass."""
+    model = _resnet()
+    x = (torch.rand(2, 2, 2, 8, 8) < 0.5).float()
+    c = snncompile.optimize(copy.deepcopy(model), x)
+    notes = next(r for r in c.records if r.name == "fuse_chains").notes
+    assert not any("planes of" in n for n in notes)
+    assert not c.graph.find(Op.ADD)
+    plain = snncompile.optimize(copy.deepcopy(model), x, passes=_without())
+    with torch.no_grad():
+        functional.reset_net(c)
+        functional.reset_net(plain)
+        assert torch.equal(c(x), plain(x))
+
+
+def test_auto_leaves_small_planes_with_reason(monkeypatch):
+    """With a plane bound (AUTO_MIN_PLANE raised to 32) backend='auto' leaves the chains on
+    smaller planes, with the reason in the pass notes."""
+    monkeypatch.setattr(fused_chain, "AUTO_MIN_PLANE", 32)
     model = _resnet()
     x = (torch.rand(2, 2, 2, 8, 8) < 0.5).float()
     c = snncompile.optimize(copy.deepcopy(model), x)

@@ -14,8 +14,12 @@ Everything is data: the prologue is an expression from :data:`PROLOGUES` (render
 :func:`~snncompile.codegen.render.render_block`, its backward derived by
 :func:`~snncompile.dynamics.expr.grad`), the neuron's forward and backward bodies are the ones
 of :mod:`snncompile.codegen.kernels`, and the pooling loops are format strings from
-:data:`POOLS`. The C template :data:`_C_CHAIN` wraps them; one work item is one ``(n, c)`` plane
-(``H * W`` neurons sharing a channel), with the time loop inside.
+:data:`POOLS`. The C template :data:`_C_CHAIN` wraps them; one work item is a group of ``GP``
+consecutive ``(n, c)`` planes (``GP * H * W`` neurons contiguous in memory at each step, their
+channels' ``a_c`` / ``b_c`` expanded per neuron once per item), with the time loop inside. The
+neuron loop runs over the whole group (so small planes, ResNet's 4x4 ... 1x1, still get long
+vectorizable loops); window poolings loop over the group's planes; every sum is per plane in the
+same order whatever ``GP`` is, so results do not depend on the grouping (bit for bit).
 
 Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
 ``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
@@ -25,8 +29,12 @@ indices are stored; avg: ``g / K^2`` everywhere),
 runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
 ``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
 and of the parameter gradients. The training batchnorm's own statistics and backward are two
-more small kernels here (:data:`_C_BN`): per-plane float64 ``sum(x)`` and ``sum(x^2)``, and
-``gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd)`` per channel.
+more kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics
+(per-plane float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``,
+``b_c`` and the running-statistics update), and the backward (per-channel sums of the chain
+backward's per-plane sums, the coefficients, ``gxin = (gy - mean(gy) - (xin - mean) * k) * (w *
+invstd)``, the weight / bias / uniforms' gradients); ``{name}_reduce`` gives the per-channel
+sums when there is no training batchnorm.
 """
 
 from __future__ import annotations
@@ -106,8 +114,8 @@ POOLS: dict[str, PoolCode] = {
     # No pooling, the spikes times a per-channel scale ``eb_c`` (ann2snn's VoltageScale after
     # the neuron): ``out = s * eb_c``, ``gs = g * eb_c`` (PyTorch's products).
     "scale": PoolCode(
-        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] * eb_c;\n",
-        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j] * eb_c;\n",
+        forward="            for (int64_t j = 0; j < HW; ++j) ot[j] = st[j] * ebE[j];\n",
+        backward="            for (int64_t j = 0; j < HW; ++j) gsb[j] = gt[j] * ebE[j];\n",
     ),
     # No pooling, the spikes plus a residual ``e`` (SEW ResNet's ADD): ``out = s + e``; the
     # spikes' gradient is the output's (and so is ``e``'s, which the caller passes on).
@@ -156,118 +164,135 @@ _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 
 _C_CHAIN = """\
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
-                    const float *restrict e_seq, const float *restrict v_init,
+                    const float *restrict e_seq, const float *restrict v_init, float v_fill,
                     const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
                     const float *restrict eb,
                     float *restrict out_seq, float *restrict v_last,
-                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
+                    int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t GP,
                     int32_t num_threads)
 {{
-    (void)ca; (void)cb; (void)r_seq; (void)e_seq;
+    (void)r_seq; (void)e_seq;
 {uniforms}
-    const int64_t HW = H * W, P = NB * C;
+    const int64_t HW = H * W, P = NB * C, NG = (P + GP - 1) / GP;
     const int64_t K = {k}, S = {s}, PD = {pd};
     const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
-    (void)S; (void)PD;
+    (void)S; (void)PD; (void)OHW;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
-    float *v_state = (float *)malloc(sizeof(float) * HW);
-    float *st = (float *)malloc(sizeof(float) * HW);
+    const int64_t LM = GP * HW;
+    float *v_state = (float *)malloc(sizeof(float) * LM);
+    float *stg = (float *)malloc(sizeof(float) * LM);
+    float *caE = (float *)malloc(sizeof(float) * 3 * LM);
+    float *cbE = caE + LM, *ebE = caE + 2 * LM;
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; ++p) {{
-        const int64_t c = p % C;
-        const float ca_c = ca ? ca[c] : 1.0f;
-        const float cb_c = cb ? cb[c] : 0.0f;
-        const float eb_c = eb ? eb[c] : 1.0f;
-        (void)ca_c; (void)cb_c; (void)eb_c;
-        memcpy(v_state, v_init + p * HW, sizeof(float) * HW);
+    for (int64_t g = 0; g < NG; ++g) {{
+        const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
+        for (int64_t q = 0; q < np; ++q) {{
+            const int64_t c = (p0 + q) % C;
+            const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
+            for (int64_t j = 0; j < HW; ++j) {{
+                caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
+            }}
+        }}
+        if (v_init) memcpy(v_state, v_init + p0 * HW, sizeof(float) * L);
+        else for (int64_t j = 0; j < L; ++j) v_state[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
-            const int64_t off = (t * P + p) * HW;
+            const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
-            const float *restrict et = e_seq ? e_seq + off : xt;
-            (void)et;
-            float *restrict ot = out_seq + (t * P + p) * OHW;
-            for (int64_t j = 0; j < HW; ++j) {{
+            for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
                 const float xin = xt[j];
+                const float ca_c = caE[j], cb_c = cbE[j];
+                (void)ca_c; (void)cb_c;
 {prologue}
 {body}
-                st[j] = s;
+                stg[j] = s;
                 v_state[j] = v_next;
             }}
 {pool_forward}
         }}
-        memcpy(v_last + p * HW, v_state, sizeof(float) * HW);
+        memcpy(v_last + p0 * HW, v_state, sizeof(float) * L);
     }}
     free(v_state);
-    free(st);
+    free(stg);
+    free(caE);
     }}
 }}
 
 void {name}_backward(const float *restrict gout_seq, const float *restrict grad_v_last,
                      const float *restrict xin_seq, const float *restrict r_seq,
-                     const float *restrict v_init, const float *restrict uniforms,
+                     const float *restrict v_init, float v_fill,
+                     const float *restrict uniforms,
                      const float *restrict ca, const float *restrict cb,
                      const float *restrict eb, float *restrict gx_seq, float *restrict gxin_seq,
                      float *restrict grad_v_init, double *restrict psum,
-                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W,
+                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t GP,
                      int32_t num_threads)
 {{
-    (void)ca; (void)cb; (void)r_seq;
+    (void)r_seq;
 {uniforms}
-    const int64_t HW = H * W, P = NB * C, NS = 2 + {nu};
+    const int64_t HW = H * W, P = NB * C, NS = 2 + {nu}, NG = (P + GP - 1) / GP;
     const int64_t K = {k}, S = {s}, PD = {pd};
     const int64_t OH = (H + 2 * PD - K) / S + 1, OW = (W + 2 * PD - K) / S + 1, OHW = OH * OW;
-    (void)S; (void)PD;
+    (void)S; (void)PD; (void)OHW;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
-    float *hb = (float *)malloc(sizeof(float) * T * HW);
-    float *sb = (float *)malloc(sizeof(float) * T * HW);
-    float *vb = {need_v} ? (float *)malloc(sizeof(float) * T * HW) : NULL;
-    float *xb = {need_x} ? (float *)malloc(sizeof(float) * T * HW) : NULL;
-    float *carry = (float *)malloc(sizeof(float) * HW);
-    float *gsb = (float *)malloc(sizeof(float) * HW);
-    double *acc = (double *)malloc(sizeof(double) * NS * HW);
+    const int64_t LM = GP * HW;
+    float *hb = (float *)malloc(sizeof(float) * T * LM);
+    float *sb = (float *)malloc(sizeof(float) * T * LM);
+    float *vb = {need_v} ? (float *)malloc(sizeof(float) * T * LM) : NULL;
+    float *xb = {need_x} ? (float *)malloc(sizeof(float) * T * LM) : NULL;
+    float *carry = (float *)malloc(sizeof(float) * LM);
+    float *gsg = (float *)malloc(sizeof(float) * LM);
+    double *acc = (double *)malloc(sizeof(double) * NS * LM);
+    float *caE = (float *)malloc(sizeof(float) * 3 * LM);
+    float *cbE = caE + LM, *ebE = caE + 2 * LM;
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; ++p) {{
-        const int64_t c = p % C;
-        const float ca_c = ca ? ca[c] : 1.0f;
-        const float cb_c = cb ? cb[c] : 0.0f;
-        const float eb_c = eb ? eb[c] : 1.0f;
-        (void)ca_c; (void)cb_c; (void)eb_c;
-        /* recompute h (and s, v, x when needed) of this plane for every step */
-        memcpy(carry, v_init + p * HW, sizeof(float) * HW);
+    for (int64_t g = 0; g < NG; ++g) {{
+        const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
+        for (int64_t q = 0; q < np; ++q) {{
+            const int64_t c = (p0 + q) % C;
+            const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
+            for (int64_t j = 0; j < HW; ++j) {{
+                caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
+            }}
+        }}
+        /* recompute h (and s, v, x when needed) of these planes for every step */
+        if (v_init) memcpy(carry, v_init + p0 * HW, sizeof(float) * L);
+        else for (int64_t j = 0; j < L; ++j) carry[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
-            const int64_t off = (t * P + p) * HW;
+            const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
-            for (int64_t j = 0; j < HW; ++j) {{
+            for (int64_t j = 0; j < L; ++j) {{
                 const float v = carry[j];
                 const float xin = xt[j];
+                const float ca_c = caE[j], cb_c = cbE[j];
+                (void)ca_c; (void)cb_c;
 {prologue}
 {body}
-                hb[t * HW + j] = h;
-                sb[t * HW + j] = s;
-                if (vb) vb[t * HW + j] = v;
-                if (xb) xb[t * HW + j] = x;
+                hb[t * L + j] = h;
+                sb[t * L + j] = s;
+                if (vb) vb[t * L + j] = v;
+                if (xb) xb[t * L + j] = x;
                 carry[j] = v_next;
             }}
         }}
-        for (int64_t j = 0; j < HW; ++j) carry[j] = grad_v_last ? grad_v_last[p * HW + j] : 0.0f;
-        for (int64_t j = 0; j < NS * HW; ++j) acc[j] = 0.0;
+        for (int64_t j = 0; j < L; ++j) carry[j] = grad_v_last ? grad_v_last[p0 * HW + j] : 0.0f;
+        for (int64_t j = 0; j < NS * L; ++j) acc[j] = 0.0;
         for (int64_t t = T - 1; t >= 0; --t) {{
-            const int64_t off = (t * P + p) * HW;
-            const float *restrict st = sb + t * HW;
-            const float *restrict gt = gout_seq + (t * P + p) * OHW;
+            const int64_t off = (t * P + p0) * HW;
 {pool_backward}
-            for (int64_t j = 0; j < HW; ++j) {{
-                const float h = hb[t * HW + j];
-                const float gs = gsb[j];
+            for (int64_t j = 0; j < L; ++j) {{
+                const float h = hb[t * L + j];
+                const float gs = gsg[j];
                 const float gv = carry[j];
+                const float ca_c = caE[j], cb_c = cbE[j];
+                (void)ca_c; (void)cb_c;
 {load_x}{load_v}{bwd_body}
                 carry[j] = gv_prev;
                 const float xin = xin_seq[off + j];
@@ -277,27 +302,78 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                     gxin_seq[off + j] = gxin;
                 }}
                 acc[j] += (double)gx;
-                acc[HW + j] += (double)gx * (double)xin;
+                acc[L + j] += (double)gx * (double)xin;
 {gu_acc}
             }}
         }}
-        memcpy(grad_v_init + p * HW, carry, sizeof(float) * HW);
-        for (int64_t k = 0; k < NS; ++k) {{
-            double sum = 0.0;
-            for (int64_t j = 0; j < HW; ++j) sum += acc[k * HW + j];
-            psum[p * NS + k] = sum;
-        }}
+        if (grad_v_init) memcpy(grad_v_init + p0 * HW, carry, sizeof(float) * L);
+        for (int64_t q = 0; q < np; ++q)
+            for (int64_t k = 0; k < NS; ++k) {{
+                double sum = 0.0;
+                for (int64_t j = 0; j < HW; ++j) sum += acc[k * L + q * HW + j];
+                psum[(p0 + q) * NS + k] = sum;
+            }}
     }}
-    free(hb); free(sb); free(vb); free(xb); free(carry); free(gsb); free(acc);
+    free(hb); free(sb); free(vb); free(xb); free(carry); free(gsg); free(acc); free(caE);
     }}
 }}
+
 """
 
+#: How a pooling's loops are placed in the group of planes: elementwise ones run once over the
+#: group's ``L`` neurons (``HW`` shadowed by ``L``), window ones once per plane ``q``.
+_POOL_FWD_GROUP = """\
+            {{
+                const int64_t HW = L;
+                const float *restrict st = stg;
+                float *restrict ot = out_seq + off;
+                const float *restrict et = e_seq ? e_seq + off : st;
+                (void)et;
+{code}            }}
+"""
+_POOL_FWD_PLANE = """\
+            for (int64_t q = 0; q < np; ++q) {{
+                const float *restrict st = stg + q * HW;
+                float *restrict ot = out_seq + (t * P + p0 + q) * OHW;
+{code}            }}
+"""
+_POOL_BWD_GROUP = """\
+            {{
+                const int64_t HW = L;
+                const float *restrict gt = gout_seq + off;
+                float *restrict gsb = gsg;
+{code}            }}
+"""
+_POOL_BWD_PLANE = """\
+            for (int64_t q = 0; q < np; ++q) {{
+                const float *restrict st = sb + t * L + q * HW;
+                const float *restrict gt = gout_seq + (t * P + p0 + q) * OHW;
+                float *restrict gsb = gsg + q * HW;
+{code}            }}
+"""
+
+
+def _indent(code: str, n: int = 4) -> str:
+    return "".join(" " * n + line if line.strip() else line for line in code.splitlines(True))
+
+
 _C_BN = """\
-/* per-plane float64 sum(x) and sum(x * x) of [M, C, HW] (planes p = m * C + c) */
-void {name}_stats(const float *restrict x, double *restrict out, int64_t P, int64_t HW,
-                  int32_t num_threads)
+/* Training batchnorm statistics of x [M, C, HW] (planes p = m * C + c), all in one call:
+   per-plane float64 sum(x), sum(x^2) (in parallel), reduced per channel over m in order;
+   mean = s / n, var = max(q / n - mean^2, 0) (float64, n = M * HW); then PyTorch's float32
+   order: invstd = 1 / sqrt((float)var + eps), a = w * invstd, b = bias - mean * a. The
+   running statistics (when running_mean is not NULL) are updated as nn.BatchNorm2d does:
+   num_batches_tracked += 1, f = momentum (or 1 / num_batches_tracked when momentum < 0),
+   running = f * stat + (1 - f) * running in float64 with the unbiased n / (n - 1) variance.
+   out: [4][C] float32 rows a, b, mean, invstd. */
+void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
+                     const float *restrict weight, const float *restrict bias, double eps,
+                     double momentum, float *restrict running_mean,
+                     float *restrict running_var, int64_t *restrict num_batches,
+                     float *restrict out, int32_t num_threads)
 {{
+    const int64_t P = M * C;
+    double *sums = (double *)malloc(sizeof(double) * 2 * P);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int64_t p = 0; p < P; ++p) {{
         const float *restrict xp = x + p * HW;
@@ -307,16 +383,110 @@ void {name}_stats(const float *restrict x, double *restrict out, int64_t P, int6
             s += e;
             q += e * e;
         }}
-        out[2 * p] = s;
-        out[2 * p + 1] = q;
+        sums[2 * p] = s;
+        sums[2 * p + 1] = q;
+    }}
+    const double n = (double)(M * HW);
+    double f = momentum;
+    if (running_mean && num_batches) {{
+        *num_batches += 1;
+        if (momentum < 0.0) f = 1.0 / (double)(*num_batches);
+    }}
+    const double unb = n / (n - 1.0 > 1.0 ? n - 1.0 : 1.0);
+    for (int64_t c = 0; c < C; ++c) {{
+        double s = 0.0, q = 0.0;
+        for (int64_t m = 0; m < M; ++m) {{
+            s += sums[2 * (m * C + c)];
+            q += sums[2 * (m * C + c) + 1];
+        }}
+        const double mean = s / n;
+        double var = q / n - mean * mean;
+        if (var < 0.0) var = 0.0;
+        const float mean32 = (float)mean;
+        const float invstd = 1.0f / sqrtf((float)var + (float)eps);
+        const float a = weight ? weight[c] * invstd : invstd;
+        const float b = bias ? bias[c] - mean32 * a : -mean32 * a;
+        out[c] = a;
+        out[C + c] = b;
+        out[2 * C + c] = mean32;
+        out[3 * C + c] = invstd;
+        if (running_mean) {{
+            running_mean[c] = (float)((double)running_mean[c] * (1.0 - f) + mean * f);
+            running_var[c] = (float)((double)running_var[c] * (1.0 - f) + var * unb * f);
+        }}
+    }}
+    free(sums);
+}}
+
+/* Per-channel float64 sums of the backward's per-plane sums psum [NB * C][NS] (over n in
+   order): chan[c][k]. Then g_a[c] = sum(gx * xin), g_b[c] = sum(gx) and the uniforms'
+   gradients g_u[i] = sum over channels of chan[c][2 + i] (each NULL when not wanted). */
+static void {name}_channel_sums(const double *restrict psum, int64_t NB, int64_t C,
+                                int64_t NS, double *restrict chan)
+{{
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t k = 0; k < NS; ++k) {{
+            double s = 0.0;
+            for (int64_t n = 0; n < NB; ++n) s += psum[(n * C + c) * NS + k];
+            chan[c * NS + k] = s;
+        }}
+}}
+
+static void {name}_uniform_grads(const double *restrict chan, int64_t C, int64_t NS,
+                                 float *restrict g_u)
+{{
+    if (!g_u) return;
+    for (int64_t i = 0; i + 2 < NS; ++i) {{
+        double s = 0.0;
+        for (int64_t c = 0; c < C; ++c) s += chan[c * NS + 2 + i];
+        g_u[i] = (float)s;
     }}
 }}
 
-/* training batchnorm backward over [M, C, HW]: k = [C][4] (mean, k, mean(gy), w * invstd) */
-void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
-                        const float *restrict k, float *restrict gx, int64_t P, int64_t C,
-                        int64_t HW, int32_t num_threads)
+void {name}_reduce(const double *restrict psum, int64_t NB, int64_t C, int64_t NS,
+                   float *restrict g_a, float *restrict g_b, float *restrict g_u)
 {{
+    double *chan = (double *)malloc(sizeof(double) * C * NS);
+    {name}_channel_sums(psum, NB, C, NS, chan);
+    for (int64_t c = 0; c < C; ++c) {{
+        if (g_a) g_a[c] = (float)chan[c * NS + 1];
+        if (g_b) g_b[c] = (float)chan[c * NS];
+    }}
+    {name}_uniform_grads(chan, C, NS, g_u);
+    free(chan);
+}}
+
+/* Training batchnorm backward over [M, C, HW] from the chain backward's per-plane sums
+   psum [NB * C][NS] (sum(gy), sum(gy * xin), ...) and the forward's float32 mean / invstd:
+   per channel (float64) dot = sum(gy * (x - mean)) = sum(gy * x) - mean * sum(gy),
+   k = dot * invstd^2 / n, then float32 (mean, k, sum(gy) / n, w * invstd) for PyTorch's
+   gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd); g_w = dot * invstd,
+   g_bias = sum(gy), g_u the uniforms' gradients (each NULL when not wanted). */
+void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
+                        const double *restrict psum, const float *restrict mean32,
+                        const float *restrict invstd32, const float *restrict weight,
+                        float *restrict gx, float *restrict g_w, float *restrict g_bias,
+                        float *restrict g_u, int64_t M, int64_t NB, int64_t C, int64_t HW,
+                        int64_t NS, int32_t num_threads)
+{{
+    double *chan = (double *)malloc(sizeof(double) * C * NS);
+    float *k = (float *)malloc(sizeof(float) * 4 * C);
+    {name}_channel_sums(psum, NB, C, NS, chan);
+    {name}_uniform_grads(chan, C, NS, g_u);
+    const double n = (double)(M * HW);
+    for (int64_t c = 0; c < C; ++c) {{
+        const double s_g = chan[c * NS], s_gx = chan[c * NS + 1];
+        const double mean = (double)mean32[c], inv = (double)invstd32[c];
+        const double dot = s_gx - mean * s_g;
+        const double w = weight ? (double)weight[c] : 1.0;
+        k[4 * c] = (float)mean;
+        k[4 * c + 1] = (float)(dot * inv * inv / n);
+        k[4 * c + 2] = (float)(s_g / n);
+        k[4 * c + 3] = (float)(w * inv);
+        if (g_w) g_w[c] = (float)(dot * inv);
+        if (g_bias) g_bias[c] = (float)s_g;
+    }}
+    const int64_t P = M * C;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1)
     for (int64_t p = 0; p < P; ++p) {{
         const int64_t c = p % C;
@@ -330,6 +500,8 @@ void {name}_bn_backward(const float *restrict gy, const float *restrict xin_seq,
             gx[off + j] = gxin;
         }}
     }}
+    free(chan);
+    free(k);
 }}
 """
 
@@ -387,14 +559,20 @@ def generate_chain(
     uniforms = "\n".join(f"    const float u{i} = uniforms[{i}];" for i in range(nu))
     need_x = "x" in program.backward_needs
     need_v = "v" in program.backward_needs
-    load_x = f"{ind}const float x = xb[t * HW + j];\n" if need_x else ""
-    load_v = f"{ind}const float v = vb[t * HW + j];\n" if need_v else ""
-    gu_acc = "\n".join(f"{ind}acc[{2 + i} * HW + j] += (double)gu{i};" for i in range(nu))
+    load_x = f"{ind}const float x = xb[t * L + j];\n" if need_x else ""
+    load_v = f"{ind}const float v = vb[t * L + j];\n" if need_v else ""
+    gu_acc = "\n".join(f"{ind}acc[{2 + i} * L + j] += (double)gu{i};" for i in range(nu))
     tag = f"{prologue}_{pool}{'_res' if residual else ''}"
     if pool in ("max", "avg"):
         tag += f"_k{k}s{stride}p{pad}"
     name = f"snnc_{dynamics.name}_{tag}_{dynamics.key()}"
     body = forward_body(program, C_TARGET)
+    if pool in ("max", "avg"):
+        pool_fwd = _POOL_FWD_PLANE.format(code=_indent(POOLS[pool].forward))
+        pool_bwd = _POOL_BWD_PLANE.format(code=_indent(POOLS[pool].backward))
+    else:
+        pool_fwd = _POOL_FWD_GROUP.format(code=_indent(POOLS[pool].forward))
+        pool_bwd = _POOL_BWD_GROUP.format(code=_indent(POOLS[pool].backward))
     bn_bwd = render_block(
         C_TARGET, {"gxin": BN_BACKWARD}, names={"g": "g"}, prefix="w", indent=" " * 12
     )
@@ -414,8 +592,8 @@ def generate_chain(
                 uniforms=uniforms,
                 prologue=pro_fwd,
                 body=body,
-                pool_forward=POOLS[pool].forward,
-                pool_backward=POOLS[pool].backward,
+                pool_forward=pool_fwd,
+                pool_backward=pool_bwd,
                 nu=nu,
                 need_x=int(need_x),
                 need_v=int(need_v),

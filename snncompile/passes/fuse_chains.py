@@ -41,8 +41,9 @@ nodes are removed (the split now reads the batchnorm's input; the merge gives th
 the add's readers read the neuron). Left as they are, with the reason in the pass notes:
 neurons whose spikes have other readers (the spikes must exist), pooling the kernels do not
 express, batchnorms with other users or other than 2-D, with ``backend='auto'`` planes of fewer
-than :data:`~snncompile.runtime.fused_chain.AUTO_MIN_PLANE` neurons (the per-plane kernel is
-slower there), and a neuron with nothing next to it to merge. With
+than :data:`~snncompile.runtime.fused_chain.AUTO_MIN_PLANE` neurons (1 since small planes are
+grouped per work item: no plane size is left out now), and a neuron with nothing next to it
+to merge. With
 ``optimize(..., fold_batchnorm=False)`` (``graph.meta['exact_batchnorm']``: eval outputs
 bit-exact with the eager model asked for) no batchnorm is merged, only poolings and adds. On
 CUDA tensors, non-float32 inputs, ``backend='torch'`` or without a compiler the node runs the

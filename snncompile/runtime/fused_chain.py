@@ -18,15 +18,19 @@ that depend on its vectorized code path, which the kernel does not reproduce, so
 input may differ from PyTorch's by ~1 ulp of ``|x * a| + |b|`` (eval and train). Training
 batchnorm: the batch statistics are one extra read of the input (per-plane float64 sums
 ``sum(x)``, ``sum(x^2)``, reduced over planes in float64, ``var = E[x^2] - E[x]^2``, then float32
-as PyTorch: ``invstd = 1 / sqrt(var + eps)``), so mean and variance agree with PyTorch's to the
-last float32 bit or one ulp. A spike can therefore flip only where ``h`` is within a few ulp of
-the threshold (none did over the tests' random inputs); the membrane agrees to a few ulp.
-Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative average,
-unbiased variance). The backward is
+as PyTorch: ``invstd = 1 / sqrt(var + eps)``), all in one C call, so mean and variance agree
+with PyTorch's (a float32 reduction in another order) to the last float32 bit or one ulp.
+A spike can therefore flip only where ``h`` is within a few ulp of the threshold (none did
+over the tests' random inputs); the membrane agrees to a few ulp.
+Running statistics are updated in that same C call as ``nn.BatchNorm2d`` does
+(``num_batches_tracked += 1``, momentum or cumulative average, unbiased variance, in float64
+then rounded once; within one float32 ulp of PyTorch's). The backward is
 the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; ``h`` is
 recomputed from the kept input), then PyTorch's batchnorm input gradient
 ``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
-M`` from the kernel's float64 per-plane sums (gradients within ~1e-6 relative of PyTorch's).
+M`` from the kernel's float64 per-plane sums, reduced per channel and turned into the
+coefficients in the same C call (gradients within ~1e-6 relative of PyTorch's). A fresh
+neuron state (the float ``v_reset``) is filled inside the kernels, not materialised.
 
 When the kernel does not apply (not float32 on CPU, no compiler, ``backend='torch'`` or
 ``'auto'`` below its size threshold) or one of the modules has forward hooks (a monitor: it
@@ -54,6 +58,8 @@ __all__ = ["ChainKernel", "FusedChain", "chain_kernel"]
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
+_F = ctypes.c_float
+_D = ctypes.c_double
 _lock = threading.Lock()
 _kernels: dict[tuple[Any, ...], ChainKernel] = {}
 
@@ -78,18 +84,21 @@ class ChainKernel:
         self.source: ChainSource = generate_chain(dynamics, prologue, pool, residual, window)
         self.window = window
         name = self.source.name
-        syms = [f"{name}_{s}" for s in ("forward", "backward", "stats", "bn_backward")]
+        parts = ("forward", "backward", "bn_stats", "bn_backward", "reduce")
+        syms = [f"{name}_{s}" for s in parts]
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
         self.fwd = getattr(lib, syms[0])
-        self.fwd.argtypes = [_P] * 10 + [_I64] * 5 + [_I32]
+        self.fwd.argtypes = [_P] * 4 + [_F] + [_P] * 6 + [_I64] * 6 + [_I32]
         self.bwd = getattr(lib, syms[1])
-        self.bwd.argtypes = [_P] * 13 + [_I64] * 5 + [_I32]
-        self.stats = getattr(lib, syms[2])
-        self.stats.argtypes = [_P, _P, _I64, _I64, _I32]
+        self.bwd.argtypes = [_P] * 5 + [_F] + [_P] * 8 + [_I64] * 6 + [_I32]
+        self.bn_stats = getattr(lib, syms[2])
+        self.bn_stats.argtypes = [_P] + [_I64] * 3 + [_P] * 2 + [_D] * 2 + [_P] * 4 + [_I32]
         self.bn_bwd = getattr(lib, syms[3])
-        self.bn_bwd.argtypes = [_P] * 4 + [_I64] * 3 + [_I32]
-        for f in (self.fwd, self.bwd, self.stats, self.bn_bwd):
+        self.bn_bwd.argtypes = [_P] * 10 + [_I64] * 5 + [_I32]
+        self.reduce = getattr(lib, syms[4])
+        self.reduce.argtypes = [_P] + [_I64] * 3 + [_P] * 3
+        for f in (self.fwd, self.bwd, self.bn_stats, self.bn_bwd, self.reduce):
             f.restype = None
 
 
@@ -111,19 +120,6 @@ def chain_kernel(
     return k
 
 
-def _batch_stats(k: ChainKernel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel float64 mean and biased variance of ``x`` ``[M, C, H, W]`` and the count."""
-    M, C = x.shape[0], x.shape[1]
-    HW = x[0, 0].numel()
-    sums = torch.empty((M * C, 2), dtype=torch.float64)
-    k.stats(_ptr(x), _ptr(sums), M * C, HW, num_threads(x.numel()))
-    s = sums.view(M, C, 2).sum(0)
-    count = M * HW
-    mean = s[:, 0] / count
-    var = (s[:, 1] / count - mean * mean).clamp_min(0.0)
-    return mean, var, count
-
-
 class _ChainFunction(torch.autograd.Function):
     """Forward and backward of one chain call (see the module docstring)."""
 
@@ -134,36 +130,41 @@ class _ChainFunction(torch.autograd.Function):
         x: torch.Tensor,
         r: torch.Tensor | None,
         e: torch.Tensor | None,
-        v0: torch.Tensor,
+        v0: torch.Tensor | None,
+        v_fill: float,
         uniforms: torch.Tensor,
         ca: torch.Tensor | None,
         cb: torch.Tensor | None,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        bn: dict[str, Any] | None,
+        bn: _TrainBN | None,
         eb: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, NB, C, H, W = x.shape
         stats = None
-        if bn is not None:  # training batchnorm: statistics first, then the affine map
-            mean, var, count = _batch_stats(kern, x.view(T * NB, C, H, W))
-            # PyTorch's order: float32 statistics, invstd = 1 / sqrt(var + eps) in float32.
-            mean32 = mean.float()
-            invstd = 1.0 / torch.sqrt(var.float() + bn["eps"])
-            ca = invstd if weight is None else weight.detach() * invstd
-            cb = -mean32 * ca if bias is None else bias.detach() - mean32 * ca
-            bn["update"](mean, var, count)
+        if bn is not None:  # training batchnorm: statistics (and running stats) in one C call
+            rows = torch.empty((4, C))
+            w_c = None if weight is None else weight.detach()
+            b_c = None if bias is None else bias.detach()
+            kern.bn_stats(
+                _ptr(x), T * NB, C, H * W, _ptr(w_c), _ptr(b_c), bn.eps, bn.momentum,
+                _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(bn.num_batches),
+                _ptr(rows), num_threads(x.numel()),
+            )  # fmt: skip
+            ca_c, cb_c, mean32, invstd = rows.unbind(0)
             stats = (mean32, invstd)
+        else:
+            ca_c = None if ca is None else _f32(ca)
+            cb_c = None if cb is None else _f32(cb)
         OH, OW = _pooled(kern.window, H, W)
         out = WORKSPACES.empty((T, NB, C, OH, OW))
         v_last = WORKSPACES.empty((NB * C * H * W,))
-        ca_c = None if ca is None else ca.detach().float().contiguous()
-        cb_c = None if cb is None else cb.detach().float().contiguous()
         kern.fwd(
-            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), _ptr(uniforms), _ptr(ca_c), _ptr(cb_c), _ptr(eb),
-            _ptr(out), _ptr(v_last), T, NB, C, H, W, num_threads(x.numel()),
+            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), v_fill, _ptr(uniforms), _ptr(ca_c), _ptr(cb_c),
+            _ptr(eb), _ptr(out), _ptr(v_last), T, NB, C, H, W, group_planes(NB * C, H * W),
+            num_threads(x.numel()),
         )  # fmt: skip
-        ctx.kern, ctx.bn = kern, bn is not None
+        ctx.kern, ctx.bn, ctx.v_fill = kern, bn is not None, v_fill
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
         ctx.stats = stats
         ctx.set_materialize_grads(False)
@@ -178,49 +179,83 @@ class _ChainFunction(torch.autograd.Function):
         OH, OW = _pooled(kern.window, H, W)
         if g_out is None:
             g_out = torch.zeros((T, NB, C, OH, OW))
-        g_out = g_out.float().contiguous()
-        gvl = None if g_vlast is None else g_vlast.float().contiguous()
+        g_out = _f32(g_out)
+        gvl = None if g_vlast is None else _f32(g_vlast)
         nu = kern.source.num_uniforms
+        need = ctx.needs_input_grad
+        nt = num_threads(x.numel())
         gx = WORKSPACES.empty(tuple(x.shape))
         gxin = None if ctx.bn else WORKSPACES.empty(tuple(x.shape))
-        gv0 = torch.empty_like(v0)
+        gv0 = torch.empty_like(v0) if v0 is not None and need[4] else None
         psum = torch.empty((NB * C, 2 + nu), dtype=torch.float64)
         kern.bwd(
-            _ptr(g_out), _ptr(gvl), _ptr(x), _ptr(r), _ptr(v0), _ptr(uniforms), _ptr(ca),
-            _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum), T, NB, C, H, W,
-            num_threads(x.numel()),
+            _ptr(g_out), _ptr(gvl), _ptr(x), _ptr(r), _ptr(v0), ctx.v_fill, _ptr(uniforms),
+            _ptr(ca), _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum),
+            T, NB, C, H, W, group_planes(NB * C, H * W), nt,
         )  # fmt: skip
-        sums = psum.view(NB, C, 2 + nu).sum(0)  # float64 [C, 2 + U]
-        s_g, s_gx = sums[:, 0], sums[:, 1]
-        g_u = psum[:, 2:].sum(0).float()
+        # One buffer for the per-channel results: rows g_ca / g_w, g_cb / g_b, then g_u.
+        small = torch.empty((2 * C + nu,))
+        g_u = small[2 * C :] if nu and need[6] else None
         g_ca = g_cb = g_w = g_b = None
         if ctx.bn:
             mean32, invstd = ctx.stats
-            mean, inv = mean32.double(), invstd.double()
-            count = T * NB * H * W
-            dotp = s_gx - mean * s_g  # sum(gy * (x - mean))
-            k = dotp * inv * inv / count
-            w = torch.ones(C, dtype=torch.float64) if weight is None else weight.detach().double()
-            coeffs = torch.stack([mean, k, s_g / count, w * inv], 1).float().contiguous()
+            g_w = small[:C] if weight is not None and need[9] else None
+            g_b = small[C : 2 * C] if need[10] else None
             gxin = WORKSPACES.empty(tuple(x.shape))
-            kern.bn_bwd(_ptr(gx), _ptr(x), _ptr(coeffs), _ptr(gxin), T * NB * C, C, H * W,
-                        num_threads(x.numel()))  # fmt: skip
-            if weight is not None and ctx.needs_input_grad[8]:
-                g_w = (dotp * inv).float()
-            if ctx.needs_input_grad[9]:
-                g_b = s_g.float()
+            kern.bn_bwd(
+                _ptr(gx), _ptr(x), _ptr(psum), _ptr(mean32), _ptr(invstd),
+                _ptr(None if weight is None else weight.detach()), _ptr(gxin), _ptr(g_w),
+                _ptr(g_b), _ptr(g_u), T * NB, NB, C, H * W, 2 + nu, nt,
+            )  # fmt: skip
         else:
-            if ctx.has_ca:
-                g_ca = s_gx.float()
-            if ctx.has_cb:
-                g_cb = s_g.float()
+            g_ca = small[:C] if ctx.has_ca else None
+            g_cb = small[C : 2 * C] if ctx.has_cb else None
+            if g_ca is not None or g_cb is not None or g_u is not None:
+                kern.reduce(_ptr(psum), NB, C, 2 + nu, _ptr(g_ca), _ptr(g_cb), _ptr(g_u))
         # x = prologue(xin) + r: the residual's gradient is the neuron input's, gx.
-        g_r = gx if r is not None and ctx.needs_input_grad[2] else None
+        g_r = gx if r is not None and need[2] else None
         # out = s + e: the added residual's gradient is the output's.
-        g_e = g_out if ctx.needs_input_grad[3] else None
-        g_v0 = gv0 if ctx.needs_input_grad[4] else None
-        g_u = g_u if ctx.needs_input_grad[5] else None
-        return None, gxin, g_r, g_e, g_v0, g_u, g_ca, g_cb, g_w, g_b, None, None
+        g_e = g_out if need[3] else None
+        return None, gxin, g_r, g_e, gv0, None, g_u, g_ca, g_cb, g_w, g_b, None, None
+
+
+#: A kernel work item is a group of consecutive ``(n, c)`` planes holding about this many
+#: neurons (one plane when planes are larger): the neuron loop then runs over the group's
+#: neurons as one contiguous span, which small planes (ResNet's 4x4 ... 1x1) need.
+GROUP_NEURONS = 256
+
+#: At least this many work items per call when there are enough planes (load balance).
+MIN_GROUPS = 8
+
+
+def group_planes(planes: int, plane: int) -> int:
+    """How many of ``planes`` planes of ``plane`` neurons one kernel work item takes."""
+    g = max(1, GROUP_NEURONS // max(plane, 1))
+    return max(1, min(g, planes // MIN_GROUPS))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached as a contiguous float32 tensor (itself when it already is one)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class _TrainBN:
+    """What the statistics kernel needs of a training batchnorm: ``eps``, ``momentum`` (-1 for
+    the cumulative average) and its running statistics (None when it tracks none)."""
+
+    __slots__ = ("eps", "momentum", "running_mean", "running_var", "num_batches")
+
+    def __init__(self, bn: nn.Module) -> None:
+        self.eps = float(bn.eps)
+        self.momentum = -1.0 if bn.momentum is None else float(bn.momentum)
+        track = bn.track_running_stats and bn.running_mean is not None
+        self.running_mean = bn.running_mean if track else None
+        self.running_var = bn.running_var if track else None
+        nbt = getattr(bn, "num_batches_tracked", None) if track else None
+        self.num_batches = nbt
 
 
 def _pooled(window: tuple[int, int, int], H: int, W: int) -> tuple[int, int]:
@@ -257,10 +292,12 @@ def _pool_window(pool: nn.Module | None) -> tuple[str, tuple[int, int, int]] | N
 
 
 #: With ``backend='auto'`` a chain is fused only when its planes have at least this many
-#: neurons (``H * W``): one kernel work item is one ``(n, c)`` plane, and on ResNet-18's
-#: 4x4 / 2x2 / 1x1 planes (``benchmarks/bench_chain_fusion.py``) the per-plane loop and the
-#: per-call statistics ops made the fused chain 0.5-0.9x the unfused ops.
-AUTO_MIN_PLANE = 32
+#: neurons (``H * W``). Since a kernel work item groups small planes (:func:`group_planes`)
+#: and the batchnorm statistics and coefficients are computed in C, the fused chain beat the
+#: separate ops on every plane size measured, down to ResNet-18's 1x1 planes
+#: (``benchmarks/bench_chain_fusion.py --micro``), so the rule no longer leaves any out; it
+#: stays as the place to raise the bound should a machine disagree.
+AUTO_MIN_PLANE = 1
 
 
 def size_blocker(backend: str | None, shape: tuple[int, ...]) -> str | None:
@@ -405,7 +442,9 @@ class FusedChain(nn.Module):
             prologue = "affine"
             if bn.training or bn.running_mean is None:
                 weight, bias = bn.weight, bn.bias
-                bn_info = {"eps": float(bn.eps), "update": self._updater()}
+                bn_info = _TrainBN(bn)
+                if not _stats_ok(bn_info, bn, x_seq.shape[2]):
+                    return self.unfused(x_seq, *extra)
             else:
                 ca, cb = _eval_affine(bn)
         C = x_seq.shape[2]
@@ -420,32 +459,18 @@ class FusedChain(nn.Module):
         params = {n: getattr(neuron, n) for n in d.param_names}
         uniforms = uniforms_for(d, params or None, x_seq.device)
         shape = x_seq.shape[1:]
-        neuron.v_float_to_tensor(x_seq[0])
-        v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
+        v0, v_fill = None, 0.0
+        if isinstance(neuron.v, (int, float)):  # a fresh state: the kernel fills it
+            v_fill = float(neuron.v)
+        else:
+            neuron.v_float_to_tensor(x_seq[0])
+            v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
         out, v_last = _ChainFunction.apply(
-            kern, x_seq.contiguous(), r_c, e_c, v0, uniforms, ca, cb, weight, bias, bn_info, eb
-        )
+            kern, x_seq.contiguous(), r_c, e_c, v0, v_fill, uniforms, ca, cb, weight, bias,
+            bn_info, eb,
+        )  # fmt: skip
         neuron.v = v_last.view(shape)
         return out
-
-    def _updater(self) -> Any:
-        bn = self.bn
-
-        def update(mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-            if not bn.track_running_stats or bn.running_mean is None:
-                return
-            with torch.no_grad():
-                bn.num_batches_tracked.add_(1)
-                if bn.momentum is None:
-                    f = 1.0 / float(bn.num_batches_tracked)
-                else:
-                    f = float(bn.momentum)
-                unbiased = var * (count / max(count - 1, 1))
-                rm, rv = bn.running_mean, bn.running_var
-                rm.copy_((rm.double() * (1.0 - f) + mean * f).to(rm.dtype))
-                rv.copy_((rv.double() * (1.0 - f) + unbiased * f).to(rv.dtype))
-
-        return update
 
     def unfused(self, x_seq: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """The chain as separate ops, as the unfused compiled graph runs them."""
@@ -473,6 +498,21 @@ class FusedChain(nn.Module):
         if self.scale_out is not None:
             out = self.scale_out(out)
         return out, spikes
+
+
+def _stats_ok(bn: _TrainBN, module: nn.Module, C: int) -> bool:
+    """Whether the statistics kernel can read ``module``'s affine parameters and update its
+    running statistics in place (float32, contiguous, ``C`` values, an int64 batch counter)."""
+    for t in (module.weight, module.bias):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            return False
+    if bn.running_mean is None:
+        return True
+    for t in (bn.running_mean, bn.running_var):
+        if t is None or t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != C:
+            return False
+    nb = bn.num_batches
+    return nb is None or (nb.dtype == torch.int64 and nb.numel() == 1)
 
 
 def _per_channel(scale: nn.Module, C: int) -> torch.Tensor:
