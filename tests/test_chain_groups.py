@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from chain_helpers import random_bn
 from torch import nn
 
 from snncompile import neuron, surrogate
@@ -24,27 +25,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _bn(C: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(C)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2.0)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-    return bn
-
-
 def _chain(kind: str, C: int) -> tuple[FusedChain, int]:
     """A chain of ``kind`` on ``C`` channels and its number of extra inputs."""
     lif = neuron.ParametricLIFNode(
         init_tau=2.5, step_mode="m", surrogate_function=surrogate.ATan(), backend="cpu"
     )
     if kind == "max":
-        return FusedChain(lif, _bn(C), nn.MaxPool2d(2)), 0
+        return FusedChain(lif, random_bn(C), nn.MaxPool2d(2)), 0
     if kind == "residual":
-        return FusedChain(lif, _bn(C), None, residual=True), 1
+        return FusedChain(lif, random_bn(C), None, residual=True), 1
     if kind == "added":
-        return FusedChain(lif, _bn(C), None, added=True), 1
+        return FusedChain(lif, random_bn(C), None, added=True), 1
     scale = VoltageScale(torch.rand(C, 1, 1) + 0.5)
     return FusedChain(lif, None, None, scale_in=scale, scale_out=copy.deepcopy(scale)), 0
 

@@ -163,6 +163,27 @@ POOLS: dict[str, PoolCode] = {
 _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 
 _C_CHAIN = """\
+/* The start of one work item, planes p0 .. p0 + np - 1 of HW neurons: the per-channel
+   coefficients expanded per neuron (caE[0:LM], then cbE and ebE, LM apart) and the initial
+   membrane state (v_init's, or v_fill for a fresh state). */
+static void {name}_group_start(const float *restrict ca, const float *restrict cb,
+                               const float *restrict eb, const float *restrict v_init,
+                               float v_fill, int64_t p0, int64_t np, int64_t C, int64_t HW,
+                               int64_t LM, float *restrict caE, float *restrict v0)
+{{
+    float *restrict cbE = caE + LM, *restrict ebE = caE + 2 * LM;
+    for (int64_t q = 0; q < np; ++q) {{
+        const int64_t c = (p0 + q) % C;
+        const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
+        for (int64_t j = 0; j < HW; ++j) {{
+            caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
+        }}
+    }}
+    const int64_t L = np * HW;
+    if (v_init) memcpy(v0, v_init + p0 * HW, sizeof(float) * L);
+    else for (int64_t j = 0; j < L; ++j) v0[j] = v_fill;
+}}
+
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
                     const float *restrict e_seq, const float *restrict v_init, float v_fill,
                     const float *restrict uniforms,
@@ -188,15 +209,7 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < NG; ++g) {{
         const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
-        for (int64_t q = 0; q < np; ++q) {{
-            const int64_t c = (p0 + q) % C;
-            const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
-            for (int64_t j = 0; j < HW; ++j) {{
-                caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
-            }}
-        }}
-        if (v_init) memcpy(v_state, v_init + p0 * HW, sizeof(float) * L);
-        else for (int64_t j = 0; j < L; ++j) v_state[j] = v_fill;
+        {name}_group_start(ca, cb, eb, v_init, v_fill, p0, np, C, HW, LM, caE, v_state);
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
@@ -253,16 +266,8 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < NG; ++g) {{
         const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
-        for (int64_t q = 0; q < np; ++q) {{
-            const int64_t c = (p0 + q) % C;
-            const float a = ca ? ca[c] : 1.0f, b = cb ? cb[c] : 0.0f, e = eb ? eb[c] : 1.0f;
-            for (int64_t j = 0; j < HW; ++j) {{
-                caE[q * HW + j] = a; cbE[q * HW + j] = b; ebE[q * HW + j] = e;
-            }}
-        }}
+        {name}_group_start(ca, cb, eb, v_init, v_fill, p0, np, C, HW, LM, caE, carry);
         /* recompute h (and s, v, x when needed) of these planes for every step */
-        if (v_init) memcpy(carry, v_init + p0 * HW, sizeof(float) * L);
-        else for (int64_t j = 0; j < L; ++j) carry[j] = v_fill;
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
