@@ -54,23 +54,15 @@ class Family:
 
 def families() -> dict[str, Family]:
     """The benchmarked families (SpikingJelly 2.0.0's ``activation_based.model``)."""
-    from snncompile.zoo_compat import install_torchvision_stand_in
+    from snncompile.zoo_compat import zoo_modules
 
-    install_torchvision_stand_in()
+    z = zoo_modules()
     from spikingjelly.activation_based import layer, neuron, surrogate
-    from spikingjelly.activation_based.model import (
-        masnn,
-        maxformer,
-        ms_resnet,
-        parametric_lif_net,
-        qkformer,
-        sew_resnet,
-        spike_driven_transformer,
-        spikformer,
-        spiking_resnet,
-        spiking_vgg,
-        spiking_vggws_ottt,
-    )
+
+    spiking_resnet, sew_resnet, spiking_vgg = z["spiking_resnet"], z["sew_resnet"], z["spiking_vgg"]
+    parametric_lif_net, ms_resnet, masnn = z["plif"], z["ms_resnet"], z["masnn"]
+    spike_driven_transformer, qkformer, maxformer = z["sdt"], z["qkformer"], z["maxformer"]
+    spikformer, spiking_vggws_ottt = z["spikformer"], z["ottt"]
 
     sg = {"surrogate_function": surrogate.ATan(), "detach_reset": True}
     lif = {"spiking_neuron": neuron.LIFNode, **sg}

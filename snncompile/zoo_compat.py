@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 import types
+from types import ModuleType
 from typing import Any
 
 #: The modules of the stand-in (the zoo imports the loader from one of the last two).
@@ -65,3 +66,40 @@ def install_torchvision_stand_in() -> bool:
     for name, mod in mods.items():
         sys.modules.setdefault(name, mod)
     return True
+
+
+def zoo_modules() -> dict[str, ModuleType]:
+    """SpikingJelly 2.0.0's zoo model modules by short name, imported behind the stand-in.
+
+    Keys: ``spiking_resnet``, ``sew_resnet``, ``spiking_vgg``, ``plif``
+    (``parametric_lif_net``), ``ms_resnet``, ``masnn``, ``sdt`` (``spike_driven_transformer``),
+    ``qkformer``, ``maxformer``, ``spikformer``, ``ottt`` (``spiking_vggws_ottt``).
+    """
+    install_torchvision_stand_in()
+    from spikingjelly.activation_based.model import (
+        masnn,
+        maxformer,
+        ms_resnet,
+        parametric_lif_net,
+        qkformer,
+        sew_resnet,
+        spike_driven_transformer,
+        spikformer,
+        spiking_resnet,
+        spiking_vgg,
+        spiking_vggws_ottt,
+    )
+
+    return {
+        "spiking_resnet": spiking_resnet,
+        "sew_resnet": sew_resnet,
+        "spiking_vgg": spiking_vgg,
+        "plif": parametric_lif_net,
+        "ms_resnet": ms_resnet,
+        "masnn": masnn,
+        "sdt": spike_driven_transformer,
+        "qkformer": qkformer,
+        "maxformer": maxformer,
+        "spikformer": spikformer,
+        "ottt": spiking_vggws_ottt,
+    }

@@ -18,6 +18,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from zoo_models import build_small, zoo_modules
 
 import snncompile
 from snncompile.frontend import FrontendError
@@ -29,121 +30,7 @@ UNFOLDED = ["remove_dead_ops", "fuse_neurons", "fuse_elementwise"]  # inference,
 
 @pytest.fixture(scope="module")
 def zoo(sj):
-    from spikingjelly.activation_based import model as _  # noqa: F401  (needs the stand-in)
-    from spikingjelly.activation_based.model import (
-        masnn,
-        maxformer,
-        ms_resnet,
-        parametric_lif_net,
-        qkformer,
-        sew_resnet,
-        spike_driven_transformer,
-        spikformer,
-        spiking_resnet,
-        spiking_vgg,
-        spiking_vggws_ottt,
-    )
-
-    return {
-        "spiking_resnet": spiking_resnet,
-        "sew_resnet": sew_resnet,
-        "spiking_vgg": spiking_vgg,
-        "plif": parametric_lif_net,
-        "ms_resnet": ms_resnet,
-        "masnn": masnn,
-        "sdt": spike_driven_transformer,
-        "qkformer": qkformer,
-        "maxformer": maxformer,
-        "spikformer": spikformer,
-        "ottt": spiking_vggws_ottt,
-    }
-
-
-def _build(name: str, sj, zoo) -> tuple[nn.Module, tuple[int, ...]]:
-    neuron, surrogate, layer = sj.neuron, sj.surrogate, sj.layer
-    sg = {"surrogate_function": surrogate.ATan(), "detach_reset": True}
-    lif = {"spiking_neuron": neuron.LIFNode, **sg}
-    if name == "spiking_resnet18":
-        return zoo["spiking_resnet"].spiking_resnet18(num_classes=10, **lif), (3, 16, 16)
-    if name == "sew_resnet18":
-        return zoo["sew_resnet"].sew_resnet18(num_classes=10, cnf="ADD", **lif), (3, 16, 16)
-    if name == "spiking_vgg_bn":
-        net = zoo["spiking_vgg"].SpikingVGG(
-            [8, "M", 512], batch_norm=True, num_classes=10, spiking_neuron=neuron.IFNode
-        )
-        # The real classifier is 512*7*7 -> 4096 -> 4096 (120M parameters): shrunk, same code.
-        net.classifier = nn.Sequential(
-            layer.Linear(512 * 49, 16), neuron.IFNode(**sg), layer.Dropout(), layer.Linear(16, 10)
-        )
-        return net, (3, 16, 16)
-    if name == "MNISTNet":
-        plif = {"spiking_neuron": neuron.ParametricLIFNode, **sg}
-        return zoo["plif"].MNISTNet(channels=8, **plif), (1, 28, 28)
-    if name == "CIFAR10Net":
-        return zoo["plif"].CIFAR10Net(channels=8, **lif), (3, 32, 32)
-    if name == "DVSGestureNet":
-        return zoo["plif"].DVSGestureNet(channels=4, **lif), (2, 128, 128)
-    if name == "MSResNet":
-        net = zoo["ms_resnet"].MSResNet(
-            T=2, num_classes=10, base_channels=8, layers=(1, 1, 1, 1), **sg
-        )
-        return net, (3, 16, 16)
-    if name == "MaxResNet":
-        return zoo["ms_resnet"].max_resnet18(T=2, num_classes=10, **sg), (3, 16, 16)
-    if name == "MASNN":
-        net = zoo["masnn"].MASNN(
-            T=2,
-            num_classes=11,
-            input_size=(16, 16),
-            channels=(8, 8, 8),
-            fc_hidden=16,
-            reduction_t=1,
-            reduction_c=2,
-            surrogate_function=surrogate.ATan(),
-        )
-        return net, (2, 16, 16)
-    if name == "AttMSResNet":
-        net = zoo["masnn"].AttMSResNet(
-            T=2,
-            num_classes=10,
-            base_channels=8,
-            layers=(1, 1, 1, 1),
-            surrogate_function=surrogate.ATan(),
-        )
-        return net, (3, 16, 16)
-    if name == "SpikeDrivenTransformer":
-        net = zoo["sdt"].SpikeDrivenTransformer(
-            T=2, num_classes=10, embed_dims=32, num_heads=2, depths=1
-        )
-        return net, (3, 32, 32)
-    if name == "QKFormer":
-        net = zoo["qkformer"].QKFormer(
-            T=2, num_classes=10, embed_dims=32, num_heads=(1, 2, 2), depths=(1, 1, 1)
-        )
-        return net, (3, 32, 32)
-    if name == "MaxFormer":
-        net = zoo["maxformer"].MaxFormer(
-            T=2, num_classes=10, embed_dims=32, depths=(1, 1, 1), cifar=True
-        )
-        return net, (3, 32, 32)
-    if name == "Spikformer":
-        net = zoo["spikformer"].Spikformer(
-            T=2,
-            img_size_h=32,
-            img_size_w=32,
-            patch_size=4,
-            num_classes=10,
-            embed_dims=32,
-            num_heads=2,
-            depths=1,
-        )
-        return net, (3, 32, 32)
-    if name == "OTTTSpikingVGG":
-        net = zoo["ottt"].OTTTSpikingVGG(
-            [8, "M", 512], num_classes=10, spiking_neuron=neuron.OTTTLIFNode
-        )
-        return net, (3, 16, 16)
-    raise KeyError(name)
+    return zoo_modules()
 
 
 # (family, step mode, neurons expected fused). Families whose constructors fix
@@ -195,7 +82,7 @@ def _input(shape: tuple[int, ...]) -> torch.Tensor:
 @pytest.mark.parametrize(("name", "mode", "expect_fused"), ZOO)
 def test_zoo_family_compiles_and_matches(sj, zoo, name, mode, expect_fused) -> None:
     torch.manual_seed(0)
-    net, shape = _build(name, sj, zoo)
+    net, shape = build_small(name, sj, zoo)
     sj.functional.set_step_mode(net, mode)
     modes_before = {n: m.step_mode for n, m in net.named_modules() if hasattr(m, "step_mode")}
     x = _input(shape)
@@ -237,7 +124,7 @@ def test_zoo_family_compiles_and_matches(sj, zoo, name, mode, expect_fused) -> N
 @pytest.mark.parametrize("name", ["SpikeDrivenTransformer", "QKFormer", "Spikformer", "MASNN"])
 def test_zoo_transformer_at_other_batch_and_T(sj, zoo, name: str) -> None:
     torch.manual_seed(0)
-    net, shape = _build(name, sj, zoo)
+    net, shape = build_small(name, sj, zoo)
     sj.functional.set_step_mode(net, "m")
     net.eval()
     compiled = snncompile.optimize(net, _input(shape), passes=UNFOLDED)
@@ -255,7 +142,7 @@ def test_zoo_transformer_at_other_batch_and_T(sj, zoo, name: str) -> None:
 
 def test_spiking_neurons_spike_in_zoo_inputs(sj, zoo) -> None:
     """The zoo test inputs make neurons fire (so the equalities above are not about zeros)."""
-    net, shape = _build("spiking_resnet18", sj, zoo)
+    net, shape = build_small("spiking_resnet18", sj, zoo)
     sj.functional.set_step_mode(net, "m")
     rates = []
     net.sn1.register_forward_hook(lambda m, i, o: rates.append(o.mean().item()))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from zoo_models import build_small, zoo_modules
 
 from snncompile import functional as our_functional
 from snncompile.api import optimize
@@ -43,31 +44,7 @@ TOL = 0.0  # dyadic weights (see _scale): onnxruntime and PyTorch agree exactly
 
 @pytest.fixture(scope="module")
 def zoo(sj):  # noqa: ANN001, ANN201  (the sj fixture is SpikingJelly's activation_based)
-    install_torchvision_stand_in()
-    from spikingjelly.activation_based.model import (
-        masnn,
-        maxformer,
-        parametric_lif_net,
-        qkformer,
-        sew_resnet,
-        spike_driven_transformer,
-        spikformer,
-        spiking_resnet,
-        spiking_vgg,
-    )
-
-    return {
-        "sj": sj,
-        "masnn": masnn,
-        "maxformer": maxformer,
-        "qkformer": qkformer,
-        "sdt": spike_driven_transformer,
-        "spikformer": spikformer,
-        "spiking_resnet": spiking_resnet,
-        "sew_resnet": sew_resnet,
-        "spiking_vgg": spiking_vgg,
-        "parametric_lif_net": parametric_lif_net,
-    }
+    return {"sj": sj, **zoo_modules()}
 
 
 QUANTUM = 2.0**-6  # weights are multiples of this (see _scale)
@@ -135,7 +112,7 @@ def _cases() -> dict[str, tuple[Callable[[dict], nn.Module], tuple[int, ...], fl
     def plif(cls: str, channels: int = 4) -> Callable[[dict], nn.Module]:
         def make(z: dict) -> nn.Module:
             sj = z["sj"]
-            return getattr(z["parametric_lif_net"], cls)(
+            return getattr(z["plif"], cls)(
                 channels=channels,
                 spiking_neuron=sj.neuron.ParametricLIFNode,
                 surrogate_function=sj.surrogate.ATan(),
@@ -234,42 +211,15 @@ def test_zoo_model_exports_in_both_modes(zoo: dict, name: str, step_mode: str) -
 # -- spiking transformers (multi-step only): attention as transpose/permute/matmul/chunk ----------
 def _transformers() -> dict[str, tuple[Callable[[dict], nn.Module], tuple[int, ...], bool]]:
     """name -> (factory, per-sample input shape, whether the output is averaged over time)."""
+
+    def make(name: str) -> Callable[[dict], nn.Module]:
+        return lambda z: build_small(name, z["sj"], z)[0]
+
     return {
-        "SpikeDrivenTransformer": (
-            lambda z: z["sdt"].SpikeDrivenTransformer(
-                T=2, num_classes=10, embed_dims=32, num_heads=2, depths=1
-            ),
-            (3, 32, 32),
-            True,
-        ),
-        "QKFormer": (
-            lambda z: z["qkformer"].QKFormer(
-                T=2, num_classes=10, embed_dims=32, num_heads=(1, 2, 2), depths=(1, 1, 1)
-            ),
-            (3, 32, 32),
-            True,
-        ),
-        "MaxFormer": (
-            lambda z: z["maxformer"].MaxFormer(
-                T=2, num_classes=10, embed_dims=32, depths=(1, 1, 1), cifar=True
-            ),
-            (3, 32, 32),
-            True,
-        ),
-        "Spikformer": (
-            lambda z: z["spikformer"].Spikformer(
-                T=2,
-                img_size_h=32,
-                img_size_w=32,
-                patch_size=4,
-                num_classes=10,
-                embed_dims=32,
-                num_heads=2,
-                depths=1,
-            ),
-            (3, 32, 32),
-            False,
-        ),
+        "SpikeDrivenTransformer": (make("SpikeDrivenTransformer"), (3, 32, 32), True),
+        "QKFormer": (make("QKFormer"), (3, 32, 32), True),
+        "MaxFormer": (make("MaxFormer"), (3, 32, 32), True),
+        "Spikformer": (make("Spikformer"), (3, 32, 32), False),
     }
 
 
@@ -308,24 +258,7 @@ def test_zoo_transformer_exports(zoo: dict, name: str) -> None:
 # -- attention that mixes time steps (MASNN, AttMSResNet): sequence mode only -------------------
 def _masnn(z: dict, name: str) -> tuple[nn.Module, tuple[int, ...]]:
     """A small MASNN / AttMSResNet (T=2) and its per-sample input shape."""
-    masnn = z["masnn"]
-    surrogate = z["sj"].surrogate.ATan()
-    if name == "MASNN":
-        model = masnn.MASNN(
-            T=2,
-            num_classes=11,
-            input_size=(16, 16),
-            channels=(8, 8, 8),
-            fc_hidden=16,
-            reduction_t=1,
-            reduction_c=2,
-            surrogate_function=surrogate,
-        )
-        return model, (2, 16, 16)
-    model = masnn.AttMSResNet(
-        T=2, num_classes=10, base_channels=8, layers=(1, 1, 1, 1), surrogate_function=surrogate
-    )
-    return model, (3, 16, 16)
+    return build_small(name, z["sj"], z)
 
 
 # Sigmoid/ReduceMean/ReduceMax in the attention round like PyTorch's to ~1 ulp; spikes equal.
