@@ -299,6 +299,30 @@ def test_masnn_family_sequence_export_matches(zoo: dict, name: str) -> None:
     print(f"{name}: max |onnxruntime - compiled| = {diff:.3g}")
     assert diff <= ATTENTION_TOL, f"{name}: max |onnxruntime - compiled| = {diff}"
     np.testing.assert_allclose(ref, eager, rtol=0, atol=ATTENTION_TOL)
+    # MASNN's temporal MLP fixes T: the export declares it, so onnxruntime names the input
+    # and the expected length instead of failing inside the attention; AttMSResNet runs any T.
+    t_dim = onnx_model.graph.input[0].type.tensor_type.shape.dim[0]
+    if name == "MASNN":
+        assert t_dim.dim_value == 2
+        with pytest.raises(Exception, match=r"(?s)invalid dimensions for input: x.*0 Got: 3"):
+            run_sequence_model(onnx_model, _spikes((3, RUN[1], *sample), 3))
+    else:
+        assert t_dim.dim_param == "T"
+
+
+def test_time_steps_of_mixing_layers_must_agree() -> None:
+    """Two layers built for different T: no input length runs both, an error names them."""
+    from types import SimpleNamespace
+
+    from snncompile.export.onnx_attention import SequenceModule
+    from snncompile.export.onnx_scan import _fixed_steps
+
+    entry = SequenceModule(lambda *a: "", lambda m: "", lambda m: m.T)
+    graph = {"a": SimpleNamespace(module=SimpleNamespace(T=2)),
+             "b": SimpleNamespace(module=SimpleNamespace(T=3))}  # fmt: skip
+    assert _fixed_steps(graph, {"a": entry}) == 2
+    with pytest.raises(OnnxExportError, match=r"different numbers of time steps \(%a: T=2, %b"):
+        _fixed_steps(graph, {"a": entry, "b": entry})
 
 
 @pytest.mark.parametrize("name", ["MASNN", "AttMSResNet"])

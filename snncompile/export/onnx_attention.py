@@ -185,6 +185,22 @@ class SequenceModule:
 
     render: Callable[[Ctx, nn.Module, str, Sequence[int]], str]
     mixes: Callable[[nn.Module], str]  # "it pools ...": why step mode refuses this layer
+    #: The number of time steps the layer is built for (an MLP over ``T``), or None when it
+    #: runs at any ``T``; the export then declares that ``T`` on its input.
+    steps: Callable[[nn.Module], int | None] = lambda m: None
+
+
+def _twa_steps(m: nn.Module) -> int | None:
+    first = m.sharedMLP[0]
+    return int(first.in_features) if isinstance(first, nn.Linear) else None
+
+
+def _mda_steps(m: nn.Module) -> int | None:
+    ta = getattr(m, "ta", None)
+    if ta is None:
+        return None
+    first = ta.sharedMLP[0]
+    return int(first.in_channels) if isinstance(first, nn.Conv3d) else None
 
 
 def _mda_mixes(m: nn.Module) -> str:
@@ -203,9 +219,11 @@ _ATTENTION = "spikingjelly.activation_based.layer.attention"
 #: sequence, between the time loops of a sequence export.
 SEQUENCE_MODULES: dict[tuple[str, str], SequenceModule] = {
     (_ATTENTION, "TemporalWiseAttention"): SequenceModule(
-        _temporal_wise, lambda m: "over the time axis (an MLP over the T pooled steps)"
+        _temporal_wise, lambda m: "over the time axis (an MLP over the T pooled steps)", _twa_steps
     ),
-    (_ATTENTION, "MultiDimensionalAttention"): SequenceModule(_multi_dimensional, _mda_mixes),
+    (_ATTENTION, "MultiDimensionalAttention"): SequenceModule(
+        _multi_dimensional, _mda_mixes, _mda_steps
+    ),
 }
 
 

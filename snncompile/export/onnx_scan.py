@@ -303,6 +303,23 @@ def time_loops(graph: Graph, post: frozenset[str]) -> tuple[dict[str, int], dict
     return loop, mixers
 
 
+def _fixed_steps(graph: Graph, mixers: dict[str, Any]) -> int | str:
+    """The input's time dimension: ``'T'`` (any), or the number of steps the mixing layers are
+    built for (an MLP over ``T``), so that onnxruntime rejects another ``T`` at the input with
+    a shape error instead of failing inside the layer. Layers built for different ``T`` are an
+    export error naming them."""
+    fixed = {
+        name: t for name, entry in mixers.items() if (t := entry.steps(graph[name].module))
+    }
+    if len(set(fixed.values())) > 1:
+        found = ", ".join(f"%{name}: T={t}" for name, t in fixed.items())
+        raise OnnxExportError(
+            f"export_onnx: the layers that mix time steps are built for different numbers of "
+            f"time steps ({found}); no input length runs them all. Build them with one T."
+        )
+    return next(iter(fixed.values()), "T")
+
+
 def _crossing(graph: Graph, members: frozenset[str]) -> list[Node]:
     """Per-step values of one loop read outside it (later loops, mixing layers, the nodes
     after the time reductions, graph outputs): the loop stacks them over ``T``."""
@@ -331,6 +348,7 @@ def _build_sequence(
     reductions (and what follows them) in the main graph on stacked values."""
     post = post_loop_nodes(graph)
     loop, mixers = time_loops(graph, post)
+    steps = _fixed_steps(graph, mixers)
     infos = _state_infos(graph, names, "scan.")
     main = GraphBuilder(names, inits)
     scan_in = x_public
@@ -443,9 +461,9 @@ def _build_sequence(
     for k, (value, src) in enumerate(outs):
         public = names.reserve("output" if len(outs) == 1 else f"output_{k}")
         _publish(main, value, public, renamed)
-        lead = ["N"] if src.name in post else ["T", "N"]
+        lead = ["N"] if src.name in post else [steps, "N"]
         out_vis.append(_value_info(public, src.dtype, [*lead, *(after.step_shape(src) or ())]))
-    in_vis = [_value_info(x_public, "float32", ["N", *feat] if repeat else ["T", "N", *feat])]
+    in_vis = [_value_info(x_public, "float32", ["N", *feat] if repeat else [steps, "N", *feat])]
     g = helper.make_graph(main.nodes, "snncompile_sequence", in_vis, out_vis, inits.tensors)
     return g, _states_meta(infos)
 
