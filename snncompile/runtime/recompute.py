@@ -465,6 +465,10 @@ def _try_time_chunks(
         restore()
     if chosen is None:
         _raise_budget(plan, budget, x, smallest, time_smallest)
+    plan.notes.append(
+        f"segments alone need about {smallest / 1e6:.1f} MB: the whole program is recomputed "
+        "in chunks of time instead"
+    )
     plan.time_chunks = chosen
     plan.predicted = chosen.choice.predicted
     plan.measured = chosen.choice.measured

@@ -455,9 +455,10 @@ def plan_time_chunks(
 
     The peak is modelled as ``fixed + Tc * per_step + live_states * state_bytes`` with
     ``state_bytes`` measured (one chunk-start state) and ``fixed`` and ``per_step`` fitted from
-    measured steps at the two smallest chunk sizes. Candidates are ordered by the time steps
-    rerun in backward (:func:`chunk_reruns` times ``Tc``), fewest first; the first predicted
-    to fit is measured, and the next is tried while the measurement is over budget (at most
+    two measured steps (chunks of ``T/2`` and ``T/4`` steps, one state kept). Candidates are
+    ordered by the time steps rerun in backward (:func:`chunk_reruns` times ``Tc``), fewest
+    first; the first predicted to fit is measured, and the next is tried while the measurement
+    is over budget (at most
     four). Returns the plan (None when nothing fits) and the smallest peak measured.
     """
     T = example_input.shape[0]
@@ -468,13 +469,15 @@ def plan_time_chunks(
         m = measure_train_step(gm, example_input, run=runner.run)
         choice.measured, choice.seconds = m.peak, m.seconds
 
-    small = [k for k in _candidates(T) if k < T][-2:]
+    # Probes with one kept state (2 + 1 states alive): chunks of T/2 and T/4 steps, where the
+    # chunk's activations dominate and the per-step slope is well measured.
+    probes = sorted({max(1, T // 2), max(1, T // 4)}, reverse=True)
     points = []
-    for k in small:
-        probe = ChunkChoice(k, "all", 0, 0)
+    for k in probes:
+        probe = ChunkChoice(k, 1, 0, 0)
         measure(probe)
         assert probe.measured is not None
-        points.append((k, probe.measured - _live_states("all", math.ceil(T / k)) * s))
+        points.append((k, probe.measured - _live_states(1, math.ceil(T / k)) * s))
     if len(points) == 2:
         (k1, m1), (k2, m2) = points
         per_step = max(0.0, (m1 - m2) / (k1 - k2))
