@@ -17,7 +17,7 @@ import snncompile
 from snncompile import functional, layer, neuron, surrogate
 from snncompile.runtime.memory import LiveBytes, measure_train_step
 from snncompile.runtime.recompute import MemoryBudgetError
-from snncompile.runtime.time_chunks import TimeChunks, time_chunk_blocker
+from snncompile.runtime.time_chunks import TimeChunks, chunk_reruns, time_chunk_blocker
 
 sj = pytest.importorskip("spikingjelly.activation_based", reason="SpikingJelly 2.0.0 is the oracle")
 from spikingjelly.activation_based import functional as sj_functional  # noqa: E402
@@ -37,7 +37,7 @@ NEURONS = [
 ]
 #: (chunk size, chunk-start states kept): T=6 in 1-step chunks with 2 or 3 states kept (binomial
 #: reversal), uneven 4 + 2 with all kept, 3 chunks of 2 recomputed from the first one.
-CHUNKS = [(1, 2), (4, "all"), (2, 1), (1, 3)]
+CHUNKS = [(1, 2), (4, "all"), (2, 1), (1, 3), (1, 4)]
 
 
 def _sj_net(kind: str, kw: dict, sg: str, *, bn_eval: bool, dropout: bool) -> nn.Module:
@@ -107,6 +107,25 @@ def test_chunked_equals_compile_and_spikingjelly(
             assert _close(w, v, 1e-4), (chunk, keep)  # vs SpikingJelly eager
     for b, before in zip(model.buffers(), buffers, strict=True):
         assert torch.equal(b, before)  # frozen BatchNorm statistics untouched
+
+
+@pytest.mark.parametrize("keep", ["all", 1, 2, 3, 5])
+def test_reruns_match_the_schedule(keep: str | int) -> None:
+    """The backward runs as many chunks as :func:`chunk_reruns` says (the planner's time cost)."""
+    model = _nobn_net(4)
+    x = torch.rand(13, 2, 2, 16, 16) * 3
+    compiled = snncompile.optimize(model, x)
+    calls = []
+    handle = compiled.gm.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        functional.reset_net(compiled)
+        y = TimeChunks(compiled.gm, 2, keep).run(x)
+        forward = len(calls)
+        y.sum().backward()
+    finally:
+        handle.remove()
+    assert forward == 7 and sum(calls[:forward]) == 13  # chunks of 2 steps, the last one of 1
+    assert len(calls) - forward == chunk_reruns(7, keep)
 
 
 def test_single_step_model_with_per_step_batchnorm() -> None:

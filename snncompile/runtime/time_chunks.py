@@ -54,9 +54,10 @@ attention or randomness over ``T`` inside the network).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,44 @@ def sweeps(slots: int, chunks: int) -> int:
     while math.comb(slots + t, slots) < chunks:
         t += 1
     return t
+
+
+def _split(slots: int, length: int) -> int:
+    """Chunks of ``length`` (a start state held, ``slots >= 2``) left of the next kept state."""
+    t = sweeps(slots, length)
+    return length - min(length - 1, math.comb(slots - 1 + t, slots - 1))
+
+
+def spine(chunks: int, slots: int) -> list[int]:
+    """The chunks whose start states the reversal computes first, in order: the forward keeps
+    them (they are all alive together at the first chunk's backward anyway), so the backward
+    does not have to sweep forward to them."""
+    out: list[int] = []
+    a, length = 0, chunks
+    while slots > 1 and length > 1:
+        m = a + _split(slots, length)
+        out.append(m)
+        a, length, slots = m, length - (m - a), slots - 1
+    return out
+
+
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _rng_state(device: torch.device) -> RngState:
+    """The CPU generator's state, and the CUDA generator's of ``device`` when it is a GPU."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _rng_at(state: RngState, device: torch.device) -> Iterator[None]:
+    """Run the block from the generator ``state``; the generators are put back afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _buffers_only(gm: nn.Module) -> Callable[[], None]:
@@ -137,15 +176,13 @@ class TimeChunks:
         return _TimeChunked.apply(self, x, *params)
 
     def forward_chunks(
-        self, chunks: list[torch.Tensor], start: int, stop: int, rng: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Run chunks ``start .. stop - 1`` (no graph) from the current state; their outputs."""
-        outs = []
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        self, chunks: list[torch.Tensor], start: int, stop: int, rng: list[RngState]
+    ) -> None:
+        """Run chunks ``start .. stop - 1`` without a graph from the current state."""
+        with torch.no_grad():
             for c in range(start, stop):
-                torch.set_rng_state(rng[c])
-                outs.append(self.gm(chunks[c]))
-        return outs
+                with _rng_at(rng[c], chunks[c].device):
+                    self.gm(chunks[c])
 
 
 class _TimeChunked(torch.autograd.Function):
@@ -154,13 +191,14 @@ class _TimeChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tc: TimeChunks, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         chunks = list(x.split(tc.chunk, 0))
+        keep = set(range(len(chunks))) if tc.keep == "all" else {0, *spine(len(chunks), tc.keep)}
         starts: list[list[Any] | None] = []
-        rng: list[torch.Tensor] = []
+        rng: list[RngState] = []
         out: torch.Tensor | None = None
         step = 0
         for c, xc in enumerate(chunks):
-            starts.append(tc.state() if tc.keep == "all" or c == 0 else None)
-            rng.append(torch.get_rng_state())
+            starts.append(tc.state() if c in keep else None)
+            rng.append(_rng_state(x.device))
             y = tc.gm(xc)
             if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != xc.shape[0]:
                 raise RuntimeError(
@@ -205,8 +243,7 @@ class _TimeChunked(torch.autograd.Function):
             xc = chunks[c].detach().requires_grad_(need_x)
             restore = _buffers_only(tc.gm)
             try:
-                with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-                    torch.set_rng_state(ctx.rng[c])
+                with torch.enable_grad(), _rng_at(ctx.rng[c], xc.device):
                     y = tc.gm(xc)
                 outs, grads = [], []
                 if y.requires_grad:
@@ -259,9 +296,9 @@ class _TimeChunked(torch.autograd.Function):
                     g = chunk_backward(c, state_c, g)
                     del state_c
                 return g
-            t = sweeps(slots, length)
-            m = b - min(length - 1, math.comb(slots - 1 + t, slots - 1))
-            state_m = state_at(m, a, state_a)
+            m = a + _split(slots, length)
+            state_m = ctx.starts[m] if ctx.starts[m] is not None else state_at(m, a, state_a)
+            ctx.starts[m] = None
             g_mid = revolve(m, b, state_m, g_end, slots - 1)
             del state_m
             return revolve(a, m, state_a, g_mid, slots)
@@ -326,8 +363,8 @@ def time_chunk_blocker(gm: fx.GraphModule, graph: Graph, example_input: torch.Te
 
     restore = snapshot_state(gm)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            state = torch.get_rng_state()
+        with torch.no_grad(), _rng_at(_rng_state(example_input.device), example_input.device):
+            state = _rng_state(example_input.device)
             reset_states(gm)
             full = gm(example_input)
             if not isinstance(full, torch.Tensor) or full.dim() < 1:
@@ -338,10 +375,9 @@ def time_chunk_blocker(gm: fx.GraphModule, graph: Graph, example_input: torch.Te
                     f"{example_input.shape[0]} first (a reduction over time inside the model)"
                 )
             reset_states(gm)
-            torch.set_rng_state(state)
             k = math.ceil(example_input.shape[0] / 2)
-            parts = [gm(xc) for xc in example_input.split(k, 0)]
-            chunked = torch.cat(parts, 0)
+            with _rng_at(state, example_input.device):  # the draws of the whole-sequence run
+                chunked = torch.cat([gm(xc) for xc in example_input.split(k, 0)], 0)
     finally:
         restore()
     if chunked.shape != full.shape:
@@ -417,17 +453,21 @@ def _state_bytes(gm: fx.GraphModule, x: torch.Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def chunk_reruns(chunks: int, keep: str | int) -> int:
-    """Chunk forwards (with or without a graph) the backward runs for ``chunks`` chunks."""
-    if keep == "all" or chunks == 1:
-        return chunks
-    slots = int(keep)
+def _reruns(chunks: int, slots: int, on_spine: bool) -> int:
+    if chunks == 1:
+        return 1
     if slots == 1:
         return chunks * (chunks + 1) // 2
-    t = sweeps(slots, chunks)
-    right = min(chunks - 1, math.comb(slots - 1 + t, slots - 1))
-    left = chunks - right
-    return left + chunk_reruns(right, slots - 1) + chunk_reruns(left, slots)
+    left = _split(slots, chunks)
+    sweep = 0 if on_spine else left  # the forward kept the spine's states
+    return sweep + _reruns(chunks - left, slots - 1, on_spine) + _reruns(left, slots, False)
+
+
+def chunk_reruns(chunks: int, keep: str | int) -> int:
+    """Chunk forwards (with or without a graph) the backward runs for ``chunks`` chunks."""
+    if keep == "all":
+        return chunks
+    return _reruns(chunks, int(keep), True)
 
 
 def _live_states(keep: str | int, n: int) -> int:
