@@ -21,7 +21,10 @@ After a budgeted forward, the neurons' state carries no autograd graph (as after
 
 :func:`configure_memory_plan` measures ``S_k``, ``I_k`` and times on the example input (buffers and
 state restored afterwards), plans, measures the planned step and attaches the plan to the compiled
-module; ``compiled.report()`` prints it.
+module; ``compiled.report()`` prints it. When even recomputing every segment does not fit, and the
+program has no op that couples time steps, the plan recomputes the whole program in chunks of
+time instead (:mod:`snncompile.runtime.time_chunks`, whose peak does not grow with ``T``); the
+report says why when the program does not qualify.
 """
 
 from __future__ import annotations

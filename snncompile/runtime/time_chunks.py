@@ -67,7 +67,16 @@ from torch import fx, nn
 from snncompile.ir.graph import Graph
 from snncompile.runtime.memory import measure_train_step, snapshot_state
 
-__all__ = ["TimeChunks", "plan_time_chunks", "sweeps", "time_chunk_blocker"]
+__all__ = [
+    "ChunkChoice",
+    "TimeChunkPlan",
+    "TimeChunks",
+    "chunk_reruns",
+    "plan_time_chunks",
+    "spine",
+    "sweeps",
+    "time_chunk_blocker",
+]
 
 Slot = tuple[dict[str, Any], str]
 
