@@ -196,6 +196,22 @@ def test_budget_chooses_time_chunks_and_reports() -> None:
     assert all(not (isinstance(v, torch.Tensor) and v.requires_grad) for v in states)
 
 
+def test_budget_path_equals_spikingjelly_with_dropout_and_plif() -> None:
+    """Through optimize(memory_budget=...): same outputs (dropout masks included) and gradients
+    as SpikingJelly eager, with time chunks chosen by the planner."""
+    torch.manual_seed(5)
+    model = _sj_net("ParametricLIFNode", {"init_tau": 2.5}, "ATan", bn_eval=True, dropout=True)
+    x = torch.rand(12, 3, 2, 8, 8) * 2
+    plain = snncompile.optimize(model, x, mode="train")
+    base = measure_train_step(plain, x).peak
+    budgeted = snncompile.optimize(model, x, memory_budget=int(base * 0.5))
+    assert budgeted._memory_plan.time_chunks is not None
+    ref = _step(model, model, x, lambda: sj_functional.reset_net(model), seed=7)
+    got = _step(model, budgeted, x, lambda: functional.reset_net(budgeted), seed=7)
+    assert torch.equal(ref[0], got[0]) and ref[0].sum() > 0
+    assert all(_close(u, v, 1e-4) for u, v in zip(ref[1:], got[1:], strict=True))
+
+
 def test_bn_model_refused_with_reason() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(
