@@ -496,8 +496,9 @@ def _candidates(T: int) -> list[int]:
 #: Candidates predicted up to this factor over the budget are measured too (the peak model
 #: overestimates: it charges every state and the whole chunk at once).
 PREDICTION_SLACK = 1.25
-#: At most this many candidate plans are measured.
-MAX_TRIES = 5
+#: At most this many of them are measured, of at most this many candidate plans in all.
+SLACK_TRIES = 2
+MAX_TRIES = 6
 #: Kept-state counts the planner tries besides ``'all'``.
 SLOT_CHOICES = (8, 4, 3, 2, 1)
 
@@ -511,10 +512,10 @@ def plan_time_chunks(
     ``state_bytes`` measured (one chunk-start state) and ``fixed`` and ``per_step`` fitted from
     two measured steps (chunks of ``T/2`` and ``T/4`` steps, one state kept). Candidates are
     ordered by the time steps rerun in backward (:func:`chunk_reruns` times ``Tc``), fewest
-    first. The first predicted within :data:`PREDICTION_SLACK` of the budget is measured; while
-    the measurement is over budget, the predictions are rescaled by the largest measured /
-    predicted ratio so far and the next candidate that then fits is measured (at most
-    :data:`MAX_TRIES`). Returns the plan (None when nothing fits) and the smallest peak measured.
+    first. Up to :data:`SLACK_TRIES` faster candidates predicted within :data:`PREDICTION_SLACK`
+    over the budget are measured first, then those predicted to fit, until one measures within
+    the budget (at most :data:`MAX_TRIES` measured); the least-memory candidate is the last
+    resort. Returns the plan (None when nothing fits) and the smallest peak measured.
     """
     T = example_input.shape[0]
     s = _state_bytes(gm, example_input)
@@ -549,21 +550,21 @@ def plan_time_chunks(
             options.append(ChunkChoice(k, keep, pred, chunk_reruns(n, keep) * k))
     options.sort(key=lambda o: (o.reruns, -o.chunk))
     tried: list[ChunkChoice] = []
-    scale = 1.0 / PREDICTION_SLACK  # the model overestimates more often than not: try a bit over
-    while len(tried) < MAX_TRIES:
-        choice = next(
-            (o for o in options if o.measured is None and o.predicted * scale <= budget), None
-        )
-        if choice is None:
-            break
+    strict = [o for o in options if o.predicted <= budget]
+    first = strict[0].reruns if strict else math.inf
+    # A few faster plans predicted a little over the budget first (the model overestimates:
+    # it charges every state and the whole chunk at once), then those predicted to fit.
+    slack = [
+        o for o in options if budget < o.predicted <= budget * PREDICTION_SLACK and o.reruns < first
+    ]
+    queue = slack[:SLACK_TRIES] + strict
+    for choice in queue[:MAX_TRIES]:
         measure(choice)
         assert choice.measured is not None
         tried.append(choice)
         if choice.measured <= budget:
             runner = TimeChunks(gm, choice.chunk, choice.keep)
             return TimeChunkPlan(runner, choice, s, per_step, fixed, tried), choice.measured
-        # Calibrate the model on what was measured: the next candidate must fit once rescaled.
-        scale = max(c.measured / max(c.predicted, 1) for c in tried if c.measured is not None)
     # The least memory the model knows of: the plan when it fits, the error's figure otherwise.
     best = min(options, key=lambda o: (o.predicted, o.reruns))
     if best.measured is None:
