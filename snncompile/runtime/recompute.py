@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -455,7 +456,7 @@ def _raise_budget(
 
 
 def _try_time_chunks(
-    plan: MemoryPlan, budget: int, x: torch.Tensor, smallest: int, restore: Any
+    plan: MemoryPlan, budget: int, x: torch.Tensor, smallest: int, restore: Callable[[], None]
 ) -> None:
     """Plan chunks of time when segments cannot meet ``budget``; raise when they cannot either."""
     if plan.time_blocker is not None:
