@@ -17,11 +17,16 @@ linear-LIF), multi-step, batch 16, 3x32x32 inputs, cross-entropy on the time-mea
 * ``sc_budget``: ``optimize(..., memory_budget=B)`` with ``B`` the smallest budget the
   compiler accepts at that shape (read from its error message).
 
+* ``sc_budget_fixed``: ``optimize(..., memory_budget=--fixed-budget)`` (default
+  :data:`FIXED_BUDGET`), the same budget at every ``T`` (``cnn_frozenbn``: time chunks);
 * ``sc_budget_quarter``: ``optimize(..., memory_budget=B)`` with ``B`` a quarter of the
   ``sj_eager`` row's peak live bytes at the same ``T`` (or the smallest accepted budget, if that
   is larger): the issue's ">= 4x less than eager" target, asked for directly.
 
-Models (``--model``): ``cnn`` (above), ``vgg11_bn`` (SpikingJelly's ``spiking_vgg11_bn``, batch 4,
+Models (``--model``): ``cnn`` (above), ``cnn_frozenbn`` (the same CNN with its BatchNorms in
+eval mode -- frozen statistics, the usual fine-tuning setting -- so that no op couples time
+steps and the step can be recomputed in chunks of time; the architecture and the parameter
+count stay those of ``cnn``), ``vgg11_bn`` (SpikingJelly's ``spiking_vgg11_bn``, batch 4,
 3x32x32, its classifier shrunk to 512 -> 10 so that the 120M-parameter head does not dominate),
 ``resnet18`` (``spiking_resnet18``, batch 4, 3x32x32).
 
@@ -62,7 +67,13 @@ from typing import Any
 import torch
 from torch import nn
 
-BATCH = {"cnn": 16, "vgg11_bn": 4, "resnet18": 4}
+BATCH = {"cnn": 16, "cnn_frozenbn": 16, "vgg11_bn": 4, "resnet18": 4}
+#: Models built from the CNN (SpikingJelly's memopt rows are configured for these).
+CNNS = ("cnn", "cnn_frozenbn")
+
+
+#: Budget of the ``sc_budget_fixed`` row: the default compile's peak at T=4 on ``cnn_frozenbn``.
+FIXED_BUDGET = "20MB"
 
 
 def _rss(field: str) -> int:
@@ -100,9 +111,16 @@ def build_cnn() -> nn.Module:
 
 
 def build_model(name: str) -> nn.Module:
-    """The benchmarked model ``name`` (multi-step): ``cnn``, ``vgg11_bn`` or ``resnet18``."""
+    """The benchmarked model ``name`` (multi-step): ``cnn``, ``cnn_frozenbn``, ``vgg11_bn`` or
+    ``resnet18``."""
     if name == "cnn":
         return build_cnn()
+    if name == "cnn_frozenbn":  # the CNN with its BatchNorms in eval mode (frozen statistics)
+        net = build_cnn()
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return net
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
     from snncompile.zoo_compat import install_torchvision_stand_in
@@ -152,13 +170,20 @@ def _smallest_budget(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def row(
-    model_name: str, kind: str, steps: int, ref_live: float | None, what: str, queue: Any
+    model_name: str,
+    kind: str,
+    steps: int,
+    ref_live: float | None,
+    what: str,
+    queue: Any,
+    fixed_budget: str = FIXED_BUDGET,
 ) -> None:
     """Measure one row in this (child) process and put a dict on ``queue``.
 
     ``what`` is ``'time'`` (step times, live bytes, process RSS; default malloc) or ``'memory'``
     (the step's RSS rise; run with ``MALLOC_MMAP_THRESHOLD_`` fixed, see the module doc).
-    ``ref_live`` is the ``sj_eager`` row's peak live bytes (for ``sc_budget_quarter``).
+    ``ref_live`` is the ``sj_eager`` row's peak live bytes (for ``sc_budget_quarter``),
+    ``fixed_budget`` the budget of ``sc_budget_fixed``.
     """
     torch.set_num_threads(1)
     from spikingjelly.activation_based import functional
@@ -178,8 +203,8 @@ def row(
     elif kind == "sj_memopt":
         from spikingjelly.activation_based import memopt
 
-        if model_name != "cnn":
-            raise ValueError("sj_memopt is configured for the cnn model only")
+        if model_name not in CNNS:
+            raise ValueError("sj_memopt is configured for the cnn models only")
         for i in range(len(model)):
             comp = memopt.BitSpikeCompressor() if i > 0 else None
             model[i] = memopt.checkpoint_module(model[i], compressor=comp)
@@ -187,8 +212,8 @@ def row(
     elif kind == "sj_optimize_memory":
         from spikingjelly.activation_based import memopt
 
-        if model_name != "cnn":
-            raise ValueError("sj_optimize_memory is configured for the cnn model only")
+        if model_name not in CNNS:
+            raise ValueError("sj_optimize_memory is configured for the cnn models only")
         root = _Root(model)  # the preset cannot replace the root it is given
         memopt.optimize_memory(root, nn.Sequential, lambda m: m(x), level=1)
         functional.reset_net(root)
@@ -203,6 +228,9 @@ def row(
         budget = _smallest_budget(model, x)
         info["budget"] = budget
         run = snncompile.optimize(model, x, memory_budget=budget)
+    elif kind == "sc_budget_fixed":
+        info["budget"] = fixed_budget
+        run = snncompile.optimize(model, x, memory_budget=fixed_budget)
     elif kind == "sc_budget_quarter":
         smallest = _smallest_budget(model, x)
         quarter = f"{ref_live / 4 / 1e6:.1f}MB" if ref_live else smallest
@@ -211,6 +239,10 @@ def row(
         run = snncompile.optimize(model, x, memory_budget=budget)
     else:
         raise ValueError(kind)
+    plan = getattr(run, "_memory_plan", None)
+    if plan is not None:
+        head = plan.describe()
+        info["plan"] = head[1].strip() if plan.time_chunks is not None else head[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step() -> None:
@@ -246,7 +278,13 @@ def row(
     queue.put(info)
 
 
-def in_child(model_name: str, kind: str, steps: int, ref_live: float | None) -> dict[str, Any]:
+def in_child(
+    model_name: str,
+    kind: str,
+    steps: int,
+    ref_live: float | None,
+    fixed_budget: str = FIXED_BUDGET,
+) -> dict[str, Any]:
     """Run :func:`row` in two fresh processes (timing, then memory) and merge their results."""
     ctx = mp.get_context("spawn")
     info: dict[str, Any] = {}
@@ -256,7 +294,9 @@ def in_child(model_name: str, kind: str, steps: int, ref_live: float | None) -> 
             os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
         try:
             q = ctx.Queue()
-            p = ctx.Process(target=row, args=(model_name, kind, steps, ref_live, what, q))
+            p = ctx.Process(
+                target=row, args=(model_name, kind, steps, ref_live, what, q, fixed_budget)
+            )
             p.start()
             p.join()
         finally:
@@ -275,16 +315,24 @@ def main() -> None:
     ap.add_argument("--model", default="cnn", choices=sorted(BATCH))
     ap.add_argument("--T", default="4,16,64")
     ap.add_argument("--torch-compile", action="store_true")
+    ap.add_argument("--fixed-budget", default=FIXED_BUDGET, help="budget of sc_budget_fixed")
+    ap.add_argument("--kinds", default=None, help="comma-separated rows (default: per model)")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     kinds = ["sj_eager", "sj_memopt", "sj_optimize_memory", "sc_default", "sc_packed"]
     kinds += ["sc_budget", "sc_budget_quarter"]
-    if args.model != "cnn":
+    if args.model not in CNNS:
         kinds.remove("sj_memopt")
         kinds.remove("sj_optimize_memory")
+    if args.model == "cnn_frozenbn":
+        # Frozen BatchNorm: time chunks apply. The smallest budget at T=64 recomputes every
+        # chunk from the first one (slow), so the budgeted row is one fixed budget for all T.
+        kinds = ["sj_eager", "sj_memopt", "sc_default", "sc_budget_fixed"]
     if args.torch_compile:
         kinds.insert(2, "torch_compile")
+    if args.kinds:
+        kinds = args.kinds.split(",")
     results = []
     print(
         f"{'row':18s} {'T':>3s} {'step RSS MB':>12s} {'process MB':>10s} {'live MB':>8s} "
@@ -295,7 +343,7 @@ def main() -> None:
         ref_live = None
         by_kind: dict[str, dict[str, Any]] = {}
         for kind in kinds:
-            r = in_child(args.model, kind, steps, ref_live)
+            r = in_child(args.model, kind, steps, ref_live, args.fixed_budget)
             results.append(r)
             if kind == "sj_eager" and "live_mb" in r:
                 ref_live = r["live_mb"] * 1e6
@@ -314,6 +362,8 @@ def main() -> None:
                 f"{r.get('budget', '')}",
                 flush=True,
             )
+            if "plan" in r:
+                print(f"{'':22s}{r['plan']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -76,9 +76,14 @@ def optimize(
             ``example_input``. Training: the compiler measures what each segment between
             neurons saves for backward and recomputes segments in backward (from their inputs,
             spikes packed 1 bit each) until the step's predicted peak of live tensor bytes fits;
-            gradients are the same. ``report()`` shows the plan, predicted and measured peak
-            (see :mod:`snncompile.runtime.recompute`); a budget below the smallest reachable
-            peak raises ``MemoryBudgetError`` naming that peak.
+            gradients are the same. When segments cannot meet the budget and no op couples
+            time steps (no training-mode multi-step BatchNorm, no reduction over ``T`` inside),
+            the whole program is recomputed in chunks of time instead, with a bounded number of
+            chunk-start states kept (:mod:`snncompile.runtime.time_chunks`): outputs bit-equal,
+            gradients equal to float rounding. ``report()`` shows the plan, predicted and
+            measured peak (see :mod:`snncompile.runtime.recompute`), or why time chunks are
+            not possible; a budget below the smallest reachable peak raises
+            ``MemoryBudgetError`` naming that peak.
         fold_batchnorm: Inference only: fold each BatchNorm into the conv/linear before it
             (faster). Folding is *not bit-exact*: the folded weights round differently (about
             1e-6 relative on pre-activations), which can flip a spike whose membrane sits

@@ -21,13 +21,17 @@ After a budgeted forward, the neurons' state carries no autograd graph (as after
 
 :func:`configure_memory_plan` measures ``S_k``, ``I_k`` and times on the example input (buffers and
 state restored afterwards), plans, measures the planned step and attaches the plan to the compiled
-module; ``compiled.report()`` prints it.
+module; ``compiled.report()`` prints it. When even recomputing every segment does not fit, and the
+program has no op that couples time steps, the plan recomputes the whole program in chunks of
+time instead (:mod:`snncompile.runtime.time_chunks`, whose peak does not grow with ``T``); the
+report says why when the program does not qualify.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,7 @@ from snncompile.ir.graph import Graph
 from snncompile.ir.ops import OpGroup
 from snncompile.runtime.memory import measure_train_step, snapshot_state
 from snncompile.runtime.packed_ops import PackedBits, pack_bits, unpack_bits
+from snncompile.runtime.time_chunks import TimeChunkPlan, plan_time_chunks, time_chunk_blocker
 
 __all__ = ["MemoryBudgetError", "MemoryPlan", "Segment", "configure_memory_plan"]
 
@@ -284,12 +289,19 @@ class MemoryPlan:
     measured: int | None = None
     notes: list[str] = field(default_factory=list)
     free: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    #: Why the program cannot run in chunks of time (None: it can); see runtime.time_chunks.
+    time_blocker: str | None = None
+    #: The time-chunk plan when segments alone cannot meet the budget.
+    time_chunks: TimeChunkPlan | None = None
 
     def __post_init__(self) -> None:
         self.free = _free_after(self.gm)
 
     def run(self, x: torch.Tensor) -> Any:
-        """Run the program on ``x``, recomputed segments through :class:`_Recompute`."""
+        """Run the program on ``x``, recomputed segments through :class:`_Recompute` (or the
+        whole program in chunks of time when the plan has :attr:`time_chunks`)."""
+        if self.time_chunks is not None and torch.is_grad_enabled():
+            return self.time_chunks.runner.run(x)
         graph = self.gm.graph
         env: dict[fx.Node, Any] = {}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -323,6 +335,16 @@ class MemoryPlan:
     def describe(self) -> list[str]:
         """Lines for ``compiled.report()``."""
         mb = 1e6
+        if self.time_chunks is not None:
+            return [
+                f"memory plan (training, budget {self.budget / mb:.1f} MB): the whole program "
+                f"recomputed in chunks of time in backward; peak predicted "
+                f"{self.predicted / mb:.1f} MB, measured "
+                + (f"{self.measured / mb:.1f} MB" if self.measured is not None else "n/a")
+                + f" (unbudgeted {self.base_peak / mb:.1f} MB)",
+                "  " + self.time_chunks.describe(),
+                *(f"  note: {n}" for n in self.notes),
+            ]
         lines = [
             f"memory plan (training, budget {self.budget / mb:.1f} MB): "
             f"{sum(s.recompute for s in self.segments)}/{len(self.segments)} segment(s) "
@@ -337,6 +359,14 @@ class MemoryPlan:
                 f"{len(s.nodes)} ops): {what}; saves {s.saved / mb:.2f} MB, inputs "
                 f"{s.kept_inputs / mb:.2f} MB when recomputed, forward {s.seconds * 1e3:.1f} ms"
             )
+        lines.append(
+            "  time chunks: "
+            + (
+                f"not possible: {self.time_blocker}"
+                if self.time_blocker is not None
+                else "possible, not needed (segments fit the budget)"
+            )
+        )
         lines.extend(f"  note: {n}" for n in self.notes)
         return lines
 
@@ -404,18 +434,48 @@ def _choose(plan: MemoryPlan) -> list[Segment]:
     return chosen
 
 
-def _raise_budget(plan: MemoryPlan, budget: int, x: torch.Tensor, smallest: int) -> None:
+def _raise_budget(
+    plan: MemoryPlan, budget: int, x: torch.Tensor, smallest: int, time_smallest: int | None
+) -> None:
     for s in plan.segments:
         s.recompute = False
-    suggest = math.ceil(smallest * 1.03 / 1e4) / 100  # MB, rounded up, with a 3% margin
+    best = smallest if time_smallest is None else min(smallest, time_smallest)
+    suggest = math.ceil(best * 1.03 / 1e4) / 100  # MB, rounded up, with a 3% margin
+    if time_smallest is not None:
+        chunks = f"; recomputing in chunks of time needs about {time_smallest / 1e6:.1f} MB"
+    else:
+        chunks = f"; time chunks are not possible: {plan.time_blocker}"
     raise MemoryBudgetError(
         f"optimize: memory_budget={budget / 1e6:.1f} MB cannot be met for training at the "
         f"example input's shape {list(x.shape)}: the unbudgeted step peaks at "
-        f"{plan.base_peak / 1e6:.1f} MB and recomputing every segment between neurons still "
-        f"needs about {smallest / 1e6:.1f} MB (peak live tensor bytes; parameters and the input "
-        f"not counted). Pass memory_budget >= '{suggest:.2f}MB', or train on a smaller batch "
-        "or T."
+        f"{plan.base_peak / 1e6:.1f} MB, recomputing every segment between neurons still "
+        f"needs about {smallest / 1e6:.1f} MB{chunks} (peak live tensor bytes; parameters and "
+        f"the input not counted). Pass memory_budget >= '{suggest:.2f}MB', or train on a "
+        "smaller batch or T."
     )
+
+
+def _try_time_chunks(
+    plan: MemoryPlan, budget: int, x: torch.Tensor, smallest: int, restore: Callable[[], None]
+) -> None:
+    """Plan chunks of time when segments cannot meet ``budget``; raise when they cannot either."""
+    if plan.time_blocker is not None:
+        _raise_budget(plan, budget, x, smallest, None)
+    for s in plan.segments:
+        s.recompute = False
+    try:
+        chosen, time_smallest = plan_time_chunks(plan.gm, x, budget)
+    finally:
+        restore()
+    if chosen is None:
+        _raise_budget(plan, budget, x, smallest, time_smallest)
+    plan.notes.append(
+        f"segments alone need about {smallest / 1e6:.1f} MB: the whole program is recomputed "
+        "in chunks of time instead"
+    )
+    plan.time_chunks = chosen
+    plan.predicted = chosen.choice.predicted
+    plan.measured = chosen.choice.measured
 
 
 def configure_memory_plan(
@@ -436,6 +496,7 @@ def configure_memory_plan(
 
         reset_states(gm)
         _measure_segments(plan, example_input)
+        plan.time_blocker = time_chunk_blocker(gm, graph, example_input)
     finally:
         restore()
     chosen = _choose(plan)
@@ -448,7 +509,9 @@ def configure_memory_plan(
             smallest = measure_train_step(gm, example_input, run=plan.run).peak
         finally:
             restore()
-        _raise_budget(plan, budget, example_input, min(smallest, plan.base_peak))
+        _try_time_chunks(plan, budget, example_input, min(smallest, plan.base_peak), restore)
+        compiled._memory_plan = plan
+        return plan
     for s in chosen:
         s.recompute = True
     plan.measured = plan.base_peak
@@ -462,7 +525,8 @@ def configure_memory_plan(
             break
         rest = [s for s in everything if not s.recompute]
         if not rest:
-            _raise_budget(plan, budget, example_input, plan.measured)
+            _try_time_chunks(plan, budget, example_input, plan.measured, restore)
+            break
         # The prediction was low (backward transients): recompute the next segment too.
         rest[0].recompute = True
         plan.predicted = plan.predict([s for s in plan.segments if s.recompute])
@@ -470,7 +534,7 @@ def configure_memory_plan(
             f"measured {plan.measured / 1e6:.1f} MB > budget: also recomputing segment "
             f"{rest[0].index}"
         )
-    if not any(s.recompute for s in plan.segments):
+    if plan.time_chunks is None and not any(s.recompute for s in plan.segments):
         plan.notes.append("the unbudgeted step fits: nothing is recomputed")
     compiled._memory_plan = plan
     return plan
