@@ -316,8 +316,15 @@ def size_blocker(backend: str | None, shape: tuple[int, ...]) -> str | None:
 
 def chain_blocker(neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | None) -> str | None:
     """Why ``bn -> neuron -> pool`` has no chain kernel, or None when it has one."""
-    if dynamics_for(neuron) is None:
+    d = dynamics_for(neuron)
+    if d is None:
         return f"{type(neuron).__name__} has no fused kernel"
+    if d.states:
+        extra = ", ".join(s.name for s in d.states)
+        return (
+            f"{type(neuron).__name__} carries states beside v ({extra}); the chain kernels "
+            "carry the membrane only, so the neuron runs its own fused kernel"
+        )
     if getattr(neuron, "store_v_seq", False):
         return "the neuron stores v_seq"
     if bn is not None and not isinstance(bn, nn.BatchNorm2d):
