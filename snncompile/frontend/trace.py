@@ -271,7 +271,9 @@ class SNNTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         if self.values is not None:
-            return ValueProxy(node, self, self.values)
+            proxy = ValueProxy(node, self, self.values)
+            self.values.watch(proxy)
+            return proxy
         return super().proxy(node)
 
     def create_proxy(self, *args: Any, **kwargs: Any) -> fx.Proxy:
