@@ -94,6 +94,10 @@ class ValueRecorder:
         ends: as much memory as an eager training step (1.4 GB for a CNN at T=64).
         """
         node = proxy.node
+        if node.op == "call_function" and node.target is getattr:
+            # fx's ``Attribute`` proxy (``x.mT``, ``x.T``) makes its node through a proxy it
+            # drops at once and keeps only the node: such values must stay (they are views).
+            return
         self._proxies[node] = self._proxies.get(node, 0) + 1
         weakref.finalize(proxy, self._release, node)
 
