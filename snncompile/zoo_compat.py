@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 import types
-from types import ModuleType
 from typing import Any
 
 #: The modules of the stand-in (the zoo imports the loader from one of the last two).
@@ -68,7 +67,7 @@ def install_torchvision_stand_in() -> bool:
     return True
 
 
-def zoo_modules() -> dict[str, ModuleType]:
+def zoo_modules() -> dict[str, types.ModuleType]:
     """SpikingJelly 2.0.0's zoo model modules by short name, imported behind the stand-in.
 
     Keys: ``spiking_resnet``, ``sew_resnet``, ``spiking_vgg``, ``plif``
