@@ -27,7 +27,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LiveBytes", "StepMeasurement", "measure_train_step", "snapshot_state"]
+__all__ = [
+    "LiveBytes",
+    "StepMeasurement",
+    "measure_train_step",
+    "memory_slots",
+    "snapshot_state",
+]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -73,21 +79,28 @@ class StepMeasurement:
     seconds: float
 
 
-def snapshot_state(module: nn.Module) -> Callable[[], None]:
-    """Copy ``module``'s buffers and neuron memories; the returned function restores them."""
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    memories: list[tuple[Any, str, Any]] = []
+def memory_slots(module: nn.Module) -> list[tuple[dict[str, Any], str]]:
+    """Every neuron-state entry of ``module`` (a ``_memories`` store and its key), in module
+    order."""
+    out: list[tuple[dict[str, Any], str]] = []
     for sub in module.modules():
         store = getattr(sub, "_memories", None)
         if isinstance(store, dict):
-            for k, v in store.items():
-                memories.append((store, k, v))
+            out.extend((store, k) for k in store)
+    return out
+
+
+def snapshot_state(module: nn.Module, memories: bool = True) -> Callable[[], None]:
+    """Copy ``module``'s buffers and (with ``memories``) its neuron memories; the returned
+    function restores them."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    saved = [(store, k, store[k]) for store, k in memory_slots(module)] if memories else []
 
     def restore() -> None:
         with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for store, k, v in memories:
+            for b, value in buffers:
+                b.copy_(value)
+        for store, k, v in saved:
             store[k] = v
 
     return restore

@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ import torch
 from torch import fx, nn
 
 from snncompile.ir.graph import Graph
-from snncompile.runtime.memory import measure_train_step, snapshot_state
+from snncompile.runtime.memory import measure_train_step, memory_slots, snapshot_state
 
 __all__ = [
     "ChunkChoice",
@@ -79,16 +79,6 @@ __all__ = [
 ]
 
 Slot = tuple[dict[str, Any], str]
-
-
-def _slots(gm: nn.Module) -> list[Slot]:
-    """Every neuron-state entry (``_memories`` store and key) of ``gm``, in module order."""
-    out: list[Slot] = []
-    for sub in gm.modules():
-        store = getattr(sub, "_memories", None)
-        if isinstance(store, dict):
-            out.extend((store, k) for k in store)
-    return out
 
 
 def sweeps(slots: int, chunks: int) -> int:
@@ -138,17 +128,6 @@ def _rng_at(state: RngState, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _buffers_only(gm: nn.Module) -> Callable[[], None]:
-    saved = [(b, b.detach().clone()) for b in gm.buffers()]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-    return restore
-
-
 class TimeChunks:
     """A time-chunked training run of ``gm``: chunks of ``chunk`` steps; ``keep`` is ``'all'``
     (every chunk-start state kept) or the number of chunk-start states alive at most."""
@@ -161,7 +140,7 @@ class TimeChunks:
         self.gm = gm
         self.chunk = int(chunk)
         self.keep = keep
-        self.slots = _slots(gm)
+        self.slots: list[Slot] = memory_slots(gm)
 
     def state(self) -> list[Any]:
         """The current value of every state slot."""
@@ -250,7 +229,7 @@ class _TimeChunked(torch.autograd.Function):
                 values.append(v)
             tc.set_state(values)
             xc = chunks[c].detach().requires_grad_(need_x)
-            restore = _buffers_only(tc.gm)
+            restore = snapshot_state(tc.gm, memories=False)
             try:
                 with torch.enable_grad(), _rng_at(ctx.rng[c], xc.device):
                     y = tc.gm(xc)
@@ -286,7 +265,7 @@ class _TimeChunked(torch.autograd.Function):
         def state_at(c: int, start_of: int, state: list[Any]) -> list[Any]:
             """The state at the start of chunk ``c``, from ``state`` at ``start_of``."""
             tc.set_state(state)
-            restore = _buffers_only(tc.gm)
+            restore = snapshot_state(tc.gm, memories=False)
             try:
                 tc.forward_chunks(chunks, start_of, c, ctx.rng)
                 return tc.state()
@@ -353,9 +332,7 @@ def time_chunk_blocker(gm: fx.GraphModule, graph: Graph, example_input: torch.Te
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
-        obj: Any = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
+        obj = gm.get_submodule(str(node.target))
         bn = _bn_in_training(obj)
         if bn is not None:
             name = node.meta.get("snn_node", node.target)
@@ -451,7 +428,7 @@ def _state_bytes(gm: fx.GraphModule, x: torch.Tensor) -> int:
             gm(x[:1])
         seen: set[int] = set()
         total = 0
-        for store, k in _slots(gm):
+        for store, k in memory_slots(gm):
             v = store[k]
             if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
                 seen.add(v.untyped_storage().data_ptr())
