@@ -36,13 +36,12 @@ parent's math.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from snncompile.export.onnx_builder import GraphBuilder, OnnxExportError
-from snncompile.export.onnx_ops import conv_node, effective_weight
+from snncompile.export.onnx_ops import conv_node, gemm_node, loaded_class
 from snncompile.ir.graph import Node
 from snncompile.ir.ops import Op
 
@@ -83,11 +82,8 @@ def _conv(c: Ctx, m: nn.Module, x: str) -> str:
 
 
 def _linear(c: Ctx, m: nn.Module, x: str) -> str:
-    """``nn.Linear`` on ``[N, F]``: one ``Gemm``, like torch's ``addmm``/``mm``."""
-    ins = [x, c.b.inits.add(effective_weight(m).cpu().float().numpy(), f"{c.hint}.weight")]
-    if m.bias is not None:
-        ins.append(c.b.inits.add(m.bias.detach().cpu().float().numpy(), f"{c.hint}.bias"))
-    return c.b.node("Gemm", ins, c.hint, transB=1)
+    """``nn.Linear`` on ``[N, F]``."""
+    return gemm_node(c.b, m, x, c.hint)
 
 
 def _relu(c: Ctx, m: nn.Module, x: str) -> str:
@@ -232,7 +228,7 @@ def sequence_module(node: Node) -> SequenceModule | None:
     if node.op is not Op.OPAQUE_MODULE or node.module is None:
         return None
     for (module_path, name), entry in SEQUENCE_MODULES.items():
-        cls = getattr(sys.modules.get(module_path), name, None)
+        cls = loaded_class(module_path, name)
         if cls is not None and type(node.module) is cls:
             return entry
     return None

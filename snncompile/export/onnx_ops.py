@@ -87,6 +87,14 @@ def _conv(e: Emitter, node: Node) -> str:
     return conv_node(e.b, m, e.data(node), node.name, lambda why: e.fail(node, why))
 
 
+def gemm_node(b: GraphBuilder, m: nn.Module, x: str, hint: str) -> str:
+    """The ``nn.Linear`` ``m`` on ``x: [N, F]`` as one ONNX ``Gemm``, like torch's ``addmm``."""
+    ins = [x, b.inits.add(effective_weight(m).cpu().float().numpy(), f"{hint}.weight")]
+    if m.bias is not None:
+        ins.append(b.inits.add(m.bias.detach().cpu().float().numpy(), f"{hint}.bias"))
+    return b.node("Gemm", ins, hint, transB=1)
+
+
 def _linear(e: Emitter, node: Node) -> str:
     m = node.module
     if m is None or not isinstance(m, nn.Linear):
@@ -96,9 +104,7 @@ def _linear(e: Emitter, node: Node) -> str:
     wt = effective_weight(m).cpu().float().numpy()
     bias = None if m.bias is None else m.bias.detach().cpu().float().numpy()
     if shape is not None and len(shape) == 1:  # [N, F]: one Gemm, like torch's addmm
-        w = e.b.inits.add(wt, f"{node.name}.weight")
-        ins = [x, w] + ([e.b.inits.add(bias, f"{node.name}.bias")] if bias is not None else [])
-        return e.b.node("Gemm", ins, node.name, transB=1)
+        return gemm_node(e.b, m, x, node.name)
     y = e.b.node("MatMul", [x, e.b.inits.add(wt.T.copy(), f"{node.name}.weight_t")], node.name)
     if bias is not None:
         y = e.b.node("Add", [y, e.b.inits.add(bias, f"{node.name}.bias")], node.name)
@@ -238,7 +244,9 @@ def _voting(e: Emitter, node: Node) -> str:
     return b.node("ReduceMean", [grouped], node.name, axes=[2], keepdims=0)
 
 
-def _sj_class(module_path: str, name: str) -> type | None:
+def loaded_class(module_path: str, name: str) -> type | None:
+    """Class ``name`` of module ``module_path`` if that module is already imported (a model
+    holding SpikingJelly layers has imported it), else None; never imports anything."""
     import sys
 
     mod = sys.modules.get(module_path)
@@ -259,7 +267,7 @@ def _opaque_module(e: Emitter, node: Node) -> str:
     """Opaque modules with a known inference form (see :data:`OPAQUE_MODULES`)."""
     m = node.module
     for (module_path, name), emit in OPAQUE_MODULES.items():
-        cls = _sj_class(module_path, name)
+        cls = loaded_class(module_path, name)
         if cls is not None and isinstance(m, cls):
             return emit(e, node)
     from snncompile.export.onnx_attention import sequence_module, step_refusal
