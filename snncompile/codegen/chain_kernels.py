@@ -366,19 +366,20 @@ def _indent(code: str, n: int = 4) -> str:
 
 
 _C_BN = """\
-/* Training batchnorm statistics of x [M, C, HW] (planes p = m * C + c), all in one call:
-   per-plane float64 sum(x), sum(x^2) (in parallel, 8 lanes per plane), reduced per channel
-   over m in order; mean = s / n, var = max(q / n - mean^2, 0) (float64, n = M * HW); then
-   PyTorch's float32 order: invstd = 1 / sqrt((float)var + eps), a = w * invstd,
-   b = bias - mean * a. The running statistics (when running_mean is not NULL) are updated as
-   nn.BatchNorm2d does: num_batches_tracked += 1, f = momentum (or 1 / num_batches_tracked
-   when momentum < 0), running = f * stat + (1 - f) * running in float64 with the unbiased
-   n / (n - 1) variance. out: [4][C] float32 rows a, b, mean, invstd. */
-void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
-                     const float *restrict weight, const float *restrict bias, double eps,
-                     double momentum, float *restrict running_mean,
-                     float *restrict running_var, int64_t *restrict num_batches,
-                     float *restrict out, int32_t num_threads)
+/* Training batchnorm statistics of x [M, C, HW] (planes p = m * C + c), in two parts that
+   bn_stats runs in one call and time chunks run chunk by chunk (the same float64 adds in the
+   same order, so the same bits):
+   bn_partial adds, per channel and over m in order, the per-plane float64 sum(x) and sum(x^2)
+   (computed in parallel, 8 lanes per plane) to acc [C][2] (acc[2c] sums, acc[2c + 1] squares).
+   bn_finish turns acc over n samples per channel into mean = s / n,
+   var = max(q / n - mean^2, 0) (float64), then PyTorch's float32 order:
+   invstd = 1 / sqrt((float)var + eps), a = w * invstd, b = bias - mean * a. The running
+   statistics (when running_mean is not NULL) are updated as nn.BatchNorm2d does:
+   num_batches_tracked += 1, f = momentum (or 1 / num_batches_tracked when momentum < 0),
+   running = f * stat + (1 - f) * running in float64 with the unbiased n / (n - 1) variance.
+   out: [4][C] float32 rows a, b, mean, invstd. */
+void {name}_bn_partial(const float *restrict x, int64_t M, int64_t C, int64_t HW,
+                       double *restrict acc, int32_t num_threads)
 {{
     const int64_t P = M * C;
     double *sums = (double *)malloc(sizeof(double) * 2 * P);
@@ -408,7 +409,24 @@ void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
         sums[2 * p] = s;
         sums[2 * p + 1] = q;
     }}
-    const double n = (double)(M * HW);
+    for (int64_t c = 0; c < C; ++c) {{
+        double s = acc[2 * c], q = acc[2 * c + 1];
+        for (int64_t m = 0; m < M; ++m) {{
+            s += sums[2 * (m * C + c)];
+            q += sums[2 * (m * C + c) + 1];
+        }}
+        acc[2 * c] = s;
+        acc[2 * c + 1] = q;
+    }}
+    free(sums);
+}}
+
+void {name}_bn_finish(const double *restrict acc, double n, int64_t C,
+                      const float *restrict weight, const float *restrict bias, double eps,
+                      double momentum, float *restrict running_mean,
+                      float *restrict running_var, int64_t *restrict num_batches,
+                      float *restrict out)
+{{
     double f = momentum;
     if (running_mean && num_batches) {{
         *num_batches += 1;
@@ -416,13 +434,8 @@ void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
     }}
     const double unb = n / (n - 1.0 > 1.0 ? n - 1.0 : 1.0);
     for (int64_t c = 0; c < C; ++c) {{
-        double s = 0.0, q = 0.0;
-        for (int64_t m = 0; m < M; ++m) {{
-            s += sums[2 * (m * C + c)];
-            q += sums[2 * (m * C + c) + 1];
-        }}
-        const double mean = s / n;
-        double var = q / n - mean * mean;
+        const double mean = acc[2 * c] / n;
+        double var = acc[2 * c + 1] / n - mean * mean;
         if (var < 0.0) var = 0.0;
         const float mean32 = (float)mean;
         const float invstd = 1.0f / sqrtf((float)var + (float)eps);
@@ -437,7 +450,19 @@ void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
             running_var[c] = (float)((double)running_var[c] * (1.0 - f) + var * unb * f);
         }}
     }}
-    free(sums);
+}}
+
+void {name}_bn_stats(const float *restrict x, int64_t M, int64_t C, int64_t HW,
+                     const float *restrict weight, const float *restrict bias, double eps,
+                     double momentum, float *restrict running_mean,
+                     float *restrict running_var, int64_t *restrict num_batches,
+                     float *restrict out, int32_t num_threads)
+{{
+    double *acc = (double *)calloc(2 * C, sizeof(double));
+    {name}_bn_partial(x, M, C, HW, acc, num_threads);
+    {name}_bn_finish(acc, (double)(M * HW), C, weight, bias, eps, momentum, running_mean,
+                     running_var, num_batches, out);
+    free(acc);
 }}
 
 /* Per-channel float64 sums of the backward's per-plane sums psum [NB * C][NS] (over n in

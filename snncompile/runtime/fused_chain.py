@@ -84,7 +84,9 @@ class ChainKernel:
         self.source: ChainSource = generate_chain(dynamics, prologue, pool, residual, window)
         self.window = window
         name = self.source.name
-        parts = ("forward", "backward", "bn_stats", "bn_backward", "reduce")
+        parts = (
+            "forward", "backward", "bn_stats", "bn_backward", "reduce", "bn_partial", "bn_finish"
+        )  # fmt: skip
         syms = [f"{name}_{s}" for s in parts]
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
@@ -98,7 +100,12 @@ class ChainKernel:
         self.bn_bwd.argtypes = [_P] * 10 + [_I64] * 5 + [_I32]
         self.reduce = getattr(lib, syms[4])
         self.reduce.argtypes = [_P] + [_I64] * 3 + [_P] * 3
-        for f in (self.fwd, self.bwd, self.bn_stats, self.bn_bwd, self.reduce):
+        self.bn_partial = getattr(lib, syms[5])
+        self.bn_partial.argtypes = [_P] + [_I64] * 3 + [_P, _I32]
+        self.bn_finish = getattr(lib, syms[6])
+        self.bn_finish.argtypes = [_P, _D, _I64] + [_P] * 2 + [_D] * 2 + [_P] * 4
+        fns = (self.fwd, self.bwd, self.bn_stats, self.bn_bwd, self.reduce)
+        for f in (*fns, self.bn_partial, self.bn_finish):
             f.restype = None
 
 
@@ -376,6 +383,9 @@ class FusedChain(nn.Module):
         self.bn = bn
         self.pool = pool
         self.pool_kind, self.pool_window = _pool_window(pool)  # type: ignore[misc]
+        #: Set by time chunks (:mod:`snncompile.runtime.batch_stats`) while a training
+        #: batchnorm's statistics over all T are gathered or applied chunk by chunk.
+        self.batch_stats: Any = None
 
     @property
     def step_mode(self) -> str:
@@ -445,22 +455,26 @@ class FusedChain(nn.Module):
         prologue = "none"
         ca = cb = weight = bias = None
         bn_info = None
+        C = x_seq.shape[2]
+        eb = None if self.scale_out is None else _per_channel(self.scale_out, C)
+        kind = "sum" if self.added else ("scale" if eb is not None else self.pool_kind)
         if bn is not None:
             prologue = "affine"
-            if bn.training or bn.running_mean is None:
+        elif self.scale_in is not None:
+            prologue = "scale"
+        kern = chain_kernel(d, prologue, kind, self.residual, self.pool_window)
+        if bn is not None:
+            if self.batch_stats is not None:  # statistics over all T, taken chunk by chunk
+                ca, cb = self.batch_stats.chain_coefficients(x_seq, kern)
+            elif bn.training or bn.running_mean is None:
                 weight, bias = bn.weight, bn.bias
                 bn_info = _TrainBN(bn)
-                if not _stats_ok(bn_info, bn, x_seq.shape[2]):
+                if not _stats_ok(bn_info, bn, C):
                     return self.unfused(x_seq, *extra)
             else:
                 ca, cb = _eval_affine(bn)
-        C = x_seq.shape[2]
         if self.scale_in is not None:
-            prologue = "scale"
             ca = _per_channel(self.scale_in, C)
-        eb = None if self.scale_out is None else _per_channel(self.scale_out, C)
-        kind = "sum" if self.added else ("scale" if eb is not None else self.pool_kind)
-        kern = chain_kernel(d, prologue, kind, self.residual, self.pool_window)
         r_c = None if r_seq is None else r_seq.contiguous()
         e_c = None if e_seq is None else e_seq.contiguous()
         params = {n: getattr(neuron, n) for n in d.param_names}

@@ -62,9 +62,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from snncompile.ir.graph import Graph
+from snncompile.runtime.batch_stats import BatchStats, batch_stat_sites
 from snncompile.runtime.memory import measure_train_step, memory_slots, snapshot_state
 
 __all__ = [
@@ -141,6 +142,17 @@ class TimeChunks:
         self.chunk = int(chunk)
         self.keep = keep
         self.slots: list[Slot] = memory_slots(gm)
+        sites = batch_stat_sites(gm)
+        if isinstance(sites, str):
+            raise ValueError(f"TimeChunks: {sites}")
+        #: The training batchnorms, whose statistics over all T the chunks take in sweeps.
+        self.batch_stats: BatchStats | None = BatchStats(gm, sites, self.slots) if sites else None
+
+    def batch_stats_installed(self) -> contextlib.AbstractContextManager[None]:
+        """Route the training batchnorms through :attr:`batch_stats` while the block runs."""
+        if self.batch_stats is None:
+            return contextlib.nullcontext()
+        return self.batch_stats.installed()
 
     def state(self) -> list[Any]:
         """The current value of every state slot."""
@@ -173,6 +185,44 @@ class TimeChunks:
                     self.gm(chunks[c])
 
 
+def _output_chunk(y: Any, xc: torch.Tensor) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != xc.shape[0]:
+        raise RuntimeError(
+            "optimize(memory_budget=...): a time chunk of "
+            f"{xc.shape[0]} step(s) returned {type(y).__name__} "
+            f"{list(y.shape) if isinstance(y, torch.Tensor) else ''}; time chunks need "
+            "one [T, N, *] output tensor."
+        )
+    return y
+
+
+def _statistics_sweeps(tc: TimeChunks, chunks: list[torch.Tensor]) -> None:
+    """The forward sweeps that take the training batchnorms' statistics over all chunks, one
+    per level (module docstring of :mod:`snncompile.runtime.batch_stats`), from the current
+    state and generator state, which are left as they were; then the running statistics are
+    updated once."""
+    stats = tc.batch_stats
+    assert stats is not None
+    stats.begin_step()
+    start = tc.state()
+    device = chunks[0].device
+    rng = _rng_state(device)
+    restore = snapshot_state(tc.gm, memories=False)
+    try:
+        for level in stats.levels:
+            stats.collecting()
+            with torch.no_grad(), _rng_at(rng, device):
+                for xc in chunks:
+                    tc.gm(xc)
+            restore()  # buffers a sweep wrote (per-step statistics) are the forward's to write
+            tc.set_state(start)
+            stats.finish_level(level)
+    finally:
+        tc.set_state(start)
+        restore()
+    stats.update_running_stats()
+
+
 class _TimeChunked(torch.autograd.Function):
     """Forward chunk by chunk without a graph; backward chunk by chunk in reverse."""
 
@@ -184,22 +234,18 @@ class _TimeChunked(torch.autograd.Function):
         rng: list[RngState] = []
         out: torch.Tensor | None = None
         step = 0
-        for c, xc in enumerate(chunks):
-            starts.append(tc.state() if c in keep else None)
-            rng.append(_rng_state(x.device))
-            y = tc.gm(xc)
-            if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != xc.shape[0]:
-                raise RuntimeError(
-                    "optimize(memory_budget=...): a time chunk of "
-                    f"{xc.shape[0]} step(s) returned {type(y).__name__} "
-                    f"{list(y.shape) if isinstance(y, torch.Tensor) else ''}; time chunks need "
-                    "one [T, N, *] output tensor."
-                )
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out[step : step + xc.shape[0]].copy_(y)
-            step += xc.shape[0]
-            del y
+        with tc.batch_stats_installed():
+            if tc.batch_stats is not None:
+                _statistics_sweeps(tc, chunks)
+            for c, xc in enumerate(chunks):
+                starts.append(tc.state() if c in keep else None)
+                rng.append(_rng_state(x.device))
+                y = _output_chunk(tc.gm(xc), xc)
+                if out is None:
+                    out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out[step : step + xc.shape[0]].copy_(y)
+                step += xc.shape[0]
+                del y
         ctx.tc, ctx.starts, ctx.rng = tc, starts, rng
         ctx.save_for_backward(x)
         return out
@@ -208,118 +254,153 @@ class _TimeChunked(torch.autograd.Function):
     def backward(ctx: Any, g_out: torch.Tensor) -> tuple[Any, ...]:
         tc: TimeChunks = ctx.tc
         (x,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[1]
-        params = [p for p in tc.gm.parameters() if p.requires_grad]
-        chunks = list(x.split(tc.chunk, 0))
-        g_chunks = list(g_out.split(tc.chunk, 0))
-        g_params: list[torch.Tensor | None] = [None] * len(params)
-        g_x = torch.zeros_like(x) if need_x else None
-        after = tc.state()  # the state the forward left: put back at the end
-        bounds = [0]
-        for xc in chunks:
-            bounds.append(bounds[-1] + xc.shape[0])
+        with tc.batch_stats_installed():
+            return _Reverse(tc, ctx, x, g_out).run()
 
-        def chunk_backward(c: int, start: list[Any], g_end: list[Any]) -> list[Any]:
-            leaves: list[tuple[int, torch.Tensor]] = []
-            values = []
-            for i, v in enumerate(start):
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    v = v.detach().requires_grad_(True)
-                    leaves.append((i, v))
-                values.append(v)
-            tc.set_state(values)
-            xc = chunks[c].detach().requires_grad_(need_x)
-            restore = snapshot_state(tc.gm, memories=False)
-            try:
-                with torch.enable_grad(), _rng_at(ctx.rng[c], xc.device):
-                    y = tc.gm(xc)
-                outs, grads = [], []
-                if y.requires_grad:
-                    outs.append(y)
-                    grads.append(g_chunks[c])
-                for v, g in zip(tc.state(), g_end, strict=True):
-                    if g is not None and isinstance(v, torch.Tensor) and v.requires_grad:
-                        outs.append(v)
-                        grads.append(g)
-                del y
-                wrt = [v for _, v in leaves] + params + ([xc] if need_x else [])
-                got = (
-                    torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-                    if outs and wrt
-                    else [None] * len(wrt)
-                )
-                del outs, grads
-            finally:
-                tc.set_state(after)
-                restore()  # running statistics: updated once per step, by the forward
-            carried: list[Any] = [None] * len(start)
-            for (i, _), g in zip(leaves, got[: len(leaves)], strict=True):
-                carried[i] = g
-            for j, g in enumerate(got[len(leaves) : len(leaves) + len(params)]):
-                if g is not None:
-                    g_params[j] = g if g_params[j] is None else g_params[j] + g
-            if need_x and got[-1] is not None:
-                g_x[bounds[c] : bounds[c + 1]] = got[-1]
-            return carried
 
-        def state_at(c: int, start_of: int, state: list[Any]) -> list[Any]:
-            """The state at the start of chunk ``c``, from ``state`` at ``start_of``."""
-            tc.set_state(state)
-            restore = snapshot_state(tc.gm, memories=False)
-            try:
-                tc.forward_chunks(chunks, start_of, c, ctx.rng)
-                return tc.state()
-            finally:
-                tc.set_state(after)
-                restore()
+class _Reverse:
+    """The backward of one time-chunked step: one reverse sweep over the chunks, or, with
+    training batchnorms, one per level gathering its gradient sums and then the last one."""
 
-        def revolve(a: int, b: int, state_a: list[Any], g_end: list[Any], slots: int) -> Any:
-            length = b - a
-            if length == 1:
-                return chunk_backward(a, state_a, g_end)
-            if slots == 1:  # each chunk recomputed from the held state at a
-                g = g_end
-                for c in reversed(range(a, b)):
-                    state_c = state_at(c, a, state_a) if c > a else state_a
-                    g = chunk_backward(c, state_c, g)
-                    del state_c
-                return g
-            m = a + _split(slots, length)
-            state_m = ctx.starts[m] if ctx.starts[m] is not None else state_at(m, a, state_a)
-            ctx.starts[m] = None
-            g_mid = revolve(m, b, state_m, g_end, slots - 1)
-            del state_m
-            return revolve(a, m, state_a, g_mid, slots)
+    def __init__(self, tc: TimeChunks, ctx: Any, x: torch.Tensor, g_out: torch.Tensor) -> None:
+        self.tc, self.ctx = tc, ctx
+        self.need_x = ctx.needs_input_grad[1]
+        self.params = [p for p in tc.gm.parameters() if p.requires_grad]
+        self.chunks = list(x.split(tc.chunk, 0))
+        self.g_chunks = list(g_out.split(tc.chunk, 0))
+        self.g_params: list[torch.Tensor | None] = [None] * len(self.params)
+        self.g_x = torch.zeros_like(x) if self.need_x else None
+        self.after = tc.state()  # the state the forward left: put back at the end
+        self.bounds = [0]
+        for xc in self.chunks:
+            self.bounds.append(self.bounds[-1] + xc.shape[0])
+        self.level: int | None = None  # the level whose sums this sweep gathers (None: last)
+        self.mask: list[bool] = [True] * len(tc.slots)
 
+    def run(self) -> tuple[Any, ...]:
+        stats = self.tc.batch_stats
+        if stats is not None:
+            for level in reversed(stats.levels):
+                self.level, self.mask = level, stats.slots_after(level)
+                self.sweep(final=False)
+            self.level, self.mask = None, [True] * len(self.tc.slots)
+            stats.gathering(None)
+        self.sweep(final=True)
+        return (None, self.g_x, *self.g_params)
+
+    def sweep(self, final: bool) -> None:
+        tc, ctx = self.tc, self.ctx
         g_state: list[Any] = [None] * len(tc.slots)
+        n = len(self.chunks)
         if tc.keep == "all":
-            for c in reversed(range(len(chunks))):
-                g_state = chunk_backward(c, ctx.starts[c], g_state)
-                ctx.starts[c] = None  # this chunk's start state is no longer needed
+            for c in reversed(range(n)):
+                g_state = self.chunk_backward(c, ctx.starts[c], g_state, final)
+                if final:
+                    ctx.starts[c] = None  # this chunk's start state is no longer needed
         else:
             start0 = ctx.starts[0]
-            ctx.starts[0] = None
-            revolve(0, len(chunks), start0, g_state, int(tc.keep))
-        return (None, g_x, *g_params)
+            if final:
+                ctx.starts[0] = None
+            self.revolve(0, n, start0, g_state, int(tc.keep), final)
+
+    def chunk_backward(self, c: int, start: list[Any], g_end: list[Any], final: bool) -> list[Any]:
+        tc, stats = self.tc, self.tc.batch_stats
+        leaves: list[tuple[int, torch.Tensor]] = []
+        values = []
+        for i, v in enumerate(start):
+            if self.mask[i] and isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = v.detach().requires_grad_(True)
+                leaves.append((i, v))
+            values.append(v)
+        tc.set_state(values)
+        need_x = self.need_x and final
+        xc = self.chunks[c].detach().requires_grad_(need_x)
+        restore = snapshot_state(tc.gm, memories=False)
+        if stats is not None:
+            stats.gathering(self.level)
+        try:
+            with torch.enable_grad(), _rng_at(self.ctx.rng[c], xc.device):
+                y = tc.gm(xc)
+            outs, grads = [], []
+            if y.requires_grad:
+                outs.append(y)
+                grads.append(self.g_chunks[c])
+            for v, g in zip(tc.state(), g_end, strict=True):
+                if g is not None and isinstance(v, torch.Tensor) and v.requires_grad:
+                    outs.append(v)
+                    grads.append(g)
+            del y
+            gathered: list[torch.Tensor] = []
+            if stats is not None:
+                for inp, g in stats.corrections():
+                    outs.append(inp)
+                    grads.append(g)
+                gathered = stats.gathered()
+            extra = (self.params + ([xc] if need_x else [])) if final else gathered
+            wrt = [v for _, v in leaves] + extra
+            got = (
+                torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+                if outs and wrt
+                else [None] * len(wrt)
+            )
+            del outs, grads
+            rest = list(got[len(leaves) :])
+            if not final:
+                assert stats is not None
+                stats.add_gathered(rest)  # before the rerun's leaves are dropped
+        finally:
+            tc.set_state(self.after)
+            restore()  # running statistics: updated once per step, by the forward
+            if stats is not None:
+                stats.clear_rerun()
+        carried: list[Any] = [None] * len(start)
+        for (i, _), g in zip(leaves, got[: len(leaves)], strict=True):
+            carried[i] = g
+        if not final:
+            return carried
+        for j, g in enumerate(rest[: len(self.params)]):
+            if g is not None:
+                self.g_params[j] = g if self.g_params[j] is None else self.g_params[j] + g
+        if need_x and rest[-1] is not None:
+            self.g_x[self.bounds[c] : self.bounds[c + 1]] = rest[-1]
+        return carried
+
+    def state_at(self, c: int, start_of: int, state: list[Any]) -> list[Any]:
+        """The state at the start of chunk ``c``, from ``state`` at ``start_of``."""
+        tc = self.tc
+        tc.set_state(state)
+        restore = snapshot_state(tc.gm, memories=False)
+        try:
+            tc.forward_chunks(self.chunks, start_of, c, self.ctx.rng)
+            return tc.state()
+        finally:
+            tc.set_state(self.after)
+            restore()
+
+    def revolve(
+        self, a: int, b: int, state_a: list[Any], g_end: list[Any], slots: int, final: bool
+    ) -> Any:
+        length = b - a
+        if length == 1:
+            return self.chunk_backward(a, state_a, g_end, final)
+        if slots == 1:  # each chunk recomputed from the held state at a
+            g = g_end
+            for c in reversed(range(a, b)):
+                state_c = self.state_at(c, a, state_a) if c > a else state_a
+                g = self.chunk_backward(c, state_c, g, final)
+                del state_c
+            return g
+        m = a + _split(slots, length)
+        starts = self.ctx.starts
+        state_m = starts[m] if starts[m] is not None else self.state_at(m, a, state_a)
+        if final:
+            starts[m] = None
+        g_mid = self.revolve(m, b, state_m, g_end, slots - 1, final)
+        del state_m
+        return self.revolve(a, m, state_a, g_mid, slots, final)
 
 
 # -- qualification ------------------------------------------------------------------------------
-
-
-def _bn_in_training(module: nn.Module) -> nn.Module | None:
-    from snncompile.runtime.fused_chain import FusedChain
-    from snncompile.runtime.step_loop import PerStepBatchNorm, StepLoop
-
-    if isinstance(module, (PerStepBatchNorm, StepLoop)):
-        return None  # statistics per time step: no coupling across steps
-    if isinstance(module, FusedChain):
-        module = module.bn if module.bn is not None else nn.Identity()
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and (
-            sub.training or sub.running_mean is None
-        ):
-            return sub
-    return None
 
 
 def time_chunk_blocker(gm: fx.GraphModule, graph: Graph, example_input: torch.Tensor) -> str | None:
@@ -329,22 +410,9 @@ def time_chunk_blocker(gm: fx.GraphModule, graph: Graph, example_input: torch.Te
         return f"the program has {len(placeholders)} inputs; time chunks need one [T, N, *] input"
     if example_input.shape[0] < 2:
         return "the example has T=1 time step"
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        obj = gm.get_submodule(str(node.target))
-        bn = _bn_in_training(obj)
-        if bn is not None:
-            name = node.meta.get("snn_node", node.target)
-            if obj is not bn:
-                for n in graph:
-                    if n.module is bn:
-                        name = n.name
-            return (
-                f"%{name} ({type(bn).__name__}, train mode) takes statistics over all T*N "
-                "samples, which couples every time step (put it in eval mode, i.e. frozen "
-                "BatchNorm, or train without time chunks)"
-            )
+    sites = batch_stat_sites(gm)
+    if isinstance(sites, str):
+        return sites
     from snncompile.runtime.chunked import reset_states
 
     restore = snapshot_state(gm)
@@ -363,7 +431,10 @@ def time_chunk_blocker(gm: fx.GraphModule, graph: Graph, example_input: torch.Te
             reset_states(gm)
             k = math.ceil(example_input.shape[0] / 2)
             with _rng_at(state, example_input.device):  # the draws of the whole-sequence run
-                chunked = torch.cat([gm(xc) for xc in example_input.split(k, 0)], 0)
+                if sites:  # the batchnorms' statistics taken over both chunks
+                    chunked = TimeChunks(gm, k).run(example_input)
+                else:
+                    chunked = torch.cat([gm(xc) for xc in example_input.split(k, 0)], 0)
     finally:
         restore()
     if chunked.shape != full.shape:
