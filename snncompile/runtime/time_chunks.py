@@ -479,8 +479,16 @@ class TimeChunkPlan:
         """One line for ``report()``."""
         c = self.choice
         kept = "all" if c.keep == "all" else f"at most {c.keep}"
+        stats = self.runner.batch_stats
+        levels = (
+            ""
+            if stats is None
+            else f"{len(stats.levels)} training BatchNorm level(s): statistics over all T in "
+            f"{len(stats.levels)} extra forward sweep(s), their gradient sums in "
+            f"{len(stats.levels)} extra reverse sweep(s); "
+        )
         return (
-            f"time chunks: Tc={c.chunk} step(s), chunk-start states kept: {kept}; "
+            f"time chunks: Tc={c.chunk} step(s), chunk-start states kept: {kept}; {levels}"
             f"{c.reruns} step(s) rerun in backward; peak predicted {c.predicted / 1e6:.1f} MB, "
             "measured "
             + (f"{c.measured / 1e6:.1f} MB" if c.measured is not None else "n/a")
@@ -527,9 +535,14 @@ def chunk_reruns(chunks: int, keep: str | int) -> int:
     return _reruns(chunks, int(keep), True)
 
 
-def _live_states(keep: str | int, n: int) -> int:
-    """States alive at the peak: the kept ones, the rerun chunk's end state, carried gradients."""
-    return (n if keep == "all" else min(int(keep), n)) + 2
+def _live_states(keep: str | int, n: int, sweeps: int = 1) -> int:
+    """States alive at the peak: the kept ones, the rerun chunk's end state, carried gradients.
+    With more than one reverse sweep (training batchnorms) the forward's kept states stay
+    alive until the last sweep, beside the ones a sweep recomputes: up to ``2 s - 1``."""
+    if keep == "all":
+        return n + 2
+    s = int(keep)
+    return min(s if sweeps == 1 else 2 * s - 1, n) + 2
 
 
 def _candidates(T: int) -> list[int]:
@@ -567,6 +580,8 @@ def plan_time_chunks(
     """
     T = example_input.shape[0]
     s = _state_bytes(gm, example_input)
+    sites = batch_stat_sites(gm)
+    sweeps = 1 + (len({site.level for site in sites}) if isinstance(sites, list) else 0)
 
     def measure(choice: ChunkChoice) -> None:
         runner = TimeChunks(gm, choice.chunk, choice.keep)
@@ -581,7 +596,7 @@ def plan_time_chunks(
         probe = ChunkChoice(k, 1, 0, 0)
         measure(probe)
         assert probe.measured is not None
-        points.append((k, probe.measured - _live_states(1, math.ceil(T / k)) * s))
+        points.append((k, probe.measured - _live_states(1, math.ceil(T / k), sweeps) * s))
     if len(points) == 2:
         (k1, m1), (k2, m2) = points
         per_step = max(0.0, (m1 - m2) / (k1 - k2))
@@ -594,8 +609,8 @@ def plan_time_chunks(
         if n == 1:
             continue  # one chunk is the unchunked step
         for keep in ("all", *(c for c in SLOT_CHOICES if c < n)):
-            pred = int(fixed + k * per_step + _live_states(keep, n) * s)
-            options.append(ChunkChoice(k, keep, pred, chunk_reruns(n, keep) * k))
+            pred = int(fixed + k * per_step + _live_states(keep, n, sweeps) * s)
+            options.append(ChunkChoice(k, keep, pred, sweeps * chunk_reruns(n, keep) * k))
     options.sort(key=lambda o: (o.reruns, -o.chunk))
     tried: list[ChunkChoice] = []
     strict = [o for o in options if o.predicted <= budget]
