@@ -54,6 +54,24 @@ __all__ = ["BatchStatSite", "BatchStats", "batch_stat_sites"]
 _BN = nn.modules.batchnorm._BatchNorm
 
 
+class _StatisticsGradient(torch.autograd.Function):
+    """Identity in forward; backward adds ``k1 + k2 * (x - mean)`` (per channel) to the
+    incoming gradient: the batch statistics' share of a training batchnorm's input gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, mean: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, mean, k1, k2)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        x, mean, k1, k2 = ctx.saved_tensors
+        out = (x - mean).mul_(k2).add_(k1)
+        return out.add_(g), None, None, None
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -79,7 +97,6 @@ class BatchStatSite:
     kern: Any = None  # the chain kernel whose sums were gathered (its finish is used)
     gather: bool = False  # the reruns attach zero leaves dw, db to gather S1, S2
     leaves: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    inputs: list[torch.Tensor] = field(default_factory=list)  # this rerun's inputs (grad)
 
     @property
     def chained(self) -> bool:
@@ -91,7 +108,6 @@ class BatchStatSite:
         self.acc, self.count, self.rows, self.var, self.grad_sums = None, 0, None, None, None
         self.kern = None
         self.leaves.clear()
-        self.inputs.clear()
 
     # -- the pieces the modules call ------------------------------------------------------
 
@@ -128,9 +144,22 @@ class BatchStatSite:
             w, b = w + dw, b + db
         return w, b
 
-    def _record_input(self, x: torch.Tensor) -> None:
-        if self.grad_sums is not None and x.requires_grad and torch.is_grad_enabled():
-            self.inputs.append(x)
+    def _with_statistics_gradient(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """``x`` itself in forward; in backward the statistics' share of the input gradient,
+        ``-(w * invstd / M) * (S1 + x_hat * S2)`` per channel, is added to the gradient
+        reaching it (once ``S1``, ``S2`` are known; computed then, one site at a time)."""
+        if self.grad_sums is None or not x.requires_grad or not torch.is_grad_enabled():
+            return x
+        assert self.rows is not None
+        a, _, mean, invstd = self.rows.unbind(0)  # a = w * invstd
+        s1, s2 = self.grad_sums.double().unbind(0)
+        k = -a.double() / self.count
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        # k * (S1 + (x - mean) * invstd * S2) = k1 + k2 * (x - mean)
+        k1 = (k * s1).to(x.dtype).view(shape)
+        k2 = (k * invstd.double() * s2).to(x.dtype).view(shape)
+        return _StatisticsGradient.apply(x, mean.to(x.dtype).view(shape), k1, k2)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The batchnorm's forward on ``[B, C, *]`` with the statistics over all chunks."""
@@ -140,28 +169,29 @@ class BatchStatSite:
         assert self.rows is not None and self.var is not None, (
             f"%{self.name}: batch statistics used before they were gathered"
         )
-        self._record_input(x)
+        x = self._with_statistics_gradient(x, 1)
         w, b = self._affine_params(x.shape[1], x)
         mean = self.rows[2].to(x.dtype)
         return F.batch_norm(x, mean, self.var.to(x.dtype), w, b, False, 0.0, self.bn.eps)
 
-    def chain_coefficients(self, x_seq: torch.Tensor, kern: Any) -> tuple[Any, Any]:
-        """``(a, b)`` per channel for a fused chain's kernel (``x * a + b``), carrying the
-        gradients of the weight, the bias and the gathering leaves; in ``'collect'`` mode the
-        chain kernel's sums of ``x_seq`` are added and placeholder coefficients returned."""
+    def chain_inputs(self, x_seq: torch.Tensor, kern: Any) -> tuple[torch.Tensor, Any, Any]:
+        """``(x_seq, a, b)`` for a fused chain's kernel (``x * a + b`` per channel): the input
+        (with the statistics' gradient attached) and coefficients carrying the gradients of
+        the weight, the bias and the gathering leaves; in ``'collect'`` mode the chain
+        kernel's sums of ``x_seq`` are added and placeholder coefficients returned."""
         C = x_seq.shape[2]
         if self.mode == "collect":
             self._accumulate(x_seq, 2, kern)
             ones = torch.ones(C, dtype=torch.float32)
-            return ones, torch.zeros(C, dtype=torch.float32)
+            return x_seq, ones, torch.zeros(C, dtype=torch.float32)
         assert self.rows is not None, f"%{self.name}: batch statistics used before gathered"
-        self._record_input(x_seq)
+        x_seq = self._with_statistics_gradient(x_seq, 2)
         a, b, mean, invstd = self.rows.unbind(0)
         if not torch.is_grad_enabled():
-            return a, b
+            return x_seq, a, b
         w, bias = self._affine_params(C, x_seq)
         dw = w - w.detach()  # zero, with the gradient of w (and of the gathering leaf)
-        return a + dw * invstd, b + (bias - bias.detach()) - mean * invstd * dw
+        return x_seq, a + dw * invstd, b + (bias - bias.detach()) - mean * invstd * dw
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -213,27 +243,6 @@ class BatchStatSite:
         for i, g in enumerate(grads):
             if g is not None:
                 self.grad_sums[1 - i % 2] += g.double()
-
-    def corrections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(input, gradient)`` pairs: the statistics' share of the input gradient for every
-        input this rerun recorded, ``-(w * invstd / M) * (S1 + x_hat * S2)`` per channel."""
-        if self.grad_sums is None or not self.inputs:
-            return []
-        assert self.rows is not None
-        a, _, mean, invstd = self.rows.unbind(0)  # a = w * invstd
-        s1, s2 = self.grad_sums.unbind(0)
-        k = (-a.double() / self.count).float()
-        out = []
-        for x in self.inputs:
-            dim = 2 if self.chained and x.dim() == 5 else 1
-            shape = [1] * x.dim()
-            shape[dim] = -1
-            xh = (x.detach() - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
-            g = k.view(shape).to(x.dtype) * (s1.view(shape).to(x.dtype) + xh * s2.view(
-                shape
-            ).to(x.dtype))
-            out.append((x, g))
-        return out
 
 
 def _training_bn(module: nn.Module) -> _BN | None:
@@ -372,7 +381,6 @@ class BatchStats:
         for s in self.sites:
             s.gather = s.level == level
             s.leaves.clear()
-            s.inputs.clear()
 
     def gathered(self) -> list[torch.Tensor]:
         """The gathering leaves of the rerun just run, in site order."""
@@ -387,12 +395,7 @@ class BatchStats:
                 s.add_gathered(grads[i : i + k])
             i += k
 
-    def corrections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The statistics' input-gradient terms of every site whose sums are known."""
-        return [pair for s in self.sites for pair in s.corrections()]
-
     def clear_rerun(self) -> None:
         """Drop the tensors the last rerun recorded."""
         for s in self.sites:
             s.leaves.clear()
-            s.inputs.clear()

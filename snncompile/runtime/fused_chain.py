@@ -465,7 +465,7 @@ class FusedChain(nn.Module):
         kern = chain_kernel(d, prologue, kind, self.residual, self.pool_window)
         if bn is not None:
             if self.batch_stats is not None:  # statistics over all T, taken chunk by chunk
-                ca, cb = self.batch_stats.chain_coefficients(x_seq, kern)
+                x_seq, ca, cb = self.batch_stats.chain_inputs(x_seq, kern)
             elif bn.training or bn.running_mean is None:
                 weight, bias = bn.weight, bn.bias
                 bn_info = _TrainBN(bn)

@@ -330,12 +330,7 @@ class _Reverse:
                     outs.append(v)
                     grads.append(g)
             del y
-            gathered: list[torch.Tensor] = []
-            if stats is not None:
-                for inp, g in stats.corrections():
-                    outs.append(inp)
-                    grads.append(g)
-                gathered = stats.gathered()
+            gathered = stats.gathered() if stats is not None else []
             extra = (self.params + ([xc] if need_x else [])) if final else gathered
             wrt = [v for _, v in leaves] + extra
             got = (
