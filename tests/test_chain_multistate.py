@@ -14,12 +14,15 @@ CUBA-LIF ``c``, and a test neuron with a learnable decay): the chain carries eve
   (report and graph), and two calls without a reset give outputs bit-equal to the eager model and
   to the compile without the pass, with parameter gradients within 1e-5 relative.
 * SpikingJelly 2.0.0's own IzhikevichNode and CUBALIFNode in a compiled network vs SpikingJelly.
+* The chain kernels built for the baseline ISA (``SNNCOMPILE_MARCH=x86-64``, SSE2) give the
+  same bits as the ``native`` build: outputs, every state, every gradient.
 * A state whose name the chain kernels use for their own variables is refused with the reason.
 """
 
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -186,6 +189,40 @@ def test_fresh_states_are_filled_in_the_kernel():
     assert torch.equal(chain(x), ref.unfused(x))
     assert torch.equal(chain.neuron.w, ref.neuron.w)
     assert chain.neuron.w.shape == (2, 3, 4, 4)
+
+
+def _run_bits(chain: FusedChain, seed: int) -> list[torch.Tensor]:
+    """Outputs, states and gradients (inputs, initial states, parameters) of two calls of
+    ``chain`` from given initial states, one backward through both."""
+    torch.manual_seed(seed)
+    n_in = 1 + int(chain.residual or chain.added)
+    names = chain.neuron.neuron_dynamics().state_names
+    leaves = [(torch.rand(2, 3, 6, 6) * 0.8 - 0.2).requires_grad_() for _ in names]
+    for name, s0 in zip(names, leaves, strict=True):
+        setattr(chain.neuron, name, s0)
+    got, loss, xs = [], 0.0, []
+    for _ in range(2):
+        xs += [(torch.randn(3, 2, 3, 6, 6) * 1.5 + 0.6).requires_grad_() for _ in range(n_in)]
+        y = chain(*xs[-n_in:])
+        loss = loss + (y * torch.randn_like(y)).sum()
+        got += [y.detach(), *(getattr(chain.neuron, n).detach() for n in names)]
+    loss.backward()
+    return got + [t.grad for t in xs + leaves] + [p.grad for p in chain.parameters()]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 ISA names")
+@pytest.mark.parametrize("cls", list(NEURONS))
+def test_baseline_isa_chain_kernels_give_the_same_bits(cls, monkeypatch):
+    """The same chains built with -march=native and -march=x86-64: identical bits."""
+    for kind in ("bn_pool", "residual", "added"):
+        torch.manual_seed(1)
+        chain = _chain(cls, kind, 3)
+        results = []
+        for arch in ("native", "x86-64"):
+            monkeypatch.setenv("SNNCOMPILE_MARCH", arch)
+            results.append(_run_bits(copy.deepcopy(chain), 21))
+        for i, (a, b) in enumerate(zip(*results, strict=True)):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (kind, i)
 
 
 def _net(cls: str, kind: str) -> nn.Module:
