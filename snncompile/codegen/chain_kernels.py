@@ -6,7 +6,7 @@ in inference, a per-channel scale), an optional residual input added before the 
 neuron, and an optional pooling of its spikes (or a residual added to them)::
 
     x   = PROLOGUE(xin, a_c, b_c) (+ r)         # e.g. xin * a_c + b_c  (batchnorm: a = w/std)
-    h, s, v = neuron step(v, x)                 # the neuron's own generated step body
+    h, s, v, *w = neuron step(v, *w, x)         # the neuron's own generated step body
     out = POOL(s over K x K windows, stride S, padding PD)  # max = OR, avg = count / K^2
         or s + e                                # 'sum': SEW ResNet's ADD
 
@@ -21,13 +21,22 @@ neuron loop runs over the whole group (so small planes, ResNet's 4x4 ... 1x1, st
 vectorizable loops); window poolings loop over the group's planes; every sum is per plane in the
 same order whatever ``GP`` is, so results do not depend on the grouping (bit for bit).
 
+States: the kernels carry every state of the neuron (``v``, then the extra states ``w`` of its
+:class:`~snncompile.dynamics.neuron.NeuronDynamics`, e.g. Izhikevich's adaptation current) as
+rows of the same layout as the neuron's own kernels: last values out as ``[S, N * C * H * W]``,
+initial values in as one pointer per state (``NULL``: a fresh state, filled in the kernel with
+its ``s_fill`` value), the carried gradients of the last states in and those of the initial
+states out as ``[S, N * C * H * W]``. The per-state lines are format strings
+(:data:`CHAIN_STATE`), so a neuron with only ``v`` gets the same code as before states existed.
+
 Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
-``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
+``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats; also
+``v``, ``x`` and the extra states' pre-step values when the neuron's gradient reads them), routes
 the pooled gradient (max: added to the first in-bounds position of the window holding its
 maximum, outputs in row-major order, as PyTorch's ``max_pool2d`` backward does, so no float
-indices are stored; avg: ``g / K^2`` everywhere),
-runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
-``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
+indices are stored; avg: ``g / K^2`` everywhere), runs the neuron's BPTT step over every state,
+and writes the gradient of the neuron input ``x``, optionally that of ``xin`` (the prologue's
+derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
 and of the parameter gradients. The training batchnorm's own statistics and backward are two
 more kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics
 (per-plane float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``,

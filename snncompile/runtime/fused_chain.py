@@ -2,13 +2,14 @@
 
 :mod:`snncompile.passes.fuse_chains` replaces ``BN -> neuron -> pool`` on ``[T, N, C, H, W]``
 (each part optional, at least two present) by one node running a :class:`FusedChain`. The module
-holds the compiled model's own modules (the neuron keeps its state ``v``; the batchnorm its
+holds the compiled model's own modules (the neuron keeps its states: ``v`` and any beside it,
+such as Izhikevich's ``w``; the batchnorm its
 parameters and running statistics, shared with the model), so ``reset_net``, ``train()`` /
 ``eval()`` and state dicts work unchanged. One call computes, with the kernels of
 :mod:`snncompile.codegen.chain_kernels`::
 
     a_c, b_c = w_c * invstd_c, bias_c - mean_c * a_c         # eval: running stats; train: batch
-    x = xin * a_c + b_c (+ r);  h, s, v = neuron(v, x);  out = pool(s)  or  out = e + s
+    x = xin * a_c + b_c (+ r);  h, s, v, *w = neuron(v, *w, x);  out = pool(s)  or  out = e + s
 
 (``r``: a spiking ResNet's residual before the neuron, ``e``: SEW ResNet's ADD after it; their
 gradients are the neuron input's and the output's).
@@ -29,8 +30,11 @@ the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; 
 recomputed from the kept input), then PyTorch's batchnorm input gradient
 ``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
 M`` from the kernel's float64 per-plane sums, reduced per channel and turned into the
-coefficients in the same C call (gradients within ~1e-6 relative of PyTorch's). A fresh
-neuron state (the float ``v_reset``) is filled inside the kernels, not materialised.
+coefficients in the same C call (gradients within ~1e-6 relative of PyTorch's). Every state of
+the neuron goes in and out of the kernels (the last values are written back to the neuron's
+state slots; BPTT runs through every state, and the gradients of the initial states flow to the
+tensors they came from); a fresh state (a float such as ``v_reset`` or Izhikevich's ``w_rest``)
+is filled inside the kernels, not materialised.
 
 When the kernel does not apply (not float32 on CPU, no compiler, ``backend='torch'`` or
 ``'auto'`` below its size threshold) or one of the modules has forward hooks (a monitor: it
