@@ -14,7 +14,10 @@ the SpikingJelly model (CSNN only), ``snncompile.optimize`` without the ``fuse_c
 with it. Inference (``torch.no_grad``, eval mode, batchnorms folded) of the zoo models is timed
 with vs without the pass, for the CSNN too. Before timing, outputs of the two compiles are
 compared. ``--micro`` times one ``FusedChain`` (training batchnorm or eval, residual add before
-an IF neuron, T=4, batch 8) fused vs its separate ops on ResNet-18's plane sizes, 8x8 ... 1x1.
+an IF neuron, T=4, batch 8) fused vs its separate ops on ResNet-18's plane sizes, 8x8 ... 1x1,
+then ``batchnorm -> neuron -> maxpool2`` chains of the neurons with states beside ``v``
+(Izhikevich, ALIF, CUBA-LIF; training and eval, T=4, batch 8, 64 channels of 16x16) vs their
+separate ops (the neuron in its own fused kernel).
 
 Run: ``.venv/bin/python benchmarks/bench_chain_fusion.py [--reps 7] [--only csnn|zoo]
 [--no-torch-compile] [--profile] [--micro]``. On a shared machine absolute times vary; the
@@ -224,6 +227,37 @@ def bench_micro(args: Any) -> None:
             )
 
 
+def bench_micro_multistate(args: Any) -> None:
+    """``bn -> neuron -> maxpool2`` for the multi-state neurons, fused vs the separate ops."""
+    from snncompile import neuron, surrogate
+    from snncompile.runtime.fused_chain import FusedChain
+
+    kws = {"IzhikevichNode": dict(a=0.3, b=0.2), "ALIFNode": {}, "CUBALIFNode": {}}
+    for cls, kw in kws.items():
+        for train in (True, False):
+            sn = getattr(neuron, cls)(step_mode="m", surrogate_function=surrogate.ATan(),
+                                      backend="cpu", **kw)  # fmt: skip
+            chain = FusedChain(sn, nn.BatchNorm2d(64), nn.MaxPool2d(2)).train(train)
+            x = (torch.randn(4, 8, 64, 16, 16) * 2 + 0.5).requires_grad_(train)
+
+            def call(unfused: bool, chain: FusedChain = chain, x: Any = x,
+                     train: bool = train) -> None:  # fmt: skip
+                chain.neuron.reset()
+                with torch.set_grad_enabled(train):
+                    y = chain.unfused(x) if unfused else chain(x)
+                    if train:
+                        y.sum().backward()
+
+            t = interleaved({"fused": lambda: call(False), "unfused": lambda: call(True)},
+                            args.reps)  # fmt: skip
+            print(
+                f"chain {cls:<14} bn->sn->maxpool 64x16x16 "
+                f"{'train fwd+bwd' if train else 'eval no_grad':<13} "
+                f"fused {t['fused'] * 1e3:6.3f} ms  unfused {t['unfused'] * 1e3:6.3f} ms  "
+                f"{t['unfused'] / t['fused']:.2f}x"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -239,6 +273,7 @@ def main() -> None:
     print(f"threads={args.threads}, reps={args.reps} (median, interleaved)")
     if args.micro:
         bench_micro(args)
+        bench_micro_multistate(args)
         return
     if args.only in (None, "csnn"):
         for T in (int(t) for t in args.T.split(",")):

@@ -6,7 +6,7 @@ in inference, a per-channel scale), an optional residual input added before the 
 neuron, and an optional pooling of its spikes (or a residual added to them)::
 
     x   = PROLOGUE(xin, a_c, b_c) (+ r)         # e.g. xin * a_c + b_c  (batchnorm: a = w/std)
-    h, s, v = neuron step(v, x)                 # the neuron's own generated step body
+    h, s, v, *w = neuron step(v, *w, x)         # the neuron's own generated step body
     out = POOL(s over K x K windows, stride S, padding PD)  # max = OR, avg = count / K^2
         or s + e                                # 'sum': SEW ResNet's ADD
 
@@ -21,13 +21,22 @@ neuron loop runs over the whole group (so small planes, ResNet's 4x4 ... 1x1, st
 vectorizable loops); window poolings loop over the group's planes; every sum is per plane in the
 same order whatever ``GP`` is, so results do not depend on the grouping (bit for bit).
 
+States: the kernels carry every state of the neuron (``v``, then the extra states ``w`` of its
+:class:`~snncompile.dynamics.neuron.NeuronDynamics`, e.g. Izhikevich's adaptation current) as
+rows of the same layout as the neuron's own kernels: last values out as ``[S, N * C * H * W]``,
+initial values in as one pointer per state (``NULL``: a fresh state, filled in the kernel with
+its ``s_fill`` value), the carried gradients of the last states in and those of the initial
+states out as ``[S, N * C * H * W]``. The per-state lines are format strings
+(:data:`CHAIN_STATE`), so a neuron with only ``v`` gets the same code as before states existed.
+
 Backward: only the input ``xin`` (and ``r``) are kept from the forward; the backward recomputes
-``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats), routes
+``h`` and ``s`` of a plane for all steps into a per-thread buffer (``T * H * W`` floats; also
+``v``, ``x`` and the extra states' pre-step values when the neuron's gradient reads them), routes
 the pooled gradient (max: added to the first in-bounds position of the window holding its
 maximum, outputs in row-major order, as PyTorch's ``max_pool2d`` backward does, so no float
-indices are stored; avg: ``g / K^2`` everywhere),
-runs the neuron's BPTT step, and writes the gradient of the neuron input ``x``, optionally that of
-``xin`` (the prologue's derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
+indices are stored; avg: ``g / K^2`` everywhere), runs the neuron's BPTT step over every state,
+and writes the gradient of the neuron input ``x``, optionally that of ``xin`` (the prologue's
+derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
 and of the parameter gradients. The training batchnorm's own statistics and backward are two
 more kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics
 (per-plane float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``,
@@ -39,6 +48,7 @@ sums when there is no training batchnorm.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from snncompile.codegen.kernels import (
@@ -168,11 +178,13 @@ _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 _C_CHAIN = """\
 /* The start of one work item, planes p0 .. p0 + np - 1 of HW neurons: the per-channel
    coefficients expanded per neuron (caE[0:LM], then cbE and ebE, LM apart) and the initial
-   membrane state (v_init's, or v_fill for a fresh state). */
+   value of each of the neuron's {nst} states (v first; rows LM apart in s0): state i's
+   s_init[i] ([P * HW]), or s_fill[i] everywhere for a fresh state (s_init[i] NULL). */
 static void {name}_group_start(const float *restrict ca, const float *restrict cb,
-                               const float *restrict eb, const float *restrict v_init,
-                               float v_fill, int64_t p0, int64_t np, int64_t C, int64_t HW,
-                               int64_t LM, float *restrict caE, float *restrict v0)
+                               const float *restrict eb, const float *const *s_init,
+                               const float *restrict s_fill, int64_t p0, int64_t np,
+                               int64_t C, int64_t HW, int64_t LM, float *restrict caE,
+                               float *restrict s0)
 {{
     float *restrict cbE = caE + LM, *restrict ebE = caE + 2 * LM;
     for (int64_t q = 0; q < np; ++q) {{
@@ -183,16 +195,19 @@ static void {name}_group_start(const float *restrict ca, const float *restrict c
         }}
     }}
     const int64_t L = np * HW;
-    if (v_init) memcpy(v0, v_init + p0 * HW, sizeof(float) * L);
-    else for (int64_t j = 0; j < L; ++j) v0[j] = v_fill;
+    for (int64_t i = 0; i < {nst}; ++i) {{
+        float *restrict d = s0 + i * LM;
+        if (s_init[i]) memcpy(d, s_init[i] + p0 * HW, sizeof(float) * L);
+        else for (int64_t j = 0; j < L; ++j) d[j] = s_fill[i];
+    }}
 }}
 
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
-                    const float *restrict e_seq, const float *restrict v_init, float v_fill,
-                    const float *restrict uniforms,
+                    const float *restrict e_seq, const float *const *s_init,
+                    const float *restrict s_fill, const float *restrict uniforms,
                     const float *restrict ca, const float *restrict cb,
                     const float *restrict eb,
-                    float *restrict out_seq, float *restrict v_last,
+                    float *restrict out_seq, float *restrict s_last,
                     int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t GP,
                     int32_t num_threads)
 {{
@@ -205,14 +220,14 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {{
     const int64_t LM = GP * HW;
-    float *v_state = (float *)malloc(sizeof(float) * LM);
-    float *stg = (float *)malloc(sizeof(float) * LM);
+    float *v_state = (float *)malloc(sizeof(float) * {nst} * LM);
+{state_ptrs}    float *stg = (float *)malloc(sizeof(float) * LM);
     float *caE = (float *)malloc(sizeof(float) * 3 * LM);
     float *cbE = caE + LM, *ebE = caE + 2 * LM;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < NG; ++g) {{
         const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
-        {name}_group_start(ca, cb, eb, v_init, v_fill, p0, np, C, HW, LM, caE, v_state);
+        {name}_group_start(ca, cb, eb, s_init, s_fill, p0, np, C, HW, LM, caE, v_state);
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
@@ -220,17 +235,18 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
             (void)rt;
             for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
-                const float xin = xt[j];
+{load_states}                const float xin = xt[j];
                 const float ca_c = caE[j], cb_c = cbE[j];
                 (void)ca_c; (void)cb_c;
 {prologue}
 {body}
                 stg[j] = s;
                 v_state[j] = v_next;
-            }}
+{store_states}            }}
 {pool_forward}
         }}
-        memcpy(v_last + p0 * HW, v_state, sizeof(float) * L);
+        for (int64_t i = 0; i < {nst}; ++i)
+            memcpy(s_last + i * P * HW + p0 * HW, v_state + i * LM, sizeof(float) * L);
     }}
     free(v_state);
     free(stg);
@@ -238,13 +254,13 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
     }}
 }}
 
-void {name}_backward(const float *restrict gout_seq, const float *restrict grad_v_last,
+void {name}_backward(const float *restrict gout_seq, const float *restrict grad_s_last,
                      const float *restrict xin_seq, const float *restrict r_seq,
-                     const float *restrict v_init, float v_fill,
+                     const float *const *s_init, const float *restrict s_fill,
                      const float *restrict uniforms,
                      const float *restrict ca, const float *restrict cb,
                      const float *restrict eb, float *restrict gx_seq, float *restrict gxin_seq,
-                     float *restrict grad_v_init, double *restrict psum,
+                     float *restrict grad_s_init, double *restrict psum,
                      int64_t T, int64_t NB, int64_t C, int64_t H, int64_t W, int64_t GP,
                      int32_t num_threads)
 {{
@@ -261,24 +277,27 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
     float *sb = (float *)malloc(sizeof(float) * T * LM);
     float *vb = {need_v} ? (float *)malloc(sizeof(float) * T * LM) : NULL;
     float *xb = {need_x} ? (float *)malloc(sizeof(float) * T * LM) : NULL;
-    float *carry = (float *)malloc(sizeof(float) * LM);
-    float *gsg = (float *)malloc(sizeof(float) * LM);
+    /* the states while h is recomputed (v_state, then the extra states LM apart), the
+       pre-step values of the extra states the backward reads, the carried gradients */
+    float *v_state = (float *)malloc(sizeof(float) * {nst} * LM);
+{state_ptrs}{saved_decl}    float *carry = (float *)malloc(sizeof(float) * {nst} * LM);
+{carry_ptrs}    float *gsg = (float *)malloc(sizeof(float) * LM);
     double *acc = (double *)malloc(sizeof(double) * NS * LM);
     float *caE = (float *)malloc(sizeof(float) * 3 * LM);
     float *cbE = caE + LM, *ebE = caE + 2 * LM;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < NG; ++g) {{
         const int64_t p0 = g * GP, np = P - p0 < GP ? P - p0 : GP, L = np * HW;
-        {name}_group_start(ca, cb, eb, v_init, v_fill, p0, np, C, HW, LM, caE, carry);
-        /* recompute h (and s, v, x when needed) of these planes for every step */
+        {name}_group_start(ca, cb, eb, s_init, s_fill, p0, np, C, HW, LM, caE, v_state);
+        /* recompute h (and s, v, x and the extra states when needed) of these planes */
         for (int64_t t = 0; t < T; ++t) {{
             const int64_t off = (t * P + p0) * HW;
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
             for (int64_t j = 0; j < L; ++j) {{
-                const float v = carry[j];
-                const float xin = xt[j];
+                const float v = v_state[j];
+{load_states}                const float xin = xt[j];
                 const float ca_c = caE[j], cb_c = cbE[j];
                 (void)ca_c; (void)cb_c;
 {prologue}
@@ -287,10 +306,12 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                 sb[t * L + j] = s;
                 if (vb) vb[t * L + j] = v;
                 if (xb) xb[t * L + j] = x;
-                carry[j] = v_next;
-            }}
+{save_states}                v_state[j] = v_next;
+{store_states}            }}
         }}
-        for (int64_t j = 0; j < L; ++j) carry[j] = grad_v_last ? grad_v_last[p0 * HW + j] : 0.0f;
+        for (int64_t i = 0; i < {nst}; ++i)
+            for (int64_t j = 0; j < L; ++j)
+                carry[i * LM + j] = grad_s_last ? grad_s_last[i * P * HW + p0 * HW + j] : 0.0f;
         for (int64_t j = 0; j < NS * L; ++j) acc[j] = 0.0;
         for (int64_t t = T - 1; t >= 0; --t) {{
             const int64_t off = (t * P + p0) * HW;
@@ -299,11 +320,11 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                 const float h = hb[t * L + j];
                 const float gs = gsg[j];
                 const float gv = carry[j];
-                const float ca_c = caE[j], cb_c = cbE[j];
+{load_g}                const float ca_c = caE[j], cb_c = cbE[j];
                 (void)ca_c; (void)cb_c;
-{load_x}{load_v}{bwd_body}
+{load_x}{load_v}{load_saved}{bwd_body}
                 carry[j] = gv_prev;
-                const float xin = xin_seq[off + j];
+{store_g}                const float xin = xin_seq[off + j];
                 gx_seq[off + j] = gx;
                 if (gxin_seq) {{
 {prologue_bwd}
@@ -314,7 +335,9 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
 {gu_acc}
             }}
         }}
-        if (grad_v_init) memcpy(grad_v_init + p0 * HW, carry, sizeof(float) * L);
+        if (grad_s_init)
+            for (int64_t i = 0; i < {nst}; ++i)
+                memcpy(grad_s_init + i * P * HW + p0 * HW, carry + i * LM, sizeof(float) * L);
         for (int64_t q = 0; q < np; ++q)
             for (int64_t k = 0; k < NS; ++k) {{
                 double sum = 0.0;
@@ -322,8 +345,9 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                 psum[(p0 + q) * NS + k] = sum;
             }}
     }}
-    free(hb); free(sb); free(vb); free(xb); free(carry); free(gsg); free(acc); free(caE);
-    }}
+    free(hb); free(sb); free(vb); free(xb); free(v_state); free(carry); free(gsg); free(acc);
+    free(caE);
+{saved_free}    }}
 }}
 
 """
@@ -557,6 +581,66 @@ BN_BACKWARD: Expr = (var("g") - var("gmean_c") - (XIN - var("mean_c")) * var("k_
 
 
 @dataclass(frozen=True)
+class ChainStateCode:
+    """How the chain template carries one extra state of the neuron (C format strings of
+    ``{name}``, the state's name, and ``{i}``, its row in the ``[S, P * HW]`` state arrays,
+    ``v`` being row 0). ``saved_*`` apply to the states the neuron's backward reads
+    (``StepProgram.backward_needs``), which the backward keeps per step while recomputing."""
+
+    state_ptr: str  # its per-thread state row (forward, and the backward's recomputation)
+    load_state: str  # its pre-step value in the neuron loop
+    store_state: str  # its next value, after the step
+    carry_ptr: str  # its per-thread row of carried gradients (backward)
+    load_g: str  # the gradient of its next value
+    store_g: str  # the gradient of its pre-step value, carried to the step before
+    saved_decl: str  # its per-step pre-step values ([T, L] per thread)
+    save_state: str
+    load_saved: str
+    saved_free: str
+
+
+#: The per-state lines of :data:`_C_CHAIN` (the same table shape as the neuron's own kernels,
+#: :class:`~snncompile.codegen.kernels.KernelTemplate`): a single-state neuron gets none.
+CHAIN_STATE = ChainStateCode(
+    state_ptr="    float *st_{name} = v_state + {i} * LM;\n",
+    load_state="                const float {name} = st_{name}[j];\n",
+    store_state="                st_{name}[j] = {name}_next;\n",
+    carry_ptr="    float *carry_{name} = carry + {i} * LM;\n",
+    load_g="                const float g_{name} = carry_{name}[j];\n",
+    store_g="                carry_{name}[j] = g_{name}_prev;\n",
+    saved_decl="    float *sv_{name} = (float *)malloc(sizeof(float) * T * LM);\n",
+    save_state="                sv_{name}[t * L + j] = {name};\n",
+    load_saved="                const float {name} = sv_{name}[t * L + j];\n",
+    saved_free="    free(sv_{name});\n",
+)
+
+#: Names the chain kernels' neuron loops declare or read besides the neuron kernels' own
+#: (:data:`~snncompile.dynamics.neuron.RESERVED_NAMES`); a state may not take one (nor the name
+#: of another state's row, :func:`chain_name_clash`).
+CHAIN_LOCALS = frozenset(
+    {
+        "xin", "ca_c", "cb_c", "caE", "cbE", "ebE", "stg", "rt", "et", "ot", "gt", "gsb", "gsg",
+        "hb", "sb", "vb", "xb", "acc", "psum", "L", "LM", "HW", "P", "NS", "NG", "NB", "C",
+        "H", "W", "GP", "K", "S", "PD", "OH", "OW", "OHW", "p0", "np", "g", "q", "k", "gxin",
+        "xin_seq", "r_seq", "e_seq", "s_init", "s_fill", "s_last", "out_seq", "grad_s_last",
+        "grad_s_init", "gx_seq", "gxin_seq", "ca", "cb", "eb", "v_state", "carry",
+    }
+)  # fmt: skip
+_CHAIN_TEMPS = re.compile(r"^[qzw]\d+$")  # the prologue's and the batchnorm's temporaries
+
+
+def chain_name_clash(dynamics: NeuronDynamics) -> str | None:
+    """The first extra state of ``dynamics`` whose name the chain kernels use for something
+    else (a local of their loops, a temporary, another state's row), or None."""
+    extra = [s.name for s in dynamics.states]
+    rows = {f"{p}_{n}" for n in extra for p in ("st", "carry", "sv", "g")}
+    for n in extra:
+        if n in CHAIN_LOCALS or n in rows or _CHAIN_TEMPS.match(n):
+            return n
+    return None
+
+
+@dataclass(frozen=True)
 class ChainSource:
     """Generated C source of one chain configuration."""
 
@@ -565,6 +649,12 @@ class ChainSource:
     num_uniforms: int
     prologue: str
     pool: str
+    state_names: tuple[str, ...] = ("v",)  # the neuron's states, rows of the state arrays
+
+    @property
+    def num_states(self) -> int:
+        """How many states (``v`` and the extra ones) the kernels carry per neuron."""
+        return len(self.state_names)
 
 
 def generate_chain(
@@ -609,6 +699,18 @@ def generate_chain(
     load_x = f"{ind}const float x = xb[t * L + j];\n" if need_x else ""
     load_v = f"{ind}const float v = vb[t * L + j];\n" if need_v else ""
     gu_acc = "\n".join(f"{ind}acc[{2 + i} * L + j] += (double)gu{i};" for i in range(nu))
+    clash = chain_name_clash(dynamics)
+    if clash is not None:
+        raise ValueError(
+            f"generate_chain: the state {clash!r} of {dynamics.name} has a name the chain "
+            "kernels use for one of their own variables"
+        )
+    extra = list(enumerate(program.extra_states, start=1))
+    read = set(program.backward_needs)
+
+    def per_state(fmt: str, saved_only: bool = False) -> str:
+        return "".join(fmt.format(name=n, i=i) for i, n in extra if not saved_only or n in read)
+
     tag = f"{prologue}_{pool}{'_res' if residual else ''}"
     if pool in ("max", "avg"):
         tag += f"_k{k}s{stride}p{pad}"
@@ -649,8 +751,22 @@ def generate_chain(
                 bwd_body=backward_body(program, C_TARGET),
                 prologue_bwd=pro_bwd,
                 gu_acc=gu_acc,
+                nst=program.num_states,
+                state_ptrs=per_state(CHAIN_STATE.state_ptr),
+                load_states=per_state(CHAIN_STATE.load_state),
+                store_states=per_state(CHAIN_STATE.store_state),
+                carry_ptrs=per_state(CHAIN_STATE.carry_ptr),
+                load_g=per_state(CHAIN_STATE.load_g),
+                store_g=per_state(CHAIN_STATE.store_g),
+                saved_decl=per_state(CHAIN_STATE.saved_decl, saved_only=True),
+                save_states=per_state(CHAIN_STATE.save_state, saved_only=True),
+                load_saved=per_state(CHAIN_STATE.load_saved, saved_only=True),
+                saved_free=per_state(CHAIN_STATE.saved_free, saved_only=True),
             ),
             _C_BN.format(name=name, bn_bwd=bn_bwd),
         ]
     )
-    return ChainSource(name=name, source=source, num_uniforms=nu, prologue=prologue, pool=pool)
+    return ChainSource(
+        name=name, source=source, num_uniforms=nu, prologue=prologue, pool=pool,
+        state_names=program.state_names,
+    )  # fmt: skip

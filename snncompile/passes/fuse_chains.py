@@ -18,7 +18,8 @@ are float64 sums there: see :mod:`snncompile.runtime.fused_chain` for the bound)
 agree to ~1e-6 relative (the adds are exact: ``a + b`` is commutative in IEEE arithmetic).
 
 Cases handled: a ``FUSED_NEURON`` node running a plain snncompile neuron (``fuse_neurons`` made
-it; no merged scales, no ``store_v_seq``) on a 5-D ``seq`` input, with any of
+it; no merged scales, no ``store_v_seq``; with or without states beside ``v``: Izhikevich, ALIF
+and CUBA-LIF are chained as IF / LIF are) on a 5-D ``seq`` input, with any of
 
 * before it, through a single-user ``SPLIT_TIME``, a ``BATCHNORM`` node (``nn.BatchNorm2d``, not
   per step) whose only user is that split;
@@ -40,7 +41,8 @@ The neuron node keeps its name, op and ``seq`` layout and runs a
 nodes are removed (the split now reads the batchnorm's input; the merge gives the pooled shape;
 the add's readers read the neuron). Left as they are, with the reason in the pass notes:
 neurons whose spikes have other readers (the spikes must exist), pooling the kernels do not
-express, batchnorms with other users or other than 2-D, with ``backend='auto'`` planes of fewer
+express, batchnorms with other users or other than 2-D, neurons with a state whose name the
+chain kernels use for their own variables (e.g. ``xin``), with ``backend='auto'`` planes of fewer
 than :data:`~snncompile.runtime.fused_chain.AUTO_MIN_PLANE` neurons (1 since small planes are
 grouped per work item: no plane size is left out now), and a neuron with nothing next to it
 to merge. With

@@ -2,13 +2,14 @@
 
 :mod:`snncompile.passes.fuse_chains` replaces ``BN -> neuron -> pool`` on ``[T, N, C, H, W]``
 (each part optional, at least two present) by one node running a :class:`FusedChain`. The module
-holds the compiled model's own modules (the neuron keeps its state ``v``; the batchnorm its
+holds the compiled model's own modules (the neuron keeps its states: ``v`` and any beside it,
+such as Izhikevich's ``w``; the batchnorm its
 parameters and running statistics, shared with the model), so ``reset_net``, ``train()`` /
 ``eval()`` and state dicts work unchanged. One call computes, with the kernels of
 :mod:`snncompile.codegen.chain_kernels`::
 
     a_c, b_c = w_c * invstd_c, bias_c - mean_c * a_c         # eval: running stats; train: batch
-    x = xin * a_c + b_c (+ r);  h, s, v = neuron(v, x);  out = pool(s)  or  out = e + s
+    x = xin * a_c + b_c (+ r);  h, s, v, *w = neuron(v, *w, x);  out = pool(s)  or  out = e + s
 
 (``r``: a spiking ResNet's residual before the neuron, ``e``: SEW ResNet's ADD after it; their
 gradients are the neuron input's and the output's).
@@ -29,8 +30,11 @@ the neuron's BPTT with the pooled gradient routed in-kernel (no indices stored; 
 recomputed from the kept input), then PyTorch's batchnorm input gradient
 ``(gy - mean(gy) - (x - mean) * k) * w * invstd`` with ``k = sum(gy * (x - mean)) * invstd^2 /
 M`` from the kernel's float64 per-plane sums, reduced per channel and turned into the
-coefficients in the same C call (gradients within ~1e-6 relative of PyTorch's). A fresh
-neuron state (the float ``v_reset``) is filled inside the kernels, not materialised.
+coefficients in the same C call (gradients within ~1e-6 relative of PyTorch's). Every state of
+the neuron goes in and out of the kernels (the last values are written back to the neuron's
+state slots; BPTT runs through every state, and the gradients of the initial states flow to the
+tensors they came from); a fresh state (a float such as ``v_reset`` or Izhikevich's ``w_rest``)
+is filled inside the kernels, not materialised.
 
 When the kernel does not apply (not float32 on CPU, no compiler, ``backend='torch'`` or
 ``'auto'`` below its size threshold) or one of the modules has forward hooks (a monitor: it
@@ -47,7 +51,7 @@ import torch
 from torch import nn
 
 from snncompile.codegen.build import load_library, march
-from snncompile.codegen.chain_kernels import ChainSource, generate_chain
+from snncompile.codegen.chain_kernels import ChainSource, chain_name_clash, generate_chain
 from snncompile.codegen.cpu import WORKSPACES, num_threads
 from snncompile.dynamics.neuron import NeuronDynamics
 from snncompile.runtime.fused import compiler_available, uniforms_for
@@ -91,9 +95,9 @@ class ChainKernel:
         lib = load_library(self.source.source, symbols=syms)
         self._lib = lib
         self.fwd = getattr(lib, syms[0])
-        self.fwd.argtypes = [_P] * 4 + [_F] + [_P] * 6 + [_I64] * 6 + [_I32]
+        self.fwd.argtypes = [_P] * 11 + [_I64] * 6 + [_I32]
         self.bwd = getattr(lib, syms[1])
-        self.bwd.argtypes = [_P] * 5 + [_F] + [_P] * 8 + [_I64] * 6 + [_I32]
+        self.bwd.argtypes = [_P] * 14 + [_I64] * 6 + [_I32]
         self.bn_stats = getattr(lib, syms[2])
         self.bn_stats.argtypes = [_P] + [_I64] * 3 + [_P] * 2 + [_D] * 2 + [_P] * 4 + [_I32]
         self.bn_bwd = getattr(lib, syms[3])
@@ -127,8 +131,23 @@ def chain_kernel(
     return k
 
 
+def _state_args(
+    inits: tuple[torch.Tensor | None, ...], fills: tuple[float, ...]
+) -> tuple[ctypes.Array[Any], ctypes.Array[Any]]:
+    """The kernels' ``s_init`` (one pointer per state, NULL for a fresh one) and ``s_fill``
+    (the value a fresh state starts from) arrays."""
+    ptrs = (_P * len(inits))(*(_ptr(t) for t in inits))
+    return ptrs, (_F * len(fills))(*fills)
+
+
 class _ChainFunction(torch.autograd.Function):
-    """Forward and backward of one chain call (see the module docstring)."""
+    """Forward and backward of one chain call (see the module docstring).
+
+    The neuron's states are ``v0`` (the membrane) and, after ``eb``, ``s0`` (the extra states,
+    in the dynamics' order): each a flat float32 tensor of the initial values, or None for a
+    fresh state, which the kernel fills with its entry of ``fills``. The second output holds
+    every state's last value, rows ``[S, N * C * H * W]`` (``v`` first).
+    """
 
     @staticmethod
     def forward(
@@ -138,7 +157,7 @@ class _ChainFunction(torch.autograd.Function):
         r: torch.Tensor | None,
         e: torch.Tensor | None,
         v0: torch.Tensor | None,
-        v_fill: float,
+        fills: tuple[float, ...],
         uniforms: torch.Tensor,
         ca: torch.Tensor | None,
         cb: torch.Tensor | None,
@@ -146,6 +165,7 @@ class _ChainFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         bn: _TrainBN | None,
         eb: torch.Tensor | None,
+        *s0: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         T, NB, C, H, W = x.shape
         stats = None
@@ -165,41 +185,49 @@ class _ChainFunction(torch.autograd.Function):
             cb_c = None if cb is None else _f32(cb)
         OH, OW = _pooled(kern.window, H, W)
         out = WORKSPACES.empty((T, NB, C, OH, OW))
-        v_last = WORKSPACES.empty((NB * C * H * W,))
+        s_last = WORKSPACES.empty((len(fills), NB * C * H * W))
+        s_init, s_fill = _state_args((v0, *s0), fills)
         kern.fwd(
-            _ptr(x), _ptr(r), _ptr(e), _ptr(v0), v_fill, _ptr(uniforms), _ptr(ca_c), _ptr(cb_c),
-            _ptr(eb), _ptr(out), _ptr(v_last), T, NB, C, H, W, group_planes(NB * C, H * W),
+            _ptr(x), _ptr(r), _ptr(e), s_init, s_fill, _ptr(uniforms), _ptr(ca_c), _ptr(cb_c),
+            _ptr(eb), _ptr(out), _ptr(s_last), T, NB, C, H, W, group_planes(NB * C, H * W),
             num_threads(x.numel()),
         )  # fmt: skip
-        ctx.kern, ctx.bn, ctx.v_fill = kern, bn is not None, v_fill
+        ctx.kern, ctx.bn, ctx.fills = kern, bn is not None, fills
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
         ctx.stats = stats
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, r, v0, uniforms, ca_c, cb_c, weight, eb)
-        return out, v_last
+        ctx.save_for_backward(x, r, v0, uniforms, ca_c, cb_c, weight, eb, *s0)
+        return out, s_last
 
     @staticmethod
-    def backward(ctx: Any, g_out: torch.Tensor | None, g_vlast: torch.Tensor | None) -> Any:
-        x, r, v0, uniforms, ca, cb, weight, eb = ctx.saved_tensors
+    def backward(ctx: Any, g_out: torch.Tensor | None, g_slast: torch.Tensor | None) -> Any:
+        x, r, v0, uniforms, ca, cb, weight, eb, *s0 = ctx.saved_tensors
         kern: ChainKernel = ctx.kern
         T, NB, C, H, W = x.shape
         OH, OW = _pooled(kern.window, H, W)
         if g_out is None:
             g_out = torch.zeros((T, NB, C, OH, OW))
         g_out = _f32(g_out)
-        gvl = None if g_vlast is None else _f32(g_vlast)
+        gsl = None if g_slast is None else _f32(g_slast)
         nu = kern.source.num_uniforms
         need = ctx.needs_input_grad
         nt = num_threads(x.numel())
         gx = WORKSPACES.empty(tuple(x.shape))
         gxin = None if ctx.bn else WORKSPACES.empty(tuple(x.shape))
-        gv0 = torch.empty_like(v0) if v0 is not None and need[4] else None
+        # The initial states' gradients, rows of one [S, N * C * H * W] buffer (v first): those
+        # of the states passed as tensors that need one (v0 is input 4, s0 follows eb, 13).
+        inits = (v0, *s0)
+        slots = (4, *range(13, 12 + len(inits)))
+        want = [t is not None and need[i] for t, i in zip(inits, slots, strict=True)]
+        g_init = torch.empty((len(inits), NB * C * H * W)) if any(want) else None
         psum = torch.empty((NB * C, 2 + nu), dtype=torch.float64)
+        s_init, s_fill = _state_args(inits, ctx.fills)
         kern.bwd(
-            _ptr(g_out), _ptr(gvl), _ptr(x), _ptr(r), _ptr(v0), ctx.v_fill, _ptr(uniforms),
-            _ptr(ca), _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(gv0), _ptr(psum),
+            _ptr(g_out), _ptr(gsl), _ptr(x), _ptr(r), s_init, s_fill, _ptr(uniforms),
+            _ptr(ca), _ptr(cb), _ptr(eb), _ptr(gx), _ptr(gxin), _ptr(g_init), _ptr(psum),
             T, NB, C, H, W, group_planes(NB * C, H * W), nt,
         )  # fmt: skip
+        g_states = [g_init[i] if w else None for i, w in enumerate(want)]  # type: ignore[index]
         # One buffer for the per-channel results: rows g_ca / g_w, g_cb / g_b, then g_u.
         small = torch.empty((2 * C + nu,))
         g_u = small[2 * C :] if nu and need[6] else None
@@ -223,7 +251,8 @@ class _ChainFunction(torch.autograd.Function):
         g_r = gx if r is not None and need[2] else None
         # out = s + e: the added residual's gradient is the output's.
         g_e = g_out if need[3] else None
-        return None, gxin, g_r, g_e, gv0, None, g_u, g_ca, g_cb, g_w, g_b, None, None
+        gv0, *g_s0 = g_states
+        return None, gxin, g_r, g_e, gv0, None, g_u, g_ca, g_cb, g_w, g_b, None, None, *g_s0
 
 
 #: A kernel work item is a group of consecutive ``(n, c)`` planes holding about this many
@@ -326,11 +355,11 @@ def chain_blocker(neuron: nn.Module, bn: nn.Module | None, pool: nn.Module | Non
     d = dynamics_for(neuron)
     if d is None:
         return f"{type(neuron).__name__} has no fused kernel"
-    if d.states:
-        extra = ", ".join(s.name for s in d.states)
+    clash = chain_name_clash(d)
+    if clash is not None:
         return (
-            f"{type(neuron).__name__} carries states beside v ({extra}); the chain kernels "
-            "carry the membrane only, so the neuron runs its own fused kernel"
+            f"{type(neuron).__name__}'s state {clash!r} has the name of a variable of the chain "
+            "kernels, so the neuron runs its own fused kernel (rename the state)"
         )
     if getattr(neuron, "store_v_seq", False):
         return "the neuron stores v_seq"
@@ -479,18 +508,14 @@ class FusedChain(nn.Module):
         e_c = None if e_seq is None else e_seq.contiguous()
         params = {n: getattr(neuron, n) for n in d.param_names}
         uniforms = uniforms_for(d, params or None, x_seq.device)
-        shape = x_seq.shape[1:]
-        v0, v_fill = None, 0.0
-        if isinstance(neuron.v, (int, float)):  # a fresh state: the kernel fills it
-            v_fill = float(neuron.v)
-        else:
-            neuron.v_float_to_tensor(x_seq[0])
-            v0 = neuron.v.float().expand(shape).reshape(-1).contiguous()
-        out, v_last = _ChainFunction.apply(
-            kern, x_seq.contiguous(), r_c, e_c, v0, v_fill, uniforms, ca, cb, weight, bias,
-            bn_info, eb,
+        inits, fills = _initial_states(neuron, d.state_names, x_seq[0])
+        out, s_last = _ChainFunction.apply(
+            kern, x_seq.contiguous(), r_c, e_c, inits[0], fills, uniforms, ca, cb, weight, bias,
+            bn_info, eb, *inits[1:],
         )  # fmt: skip
-        neuron.v = v_last.view(shape)
+        shape = x_seq.shape[1:]
+        for name, last in zip(d.state_names, s_last.unbind(0), strict=True):
+            setattr(neuron, name, last.view(shape))
         return out
 
     def unfused(self, x_seq: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
@@ -519,6 +544,27 @@ class FusedChain(nn.Module):
         if self.scale_out is not None:
             out = self.scale_out(out)
         return out, spikes
+
+
+def _initial_states(
+    neuron: nn.Module, names: tuple[str, ...], x: torch.Tensor
+) -> tuple[list[torch.Tensor | None], tuple[float, ...]]:
+    """``(inits, fills)`` of the neuron's states ``names`` (``v`` first) for a step shaped like
+    ``x``: a state that is a float (fresh, after a reset) is None in ``inits`` and its value in
+    ``fills`` (the kernels fill it); a tensor state is checked against ``x``'s shape (the
+    neuron's own check and message), made ``x``'s dtype and passed flat and contiguous."""
+    inits: list[torch.Tensor | None] = []
+    fills: list[float] = []
+    for name in names:
+        value = getattr(neuron, name)
+        if isinstance(value, (int, float)):
+            inits.append(None)
+            fills.append(float(value))
+            continue
+        neuron._state_to_tensor(name, x)
+        inits.append(getattr(neuron, name).float().expand(x.shape).reshape(-1).contiguous())
+        fills.append(0.0)
+    return inits, tuple(fills)
 
 
 def _stats_ok(bn: _TrainBN, module: nn.Module, C: int) -> bool:
