@@ -229,7 +229,12 @@ class _TimeChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tc: TimeChunks, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         chunks = list(x.split(tc.chunk, 0))
-        keep = set(range(len(chunks))) if tc.keep == "all" else {0, *spine(len(chunks), tc.keep)}
+        if tc.keep == "all":
+            keep = set(range(len(chunks)))
+        elif tc.batch_stats is not None:  # several reverse sweeps: each recomputes its spine
+            keep = {0}
+        else:
+            keep = {0, *spine(len(chunks), tc.keep)}
         starts: list[list[Any] | None] = []
         rng: list[RngState] = []
         out: torch.Tensor | None = None
@@ -523,21 +528,17 @@ def _reruns(chunks: int, slots: int, on_spine: bool) -> int:
     return sweep + _reruns(chunks - left, slots - 1, on_spine) + _reruns(left, slots, False)
 
 
-def chunk_reruns(chunks: int, keep: str | int) -> int:
-    """Chunk forwards (with or without a graph) the backward runs for ``chunks`` chunks."""
+def chunk_reruns(chunks: int, keep: str | int, spine_kept: bool = True) -> int:
+    """Chunk forwards (with or without a graph) one reverse sweep runs for ``chunks`` chunks;
+    ``spine_kept``: the forward kept the states the reversal needs first (:func:`spine`)."""
     if keep == "all":
         return chunks
-    return _reruns(chunks, int(keep), True)
+    return _reruns(chunks, int(keep), spine_kept)
 
 
-def _live_states(keep: str | int, n: int, sweeps: int = 1) -> int:
-    """States alive at the peak: the kept ones, the rerun chunk's end state, carried gradients.
-    With more than one reverse sweep (training batchnorms) the forward's kept states stay
-    alive until the last sweep, beside the ones a sweep recomputes: up to ``2 s - 1``."""
-    if keep == "all":
-        return n + 2
-    s = int(keep)
-    return min(s if sweeps == 1 else 2 * s - 1, n) + 2
+def _live_states(keep: str | int, n: int) -> int:
+    """States alive at the peak: the kept ones, the rerun chunk's end state, carried gradients."""
+    return (n if keep == "all" else min(int(keep), n)) + 2
 
 
 def _candidates(T: int) -> list[int]:
@@ -576,7 +577,7 @@ def plan_time_chunks(
     T = example_input.shape[0]
     s = _state_bytes(gm, example_input)
     sites = batch_stat_sites(gm)
-    sweeps = 1 + (len({site.level for site in sites}) if isinstance(sites, list) else 0)
+    reverse_sweeps = 1 + (len({site.level for site in sites}) if isinstance(sites, list) else 0)
 
     def measure(choice: ChunkChoice) -> None:
         runner = TimeChunks(gm, choice.chunk, choice.keep)
@@ -591,7 +592,7 @@ def plan_time_chunks(
         probe = ChunkChoice(k, 1, 0, 0)
         measure(probe)
         assert probe.measured is not None
-        points.append((k, probe.measured - _live_states(1, math.ceil(T / k), sweeps) * s))
+        points.append((k, probe.measured - _live_states(1, math.ceil(T / k)) * s))
     if len(points) == 2:
         (k1, m1), (k2, m2) = points
         per_step = max(0.0, (m1 - m2) / (k1 - k2))
@@ -604,8 +605,10 @@ def plan_time_chunks(
         if n == 1:
             continue  # one chunk is the unchunked step
         for keep in ("all", *(c for c in SLOT_CHOICES if c < n)):
-            pred = int(fixed + k * per_step + _live_states(keep, n, sweeps) * s)
-            options.append(ChunkChoice(k, keep, pred, sweeps * chunk_reruns(n, keep) * k))
+            pred = int(fixed + k * per_step + _live_states(keep, n) * s)
+            one = chunk_reruns(n, keep, spine_kept=reverse_sweeps == 1)
+            reruns = reverse_sweeps * one * k
+            options.append(ChunkChoice(k, keep, pred, reruns))
     options.sort(key=lambda o: (o.reruns, -o.chunk))
     tried: list[ChunkChoice] = []
     strict = [o for o in options if o.predicted <= budget]
