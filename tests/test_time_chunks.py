@@ -53,9 +53,8 @@ def _sj_net(kind: str, kw: dict, sg: str, *, bn_eval: bool, dropout: bool) -> nn
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 1.5)
         mods.append(bn.eval())  # frozen BatchNorm: the running statistics normalize
-    # Pooling before the neuron: a multi-state neuron followed by pooling does not compile today
-    # (its chain kernel lacks the extra state), which is not what this file tests.
-    mods += [sj_layer.MaxPool2d(2), node(), sj_layer.Flatten()]
+    # The neuron then pooling: with BN, one fused chain (multi-state neurons included).
+    mods += [node(), sj_layer.MaxPool2d(2), sj_layer.Flatten()]
     if dropout:
         mods.append(sj_layer.Dropout(0.3))
     fc = sj_layer.Linear(6 * 4 * 4, 5)
