@@ -285,3 +285,28 @@ def test_batchnorm_inside_another_module_refused_by_name() -> None:
     assert isinstance(why, str) and "%block (Block) holds a training BatchNorm1d" in why
     with pytest.raises(ValueError, match="holds a training BatchNorm1d"):
         TimeChunks(gm, 1)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_statistics_sweeps_stop_after_the_level_unless_random(dropout: bool) -> None:
+    """Without random draws a statistics sweep's chunk ends at its level's last batchnorm; with
+    them (Dropout) every chunk runs whole, so that each starts from the generator state of the
+    output sweep."""
+    torch.manual_seed(0)
+    model = _cnn(dropout=dropout)
+    x = _inputs()
+    compiled = snncompile.optimize(model, x)
+    linear = [m for m in compiled.gm.modules() if isinstance(m, nn.Linear)][0]
+    calls = []
+    linear.register_forward_hook(lambda *_: calls.append(1))
+    tc = TimeChunks(compiled.gm, 2)
+    _reset(model, compiled)
+    with torch.no_grad():
+        tc.run(x)
+    chunks, levels = 3, 3
+    if dropout:  # every sweep runs every chunk whole
+        expected = chunks * (levels + 1)
+    else:  # level 1: only the first chunk whole; level 2 stops before the linear layer;
+        # level 3 (its BatchNorm1d) and the output sweep reach it in every chunk
+        expected = 1 + 0 + chunks + chunks
+    assert len(calls) == expected

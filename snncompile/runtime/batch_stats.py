@@ -49,9 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["BatchStatSite", "BatchStats", "batch_stat_sites"]
+__all__ = ["BatchStatSite", "BatchStats", "SweepDone", "batch_stat_sites"]
 
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+class SweepDone(Exception):
+    """Raised inside a statistics sweep's chunk once every site of the level has been summed
+    (what follows would not change the sums)."""
 
 
 class _StatisticsGradient(torch.autograd.Function):
@@ -95,6 +100,7 @@ class BatchStatSite:
     var: torch.Tensor | None = None  # the biased variance over all chunks (plain batchnorm)
     grad_sums: torch.Tensor | None = None  # float64 [2, C]: S1 = sum(g), S2 = sum(g * x_hat)
     kern: Any = None  # the chain kernel whose sums were gathered (its finish is used)
+    owner: Any = None  # the BatchStats told after each sum (to end a sweep's chunk early)
     gather: bool = False  # the reruns attach zero leaves dw, db to gather S1, S2
     leaves: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -130,6 +136,8 @@ class BatchStatSite:
             self.acc[:, 0] += xd.sum(dims)
             self.acc[:, 1] += (xd * xd).sum(dims)
         self.count += x.numel() // C
+        if self.owner is not None:
+            self.owner.collected(self)
 
     def _affine_params(self, C: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w', b')``: the batchnorm's weight and bias (1 and 0 without affine), plus the
@@ -304,6 +312,9 @@ class BatchStats:
         self.gm = gm
         self.sites = sites
         self.levels = sorted({s.level for s in sites})
+        for s in sites:
+            s.owner = self
+        self._level, self.stop_early, self._remaining = 0, False, 0
         owner: dict[int, fx.Node] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -353,12 +364,28 @@ class BatchStats:
                 if isinstance(s.module, FusedChain):
                     s.module.batch_stats = None
 
-    def collecting(self) -> None:
-        """Sites without statistics sum their inputs; the others apply theirs."""
+    def collecting(self, level: int, stop_early: bool = False) -> None:
+        """Sites without statistics sum their inputs; the others apply theirs. With
+        ``stop_early``, a chunk ends (:class:`SweepDone`) once every site of ``level`` has
+        summed its input (only where the program draws no random numbers: the chunks after
+        must start from the generator state a whole chunk leaves)."""
         for s in self.sites:
             s.mode = "collect" if s.rows is None else "apply"
             if s.rows is None:
                 s.acc, s.count, s.kern = None, 0, None
+        self._level, self.stop_early = level, stop_early
+        self._remaining = 0
+
+    def chunk_begins(self) -> None:
+        """A statistics sweep's next chunk starts: every site of the level is still to come."""
+        self._remaining = len(self.of_level(self._level))
+
+    def collected(self, site: BatchStatSite) -> None:
+        """``site`` summed its input; end the chunk when it was the level's last."""
+        if site.level == self._level:
+            self._remaining -= 1
+            if self._remaining == 0 and self.stop_early:
+                raise SweepDone
 
     def finish_level(self, level: int) -> None:
         """The level's statistics from the sums of the sweep just run (running statistics

@@ -65,7 +65,7 @@ import torch
 from torch import fx
 
 from snncompile.ir.graph import Graph
-from snncompile.runtime.batch_stats import BatchStats, batch_stat_sites
+from snncompile.runtime.batch_stats import BatchStats, SweepDone, batch_stat_sites
 from snncompile.runtime.memory import measure_train_step, memory_slots, snapshot_state
 
 __all__ = [
@@ -208,12 +208,23 @@ def _statistics_sweeps(tc: TimeChunks, chunks: list[torch.Tensor]) -> None:
     device = chunks[0].device
     rng = _rng_state(device)
     restore = snapshot_state(tc.gm, memories=False)
+    stop_early = False  # set once the first chunk, run whole, is seen to draw no random numbers
     try:
-        for level in stats.levels:
-            stats.collecting()
+        for i, level in enumerate(stats.levels):
+            stats.collecting(level, stop_early)
             with torch.no_grad(), _rng_at(rng, device):
-                for xc in chunks:
-                    tc.gm(xc)
+                for c, xc in enumerate(chunks):
+                    stats.chunk_begins()
+                    try:
+                        tc.gm(xc)
+                    except SweepDone:
+                        pass  # the rest of the chunk runs downstream of the level's sites
+                    if i == 0 and c == 0:
+                        now = _rng_state(device)
+                        stop_early = torch.equal(now[0], rng[0]) and (
+                            now[1] is None or torch.equal(now[1], rng[1])
+                        )
+                        stats.stop_early = stop_early
             restore()  # buffers a sweep wrote (per-step statistics) are the forward's to write
             tc.set_state(start)
             stats.finish_level(level)
