@@ -310,3 +310,23 @@ def test_statistics_sweeps_stop_after_the_level_unless_random(dropout: bool) -> 
         # level 3 (its BatchNorm1d) and the output sweep reach it in every chunk
         expected = 1 + 0 + chunks + chunks
     assert len(calls) == expected
+
+
+def test_train_eval_switch_after_compile() -> None:
+    """The batchnorms' mode at each call decides: compiled in train mode, then ``eval()``
+    (frozen statistics), then ``train()`` again -- each step equals the unbudgeted compile's."""
+    torch.manual_seed(0)
+    model = _cnn()
+    x = _inputs()
+    compiled = snncompile.optimize(model, x)
+    tc = TimeChunks(compiled.gm, 2, 1)
+    k = _ngrads(model)
+    for train in (True, False, True):
+        for m in compiled.gm.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(train)
+        ref = _step(model, compiled, compiled.gm, x)
+        got = _step(model, compiled, tc.run, x)
+        assert (tc.batch_stats is not None) == train
+        assert torch.equal(got[0], ref[0]), train
+        assert all(_close(u, v, 1e-5) for u, v in zip(got[1:k], ref[1:k], strict=True))

@@ -352,6 +352,7 @@ class BatchStats:
         chain's kernel path too) while the block runs."""
         from snncompile.runtime.fused_chain import FusedChain
 
+        before = [s.bn.__dict__.get("forward") for s in self.sites]
         try:
             for s in self.sites:
                 s.bn.forward = s.plain_forward  # type: ignore[method-assign]
@@ -359,10 +360,16 @@ class BatchStats:
                     s.module.batch_stats = s
             yield
         finally:
-            for s in self.sites:
+            for s, f in zip(self.sites, before, strict=True):
                 s.bn.__dict__.pop("forward", None)
+                if f is not None:
+                    s.bn.forward = f  # type: ignore[method-assign]
                 if isinstance(s.module, FusedChain):
                     s.module.batch_stats = None
+
+    def matches(self, sites: list[BatchStatSite]) -> bool:
+        """Whether ``sites`` (found again, e.g. after ``train()`` / ``eval()``) are these."""
+        return [(s.node, s.bn) for s in sites] == [(s.node, s.bn) for s in self.sites]
 
     def collecting(self, level: int, stop_early: bool = False) -> None:
         """Sites without statistics sum their inputs; the others apply theirs. With

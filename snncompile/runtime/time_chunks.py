@@ -142,11 +142,20 @@ class TimeChunks:
         self.chunk = int(chunk)
         self.keep = keep
         self.slots: list[Slot] = memory_slots(gm)
-        sites = batch_stat_sites(gm)
-        if isinstance(sites, str):
-            raise ValueError(f"TimeChunks: {sites}")
         #: The training batchnorms, whose statistics over all T the chunks take in sweeps.
-        self.batch_stats: BatchStats | None = BatchStats(gm, sites, self.slots) if sites else None
+        self.batch_stats: BatchStats | None = None
+        self.find_batch_stats(ValueError)
+
+    def find_batch_stats(self, error: type[Exception]) -> None:
+        """(Re)find the batchnorms that normalize with batch statistics -- ``train()`` and
+        ``eval()`` change which do -- and raise ``error`` when one cannot be chunked."""
+        sites = batch_stat_sites(self.gm)
+        if isinstance(sites, str):
+            raise error(f"TimeChunks: {sites}")
+        if not sites:
+            self.batch_stats = None
+        elif self.batch_stats is None or not self.batch_stats.matches(sites):
+            self.batch_stats = BatchStats(self.gm, sites, self.slots)
 
     def batch_stats_installed(self) -> contextlib.AbstractContextManager[None]:
         """Route the training batchnorms through :attr:`batch_stats` while the block runs."""
@@ -172,6 +181,7 @@ class TimeChunks:
                     "from an earlier call; a time-chunked step starts from a detached state. "
                     "Call functional.reset_net(compiled) or detach_net(compiled) between steps."
                 )
+        self.find_batch_stats(RuntimeError)  # the batchnorms' modes as of this call
         params = [p for p in self.gm.parameters() if p.requires_grad]
         return _TimeChunked.apply(self, x, *params)
 
