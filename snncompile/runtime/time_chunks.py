@@ -591,9 +591,10 @@ def plan_time_chunks(
     two measured steps (chunks of ``T/2`` and ``T/4`` steps, one state kept). Candidates are
     ordered by the time steps rerun in backward (:func:`chunk_reruns` times ``Tc``), fewest
     first. Up to :data:`SLACK_TRIES` faster candidates predicted within :data:`PREDICTION_SLACK`
-    over the budget are measured first, then those predicted to fit, until one measures within
-    the budget (at most :data:`MAX_TRIES` measured); the least-memory candidate is the last
-    resort. Returns the plan (None when nothing fits) and the smallest peak measured.
+    over the budget are measured first (those predicted closest to the budget first), then
+    those predicted to fit, until one measures within the budget (at most :data:`MAX_TRIES`
+    measured); the least-memory candidate is the last resort. Returns the plan (None when
+    nothing fits) and the smallest peak measured.
     """
     T = example_input.shape[0]
     s = _state_bytes(gm, example_input)
@@ -635,10 +636,12 @@ def plan_time_chunks(
     strict = [o for o in options if o.predicted <= budget]
     first = strict[0].reruns if strict else math.inf
     # A few faster plans predicted a little over the budget first (the model overestimates:
-    # it charges every state and the whole chunk at once), then those predicted to fit.
+    # it charges every state and the whole chunk at once), those predicted closest to the
+    # budget (the likeliest to fit) first; then those predicted to fit, fastest first.
     slack = [
         o for o in options if budget < o.predicted <= budget * PREDICTION_SLACK and o.reruns < first
     ]
+    slack.sort(key=lambda o: (o.predicted, o.reruns))
     queue = slack[:SLACK_TRIES] + strict
     for choice in queue[:MAX_TRIES]:
         measure(choice)
