@@ -319,7 +319,26 @@ def main() -> None:
     ap.add_argument("--kinds", default=None, help="comma-separated rows (default: per model)")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        help="comma-separated --json files of earlier runs: print nothing new, only --plot them "
+        "(rows of the same kind from several files get the file's budget as a suffix)",
+    )
     args = ap.parse_args()
+    if args.from_json:
+        results, kinds = [], []
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                rows = json.load(f)
+            for r in rows:
+                if r["kind"].startswith("sc_budget") and "budget" in r:
+                    r["kind"] = f"{r['kind']}_{r['budget']}"
+                if r["kind"] not in kinds:
+                    kinds.append(r["kind"])
+            results += rows
+        plot(results, kinds, args.model, args.plot or "train_memory.png")
+        return
     kinds = ["sj_eager", "sj_memopt", "sj_optimize_memory", "sc_default", "sc_packed"]
     kinds += ["sc_budget", "sc_budget_quarter"]
     if args.model not in CNNS:
@@ -368,24 +387,39 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.plot:
-        import matplotlib
+        plot(results, kinds, args.model, args.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for kind in kinds:
-            pts = [(r["T"], r["rss_mb"]) for r in results if r["kind"] == kind and "rss_mb" in r]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=kind)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("T (time steps)")
-        ax.set_ylabel("RSS rise during a training step (MB)")
-        ax.set_title(f"BPTT step, {args.model}, batch {BATCH[args.model]}, 3x32x32")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
-        print(f"plot written to {args.plot}")
+def plot(results: list[dict[str, Any]], kinds: list[str], model: str, path: str) -> None:
+    """Plot each row's step RSS rise against T (log2 axis) to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in kinds:
+        by_t: dict[int, float] = {}
+        for r in results:  # the first run's row where several runs have one
+            if r["kind"] == kind and "rss_mb" in r:
+                by_t.setdefault(r["T"], r["rss_mb"])
+        if by_t:
+            budget = _budget_of(results, kind)
+            label = kind if not budget or kind.endswith(budget) else f"{kind} ({budget})"
+            ax.plot(*zip(*sorted(by_t.items()), strict=True), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # flat rows stay flat beside rows that grow 17x
+    ax.set_xlabel("T (time steps)")
+    ax.set_ylabel("RSS rise during a training step (MB, log scale)")
+    ax.set_title(f"BPTT step, {model}, batch {BATCH[model]}, 3x32x32")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def _budget_of(results: list[dict[str, Any]], kind: str) -> str:
+    return next((str(r["budget"]) for r in results if r["kind"] == kind and "budget" in r), "")
 
 
 if __name__ == "__main__":
