@@ -76,11 +76,13 @@ def optimize(
             ``example_input``. Training: the compiler measures what each segment between
             neurons saves for backward and recomputes segments in backward (from their inputs,
             spikes packed 1 bit each) until the step's predicted peak of live tensor bytes fits;
-            gradients are the same. When segments cannot meet the budget and no op couples
-            time steps (no training-mode multi-step BatchNorm, no reduction over ``T`` inside),
-            the whole program is recomputed in chunks of time instead, with a bounded number of
-            chunk-start states kept (:mod:`snncompile.runtime.time_chunks`): outputs bit-equal,
-            gradients equal to float rounding. ``report()`` shows the plan, predicted and
+            gradients are the same. When segments cannot meet the budget and no op but the
+            neurons and training BatchNorms couples time steps (no reduction, attention or
+            random draw over ``T`` inside), the whole program is recomputed in chunks of time
+            instead, with a bounded number of chunk-start states kept
+            (:mod:`snncompile.runtime.time_chunks`; training BatchNorms take their statistics
+            over all ``T`` in extra sweeps, :mod:`snncompile.runtime.batch_stats`): outputs
+            bit-equal, gradients equal to float rounding. ``report()`` shows the plan, predicted and
             measured peak (see :mod:`snncompile.runtime.recompute`), or why time chunks are
             not possible; a budget below the smallest reachable peak raises
             ``MemoryBudgetError`` naming that peak.

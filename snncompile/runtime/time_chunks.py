@@ -45,11 +45,17 @@ one ``[N, *]`` mask per simulation, in the first chunk); a program that draws ov
 sequence fails the compile-time check below. Buffers written in forward (running statistics of
 per-step BatchNorm) are restored after each rerun: they are updated once per step.
 
+Training BatchNorm over ``T*N`` couples every step through its statistics: such batchnorms
+(*sites*, :mod:`snncompile.runtime.batch_stats`) take their statistics in extra forward sweeps
+and their gradient sums in extra reverse sweeps, one per level, before the output sweep and
+the last reverse sweep above (a per-step BatchNorm of a single-step model and a BatchNorm in
+eval mode need nothing extra). Which batchnorms are sites is decided at each call, from their
+``training`` flag.
+
 Which programs qualify (:func:`time_chunk_blocker`): one ``[T, N, *]`` input, one tensor
-output with ``T`` first, no training-mode BatchNorm over ``T*N`` (its statistics couple every
-step; a per-step BatchNorm of a single-step model and a BatchNorm in eval mode are fine), and
-on the example the chunked forward gives the unchunked output (this catches reductions,
-attention or randomness over ``T`` inside the network).
+output with ``T`` first, no training batchnorm hidden inside another module, and on the
+example the chunked forward gives the unchunked output (this catches reductions, attention or
+randomness over ``T`` inside the network).
 """
 
 from __future__ import annotations
