@@ -71,6 +71,7 @@ import torch
 from torch import fx
 
 from snncompile.ir.graph import Graph
+from snncompile.progress import progress_bar
 from snncompile.runtime.batch_stats import BatchStats, SweepDone, batch_stat_sites
 from snncompile.runtime.memory import measure_train_step, memory_slots, snapshot_state
 
@@ -212,7 +213,13 @@ def _output_chunk(y: Any, xc: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _statistics_sweeps(tc: TimeChunks, chunks: list[torch.Tensor]) -> None:
+def _chunk_bar(desc: str, total: int) -> Any:
+    """A progress bar over chunk runs, drawn only when a step runs over a second (and on a
+    terminal): a long-T, small-budget step can take minutes."""
+    return progress_bar(desc=desc, total=total, unit="chunk", delay=1.0)
+
+
+def _statistics_sweeps(tc: TimeChunks, chunks: list[torch.Tensor], bar: Any) -> None:
     """The forward sweeps that take the training batchnorms' statistics over all chunks, one
     per level (module docstring of :mod:`snncompile.runtime.batch_stats`), from the current
     state and generator state, which are left as they were; then the running statistics are
@@ -235,6 +242,7 @@ def _statistics_sweeps(tc: TimeChunks, chunks: list[torch.Tensor]) -> None:
                         tc.gm(xc)
                     except SweepDone:
                         pass  # the rest of the chunk runs downstream of the level's sites
+                    bar.update(1)
                     if i == 0 and c == 0:
                         now = _rng_state(device)
                         stop_early = torch.equal(now[0], rng[0]) and (
@@ -266,9 +274,11 @@ class _TimeChunked(torch.autograd.Function):
         rng: list[RngState] = []
         out: torch.Tensor | None = None
         step = 0
-        with tc.batch_stats_installed():
+        levels = 0 if tc.batch_stats is None else len(tc.batch_stats.levels)
+        bar = _chunk_bar("time chunks (forward)", (levels + 1) * len(chunks))
+        with tc.batch_stats_installed(), bar:
             if tc.batch_stats is not None:
-                _statistics_sweeps(tc, chunks)
+                _statistics_sweeps(tc, chunks, bar)
             for c, xc in enumerate(chunks):
                 starts.append(tc.state() if c in keep else None)
                 rng.append(_rng_state(x.device))
@@ -278,6 +288,7 @@ class _TimeChunked(torch.autograd.Function):
                 out[step : step + xc.shape[0]].copy_(y)
                 step += xc.shape[0]
                 del y
+                bar.update(1)
         ctx.tc, ctx.starts, ctx.rng = tc, starts, rng
         ctx.save_for_backward(x)
         return out
@@ -306,18 +317,22 @@ class _Reverse:
         self.bounds = [0]
         for xc in self.chunks:
             self.bounds.append(self.bounds[-1] + xc.shape[0])
+        self.bar: Any = None  # the progress bar over chunk runs (set by run)
         self.level: int | None = None  # the level whose sums this sweep gathers (None: last)
         self.mask: list[bool] = [True] * len(tc.slots)
 
     def run(self) -> tuple[Any, ...]:
         stats = self.tc.batch_stats
-        if stats is not None:
-            for level in reversed(stats.levels):
-                self.level, self.mask = level, stats.slots_after(level)
-                self.sweep(final=False)
-            self.level, self.mask = None, [True] * len(self.tc.slots)
-            stats.gathering(None)
-        self.sweep(final=True)
+        levels = 0 if stats is None else len(stats.levels)
+        reruns = chunk_reruns(len(self.chunks), self.tc.keep, spine_kept=stats is None)
+        with _chunk_bar("time chunks (backward)", (levels + 1) * reruns) as self.bar:
+            if stats is not None:
+                for level in reversed(stats.levels):
+                    self.level, self.mask = level, stats.slots_after(level)
+                    self.sweep(final=False)
+                self.level, self.mask = None, [True] * len(self.tc.slots)
+                stats.gathering(None)
+            self.sweep(final=True)
         return (None, self.g_x, *self.g_params)
 
     def sweep(self, final: bool) -> None:
@@ -380,6 +395,7 @@ class _Reverse:
             restore()  # running statistics: updated once per step, by the forward
             if stats is not None:
                 stats.clear_rerun()
+        self.bar.update(1)
         carried: list[Any] = [None] * len(start)
         for (i, _), g in zip(leaves, got[: len(leaves)], strict=True):
             carried[i] = g
@@ -399,6 +415,7 @@ class _Reverse:
         restore = snapshot_state(tc.gm, memories=False)
         try:
             tc.forward_chunks(self.chunks, start_of, c, self.ctx.rng)
+            self.bar.update(c - start_of)
             return tc.state()
         finally:
             tc.set_state(self.after)
