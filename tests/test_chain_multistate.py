@@ -26,6 +26,7 @@ import platform
 
 import pytest
 import torch
+from chain_helpers import random_bn
 from torch import nn
 
 import snncompile
@@ -86,19 +87,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _random_bn(C: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(C)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2.0)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-    return bn
-
-
 def _chain(cls: str, kind: str, C: int) -> FusedChain:
     n = _neuron(cls, step_mode="m", backend="cpu")
-    bn = None if kind == "pool" else _random_bn(C)
+    bn = None if kind == "pool" else random_bn(C)
     pool = {"bn_pool": nn.MaxPool2d(2), "pool": nn.MaxPool2d(3, 2, 1)}.get(kind)
     return FusedChain(n, bn, pool, residual=kind == "residual", added=kind == "added")
 
