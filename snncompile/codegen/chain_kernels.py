@@ -173,6 +173,47 @@ POOLS: dict[str, PoolCode] = {
     ),
 }
 
+
+def tiled_max_backward(k: int) -> str:
+    """The max pooling's gradient routing for windows that tile the plane (``stride == k``, no
+    padding), as straight-line selects a vectorizer turns into SIMD code (C, inside the
+    per-plane loop of :data:`_POOL_BWD_PLANE`).
+
+    The window's ``k * k`` spikes ``e0 ... e{k*k-1}`` in row-major order give the running
+    maxima ``m_i = e_i > m_(i-1) ? e_i : m_(i-1)`` (strict ``>``, as the generic loop); ``e_i``
+    holds the first maximum when it beat ``m_(i-1)`` and no later element beat its
+    predecessor's maximum, so the output gradient ``0 + g`` (the generic loop's add to a zeroed
+    slot, the same bits) goes there and ``0`` everywhere else. Rows and columns no window
+    covers (floor mode) get 0.
+    """
+    n = k * k
+    ind = " " * 20
+    lines = [
+        "            for (int64_t oh = 0; oh < OH; ++oh) {",
+        "                const int64_t r0 = oh * K * W;",
+        "                for (int64_t ow = 0; ow < OW; ++ow) {",
+    ]
+    pos = [f"r0 + {i // k} * W + ow * K + {i % k}" for i in range(n)]
+    lines += [f"{ind}const float e{i} = st[{pos[i]}];" for i in range(n)]
+    lines.append(f"{ind}const float m0 = e0;")
+    for i in range(1, n - 1):
+        lines.append(f"{ind}const float m{i} = e{i} > m{i - 1} ? e{i} : m{i - 1};")
+    lines.append(f"{ind}const float c{n - 1} = 0.0f + gt[oh * OW + ow];")
+    for i in range(n - 1, 0, -1):
+        hit = f"e{i} > m{i - 1}"
+        lines.append(f"{ind}gsb[{pos[i]}] = {hit} ? c{i} : 0.0f;")
+        lines.append(f"{ind}const float c{i - 1} = {hit} ? 0.0f : c{i};")
+    lines.append(f"{ind}gsb[{pos[0]}] = c0;")
+    lines += [
+        "                }",
+        "                for (int64_t r = 0; r < K; ++r)",
+        "                    for (int64_t iw = OW * K; iw < W; ++iw) gsb[r0 + r * W + iw] = 0.0f;",
+        "            }",
+        "            for (int64_t j = OH * K * W; j < HW; ++j) gsb[j] = 0.0f;",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 _C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
 
 _C_CHAIN = """\
@@ -200,6 +241,27 @@ static void {name}_group_start(const float *restrict ca, const float *restrict c
         if (s_init[i]) memcpy(d, s_init[i] + p0 * HW, sizeof(float) * L);
         else for (int64_t j = 0; j < L; ++j) d[j] = s_fill[i];
     }}
+}}
+
+/* The hardware prefetchers stop at page boundaries, and a work item reads its planes one step
+   (P * HW floats) apart: each step asks for the input planes its next step reads (L floats at
+   x, when x is not NULL; one cache line per 64 bytes) while it computes this one. A macro, as
+   GCC takes a function holding only prefetches for a pure one and drops its calls. */
+#define SNN_PREFETCH(x, L) \
+    do {{ \
+        const float *snn_pf = (x); \
+        if (snn_pf) \
+            for (int64_t snn_j = 0; snn_j < (L); snn_j += 16) \
+                __builtin_prefetch(snn_pf + snn_j, 0, 3); \
+    }} while (0)
+
+/* The inputs of the next step of work item g (or the first step of the next item): the
+   offset of their planes in a [T, P, HW] sequence, or -1 after the last item. */
+static inline int64_t {name}_next_off(int64_t t, int64_t T, int64_t g, int64_t NG, int64_t P,
+                                      int64_t p0, int64_t GP, int64_t HW)
+{{
+    if (t + 1 < T) return ((t + 1) * P + p0) * HW;
+    return g + 1 < NG ? (p0 + GP) * HW : -1;
 }}
 
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
@@ -233,6 +295,9 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
+            const int64_t nx = {name}_next_off(t, T, g, NG, P, p0, GP, HW);
+            SNN_PREFETCH(nx < 0 ? NULL : xin_seq + nx, L);
+            SNN_PREFETCH(nx < 0 || !r_seq ? NULL : r_seq + nx, L);
             for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
 {load_states}                const float xin = xt[j];
@@ -295,6 +360,9 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
+            const int64_t nx = {name}_next_off(t, T, g, NG, P, p0, GP, HW);
+            SNN_PREFETCH(nx < 0 ? NULL : xin_seq + nx, L);
+            SNN_PREFETCH(nx < 0 || !r_seq ? NULL : r_seq + nx, L);
             for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
 {load_states}                const float xin = xt[j];
@@ -718,7 +786,10 @@ def generate_chain(
     body = forward_body(program, C_TARGET)
     if pool in ("max", "avg"):
         pool_fwd = _POOL_FWD_PLANE.format(code=_indent(POOLS[pool].forward))
-        pool_bwd = _POOL_BWD_PLANE.format(code=_indent(POOLS[pool].backward))
+        code = POOLS[pool].backward
+        if pool == "max" and stride == k and pad == 0:  # windows tile the plane: SIMD routing
+            code = tiled_max_backward(k)
+        pool_bwd = _POOL_BWD_PLANE.format(code=_indent(code))
     else:
         pool_fwd = _POOL_FWD_GROUP.format(code=_indent(POOLS[pool].forward))
         pool_bwd = _POOL_BWD_GROUP.format(code=_indent(POOLS[pool].backward))
