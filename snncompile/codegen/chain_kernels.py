@@ -214,7 +214,15 @@ def tiled_max_backward(k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-_C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
+_C_CHAIN_HEADER = """\
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX__)
+/* 8 float64 / float32 lanes (GCC and Clang vector extensions): the statistics' lane sums */
+typedef double snn_v8d __attribute__((vector_size(64)));
+typedef float snn_v8f __attribute__((vector_size(32)));
+#endif
+"""
 
 _C_CHAIN = """\
 /* The start of one work item, planes p0 .. p0 + np - 1 of HW neurons: the per-channel
@@ -363,6 +371,8 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
             const int64_t nx = {name}_next_off(t, T, g, NG, P, p0, GP, HW);
             SNN_PREFETCH(nx < 0 ? NULL : xin_seq + nx, L);
             SNN_PREFETCH(nx < 0 || !r_seq ? NULL : r_seq + nx, L);
+            /* and this step's output gradient, which the reverse pass below reads */
+            SNN_PREFETCH(gout_seq + (t * P + p0) * OHW, np * OHW);
             for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
 {load_states}                const float xin = xt[j];
@@ -406,10 +416,18 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         if (grad_s_init)
             for (int64_t i = 0; i < {nst}; ++i)
                 memcpy(grad_s_init + i * P * HW + p0 * HW, carry + i * LM, sizeof(float) * L);
+        /* per plane: 8 lane sums (lane l takes j = l mod 8) added in lane order, then the
+           rest: a fixed order that vectorizes (one serial chain of HW adds does not) */
         for (int64_t q = 0; q < np; ++q)
             for (int64_t k = 0; k < NS; ++k) {{
+                const double *restrict a = acc + k * L + q * HW;
+                const int64_t J = HW - HW % 8;
+                double lane[8] = {{0.0}};
+                for (int64_t j = 0; j < J; j += 8)
+                    for (int l = 0; l < 8; ++l) lane[l] += a[j + l];
                 double sum = 0.0;
-                for (int64_t j = 0; j < HW; ++j) sum += acc[k * L + q * HW + j];
+                for (int l = 0; l < 8; ++l) sum += lane[l];
+                for (int64_t j = J; j < HW; ++j) sum += a[j];
                 psum[(p0 + q) * NS + k] = sum;
             }}
     }}
@@ -479,7 +497,20 @@ void {name}_bn_partial(const float *restrict x, int64_t M, int64_t C, int64_t HW
     for (int64_t p = 0; p < P; ++p) {{
         const float *restrict xp = x + p * HW;
         /* 8 partial sums (lane k takes j = k mod 8), then added in lane order: a fixed
-           order the compiler vectorizes on any vector width, so every CPU gets these bits */
+           order the compiler vectorizes on any vector width, so every CPU gets these bits.
+           With AVX the lanes are one vector of GCC / Clang's vector extension (GCC leaves the
+           loop below nearly scalar there); the same adds, lane by lane. */
+#if defined(__AVX__)
+        snn_v8d sl = {{0.0}}, ql = {{0.0}};
+        int64_t j = 0;
+        for (; j + 8 <= HW; j += 8) {{
+            snn_v8f f;
+            memcpy(&f, xp + j, sizeof f);
+            const snn_v8d e = __builtin_convertvector(f, snn_v8d);
+            sl += e;
+            ql += e * e;
+        }}
+#else
         double sl[8] = {{0.0}}, ql[8] = {{0.0}};
         int64_t j = 0;
         for (; j + 8 <= HW; j += 8)
@@ -488,6 +519,7 @@ void {name}_bn_partial(const float *restrict x, int64_t M, int64_t C, int64_t HW
                 sl[k] += e;
                 ql[k] += e * e;
             }}
+#endif
         double s = 0.0, q = 0.0;
         for (int k = 0; k < 8; ++k) {{
             s += sl[k];
