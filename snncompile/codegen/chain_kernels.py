@@ -251,17 +251,21 @@ static void {name}_group_start(const float *restrict ca, const float *restrict c
     }}
 }}
 
-/* The hardware prefetchers stop at page boundaries, and a work item reads its planes one step
-   (P * HW floats) apart: each step asks for the input planes its next step reads (L floats at
-   x, when x is not NULL; one cache line per 64 bytes) while it computes this one. A macro, as
-   GCC takes a function holding only prefetches for a pure one and drops its calls. */
-#define SNN_PREFETCH(x, L) \
-    do {{ \
-        const float *snn_pf = (x); \
-        if (snn_pf) \
-            for (int64_t snn_j = 0; snn_j < (L); snn_j += 16) \
-                __builtin_prefetch(snn_pf + snn_j, 0, 3); \
+/* The hardware prefetchers stop at page boundaries, and a work item reads and writes its
+   planes one step (P * HW floats) apart: each step asks for the planes its next step reads
+   (SNN_PREFETCH: L floats at x, when x is not NULL; one cache line per 64 bytes) and writes
+   (SNN_PREFETCH_W: the lines are fetched for writing, so the stores do not wait for them)
+   while it computes this one. Macros, as GCC takes a function holding only prefetches for a
+   pure one and drops its calls. */
+#define SNN_PREFETCH_RW(x, L, RW) \\
+    do {{ \\
+        const float *snn_pf = (x); \\
+        if (snn_pf) \\
+            for (int64_t snn_j = 0; snn_j < (L); snn_j += 16) \\
+                __builtin_prefetch(snn_pf + snn_j, RW, 3); \\
     }} while (0)
+#define SNN_PREFETCH(x, L) SNN_PREFETCH_RW(x, L, 0)
+#define SNN_PREFETCH_W(x, L) SNN_PREFETCH_RW(x, L, 1)
 
 /* The inputs of the next step of work item g (or the first step of the next item): the
    offset of their planes in a [T, P, HW] sequence, or -1 after the last item. */
@@ -393,6 +397,15 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         for (int64_t j = 0; j < NS * L; ++j) acc[j] = 0.0;
         for (int64_t t = T - 1; t >= 0; --t) {{
             const int64_t off = (t * P + p0) * HW;
+            /* the gradient planes this step writes (when it is the first) and the next one */
+            if (t == T - 1) {{
+                SNN_PREFETCH_W(gx_seq + off, L);
+                SNN_PREFETCH_W(gxin_seq ? gxin_seq + off : NULL, L);
+            }}
+            if (t > 0) {{
+                SNN_PREFETCH_W(gx_seq + off - P * HW, L);
+                SNN_PREFETCH_W(gxin_seq ? gxin_seq + off - P * HW : NULL, L);
+            }}
 {pool_backward}
             for (int64_t j = 0; j < L; ++j) {{
                 const float h = hb[t * L + j];
