@@ -36,14 +36,18 @@ the pooled gradient (max: added to the first in-bounds position of the window ho
 maximum, outputs in row-major order, as PyTorch's ``max_pool2d`` backward does, so no float
 indices are stored; avg: ``g / K^2`` everywhere), runs the neuron's BPTT step over every state,
 and writes the gradient of the neuron input ``x``, optionally that of ``xin`` (the prologue's
-derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
-and of the parameter gradients. The training batchnorm's own statistics and backward are two
-more kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics
-(per-plane float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``,
-``b_c`` and the running-statistics update), and the backward (per-channel sums of the chain
-backward's per-plane sums, the coefficients, ``gxin = (gy - mean(gy) - (xin - mean) * k) * (w *
-invstd)``, the weight / bias / uniforms' gradients); ``{name}_reduce`` gives the per-channel
-sums when there is no training batchnorm.
+derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)`` and of the parameter
+gradients (over the plane in 8 lanes added in lane order, a fixed order on every ISA). Max pooling
+with windows that tile the plane routes its gradient with straight-line selects
+(:func:`tiled_max_backward`), which vectorize. Each step prefetches the planes its next step reads
+(and, in the backward's reverse pass, writes): a work item's planes lie a whole step apart, beyond
+the hardware prefetchers' page. The training batchnorm's own statistics and backward are two more
+kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics (per-plane
+float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``, ``b_c`` and
+the running-statistics update), and the backward (per-channel sums of the chain backward's
+per-plane sums, the coefficients, ``gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd)``, the
+weight / bias / uniforms' gradients); ``{name}_reduce`` gives the per-channel sums when there is no
+training batchnorm.
 """
 
 from __future__ import annotations
