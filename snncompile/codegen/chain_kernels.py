@@ -410,6 +410,14 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
                 SNN_PREFETCH_W(gx_seq + off - P * HW, L);
                 SNN_PREFETCH_W(gxin_seq ? gxin_seq + off - P * HW : NULL, L);
             }}
+            /* the next work item's inputs of this step, which its recomputation reads first:
+               spread over this pass instead of arriving all at once */
+            if (g + 1 < NG) {{
+                const int64_t nq = P - p0 - GP < GP ? P - p0 - GP : GP;
+                SNN_PREFETCH(xin_seq + off + GP * HW, nq * HW);
+                SNN_PREFETCH(r_seq ? r_seq + off + GP * HW : NULL, nq * HW);
+                SNN_PREFETCH(gout_seq + (t * P + p0 + GP) * OHW, nq * OHW);
+            }}
 {pool_backward}
             for (int64_t j = 0; j < L; ++j) {{
                 const float h = hb[t * L + j];
