@@ -17,11 +17,13 @@ compared. ``--micro`` times one ``FusedChain`` (training batchnorm or eval, resi
 an IF neuron, T=4, batch 8) fused vs its separate ops on ResNet-18's plane sizes, 8x8 ... 1x1,
 then ``batchnorm -> neuron -> maxpool2`` chains of the neurons with states beside ``v``
 (Izhikevich, ALIF, CUBA-LIF; training and eval, T=4, batch 8, 64 channels of 16x16) vs their
-separate ops (the neuron in its own fused kernel).
+separate ops (the neuron in its own fused kernel). ``--chains`` times the CSNN's three chains
+(``[T, 16, 32, 32, 32]``, ``[T, 16, 64, 16, 16]``, ``[T, 16, 128, 8, 8]``) fused, forward and
+forward + backward, with the caches emptied before each call.
 
 Run: ``.venv/bin/python benchmarks/bench_chain_fusion.py [--reps 7] [--only csnn|zoo]
-[--no-torch-compile] [--profile] [--micro]``. On a shared machine absolute times vary; the
-ratios of one run are what count.
+[--no-torch-compile] [--profile] [--micro] [--chains]``. On a shared machine absolute times
+vary; the ratios of one run are what count.
 """
 
 from __future__ import annotations
@@ -258,6 +260,45 @@ def bench_micro_multistate(args: Any) -> None:
             )
 
 
+def bench_chains(args: Any) -> None:
+    """The CSNN's three chains (training batchnorm -> LIF -> ``MaxPool2d(2)``, batch 16) on
+    their own: one ``FusedChain`` forward, and forward + backward (the input's gradient), with
+    the caches emptied before each call as the convolutions between them do in a step."""
+    from snncompile import neuron, surrogate
+    from snncompile.runtime.fused_chain import FusedChain
+
+    junk = torch.empty(16 << 20)  # 64 MiB, more than the last-level cache
+    for T in (int(t) for t in args.T.split(",")):
+        for C, H in ((32, 32), (64, 16), (128, 8)):
+            sn = neuron.LIFNode(step_mode="m", surrogate_function=surrogate.ATan(),
+                                detach_reset=True, backend="cpu")  # fmt: skip
+            chain = FusedChain(sn, nn.BatchNorm2d(C), nn.MaxPool2d(2)).train()
+            x = (torch.randn(T, 16, C, H, H) * 2 + 0.3).requires_grad_()
+            g = torch.randn(T, 16, C, H // 2, H // 2)
+
+            def fwd(chain: FusedChain = chain, x: Any = x) -> Any:
+                chain.neuron.reset()
+                return chain(x)
+
+            def fwd_bwd(chain: FusedChain = chain, x: Any = x, g: Any = g) -> Any:
+                chain.neuron.reset()
+                return torch.autograd.grad(chain(x), (x,), g)
+
+            times: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
+            for _ in range(2 + args.reps * 3):
+                for k, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    junk.fill_(1.0)
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+            print(
+                f"chain [{T}, 16, {C}, {H}, {H}] bn(train) -> LIF -> maxpool2: forward "
+                f"{med['fwd']:6.3f} ms  forward + backward {med['fwd+bwd']:6.3f} ms  "
+                f"(backward {med['fwd+bwd'] - med['fwd']:6.3f} ms)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -267,10 +308,16 @@ def main() -> None:
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--micro", action="store_true", help="only the per-plane-size chain rows")
+    parser.add_argument(
+        "--chains", action="store_true", help="only the CSNN's three chains, fused, on their own"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}, reps={args.reps} (median, interleaved)")
+    if args.chains:
+        bench_chains(args)
+        return
     if args.micro:
         bench_micro(args)
         bench_micro_multistate(args)

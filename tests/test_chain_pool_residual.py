@@ -40,7 +40,10 @@ def _lif(detach_reset: bool = True) -> nn.Module:
     )  # fmt: skip
 
 
-WINDOWS = [(3, 2, 1), (3, 1, 1), (2, 1, 0), (3, 3, 0), (3, 2, 0), (5, 2, 2), (2, 2, 1)]
+# (kernel, stride, padding); (3, 3, 0) and (2, 2, 0) tile the plane, whose gradient routing is
+# the straight-line SIMD code of chain_kernels.tiled_max_backward (7 x 7 planes leave a row
+# and a column uncovered).
+WINDOWS = [(3, 2, 1), (3, 1, 1), (2, 1, 0), (3, 3, 0), (3, 2, 0), (5, 2, 2), (2, 2, 1), (2, 2, 0)]
 POOL_GRID = list(itertools.product(WINDOWS, (7, 8), (True, False), (True, False)))
 
 

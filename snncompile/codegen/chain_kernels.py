@@ -36,14 +36,18 @@ the pooled gradient (max: added to the first in-bounds position of the window ho
 maximum, outputs in row-major order, as PyTorch's ``max_pool2d`` backward does, so no float
 indices are stored; avg: ``g / K^2`` everywhere), runs the neuron's BPTT step over every state,
 and writes the gradient of the neuron input ``x``, optionally that of ``xin`` (the prologue's
-derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)``
-and of the parameter gradients. The training batchnorm's own statistics and backward are two
-more kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics
-(per-plane float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``,
-``b_c`` and the running-statistics update), and the backward (per-channel sums of the chain
-backward's per-plane sums, the coefficients, ``gxin = (gy - mean(gy) - (xin - mean) * k) * (w *
-invstd)``, the weight / bias / uniforms' gradients); ``{name}_reduce`` gives the per-channel
-sums when there is no training batchnorm.
+derivative), and per-plane float64 sums ``sum(gx)``, ``sum(gx * xin)`` and of the parameter
+gradients (over the plane in 8 lanes added in lane order, a fixed order on every ISA). Max pooling
+with windows that tile the plane routes its gradient with straight-line selects
+(:func:`tiled_max_backward`), which vectorize. Each step prefetches the planes its next step reads
+(and, in the backward's reverse pass, writes): a work item's planes lie a whole step apart, beyond
+the hardware prefetchers' page. The training batchnorm's own statistics and backward are two more
+kernels here (:data:`_C_BN`), each one call with no torch ops around it: the statistics (per-plane
+float64 ``sum(x)`` and ``sum(x^2)``, per-channel mean, variance, ``invstd``, ``a_c``, ``b_c`` and
+the running-statistics update), and the backward (per-channel sums of the chain backward's
+per-plane sums, the coefficients, ``gxin = (gy - mean(gy) - (xin - mean) * k) * (w * invstd)``, the
+weight / bias / uniforms' gradients); ``{name}_reduce`` gives the per-channel sums when there is no
+training batchnorm.
 """
 
 from __future__ import annotations
@@ -173,7 +177,56 @@ POOLS: dict[str, PoolCode] = {
     ),
 }
 
-_C_CHAIN_HEADER = "#include <stdlib.h>\n#include <string.h>\n"
+
+def tiled_max_backward(k: int) -> str:
+    """The max pooling's gradient routing for windows that tile the plane (``stride == k``, no
+    padding), as straight-line selects a vectorizer turns into SIMD code (C, inside the
+    per-plane loop of :data:`_POOL_BWD_PLANE`).
+
+    The window's ``k * k`` spikes ``e0 ... e{k*k-1}`` in row-major order give the running
+    maxima ``m_i = e_i > m_(i-1) ? e_i : m_(i-1)`` (strict ``>``, as the generic loop); ``e_i``
+    holds the first maximum when it beat ``m_(i-1)`` and no later element beat its
+    predecessor's maximum, so the output gradient ``0 + g`` (the generic loop's add to a zeroed
+    slot, the same bits) goes there and ``0`` everywhere else. Rows and columns no window
+    covers (floor mode) get 0.
+    """
+    n = k * k
+    ind = " " * 20
+    lines = [
+        "            for (int64_t oh = 0; oh < OH; ++oh) {",
+        "                const int64_t r0 = oh * K * W;",
+        "                for (int64_t ow = 0; ow < OW; ++ow) {",
+    ]
+    pos = [f"r0 + {i // k} * W + ow * K + {i % k}" for i in range(n)]
+    lines += [f"{ind}const float e{i} = st[{pos[i]}];" for i in range(n)]
+    lines.append(f"{ind}const float m0 = e0;")
+    for i in range(1, n - 1):
+        lines.append(f"{ind}const float m{i} = e{i} > m{i - 1} ? e{i} : m{i - 1};")
+    lines.append(f"{ind}const float c{n - 1} = 0.0f + gt[oh * OW + ow];")
+    for i in range(n - 1, 0, -1):
+        hit = f"e{i} > m{i - 1}"
+        lines.append(f"{ind}gsb[{pos[i]}] = {hit} ? c{i} : 0.0f;")
+        lines.append(f"{ind}const float c{i - 1} = {hit} ? 0.0f : c{i};")
+    lines.append(f"{ind}gsb[{pos[0]}] = c0;")
+    lines += [
+        "                }",
+        "                for (int64_t r = 0; r < K; ++r)",
+        "                    for (int64_t iw = OW * K; iw < W; ++iw) gsb[r0 + r * W + iw] = 0.0f;",
+        "            }",
+        "            for (int64_t j = OH * K * W; j < HW; ++j) gsb[j] = 0.0f;",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_C_CHAIN_HEADER = """\
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX__)
+/* 8 float64 / float32 lanes (GCC and Clang vector extensions): the statistics' lane sums */
+typedef double snn_v8d __attribute__((vector_size(64)));
+typedef float snn_v8f __attribute__((vector_size(32)));
+#endif
+"""
 
 _C_CHAIN = """\
 /* The start of one work item, planes p0 .. p0 + np - 1 of HW neurons: the per-channel
@@ -200,6 +253,31 @@ static void {name}_group_start(const float *restrict ca, const float *restrict c
         if (s_init[i]) memcpy(d, s_init[i] + p0 * HW, sizeof(float) * L);
         else for (int64_t j = 0; j < L; ++j) d[j] = s_fill[i];
     }}
+}}
+
+/* The hardware prefetchers stop at page boundaries, and a work item reads and writes its
+   planes one step (P * HW floats) apart: each step asks for the planes its next step reads
+   (SNN_PREFETCH: L floats at x, when x is not NULL; one cache line per 64 bytes) and writes
+   (SNN_PREFETCH_W: the lines are fetched for writing, so the stores do not wait for them)
+   while it computes this one. Macros, as GCC takes a function holding only prefetches for a
+   pure one and drops its calls. */
+#define SNN_PREFETCH_RW(x, L, RW) \\
+    do {{ \\
+        const float *snn_pf = (x); \\
+        if (snn_pf) \\
+            for (int64_t snn_j = 0; snn_j < (L); snn_j += 16) \\
+                __builtin_prefetch(snn_pf + snn_j, RW, 3); \\
+    }} while (0)
+#define SNN_PREFETCH(x, L) SNN_PREFETCH_RW(x, L, 0)
+#define SNN_PREFETCH_W(x, L) SNN_PREFETCH_RW(x, L, 1)
+
+/* The inputs of the next step of work item g (or the first step of the next item): the
+   offset of their planes in a [T, P, HW] sequence, or -1 after the last item. */
+static inline int64_t {name}_next_off(int64_t t, int64_t T, int64_t g, int64_t NG, int64_t P,
+                                      int64_t p0, int64_t GP, int64_t HW)
+{{
+    if (t + 1 < T) return ((t + 1) * P + p0) * HW;
+    return g + 1 < NG ? (p0 + GP) * HW : -1;
 }}
 
 void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
@@ -233,6 +311,9 @@ void {name}_forward(const float *restrict xin_seq, const float *restrict r_seq,
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
+            const int64_t nx = {name}_next_off(t, T, g, NG, P, p0, GP, HW);
+            SNN_PREFETCH(nx < 0 ? NULL : xin_seq + nx, L);
+            SNN_PREFETCH(nx < 0 || !r_seq ? NULL : r_seq + nx, L);
             for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
 {load_states}                const float xin = xt[j];
@@ -295,6 +376,11 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
             const float *restrict xt = xin_seq + off;
             const float *restrict rt = r_seq ? r_seq + off : xt;
             (void)rt;
+            const int64_t nx = {name}_next_off(t, T, g, NG, P, p0, GP, HW);
+            SNN_PREFETCH(nx < 0 ? NULL : xin_seq + nx, L);
+            SNN_PREFETCH(nx < 0 || !r_seq ? NULL : r_seq + nx, L);
+            /* and this step's output gradient, which the reverse pass below reads */
+            SNN_PREFETCH(gout_seq + (t * P + p0) * OHW, np * OHW);
             for (int64_t j = 0; j < L; ++j) {{
                 const float v = v_state[j];
 {load_states}                const float xin = xt[j];
@@ -315,6 +401,23 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         for (int64_t j = 0; j < NS * L; ++j) acc[j] = 0.0;
         for (int64_t t = T - 1; t >= 0; --t) {{
             const int64_t off = (t * P + p0) * HW;
+            /* the gradient planes this step writes (when it is the first) and the next one */
+            if (t == T - 1) {{
+                SNN_PREFETCH_W(gx_seq + off, L);
+                SNN_PREFETCH_W(gxin_seq ? gxin_seq + off : NULL, L);
+            }}
+            if (t > 0) {{
+                SNN_PREFETCH_W(gx_seq + off - P * HW, L);
+                SNN_PREFETCH_W(gxin_seq ? gxin_seq + off - P * HW : NULL, L);
+            }}
+            /* the next work item's inputs of this step, which its recomputation reads first:
+               spread over this pass instead of arriving all at once */
+            if (g + 1 < NG) {{
+                const int64_t nq = P - p0 - GP < GP ? P - p0 - GP : GP;
+                SNN_PREFETCH(xin_seq + off + GP * HW, nq * HW);
+                SNN_PREFETCH(r_seq ? r_seq + off + GP * HW : NULL, nq * HW);
+                SNN_PREFETCH(gout_seq + (t * P + p0 + GP) * OHW, nq * OHW);
+            }}
 {pool_backward}
             for (int64_t j = 0; j < L; ++j) {{
                 const float h = hb[t * L + j];
@@ -338,10 +441,18 @@ void {name}_backward(const float *restrict gout_seq, const float *restrict grad_
         if (grad_s_init)
             for (int64_t i = 0; i < {nst}; ++i)
                 memcpy(grad_s_init + i * P * HW + p0 * HW, carry + i * LM, sizeof(float) * L);
+        /* per plane: 8 lane sums (lane l takes j = l mod 8) added in lane order, then the
+           rest: a fixed order that vectorizes (one serial chain of HW adds does not) */
         for (int64_t q = 0; q < np; ++q)
             for (int64_t k = 0; k < NS; ++k) {{
+                const double *restrict a = acc + k * L + q * HW;
+                const int64_t J = HW - HW % 8;
+                double lane[8] = {{0.0}};
+                for (int64_t j = 0; j < J; j += 8)
+                    for (int l = 0; l < 8; ++l) lane[l] += a[j + l];
                 double sum = 0.0;
-                for (int64_t j = 0; j < HW; ++j) sum += acc[k * L + q * HW + j];
+                for (int l = 0; l < 8; ++l) sum += lane[l];
+                for (int64_t j = J; j < HW; ++j) sum += a[j];
                 psum[(p0 + q) * NS + k] = sum;
             }}
     }}
@@ -411,7 +522,20 @@ void {name}_bn_partial(const float *restrict x, int64_t M, int64_t C, int64_t HW
     for (int64_t p = 0; p < P; ++p) {{
         const float *restrict xp = x + p * HW;
         /* 8 partial sums (lane k takes j = k mod 8), then added in lane order: a fixed
-           order the compiler vectorizes on any vector width, so every CPU gets these bits */
+           order the compiler vectorizes on any vector width, so every CPU gets these bits.
+           With AVX the lanes are one vector of GCC / Clang's vector extension (GCC leaves the
+           loop below nearly scalar there); the same adds, lane by lane. */
+#if defined(__AVX__)
+        snn_v8d sl = {{0.0}}, ql = {{0.0}};
+        int64_t j = 0;
+        for (; j + 8 <= HW; j += 8) {{
+            snn_v8f f;
+            memcpy(&f, xp + j, sizeof f);
+            const snn_v8d e = __builtin_convertvector(f, snn_v8d);
+            sl += e;
+            ql += e * e;
+        }}
+#else
         double sl[8] = {{0.0}}, ql[8] = {{0.0}};
         int64_t j = 0;
         for (; j + 8 <= HW; j += 8)
@@ -420,6 +544,7 @@ void {name}_bn_partial(const float *restrict x, int64_t M, int64_t C, int64_t HW
                 sl[k] += e;
                 ql[k] += e * e;
             }}
+#endif
         double s = 0.0, q = 0.0;
         for (int k = 0; k < 8; ++k) {{
             s += sl[k];
@@ -718,7 +843,10 @@ def generate_chain(
     body = forward_body(program, C_TARGET)
     if pool in ("max", "avg"):
         pool_fwd = _POOL_FWD_PLANE.format(code=_indent(POOLS[pool].forward))
-        pool_bwd = _POOL_BWD_PLANE.format(code=_indent(POOLS[pool].backward))
+        code = POOLS[pool].backward
+        if pool == "max" and stride == k and pad == 0:  # windows tile the plane: SIMD routing
+            code = tiled_max_backward(k)
+        pool_bwd = _POOL_BWD_PLANE.format(code=_indent(code))
     else:
         pool_fwd = _POOL_FWD_GROUP.format(code=_indent(POOLS[pool].forward))
         pool_bwd = _POOL_BWD_GROUP.format(code=_indent(POOLS[pool].backward))
