@@ -198,6 +198,21 @@ def profile(run: nn.Module, model: nn.Module, opt: Any, x: torch.Tensor, y: torc
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def time_chain(chain: nn.Module, inputs: tuple[torch.Tensor, ...], train: bool, reps: int
+               ) -> dict[str, float]:  # fmt: skip
+    """Median seconds of one ``FusedChain`` call fused and as its separate ops (forward, and
+    backward of the sum when ``train``), interleaved."""
+
+    def call(unfused: bool) -> None:
+        chain.neuron.reset()
+        with torch.set_grad_enabled(train):
+            y = chain.unfused(*inputs) if unfused else chain(*inputs)
+            if train:
+                y.sum().backward()
+
+    return interleaved({"fused": lambda: call(False), "unfused": lambda: call(True)}, reps)
+
+
 def bench_micro(args: Any) -> None:
     """One chain (batchnorm -> + r -> IF) fused vs its separate ops, per plane size."""
     from snncompile import neuron, surrogate
@@ -211,16 +226,7 @@ def bench_micro(args: Any) -> None:
             x = torch.randn(4, 8, C, H, H, requires_grad=train)
             r = torch.randn(4, 8, C, H, H)
 
-            def call(unfused: bool, chain: FusedChain = chain, x: Any = x, r: Any = r,
-                     train: bool = train) -> None:  # fmt: skip
-                chain.neuron.reset()
-                with torch.set_grad_enabled(train):
-                    y = chain.unfused(x, r) if unfused else chain(x, r)
-                    if train:
-                        y.sum().backward()
-
-            t = interleaved({"fused": lambda: call(False), "unfused": lambda: call(True)},
-                            args.reps)  # fmt: skip
+            t = time_chain(chain, (x, r), train, args.reps)
             print(
                 f"chain C={C:<3} {H}x{H} {'train fwd+bwd' if train else 'eval no_grad':<13} "
                 f"fused {t['fused'] * 1e3:6.3f} ms  unfused {t['unfused'] * 1e3:6.3f} ms  "
@@ -242,16 +248,7 @@ def bench_micro_multistate(args: Any) -> None:
             chain = FusedChain(sn, nn.BatchNorm2d(64), nn.MaxPool2d(2)).train(train)
             x = (torch.randn(4, 8, 64, 16, 16) * 2 + 0.5).requires_grad_(train)
 
-            def call(unfused: bool, chain: FusedChain = chain, x: Any = x,
-                     train: bool = train) -> None:  # fmt: skip
-                chain.neuron.reset()
-                with torch.set_grad_enabled(train):
-                    y = chain.unfused(x) if unfused else chain(x)
-                    if train:
-                        y.sum().backward()
-
-            t = interleaved({"fused": lambda: call(False), "unfused": lambda: call(True)},
-                            args.reps)  # fmt: skip
+            t = time_chain(chain, (x,), train, args.reps)
             print(
                 f"chain {cls:<14} bn->sn->maxpool 64x16x16 "
                 f"{'train fwd+bwd' if train else 'eval no_grad':<13} "
