@@ -346,6 +346,19 @@ class BatchStats:
         for s in self.sites:
             s.reset()
 
+    def statistics(self) -> list[tuple[Any, ...]]:
+        """This step's statistics, per site: a step's forward keeps them for its backward
+        (another step's forward may run in between, e.g. a loss over two calls)."""
+        return [(s.rows, s.var, s.count) for s in self.sites]
+
+    def begin_backward(self, statistics: list[tuple[Any, ...]]) -> None:
+        """Put back the statistics of the step whose backward runs (:meth:`statistics`) and
+        forget the gradient sums of any backward before."""
+        for s, (rows, var, count) in zip(self.sites, statistics, strict=True):
+            s.rows, s.var, s.count = rows, var, count
+            s.grad_sums, s.mode, s.gather = None, "apply", False
+            s.leaves.clear()
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Route every site's batchnorm through its :class:`BatchStatSite` (in a chain, the
