@@ -329,3 +329,37 @@ def test_partly_frozen_batchnorms() -> None:
     model[1].eval()
     compiled, tc = _compare(model, _inputs(), 2, 2)
     assert tc.batch_stats is not None and len(tc.batch_stats.sites) == 2
+
+
+def test_budgeted_model_under_no_grad_and_other_batch() -> None:
+    """``optimize(memory_budget=...)`` planning time chunks for training batchnorms: compiling
+    leaves the running statistics as they were; a ``torch.no_grad()`` call (training mode)
+    equals the unbudgeted compile's, running statistics included; a training step on a
+    smaller batch than the example's equals the unbudgeted one."""
+    from snncompile.runtime.memory import measure_train_step
+
+    torch.manual_seed(0)
+    model = _cnn()
+    x = _inputs(T=16, N=8)
+    plain = snncompile.optimize(model, x)
+    before = [b.clone() for b in model.buffers()]
+    base = measure_train_step(plain, x).peak
+    budgeted = snncompile.optimize(model, x, memory_budget=int(base * 0.6))
+    assert budgeted._memory_plan.time_chunks is not None
+    assert all(torch.equal(u, v) for u, v in zip(model.buffers(), before, strict=True))
+
+    def no_grad_call(compiled):
+        _reset(model, plain, budgeted)
+        with torch.no_grad():
+            y = compiled(x)
+        after = [b.clone() for b in model.buffers()]
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), before, strict=True):
+                b.copy_(v)
+        return y, after
+
+    ref, got = no_grad_call(plain), no_grad_call(budgeted)
+    assert torch.equal(got[0], ref[0])
+    assert _buffers_close(got[1], ref[1])
+    small = _inputs(T=16, N=3)
+    _assert_same_step(_step(model, budgeted, budgeted, small), _step(model, plain, plain, small))
