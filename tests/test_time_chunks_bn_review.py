@@ -87,7 +87,7 @@ def _step(
     xx = x.clone().requires_grad_(grad_x)
     torch.manual_seed(seed)
     y = run(xx)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     after = [b.clone() for b in model.buffers()]
     with torch.no_grad():
@@ -363,3 +363,14 @@ def test_budgeted_model_under_no_grad_and_other_batch() -> None:
     assert _buffers_close(got[1], ref[1])
     small = _inputs(T=16, N=3)
     _assert_same_step(_step(model, budgeted, budgeted, small), _step(model, plain, plain, small))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda() -> None:
+    """Training batchnorms on a GPU (outside chains: the chain kernels are the CPU's): the
+    sums, coefficients, gathering leaves and gradient sums live on the input's device."""
+    torch.manual_seed(0)
+    for affine in (True, False):
+        model = _cnn(affine=affine).cuda()
+        _compare(model, _inputs().cuda(), 2, 1, optimize={"backend": "torch"})
