@@ -374,3 +374,21 @@ def test_on_cuda() -> None:
     for affine in (True, False):
         model = _cnn(affine=affine).cuda()
         _compare(model, _inputs().cuda(), 2, 1, optimize={"backend": "torch"})
+
+
+def test_second_backward_refused_by_name() -> None:
+    """``backward(retain_graph=True)`` twice: the chunk-start states are gone after the first
+    backward, so the second is refused with a message (it was a TypeError on None)."""
+    torch.manual_seed(0)
+    model = _cnn()
+    x = _inputs()
+    compiled = snncompile.optimize(model, x)
+    for keep in ("all", 1):
+        _reset(model, compiled)
+        y = TimeChunks(compiled.gm, 2, keep).run(x)
+        loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum()
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward"):
+            loss.backward()
+    for p in model.parameters():
+        p.grad = None

@@ -299,6 +299,13 @@ class _TimeChunked(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor) -> tuple[Any, ...]:
         tc: TimeChunks = ctx.tc
+        if getattr(ctx, "backward_ran", False):
+            raise RuntimeError(
+                "optimize(memory_budget=...): a second backward through the same time-chunked "
+                "step (retain_graph=True); its backward frees the chunk-start states as it goes. "
+                "Run the forward again for another backward."
+            )
+        ctx.backward_ran = True
         (x,) = ctx.saved_tensors
         stats: BatchStats | None = ctx.stats
         if stats is None:
