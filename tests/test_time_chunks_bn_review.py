@@ -392,3 +392,117 @@ def test_second_backward_refused_by_name() -> None:
             loss.backward()
     for p in model.parameters():
         p.grad = None
+
+
+def test_float64_model() -> None:
+    """A float64 model: no chain kernel (float32 only), the batchnorms run outside chains."""
+    torch.manual_seed(0)
+    _compare(_cnn().double(), _inputs().double(), 2, 1)
+
+
+def test_every_parameter_frozen_input_gradient() -> None:
+    """No parameter requires grad (an attack on a model in train mode): the input gradient."""
+    torch.manual_seed(0)
+    model = _cnn()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = _inputs()
+    compiled = snncompile.optimize(model, x)
+    ref = _step(model, compiled, compiled, x)
+    got = _step(model, compiled, TimeChunks(compiled.gm, 2, 1).run, x)
+    assert ref[1] is not None and _close(got[1], ref[1])
+    assert _buffers_close(got[3], ref[3])
+
+
+class _InputTwice(nn.Module):
+    """A batchnorm on the model's input (its first op); a convolution whose output feeds a
+    batchnorm and, beside it, the next batchnorm's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0 = sj_layer.BatchNorm2d(2)
+        self.sn0 = _lif()
+        self.conv = sj_layer.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn = sj_layer.BatchNorm2d(4)
+        self.sn = _lif()
+        self.bn2 = sj_layer.BatchNorm2d(4)
+        self.sn2 = _lif()
+        self.head = nn.Sequential(sj_layer.Flatten(), sj_layer.Linear(4 * 64, 5), _lif())
+        with torch.no_grad():
+            self.head[1].weight.mul_(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(self.sn0(self.bn0(x)))
+        a = self.sn(self.bn(c))
+        return self.head(self.sn2(self.bn2(c * 0.5 + a)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_batchnorm_on_the_input_and_its_input_shared(backend: str) -> None:
+    torch.manual_seed(0)
+    _compare(_multi(_InputTwice()), _inputs(), 2, 1, optimize={"backend": backend})
+
+
+def test_dropout_with_uneven_chunks() -> None:
+    """Two SpikingJelly Dropouts (one between the levels), T=7 in chunks of 3 and of 2."""
+    torch.manual_seed(0)
+    model = _multi(
+        nn.Sequential(
+            sj_layer.Conv2d(2, 4, 3, padding=1, bias=False),
+            sj_layer.BatchNorm2d(4),
+            _lif(),
+            sj_layer.Dropout(0.3),
+            sj_layer.Conv2d(4, 4, 3, padding=1, bias=False),
+            sj_layer.BatchNorm2d(4),
+            _lif(),
+            sj_layer.Flatten(),
+            sj_layer.Dropout(0.2),
+            sj_layer.Linear(4 * 64, 5),
+            _lif(),
+        )
+    )
+    with torch.no_grad():
+        model[9].weight.mul_(4.0)
+    for backend in ("auto", "torch"):
+        opt = {"backend": backend}
+        _compare(model, _inputs(T=7), 3, 1, optimize=opt, seed=4)
+        _compare(model, _inputs(T=7), 2, "all", optimize=opt, seed=4)
+
+
+def test_fewer_steps_than_a_chunk() -> None:
+    """T=1 and T=3 with chunks of 2 and 8: one chunk, a batchnorm statistics sweep over it."""
+    torch.manual_seed(0)
+    model = _cnn()
+    compiled = snncompile.optimize(model, _inputs())
+    for T, chunk in ((1, 2), (3, 8)):
+        x = _inputs(T=T)
+        ref = _step(model, compiled, compiled, x)
+        _assert_same_step(_step(model, compiled, TimeChunks(compiled.gm, chunk, 1).run, x), ref)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_batchnorm_as_the_output(backend: str) -> None:
+    """The program's output is a batchnorm's (no neuron after it), with a loss whose gradient
+    is not constant per channel (a constant one makes the batchnorm's input gradient zero)."""
+    torch.manual_seed(0)
+    model = _multi(
+        nn.Sequential(
+            sj_layer.Conv2d(2, 4, 3, padding=1, bias=False),
+            sj_layer.BatchNorm2d(4),
+            _lif(),
+            sj_layer.Flatten(),
+            sj_layer.Linear(4 * 64, 5, bias=False),
+            sj_layer.BatchNorm1d(5),
+        )
+    )
+    x = _inputs()
+    compiled = snncompile.optimize(model, x, backend=backend)
+    w = torch.randn(6, 3, 5)
+
+    def step(run):
+        return _step(model, compiled, lambda xx: (run(xx) * w) ** 2, x)
+
+    ref = step(compiled)
+    got = step(TimeChunks(compiled.gm, 2, 2).run)
+    assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    _assert_same_step((ref[0], *got[1:]), ref)
