@@ -506,3 +506,35 @@ def test_batchnorm_as_the_output(backend: str) -> None:
     got = step(TimeChunks(compiled.gm, 2, 2).run)
     assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
     _assert_same_step((ref[0], *got[1:]), ref)
+
+
+@pytest.mark.parametrize("name", ["IzhikevichNode", "CUBALIFNode"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_multi_state_neurons_after_training_batchnorms(name: str, backend: str) -> None:
+    """SpikingJelly's neurons with states beside v (Izhikevich ``w``, CUBA-LIF's current) after
+    training batchnorms, in fused chains (``cpu``) and as separate ops: every state is a
+    chunk-start state and carries its gradient across the chunks."""
+    kw = {"IzhikevichNode": dict(a=0.3, b=0.2, tau_w=3.0), "CUBALIFNode": {}}[name]
+
+    def sn() -> nn.Module:
+        return getattr(sj_neuron, name)(surrogate_function=sj_surrogate.ATan(), **kw)
+
+    torch.manual_seed(11)
+    model = _multi(
+        nn.Sequential(
+            sj_layer.Conv2d(2, 4, 3, padding=1, bias=False),
+            sj_layer.BatchNorm2d(4),
+            sn(),
+            sj_layer.MaxPool2d(2),
+            sj_layer.Conv2d(4, 4, 3, padding=1, bias=False),
+            sj_layer.BatchNorm2d(4),
+            sn(),
+            sj_layer.Flatten(),
+            sj_layer.Linear(4 * 16, 5),
+            _lif(),
+        )
+    )
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+        model[8].weight.mul_(3.0)
+    _compare(model, _inputs(), 2, 1, optimize={"backend": backend})
