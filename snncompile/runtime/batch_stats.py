@@ -119,8 +119,8 @@ class BatchStatSite:
 
     def _accumulate(self, x: torch.Tensor, channel_dim: int, kern: Any = None) -> None:
         C = x.shape[channel_dim]
-        if self.acc is None:
-            self.acc = torch.zeros((C, 2), dtype=torch.float64)
+        if self.acc is None:  # on x's device (a chain kernel's input is on the CPU)
+            self.acc = torch.zeros((C, 2), dtype=torch.float64, device=x.device)
         if kern is not None:  # the chain kernel's own float64 sums, carried from chunk to chunk
             from snncompile.codegen.cpu import num_threads
 
@@ -143,11 +143,12 @@ class BatchStatSite:
         """``(w', b')``: the batchnorm's weight and bias (1 and 0 without affine), plus the
         gathering leaves when this sweep gathers the gradient sums."""
         bn = self.bn
-        w = bn.weight if bn.weight is not None else torch.ones(C, dtype=like.dtype)
-        b = bn.bias if bn.bias is not None else torch.zeros(C, dtype=like.dtype)
+        kw: dict[str, Any] = {"dtype": like.dtype, "device": like.device}
+        w = bn.weight if bn.weight is not None else torch.ones(C, **kw)
+        b = bn.bias if bn.bias is not None else torch.zeros(C, **kw)
         if self.gather and torch.is_grad_enabled():
-            dw = torch.zeros(C, dtype=like.dtype, requires_grad=True)
-            db = torch.zeros(C, dtype=like.dtype, requires_grad=True)
+            dw = torch.zeros(C, **kw, requires_grad=True)
+            db = torch.zeros(C, **kw, requires_grad=True)
             self.leaves.append((dw, db))
             w, b = w + dw, b + db
         return w, b
@@ -246,8 +247,9 @@ class BatchStatSite:
         """Add this rerun's gradients of the gathering leaves (``dw``, ``db`` pairs, in the
         order of :attr:`leaves`) to the sums ``S2``, ``S1``."""
         if self.grad_sums is None:
-            C = self.rows.shape[1] if self.rows is not None else 0
-            self.grad_sums = torch.zeros((2, C), dtype=torch.float64)
+            assert self.rows is not None
+            C, device = self.rows.shape[1], self.rows.device
+            self.grad_sums = torch.zeros((2, C), dtype=torch.float64, device=device)
         for i, g in enumerate(grads):
             if g is not None:
                 self.grad_sums[1 - i % 2] += g.double()
@@ -345,6 +347,19 @@ class BatchStats:
         """Forget the last step's statistics and gradient sums."""
         for s in self.sites:
             s.reset()
+
+    def statistics(self) -> list[tuple[Any, ...]]:
+        """This step's statistics, per site: a step's forward keeps them for its backward
+        (another step's forward may run in between, e.g. a loss over two calls)."""
+        return [(s.rows, s.var, s.count) for s in self.sites]
+
+    def begin_backward(self, statistics: list[tuple[Any, ...]]) -> None:
+        """Put back the statistics of the step whose backward runs (:meth:`statistics`) and
+        forget the gradient sums of any backward before."""
+        for s, (rows, var, count) in zip(self.sites, statistics, strict=True):
+            s.rows, s.var, s.count = rows, var, count
+            s.grad_sums, s.mode, s.gather = None, "apply", False
+            s.leaves.clear()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

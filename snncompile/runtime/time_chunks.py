@@ -290,14 +290,28 @@ class _TimeChunked(torch.autograd.Function):
                 del y
                 bar.update(1)
         ctx.tc, ctx.starts, ctx.rng = tc, starts, rng
+        # This step's batchnorms and statistics: the backward's, whatever ran since.
+        ctx.stats = tc.batch_stats
+        ctx.statistics = None if tc.batch_stats is None else tc.batch_stats.statistics()
         ctx.save_for_backward(x)
         return out
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor) -> tuple[Any, ...]:
         tc: TimeChunks = ctx.tc
+        if getattr(ctx, "backward_ran", False):
+            raise RuntimeError(
+                "optimize(memory_budget=...): a second backward through the same time-chunked "
+                "step (retain_graph=True); its backward frees the chunk-start states as it goes. "
+                "Run the forward again for another backward."
+            )
+        ctx.backward_ran = True
         (x,) = ctx.saved_tensors
-        with tc.batch_stats_installed():
+        stats: BatchStats | None = ctx.stats
+        if stats is None:
+            return _Reverse(tc, ctx, x, g_out).run()
+        stats.begin_backward(ctx.statistics)
+        with stats.installed():
             return _Reverse(tc, ctx, x, g_out).run()
 
 
@@ -307,6 +321,7 @@ class _Reverse:
 
     def __init__(self, tc: TimeChunks, ctx: Any, x: torch.Tensor, g_out: torch.Tensor) -> None:
         self.tc, self.ctx = tc, ctx
+        self.stats: BatchStats | None = ctx.stats  # the forward's (tc's may have changed since)
         self.need_x = ctx.needs_input_grad[1]
         self.params = [p for p in tc.gm.parameters() if p.requires_grad]
         self.chunks = list(x.split(tc.chunk, 0))
@@ -322,7 +337,7 @@ class _Reverse:
         self.mask: list[bool] = [True] * len(tc.slots)
 
     def run(self) -> tuple[Any, ...]:
-        stats = self.tc.batch_stats
+        stats = self.stats
         levels = 0 if stats is None else len(stats.levels)
         reruns = chunk_reruns(len(self.chunks), self.tc.keep, spine_kept=stats is None)
         with _chunk_bar("time chunks (backward)", (levels + 1) * reruns) as self.bar:
@@ -351,7 +366,7 @@ class _Reverse:
             self.revolve(0, n, start0, g_state, int(tc.keep), final)
 
     def chunk_backward(self, c: int, start: list[Any], g_end: list[Any], final: bool) -> list[Any]:
-        tc, stats = self.tc, self.tc.batch_stats
+        tc, stats = self.tc, self.stats
         leaves: list[tuple[int, torch.Tensor]] = []
         values = []
         for i, v in enumerate(start):
