@@ -38,6 +38,7 @@ def _lif(**kw) -> nn.Module:
 
 def _cnn(*, affine: bool = True, momentum: float | None = 0.1, dropout: bool = False) -> nn.Module:
     """conv-BN-LIF-maxpool x2, then linear-BN1d-LIF: three levels of training batchnorms."""
+
     def bn2(c: int) -> nn.Module:
         return sj_layer.BatchNorm2d(c, affine=affine, momentum=momentum)
 
@@ -171,7 +172,8 @@ def test_same_step_as_unbudgeted_and_eager(build, backend: str) -> None:
                 for u, v in zip(got[k:], ref[k:], strict=True)
             )
         assert all(_close(u, v, 1e-5) for u, v in zip(got[1:k], ref[1:k], strict=True)), (
-            chunk, keep
+            chunk,
+            keep,
         )
         assert all(_close(u, v, 1e-4) for u, v in zip(got[1:k], eager[1:k], strict=True))
 
