@@ -394,6 +394,21 @@ def test_second_backward_refused_by_name() -> None:
         p.grad = None
 
 
+def test_create_graph_refused_by_name() -> None:
+    """``backward(create_graph=True)``: the reruns inside backward build no graph, so the
+    double backward is refused with a message rather than left without second-order terms."""
+    torch.manual_seed(0)
+    model = _cnn()
+    x = _inputs().requires_grad_()
+    compiled = snncompile.optimize(model, x)
+    _reset(model, compiled)
+    y = TimeChunks(compiled.gm, 2, 1).run(x)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    for p in model.parameters():
+        p.grad = None
+
+
 def test_float64_model() -> None:
     """A float64 model: no chain kernel (float32 only), the batchnorms run outside chains."""
     torch.manual_seed(0)

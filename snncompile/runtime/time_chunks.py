@@ -306,6 +306,13 @@ class _TimeChunked(torch.autograd.Function):
                 "Run the forward again for another backward."
             )
         ctx.backward_ran = True
+        if torch.is_grad_enabled():  # backward(create_graph=True): the reruns build no graph
+            raise RuntimeError(
+                "optimize(memory_budget=...): backward(create_graph=True) through a time-chunked "
+                "step; the chunks are rerun inside backward without a graph of their own, so no "
+                "second-order gradient would exist. Compile without memory_budget (or with one "
+                "that segments meet) for higher-order gradients."
+            )
         (x,) = ctx.saved_tensors
         stats: BatchStats | None = ctx.stats
         if stats is None:
