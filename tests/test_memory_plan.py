@@ -125,3 +125,67 @@ def test_live_bytes_matches_profiler() -> None:
     del y
     assert after > 0
     assert abs(net - after) <= 0.1 * after + 65536
+
+
+def _all_recomputed(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    budgeted = snncompile.optimize(model, x, memory_budget="1GB")
+    for s in budgeted._memory_plan.segments:
+        s.recompute = True
+    return budgeted
+
+
+def _two_calls_one_backward(compiled: nn.Module, model: nn.Module, x1, x2, between=None) -> list:
+    """A loss over two calls (the second after ``between``), then one backward."""
+    functional.reset_net(compiled)
+    y1 = compiled(x1)
+    if between is not None:
+        between()
+    functional.reset_net(compiled)
+    y2 = compiled(x2)
+    w = torch.linspace(-1, 1, 5)
+    ((y1 * w).sum() + 0.5 * (y2 * w).sum()).backward()
+    return [y1.detach(), y2.detach(), *[p.grad.clone() for p in model.parameters()]]
+
+
+def test_two_forwards_then_one_backward() -> None:
+    """Each recomputed segment reruns from its own forward's inputs and states."""
+    model = _net(0)
+    twin = copy.deepcopy(model)
+    x1, x2 = torch.rand(4, 2, 2, 16, 16) * 3, torch.rand(4, 2, 2, 16, 16) * 3
+    plain, budgeted = snncompile.optimize(model, x1), _all_recomputed(twin, x1)
+    a = _two_calls_one_backward(plain, model, x1, x2)
+    b = _two_calls_one_backward(budgeted, twin, x1, x2)
+    assert a[0].sum() > 0 and a[1].sum() > 0
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_mode_switch_between_forward_and_backward() -> None:
+    """A training forward, then ``eval()`` before backward: the rerun in backward still takes
+    the batch statistics (the modes of its forward), as autograd's saved graph does."""
+    model = _net(1)
+    twin = copy.deepcopy(model)
+    x = torch.rand(4, 2, 2, 16, 16) * 3
+    plain, budgeted = snncompile.optimize(model, x), _all_recomputed(twin, x)
+    got = []
+    for compiled, m in ((plain, model), (budgeted, twin)):
+        functional.reset_net(compiled)
+        y = compiled(x)
+        compiled.eval()
+        (y * torch.linspace(-1, 1, 5)).sum().backward()
+        assert not any(mod.training for mod in compiled.modules())  # the switch is kept
+        compiled.train()
+        got.append([y.detach(), *[p.grad.clone() for p in m.parameters()]])
+    assert got[0][0].sum() > 0
+    assert all(torch.equal(u, v) for u, v in zip(*got, strict=True))
+
+
+def test_create_graph_refused_by_name() -> None:
+    """A recomputed segment is rerun in backward without a graph of its own: a double backward
+    is refused with a message instead of silently missing its second-order terms."""
+    model = _net(0)
+    x = (torch.rand(4, 2, 2, 16, 16) * 3).requires_grad_()
+    budgeted = _all_recomputed(model, x)
+    functional.reset_net(budgeted)
+    y = budgeted(x)
+    with pytest.raises(RuntimeError, match=r"create_graph=True\) through a recomputed segment"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)

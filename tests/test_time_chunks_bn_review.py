@@ -458,9 +458,9 @@ def test_batchnorm_on_the_input_and_its_input_shared(backend: str) -> None:
     _compare(_multi(_InputTwice()), _inputs(), 2, 1, optimize={"backend": backend})
 
 
-def test_dropout_with_uneven_chunks() -> None:
-    """Two SpikingJelly Dropouts (one between the levels), T=7 in chunks of 3 and of 2."""
-    torch.manual_seed(0)
+def _dropout_cnn() -> nn.Module:
+    """conv-BN-LIF-Dropout, conv-BN-LIF, Dropout, linear-LIF (the head's weights scaled up so
+    that it spikes)."""
     model = _multi(
         nn.Sequential(
             sj_layer.Conv2d(2, 4, 3, padding=1, bias=False),
@@ -478,10 +478,43 @@ def test_dropout_with_uneven_chunks() -> None:
     )
     with torch.no_grad():
         model[9].weight.mul_(4.0)
+    return model
+
+
+def test_dropout_with_uneven_chunks() -> None:
+    """Two SpikingJelly Dropouts (one between the levels), T=7 in chunks of 3 and of 2."""
+    torch.manual_seed(0)
+    model = _dropout_cnn()
     for backend in ("auto", "torch"):
         opt = {"backend": backend}
         _compare(model, _inputs(T=7), 3, 1, optimize=opt, seed=4)
         _compare(model, _inputs(T=7), 2, "all", optimize=opt, seed=4)
+
+
+def test_eval_between_forward_and_backward() -> None:
+    """A training forward, then ``eval()`` before its backward: the chunks rerun in backward
+    with the forward's modes (Dropout's masks, batch statistics), as autograd's saved graph of
+    the unbudgeted compile does."""
+    torch.manual_seed(0)
+    model = _dropout_cnn()
+    x = _inputs(T=6)
+    compiled = snncompile.optimize(model, x)
+
+    def switch_before_backward(run) -> list:
+        def call(xx: torch.Tensor) -> torch.Tensor:
+            y = run(xx)
+            compiled.eval()
+            return y
+
+        try:
+            return _step(model, compiled, call, x, seed=4)
+        finally:
+            compiled.train()
+
+    ref = switch_before_backward(compiled)
+    for keep in ("all", 1):
+        got = switch_before_backward(TimeChunks(compiled.gm, 2, keep).run)
+        _assert_same_step(got, ref)
 
 
 def test_fewer_steps_than_a_chunk() -> None:

@@ -16,9 +16,10 @@ neuron state afterwards, so that measuring at compile time leaves no trace.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = [
+    "forward_modes",
+    "modes_restored",
     "LiveBytes",
     "StepMeasurement",
     "measure_train_step",
@@ -104,6 +107,27 @@ def snapshot_state(module: nn.Module, memories: bool = True) -> Callable[[], Non
             store[k] = v
 
     return restore
+
+
+def forward_modes(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, bool]]:
+    """The train/eval mode of every module in ``modules`` and below, for a rerun in backward
+    (:func:`modes_restored`)."""
+    return [(m, m.training) for top in modules for m in top.modules()]
+
+
+@contextlib.contextmanager
+def modes_restored(modes: list[tuple[nn.Module, bool]]) -> Iterator[None]:
+    """Run with the modes of :func:`forward_modes` (a BatchNorm's statistics and Dropout's masks
+    in a rerun must be those of the forward, whatever the model was switched to since), then put
+    the current ones back."""
+    now = [(m, m.training) for m, _ in modes]
+    for m, training in modes:
+        m.training = training
+    try:
+        yield
+    finally:
+        for m, training in now:
+            m.training = training
 
 
 def _reset(module: nn.Module) -> None:

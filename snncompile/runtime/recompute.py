@@ -40,7 +40,12 @@ from torch import fx, nn
 
 from snncompile.ir.graph import Graph
 from snncompile.ir.ops import OpGroup
-from snncompile.runtime.memory import measure_train_step, snapshot_state
+from snncompile.runtime.memory import (
+    forward_modes,
+    measure_train_step,
+    modes_restored,
+    snapshot_state,
+)
 from snncompile.runtime.packed_ops import PackedBits, pack_bits, unpack_bits
 from snncompile.runtime.time_chunks import TimeChunkPlan, plan_time_chunks, time_chunk_blocker
 
@@ -184,6 +189,9 @@ class _Recompute(torch.autograd.Function):
                     "functional.reset_net(compiled) or detach_net(compiled) between steps."
                 )
         ctx.rng = torch.get_rng_state()
+        # The rerun in backward takes the forward's train/eval modes (a BatchNorm's statistics
+        # and Dropout's masks depend on them), whatever the model was switched to since.
+        ctx.modes = forward_modes(job.segment.modules)
         kept: list[Any] = []
         plain: list[torch.Tensor] = []
         for i, t in enumerate(tensors[:n_in]):
@@ -201,6 +209,13 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         job: _Job = ctx.job
+        if torch.is_grad_enabled():  # backward(create_graph=True): the rerun builds no graph
+            raise RuntimeError(
+                "optimize(memory_budget=...): backward(create_graph=True) through a recomputed "
+                f"segment ({job.segment.index}); it is rerun inside backward without a graph of "
+                "its own, so no second-order gradient would exist. Compile without "
+                "memory_budget for higher-order gradients."
+            )
         plain = ctx.saved_tensors
         inputs = []
         for k, req in zip(ctx.kept, ctx.requires, strict=True):
@@ -212,7 +227,7 @@ class _Recompute(torch.autograd.Function):
             store[k] = v
         wrt = [t for t in inputs if t.requires_grad] + job.segment.params
         try:
-            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            with modes_restored(ctx.modes), torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(ctx.rng)
                 outs = job.run(inputs)
             for store, k, v in current:

@@ -73,7 +73,13 @@ from torch import fx
 from snncompile.ir.graph import Graph
 from snncompile.progress import progress_bar
 from snncompile.runtime.batch_stats import BatchStats, SweepDone, batch_stat_sites
-from snncompile.runtime.memory import measure_train_step, memory_slots, snapshot_state
+from snncompile.runtime.memory import (
+    forward_modes,
+    measure_train_step,
+    memory_slots,
+    modes_restored,
+    snapshot_state,
+)
 
 __all__ = [
     "ChunkChoice",
@@ -293,6 +299,7 @@ class _TimeChunked(torch.autograd.Function):
         # This step's batchnorms and statistics: the backward's, whatever ran since.
         ctx.stats = tc.batch_stats
         ctx.statistics = None if tc.batch_stats is None else tc.batch_stats.statistics()
+        ctx.modes = forward_modes([tc.gm])  # the reruns take the forward's train/eval modes
         ctx.save_for_backward(x)
         return out
 
@@ -315,11 +322,12 @@ class _TimeChunked(torch.autograd.Function):
             )
         (x,) = ctx.saved_tensors
         stats: BatchStats | None = ctx.stats
-        if stats is None:
-            return _Reverse(tc, ctx, x, g_out).run()
-        stats.begin_backward(ctx.statistics)
-        with stats.installed():
-            return _Reverse(tc, ctx, x, g_out).run()
+        with modes_restored(ctx.modes):
+            if stats is None:
+                return _Reverse(tc, ctx, x, g_out).run()
+            stats.begin_backward(ctx.statistics)
+            with stats.installed():
+                return _Reverse(tc, ctx, x, g_out).run()
 
 
 class _Reverse:
