@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from time_chunk_helpers import train_step
 from torch import fx, nn
 
 import snncompile
@@ -99,20 +100,8 @@ def _step(
 ) -> list[torch.Tensor]:
     """Outputs, input and parameter gradients and the buffers after one step of ``run`` (the
     model's buffers are put back afterwards)."""
-    saved = [b.clone() for b in model.buffers()]
-    _reset(model, compiled)
-    for p in model.parameters():
-        p.grad = None
-    xx = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)
-    y = run(xx)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    out = [y.detach(), xx.grad, *[p.grad.clone() for p in model.parameters()]]
-    after = [b.clone() for b in model.buffers()]
-    with torch.no_grad():
-        for b, v in zip(model.buffers(), saved, strict=True):
-            b.copy_(v)
-    return out + after
+    y, gx, grads, after = train_step(model, lambda: _reset(model, compiled), run, x, seed=seed)
+    return [y, gx, *grads, *after]
 
 
 def _same_buffers(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from time_chunk_helpers import train_step
 from torch import nn
 
 import snncompile
@@ -78,25 +79,9 @@ def _reset(*modules: nn.Module) -> None:
 def _step(
     model: nn.Module, gm: nn.Module, run, x: torch.Tensor, *, grad_x: bool = True, seed: int = 0
 ):
-    """``(output, x.grad, parameter grads, buffers after)`` of one step; the model's buffers
-    and gradients are put back afterwards."""
-    saved = [b.clone() for b in model.buffers()]
-    _reset(model, gm)
-    for p in model.parameters():
-        p.grad = None
-    xx = x.clone().requires_grad_(grad_x)
-    torch.manual_seed(seed)
-    y = run(xx)
-    (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    after = [b.clone() for b in model.buffers()]
-    with torch.no_grad():
-        for b, v in zip(model.buffers(), saved, strict=True):
-            b.copy_(v)
-    for p in model.parameters():
-        p.grad = None
-    _reset(model, gm)
-    return y.detach(), xx.grad, grads, after
+    """``(output, x.grad, parameter grads, buffers after)`` of one step (see
+    :func:`time_chunk_helpers.train_step`)."""
+    return train_step(model, lambda: _reset(model, gm), run, x, grad_x=grad_x, seed=seed)
 
 
 def _assert_same_step(got, ref, rel: float = 1e-5) -> None:
