@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from time_chunk_helpers import train_step
 from torch import nn
 
 import snncompile
@@ -68,14 +69,8 @@ def _sj_net(kind: str, kw: dict, sg: str, *, bn_eval: bool, dropout: bool) -> nn
 
 
 def _step(model: nn.Module, run, x: torch.Tensor, reset, seed: int = 0) -> list[torch.Tensor]:
-    reset()
-    for p in model.parameters():
-        p.grad = None
-    xx = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)
-    y = run(xx)
-    (y * torch.linspace(-1, 1, 5)).sum().backward()
-    return [y.detach(), xx.grad, *[p.grad.clone() for p in model.parameters()]]
+    y, gx, grads, _ = train_step(model, reset, run, x, seed=seed)
+    return [y, gx, *grads]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
