@@ -10,8 +10,9 @@
 #               skipped and the summary says so; exit status 2)
 #   2. install  what is missing of SpikingJelly 2.0.0, snnTorch 1.0.0 and loguru, offline:
 #               pip install --no-index --no-deps --find-links WHEELS --target $SITE
-#   3. pytest   pytest -m cuda tests/test_cuda.py (the neuron grid vs torch on the GPU, modules,
-#               streams, torch.compile, compiled training steps equal to eager)
+#   3. pytest   pytest -m cuda tests/test_cuda.py tests/test_time_chunks_bn_review.py (the neuron
+#               grid vs torch on the GPU, modules, streams, torch.compile, compiled training steps
+#               equal to eager; time chunks with training BatchNorm on GPU tensors)
 #   4. bench    benchmarks/bench_neuron_kernels.py --device cuda --quick (snncompile vs
 #               SpikingJelly's own GPU kernels vs snnTorch vs the torch loop, copy bandwidth)
 #   5. summary  printed last, always (also after failures), and written to summary.txt
@@ -277,7 +278,8 @@ run_step install 60 "$OUTDIR/install.log" install_missing
 
 # -- 3. the CUDA tests ---------------------------------------------------------------------------------
 run_step pytest 250 "$OUTDIR/pytest.log" \
-    "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py -rsxf \
+    "$PY" -m pytest -p no:cacheprovider -m cuda tests/test_cuda.py \
+    tests/test_time_chunks_bn_review.py -rsxf \
     --junitxml="$OUTDIR/junit.xml"
 
 # -- 4. the benchmark -------------------------------------------------------------------------------

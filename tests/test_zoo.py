@@ -69,6 +69,16 @@ def fused_neurons(compiled: nn.Module) -> int:
     )
 
 
+def assert_model_parameter_order(compiled: nn.Module, net: nn.Module) -> None:
+    """``compiled.parameters()`` are the model's tensors in the model's order (chains register
+    their neuron before their batchnorm, fx registers modules in call order: without the
+    reordering, ``zip(compiled.parameters(), net.parameters())`` pairs different tensors)."""
+    got = [id(p) for p in compiled.parameters()]
+    mine = set(got)
+    assert got == [id(p) for p in net.parameters() if id(p) in mine]
+    assert len(mine) == len(got) and mine <= {id(p) for p in net.parameters()}
+
+
 def _eager(sj, net: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     sj.functional.reset_net(net)
     return net(x) if mode == "m" else torch.stack([net(xt) for xt in x])
@@ -89,6 +99,7 @@ def test_zoo_family_compiles_and_matches(sj, zoo, name, mode, expect_fused) -> N
     neurons = sum(isinstance(m, sj.neuron.BaseNode) for m in net.modules())
 
     compiled = snncompile.optimize(net, x)
+    assert_model_parameter_order(compiled, net)
     modes_after = {n: m.step_mode for n, m in net.named_modules() if hasattr(m, "step_mode")}
     assert modes_after == modes_before  # the user's step modes are never switched
     fused = fused_neurons(compiled)
@@ -115,6 +126,7 @@ def test_zoo_family_compiles_and_matches(sj, zoo, name, mode, expect_fused) -> N
     # Eval mode, BatchNorm left unfolded: equal outputs.
     net.eval()
     compiled_eval = snncompile.optimize(net, x, passes=UNFOLDED)
+    assert_model_parameter_order(compiled_eval, net)
     assert torch.equal(compiled_eval(x), _eager(sj, net, x, mode))
 
 

@@ -19,6 +19,7 @@ programs re-traced for them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -176,7 +177,8 @@ class CompiledModule(nn.Module):
 
     It returns what the original multi-step model returns, or for a single-step model what
     stacking its per-step outputs gives. Neurons and other stateful modules inside are the
-    compiled module's own copies (sharing parameters with the model), so
+    compiled module's own copies (sharing parameters with the model; ``parameters()`` yields
+    them in the model's order), so
     ``functional.reset_net(compiled)`` / ``detach_net(compiled)`` act on the compiled state only.
     """
 
@@ -206,6 +208,11 @@ class CompiledModule(nn.Module):
         self._one_step = build_one_step(graph, gm)
         self._ndim = len(self.example_shape)
         self._state_names: StateNames | None = None
+        # The model's parameter order (a fused chain registers its neuron before its
+        # batchnorm; fx registers modules in call order): named_parameters() follows it.
+        self._param_rank: dict[int, int] = (
+            {} if source is None else {id(p): i for i, p in enumerate(source.parameters())}
+        )
         if source is not None:
             names = StateNames(self, gm, graph, source)
             if names.sources is not None:
@@ -246,6 +253,20 @@ class CompiledModule(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """This module's parameters (its own names), in the order of the model's
+        ``parameters()``: they are the model's tensors, so ``zip(compiled.parameters(),
+        model.parameters())`` pairs each with itself, and an optimizer's state saved for one
+        loads into an optimizer over the other. Parameters the model does not have (none, unless
+        it was changed after compiling) follow in this module's order."""
+        items = list(super().named_parameters(prefix, recurse, remove_duplicate))
+        rank = self._param_rank
+        if not rank:
+            return iter(items)
+        return iter(sorted(items, key=lambda item: rank.get(id(item[1]), len(rank))))
 
     @property
     def graph(self) -> Graph:
