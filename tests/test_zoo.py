@@ -70,13 +70,15 @@ def fused_neurons(compiled: nn.Module) -> int:
 
 
 def assert_model_parameter_order(compiled: nn.Module, net: nn.Module) -> None:
-    """``compiled.parameters()`` are the model's tensors in the model's order (chains register
-    their neuron before their batchnorm, fx registers modules in call order: without the
-    reordering, ``zip(compiled.parameters(), net.parameters())`` pairs different tensors)."""
-    got = [id(p) for p in compiled.parameters()]
-    mine = set(got)
-    assert got == [id(p) for p in net.parameters() if id(p) in mine]
-    assert len(mine) == len(got) and mine <= {id(p) for p in net.parameters()}
+    """``compiled.parameters()`` and ``buffers()`` are the model's tensors in the model's order
+    (chains register their neuron before their batchnorm, fx registers modules in call order:
+    without the reordering, ``zip(compiled.parameters(), net.parameters())`` pairs different
+    tensors)."""
+    for tensors in (lambda m: m.parameters(), lambda m: m.buffers()):
+        got = [id(t) for t in tensors(compiled)]
+        mine = set(got)
+        assert got == [id(t) for t in tensors(net) if id(t) in mine]
+        assert len(mine) == len(got) and mine <= {id(t) for t in tensors(net)}
 
 
 def _eager(sj, net: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -208,10 +208,12 @@ class CompiledModule(nn.Module):
         self._one_step = build_one_step(graph, gm)
         self._ndim = len(self.example_shape)
         self._state_names: StateNames | None = None
-        # The model's parameter order (a fused chain registers its neuron before its
-        # batchnorm; fx registers modules in call order): named_parameters() follows it.
-        self._param_rank: dict[int, int] = (
-            {} if source is None else {id(p): i for i, p in enumerate(source.parameters())}
+        # The model's parameter and buffer order (a fused chain registers its neuron before its
+        # batchnorm; fx registers modules in call order): named_parameters/buffers follow it.
+        self._tensor_rank: dict[int, int] = (
+            {}
+            if source is None
+            else {id(t): i for i, t in enumerate([*source.parameters(), *source.buffers()])}
         )
         if source is not None:
             names = StateNames(self, gm, graph, source)
@@ -254,6 +256,12 @@ class CompiledModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _in_model_order(self, items: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        rank = self._tensor_rank
+        if not rank:
+            return iter(items)
+        return iter(sorted(items, key=lambda item: rank.get(id(item[1]), len(rank))))
+
     def named_parameters(  # type: ignore[override]
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
@@ -262,11 +270,16 @@ class CompiledModule(nn.Module):
         model.parameters())`` pairs each with itself, and an optimizer's state saved for one
         loads into an optimizer over the other. Parameters the model does not have (none, unless
         it was changed after compiling) follow in this module's order."""
-        items = list(super().named_parameters(prefix, recurse, remove_duplicate))
-        rank = self._param_rank
-        if not rank:
-            return iter(items)
-        return iter(sorted(items, key=lambda item: rank.get(id(item[1]), len(rank))))
+        return self._in_model_order(
+            list(super().named_parameters(prefix, recurse, remove_duplicate))
+        )
+
+    def named_buffers(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """This module's buffers (its own names) in the order of the model's ``buffers()``,
+        as :meth:`named_parameters`; buffers of its own (e.g. folded layers) follow."""
+        return self._in_model_order(list(super().named_buffers(prefix, recurse, remove_duplicate)))
 
     @property
     def graph(self) -> Graph:
