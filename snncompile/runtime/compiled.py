@@ -268,8 +268,8 @@ class CompiledModule(nn.Module):
         """This module's parameters (its own names), in the order of the model's
         ``parameters()``: they are the model's tensors, so ``zip(compiled.parameters(),
         model.parameters())`` pairs each with itself, and an optimizer's state saved for one
-        loads into an optimizer over the other. Parameters the model does not have (none, unless
-        it was changed after compiling) follow in this module's order."""
+        loads into an optimizer over the other. Parameters the model does not have (the folded
+        layers of an inference compile) follow, in this module's order."""
         return self._in_model_order(
             list(super().named_parameters(prefix, recurse, remove_duplicate))
         )
@@ -278,7 +278,7 @@ class CompiledModule(nn.Module):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """This module's buffers (its own names) in the order of the model's ``buffers()``,
-        as :meth:`named_parameters`; buffers of its own (e.g. folded layers) follow."""
+        as :meth:`named_parameters`; buffers the model does not have follow."""
         return self._in_model_order(list(super().named_buffers(prefix, recurse, remove_duplicate)))
 
     @property
