@@ -322,12 +322,11 @@ class _TimeChunked(torch.autograd.Function):
             )
         (x,) = ctx.saved_tensors
         stats: BatchStats | None = ctx.stats
-        with modes_restored(ctx.modes):
-            if stats is None:
-                return _Reverse(tc, ctx, x, g_out).run()
+        if stats is not None:
             stats.begin_backward(ctx.statistics)
-            with stats.installed():
-                return _Reverse(tc, ctx, x, g_out).run()
+        installed = contextlib.nullcontext() if stats is None else stats.installed()
+        with modes_restored(ctx.modes), installed:
+            return _Reverse(tc, ctx, x, g_out).run()
 
 
 class _Reverse:
