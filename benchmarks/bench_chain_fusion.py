@@ -40,6 +40,7 @@ from torch import nn
 
 import snncompile
 from snncompile.passes.pipeline import build_pipeline
+from snncompile.runtime.host_memory import minor_page_faults, reuse_host_memory
 
 
 def csnn(channels: tuple[int, ...] = (32, 64, 128)) -> nn.Module:
@@ -117,17 +118,59 @@ def train_step(
     return out.detach()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each function, rep by rep interleaved (after a warm-up)."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int, faults: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each function, rep by rep interleaved (after a warm-up);
+    ``faults``, when given, receives each function's minor page faults per call."""
     for f in fns.values():
         f()
+        f()  # the heap settles over the first calls (see snncompile.runtime.host_memory)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    counts: dict[str, int] = dict.fromkeys(fns, 0)
     for _ in range(reps):
         for k, f in fns.items():
+            before = minor_page_faults()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
+            counts[k] += minor_page_faults() - before
+    if faults is not None:
+        faults.update({k: c / reps for k, c in counts.items()})
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_floor(model: nn.Module, x: torch.Tensor, backward: bool = True) -> Callable[[], None]:
+    """A step of only ``model``'s convolutions and linear layers on the inputs they get in one
+    eager pass: forward and backward (gradients w.r.t. every input but the model's own) when
+    ``backward``, else forward under ``no_grad``. What a step costs with every other op free."""
+    calls: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def keep(layer: nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> None:
+        inp = args[0].detach().clone()
+        calls.append((layer, inp if args[0] is x or not backward else inp.requires_grad_()))
+
+    hooks = [
+        m.register_forward_hook(keep)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        reset(model)
+        model(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        grads = [torch.randn_like(layer(inp)) for layer, inp in calls]
+
+    def step() -> None:
+        with torch.set_grad_enabled(backward):
+            for (layer, inp), g in zip(calls, grads, strict=True):
+                y = layer(inp)
+                if backward:
+                    torch.autograd.backward(y, g)
+
+    return step
 
 
 def bench_train(name: str, model: nn.Module, x: torch.Tensor, args: Any) -> dict[str, float]:
@@ -152,14 +195,26 @@ def bench_train(name: str, model: nn.Module, x: torch.Tensor, args: Any) -> dict
         k: (lambda k=k: train_step(models[k], opts[k], x, y, runs[k]))
         for k in models
     }  # fmt: skip
-    t = interleaved(fns, args.reps)
+    fns["convs+linears alone"] = matmul_floor(copy.deepcopy(model), x)
+    faults: dict[str, float] = {}
+    t = interleaved(fns, args.reps, faults)
     line = "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in t.items())
     print(f"{name:<18} T={x.shape[0]:<3} train step: {line}   (max |fused - unfused| {diff:.2g})")
+    print(" " * 24 + "minor page faults per step: " + "  ".join(
+        f"{k} {v:.0f}" for k, v in faults.items()))  # fmt: skip
     f = t["fused"]
     ratios = [f"fused vs eager {t['eager'] / f:.2f}x", f"vs unfused {t['unfused'] / f:.2f}x"]
     if "torch.compile" in t:
         ratios.insert(1, f"vs torch.compile {t['torch.compile'] / f:.2f}x")
     print(" " * 24 + "  ".join(ratios))
+    floor = t["convs+linears alone"]
+    bounds = [f"eager {t['eager'] / floor:.2f}x", f"unfused {t['unfused'] / floor:.2f}x"]
+    if "torch.compile" in t:
+        bounds.insert(1, f"torch.compile {t['torch.compile'] / floor:.2f}x")
+    print(
+        " " * 24 + f"convolutions + linears alone are {floor / f:.0%} of the fused step; a step "
+        "costing only them would be " + ", ".join(f"vs {b}" for b in bounds)
+    )
     if args.profile:
         profile(runs["fused"], models["fused"], opts["fused"], x, y)
     return t
@@ -179,10 +234,13 @@ def bench_inference(name: str, model: nn.Module, x: torch.Tensor, args: Any) -> 
         return f
 
     diff = (run(unfused)() - run(fused)()).abs().max().item()
-    t = interleaved({"unfused": run(unfused), "fused": run(fused)}, args.reps)
+    floor = matmul_floor(copy.deepcopy(m), x, backward=False)
+    t = interleaved({"unfused": run(unfused), "fused": run(fused), "floor": floor}, args.reps)
     print(
         f"{name:<18} T={x.shape[0]:<3} inference:  unfused {t['unfused'] * 1e3:7.1f} ms  fused "
-        f"{t['fused'] * 1e3:7.1f} ms  {t['unfused'] / t['fused']:.2f}x  (max diff {diff:.2g})"
+        f"{t['fused'] * 1e3:7.1f} ms  {t['unfused'] / t['fused']:.2f}x  (max diff {diff:.2g}); "
+        f"convs+linears alone {t['floor'] * 1e3:.1f} ms ({t['floor'] / t['fused']:.0%} of fused, "
+        f"bound vs unfused {t['unfused'] / t['floor']:.2f}x)"
     )
     notes = next(r for r in fused.records if r.name == "fuse_chains").notes
     print(" " * 24 + "; ".join(notes[:1] + [n for n in notes if n.startswith("left")][:3]))
@@ -304,6 +362,12 @@ def main() -> None:
     parser.add_argument("--T", type=str, default="4,16")
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--host-memory",
+        choices=("default", "reuse"),
+        default="default",
+        help="'reuse': snncompile.runtime.reuse_host_memory() first (all contestants share it)",
+    )
     parser.add_argument("--micro", action="store_true", help="only the per-plane-size chain rows")
     parser.add_argument(
         "--chains", action="store_true", help="only the CSNN's three chains, fused, on their own"
@@ -311,6 +375,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.host_memory == "reuse":
+        print(f"host memory: {reuse_host_memory()}")
     print(f"threads={args.threads}, reps={args.reps} (median, interleaved)")
     if args.chains:
         bench_chains(args)

@@ -1,0 +1,72 @@
+"""snncompile.runtime.reuse_host_memory: freed large blocks are reused instead of faulted in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from snncompile.runtime import host_memory
+
+# Each script runs in a fresh interpreter: the setting is one-way for the whole process.
+_FAULTS_PER_ALLOCATION = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from snncompile.runtime.host_memory import minor_page_faults, reuse_host_memory
+
+    def faults_per_allocation(numel):
+        # The heap takes a few allocations to settle (glibc extends it before a freed block
+        # fits), so only the last five of sixteen count.
+        counts = []
+        for _ in range(16):
+            before = minor_page_faults()
+            torch.ones(numel)  # allocated, written, freed
+            counts.append(minor_page_faults() - before)
+        return sum(counts[-5:]) / 5
+
+    numel = 40 * 2**20 // 4  # 40 MiB: above glibc's dynamic mmap threshold ceiling (32 MiB)
+    default = faults_per_allocation(numel)
+    setting = reuse_host_memory()
+    print(default, faults_per_allocation(numel), setting.mmap_threshold, setting.trim_threshold)
+    """
+)
+
+
+def _glibc_malloc() -> bool:
+    try:
+        host_memory._glibc()
+    except host_memory.HostMemoryError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _glibc_malloc(), reason="needs glibc's malloc")
+def test_large_blocks_are_reused_instead_of_faulted_in() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_PER_ALLOCATION],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.split()  # fmt: skip
+    default, reused = float(out[0]), float(out[1])
+    pages = 40 * 2**20 // 4096
+    # By default each 40 MiB tensor is a fresh mapping: every page faults in again.
+    assert default > 0.9 * pages
+    # Kept in the heap, the freed block serves the next tensor without a fault.
+    assert reused < 0.01 * pages
+    assert (int(out[2]), int(out[3])) == (1 << 30, 2**31 - 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, 2**62, "1G"])
+def test_bad_block_size_is_refused_by_name(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_block_bytes"):
+        host_memory.reuse_host_memory(bad)  # type: ignore[arg-type]
+
+
+def test_minor_page_faults_count_fresh_pages() -> None:
+    import torch
+
+    before = host_memory.minor_page_faults()
+    torch.empty(64 * 2**20 // 4).fill_(1.0)  # 64 MiB: always a fresh mapping here
+    assert host_memory.minor_page_faults() - before > 0.5 * 64 * 2**20 / 4096
