@@ -70,3 +70,47 @@ def test_minor_page_faults_count_fresh_pages() -> None:
     before = host_memory.minor_page_faults()
     torch.empty(64 * 2**20 // 4).fill_(1.0)  # 64 MiB: always a fresh mapping here
     assert host_memory.minor_page_faults() - before > 0.5 * 64 * 2**20 / 4096
+
+
+@pytest.fixture
+def _dynamic_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's dynamic mmap threshold as at process start: no env override, nothing applied."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(host_memory, "_applied", None)
+
+
+@pytest.mark.skipif(not _glibc_malloc(), reason="needs glibc's malloc")
+@pytest.mark.usefixtures("_dynamic_threshold")
+def test_large_tensor_note_only_when_blocks_are_mapped_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert host_memory.large_tensor_note(8 * 2**20) is None
+    note = host_memory.large_tensor_note(32 * 2**20)  # a 32 MiB tensor's chunk is mapped
+    assert note is not None and "32 MiB" in note and "reuse_host_memory()" in note
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824")
+    assert host_memory.large_tensor_note(64 * 2**20) is None
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    assert host_memory.large_tensor_note(64 * 2**20) is None
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(host_memory, "_applied", host_memory.HostMemorySetting(1, 2, "2.36"))
+    assert host_memory.large_tensor_note(64 * 2**20) is None
+
+
+@pytest.mark.skipif(not _glibc_malloc(), reason="needs glibc's malloc")
+@pytest.mark.usefixtures("_dynamic_threshold")
+def test_report_names_the_largest_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import snncompile
+    from snncompile import layer, neuron
+
+    net = torch.nn.Sequential(layer.Linear(16, 64), neuron.LIFNode())
+    x = torch.rand(4, 8, 16)
+    compiled = snncompile.optimize(net, x)
+    assert compiled._largest_tensor_bytes() == 4 * 8 * 64 * 4  # the [T, N, 64] float32 output
+    assert "host memory" not in compiled.report()
+    # The same rule with a ceiling below this model's tensors.
+    monkeypatch.setattr(host_memory, "_GLIBC_MMAP_THRESHOLD_MAX", 4096 + 1024)
+    assert "host memory: the step's largest tensor is" in compiled.report()

@@ -19,6 +19,7 @@ programs re-traced for them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from snncompile.ir.graph import Graph, Node, Ref, fill_refs
 from snncompile.ir.ops import Layout, Op
 from snncompile.ir.printer import format_graph
 from snncompile.passes.base import PassRecord
+from snncompile.runtime.host_memory import large_tensor_note
 from snncompile.runtime.one_step import build_one_step
 from snncompile.runtime.packed_ops import packed_call
 from snncompile.runtime.state_names import StateNames
@@ -460,10 +462,22 @@ class CompiledModule(nn.Module):
         plan = self.__dict__.get("_memory_plan")
         if plan is not None:
             lines.extend(plan.describe())
+        host_note = large_tensor_note(self._largest_tensor_bytes())
+        if host_note is not None:
+            lines.append(host_note)
         guard = self._modules.get("shape_guard")
         if guard is not None:
             lines.extend(guard.describe())
         return head + "\n" + "\n".join(lines)
+
+    def _largest_tensor_bytes(self) -> int:
+        """Bytes of the largest tensor an IR node produced for the example input."""
+        sizes = [
+            math.prod(n.shape) * getattr(torch, n.dtype or "float32", torch.float32).itemsize
+            for n in self._graph
+            if n.shape is not None
+        ]
+        return max(sizes, default=0)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, backend={self.backend}, nodes={len(self._graph)}"

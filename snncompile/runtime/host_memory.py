@@ -27,10 +27,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 from dataclasses import dataclass
 
-__all__ = ["HostMemoryError", "HostMemorySetting", "minor_page_faults", "reuse_host_memory"]
+__all__ = [
+    "HostMemoryError",
+    "HostMemorySetting",
+    "large_tensor_note",
+    "minor_page_faults",
+    "reuse_host_memory",
+]
 
 #: glibc's ``mallopt`` parameter numbers (``<malloc.h>``).
 _M_TRIM_THRESHOLD = -1
@@ -38,6 +45,10 @@ _M_MMAP_THRESHOLD = -3
 
 #: glibc caps the mmap threshold at ``HEAP_MAX_SIZE / 2``: 32 MiB on 64-bit systems.
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+#: What :func:`reuse_host_memory` set in this process, if it ran.
+_applied: HostMemorySetting | None = None
 
 
 class HostMemoryError(RuntimeError):
@@ -128,7 +139,36 @@ def reuse_host_memory(max_block_bytes: int = 1 << 30) -> HostMemorySetting:
         raise HostMemoryError(
             f"glibc {version} refused mallopt(M_TRIM_THRESHOLD, {trim_threshold})"
         )
-    return HostMemorySetting(mmap_threshold, trim_threshold, version)
+    global _applied
+    _applied = HostMemorySetting(mmap_threshold, trim_threshold, version)
+    return _applied
+
+
+def large_tensor_note(largest_bytes: int) -> str | None:
+    """A line for ``CompiledModule.report()`` when a step's tensors are faulted in afresh.
+
+    Returns ``None`` unless the largest tensor of the compiled step (``largest_bytes``, at the
+    example input) reaches glibc's 32 MiB mmap ceiling while glibc's dynamic threshold is in
+    effect: not after :func:`reuse_host_memory`, not when the environment sets the threshold
+    (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``), not under another allocator.
+    """
+    # A block's chunk is its size plus a header and alignment slack: a 32 MiB tensor is mapped.
+    if largest_bytes + 4096 <= _GLIBC_MMAP_THRESHOLD_MAX or _applied is not None:
+        return None
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        return None
+    try:
+        _glibc()
+    except (HostMemoryError, OSError, AttributeError):
+        return None
+    return (
+        f"host memory: the step's largest tensor is {largest_bytes / 2**20:.0f} MiB, at or "
+        "above glibc's 32 MiB mmap ceiling, so every step maps it afresh and faults it in page by "
+        "page; snncompile.runtime.reuse_host_memory() keeps freed blocks for the next step "
+        "(docs/kernels.md, 'Page faults')"
+    )
 
 
 def minor_page_faults() -> int:
