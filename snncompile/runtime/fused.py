@@ -446,10 +446,12 @@ def fused_multi_step_states(
             spikes, _, v_seq, last = torch.ops.snncompile.neuron_forward(
                 kid, x2, s2, uniforms, need_h, store_v_seq
             )
-        else:
+        elif need_h:
             spikes, _, v_seq, last = FusedNeuronFunction.apply(
                 kid, x2, s2, uniforms, need_h, store_v_seq
             )
+        else:  # nothing to differentiate: the kernel without autograd's bookkeeping
+            spikes, _, v_seq, last = _forward_impl(kid, x2, s2, uniforms, False, store_v_seq)
     except CompilerNotFound:  # pragma: no cover - compiler disappeared between checks
         warn_no_compiler()
         return torch_multi_step_states(dynamics, x_seq, values, params, store_v_seq)

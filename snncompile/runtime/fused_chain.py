@@ -140,6 +140,59 @@ def _state_args(
     return ptrs, (_F * len(fills))(*fills)
 
 
+def _chain_forward(
+    kern: ChainKernel,
+    x: torch.Tensor,
+    r: torch.Tensor | None,
+    e: torch.Tensor | None,
+    v0: torch.Tensor | None,
+    fills: tuple[float, ...],
+    uniforms: torch.Tensor,
+    ca: torch.Tensor | None,
+    cb: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bn: _TrainBN | None,
+    eb: torch.Tensor | None,
+    *s0: torch.Tensor | None,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    tuple[torch.Tensor, torch.Tensor] | None,
+]:
+    """The forward kernels of one chain call (:class:`_ChainFunction`'s arguments): returns
+    ``(out, s_last, ca, cb, stats)``, the coefficients as the kernel read them and the training
+    batchnorm's ``(mean, invstd)``. Called directly when no gradient is wanted."""
+    T, NB, C, H, W = x.shape
+    stats = None
+    if bn is not None:  # training batchnorm: statistics (and running stats) in one C call
+        rows = torch.empty((4, C))
+        w_c = None if weight is None else weight.detach()
+        b_c = None if bias is None else bias.detach()
+        kern.bn_stats(
+            _ptr(x), T * NB, C, H * W, _ptr(w_c), _ptr(b_c), bn.eps, bn.momentum,
+            _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(bn.num_batches),
+            _ptr(rows), num_threads(x.numel()),
+        )  # fmt: skip
+        ca_c, cb_c, mean32, invstd = rows.unbind(0)
+        stats = (mean32, invstd)
+    else:
+        ca_c = None if ca is None else _f32(ca)
+        cb_c = None if cb is None else _f32(cb)
+    OH, OW = _pooled(kern.window, H, W)
+    out = WORKSPACES.empty((T, NB, C, OH, OW))
+    s_last = WORKSPACES.empty((len(fills), NB * C * H * W))
+    s_init, s_fill = _state_args((v0, *s0), fills)
+    kern.fwd(
+        _ptr(x), _ptr(r), _ptr(e), s_init, s_fill, _ptr(uniforms), _ptr(ca_c), _ptr(cb_c),
+        _ptr(eb), _ptr(out), _ptr(s_last), T, NB, C, H, W, group_planes(NB * C, H * W),
+        num_threads(x.numel()),
+    )  # fmt: skip
+    return out, s_last, ca_c, cb_c, stats
+
+
 class _ChainFunction(torch.autograd.Function):
     """Forward and backward of one chain call (see the module docstring).
 
@@ -167,31 +220,9 @@ class _ChainFunction(torch.autograd.Function):
         eb: torch.Tensor | None,
         *s0: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        T, NB, C, H, W = x.shape
-        stats = None
-        if bn is not None:  # training batchnorm: statistics (and running stats) in one C call
-            rows = torch.empty((4, C))
-            w_c = None if weight is None else weight.detach()
-            b_c = None if bias is None else bias.detach()
-            kern.bn_stats(
-                _ptr(x), T * NB, C, H * W, _ptr(w_c), _ptr(b_c), bn.eps, bn.momentum,
-                _ptr(bn.running_mean), _ptr(bn.running_var), _ptr(bn.num_batches),
-                _ptr(rows), num_threads(x.numel()),
-            )  # fmt: skip
-            ca_c, cb_c, mean32, invstd = rows.unbind(0)
-            stats = (mean32, invstd)
-        else:
-            ca_c = None if ca is None else _f32(ca)
-            cb_c = None if cb is None else _f32(cb)
-        OH, OW = _pooled(kern.window, H, W)
-        out = WORKSPACES.empty((T, NB, C, OH, OW))
-        s_last = WORKSPACES.empty((len(fills), NB * C * H * W))
-        s_init, s_fill = _state_args((v0, *s0), fills)
-        kern.fwd(
-            _ptr(x), _ptr(r), _ptr(e), s_init, s_fill, _ptr(uniforms), _ptr(ca_c), _ptr(cb_c),
-            _ptr(eb), _ptr(out), _ptr(s_last), T, NB, C, H, W, group_planes(NB * C, H * W),
-            num_threads(x.numel()),
-        )  # fmt: skip
+        out, s_last, ca_c, cb_c, stats = _chain_forward(
+            kern, x, r, e, v0, fills, uniforms, ca, cb, weight, bias, bn, eb, *s0
+        )
         ctx.kern, ctx.bn, ctx.fills = kern, bn is not None, fills
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
         ctx.stats = stats
@@ -415,6 +446,8 @@ class FusedChain(nn.Module):
         #: Set by time chunks (:mod:`snncompile.runtime.batch_stats`) while a training
         #: batchnorm's statistics over all T are gathered or applied chunk by chunk.
         self.batch_stats: Any = None
+        #: ``(coefficients, tensors, versions, eps)`` of the last eval batchnorm coefficients.
+        self._affine_cache: Any = None
 
     @property
     def step_mode(self) -> str:
@@ -430,21 +463,46 @@ class FusedChain(nn.Module):
     def v(self, value: Any) -> None:
         self.neuron.v = value
 
-    def _fused_ok(self, x_seq: torch.Tensor) -> bool:
+    def _fused_dynamics(self, x_seq: torch.Tensor) -> NeuronDynamics | None:
+        """The neuron's dynamics when this call can run fused, else None."""
         backend = getattr(self.neuron, "backend", "torch")
         if backend not in ("cpu", "auto") or x_seq.device.type != "cpu":
-            return False
+            return None
         if x_seq.dtype != torch.float32 or x_seq.dim() != 5:
-            return False
+            return None
         if getattr(self.neuron, "step_mode", "m") != "m" or not compiler_available():
-            return False
+            return None
         if backend == "auto" and not auto_fuses_size(x_seq):
-            return False
+            return None
         # A hooked module (a monitor, a learner) must see its own call: run the ops separately.
         for m in (self.neuron, self.bn, self.pool, self.scale_in, self.scale_out):
             if m is not None and (m._forward_hooks or m._forward_pre_hooks):
-                return False
-        return dynamics_for(self.neuron) is not None
+                return None
+        return dynamics_for(self.neuron)
+
+    def _eval_affine(self, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`_eval_affine` of ``bn``, kept while its tensors are the same objects at the
+        same versions and no gradient flows to them (recomputing it cost ~15 us a call)."""
+        tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _eval_affine(bn)  # the coefficients carry the affine parameters' gradient
+        try:
+            versions = tuple(-1 if t is None else t._version for t in tensors)
+        except RuntimeError:  # inference tensors have no version counter
+            return _eval_affine(bn)
+        hit = self._affine_cache
+        if (
+            hit is not None
+            and hit[2] == versions
+            and hit[3] == bn.eps
+            and all(a is b for a, b in zip(hit[1], tensors, strict=True))
+        ):
+            return hit[0]
+        with torch.no_grad():
+            ab = _eval_affine(bn)
+        # The tensors are held, so a freed one cannot come back under the same id and version.
+        self._affine_cache = (ab, tensors, versions, bn.eps)
+        return ab
 
     def _split(
         self, x_seq: torch.Tensor, extra: tuple[torch.Tensor, ...]
@@ -476,10 +534,9 @@ class FusedChain(nn.Module):
         for t in (r_seq, e_seq):
             if t is not None and (t.dtype != x_seq.dtype or t.device != x_seq.device):
                 return self.unfused(x_seq, *extra)
-        if not self._fused_ok(x_seq):
+        d = self._fused_dynamics(x_seq)
+        if d is None:
             return self.unfused(x_seq, *extra)
-        d = dynamics_for(self.neuron)
-        assert d is not None
         neuron, bn = self.neuron, self.bn
         prologue = "none"
         ca = cb = weight = bias = None
@@ -501,7 +558,7 @@ class FusedChain(nn.Module):
                 if not _stats_ok(bn_info, bn, C):
                     return self.unfused(x_seq, *extra)
             else:
-                ca, cb = _eval_affine(bn)
+                ca, cb = self._eval_affine(bn)
         if self.scale_in is not None:
             ca = _per_channel(self.scale_in, C)
         r_c = None if r_seq is None else r_seq.contiguous()
@@ -509,10 +566,16 @@ class FusedChain(nn.Module):
         params = {n: getattr(neuron, n) for n in d.param_names}
         uniforms = uniforms_for(d, params or None, x_seq.device)
         inits, fills = _initial_states(neuron, d.state_names, x_seq[0])
-        out, s_last = _ChainFunction.apply(
+        args = (
             kern, x_seq.contiguous(), r_c, e_c, inits[0], fills, uniforms, ca, cb, weight, bias,
             bn_info, eb, *inits[1:],
         )  # fmt: skip
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            out, s_last = _ChainFunction.apply(*args)
+        else:  # nothing to differentiate: the kernels without autograd's bookkeeping
+            out, s_last = _chain_forward(*args)[:2]
         shape = x_seq.shape[1:]
         for name, last in zip(d.state_names, s_last.unbind(0), strict=True):
             setattr(neuron, name, last.view(shape))
