@@ -362,6 +362,7 @@ def main() -> None:
     parser.add_argument("--T", type=str, default="4,16")
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--plot", default=None, help="write the training steps' chart here (PNG)")
     parser.add_argument(
         "--host-memory",
         choices=("default", "reuse"),
@@ -385,18 +386,79 @@ def main() -> None:
         bench_micro(args)
         bench_micro_multistate(args)
         return
+    steps: dict[str, dict[str, float]] = {}
     if args.only in (None, "csnn"):
         for T in (int(t) for t in args.T.split(",")):
             x = (torch.rand(T, 16, 3, 32, 32) > 0.5).float()
             model = csnn()
-            bench_train("csnn", model, x, args)
+            steps[f"CSNN, T={T}"] = bench_train("csnn", model, x, args)
             bench_inference("csnn", model, x, args)
     if args.only in (None, "zoo"):
         for name in ("spiking_resnet18", "sew_resnet18"):
             x = (torch.rand(4, 8, 3, 32, 32) > 0.5).float()
             model = zoo(name)
-            bench_train(name, model, x, args)
+            steps[f"{name}, T=4"] = bench_train(name, model, x, args)
             bench_inference(name, model, x, args)
+    if args.plot:
+        plot_steps(steps, args.plot, f"host memory: {args.host_memory}")
+
+
+def issue_goals(row: str, t: dict[str, float]) -> list[tuple[str, float]]:
+    """The step times issue #19 asks for on ``row`` of the benchmark (label, seconds)."""
+    if row.startswith("CSNN"):
+        vs_eager, vs_tc = (3.5, 1.6) if row.endswith("T=4") else (4.5, 1.9)
+        goals = [(f"{vs_eager}x eager", t["eager"] / vs_eager)]
+        if "torch.compile" in t:
+            goals.append((f"{vs_tc}x torch.compile", t["torch.compile"] / vs_tc))
+        return goals
+    return [("1.3x without the pass", t["unfused"] / 1.3)]
+
+
+def plot_steps(steps: dict[str, dict[str, float]], path: str, note: str) -> None:
+    """Bars of each model's training step per contestant, relative to eager SpikingJelly, with
+    the convolutions-and-linears floor: how far fusion got and how far it could go."""
+    from matplotlib.figure import Figure
+
+    kinds = ["eager", "torch.compile", "unfused", "fused", "convs+linears alone"]
+    labels = {
+        "eager": "eager SpikingJelly",
+        "torch.compile": "torch.compile",
+        "unfused": "optimize without fuse_chains",
+        "fused": "optimize",
+        "convs+linears alone": "only the convolutions + linears",
+    }
+    fig = Figure(figsize=(8, 0.9 + 1.1 * len(steps)))
+    ax = fig.add_subplot()
+    height = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        rows = [(j, t[kind] / t["eager"]) for j, t in enumerate(steps.values()) if kind in t]
+        ys = [j + (i - len(kinds) / 2 + 0.5) * height for j, _ in rows]
+        bars = ax.barh(ys, [r for _, r in rows], height, label=labels[kind],
+                       hatch="//" if kind == "convs+linears alone" else None)  # fmt: skip
+        for bar, (j, _) in zip(bars, rows, strict=True):
+            ms = list(steps.values())[j][kind] * 1e3
+            ax.text(bar.get_width() + 0.01, bar.get_y() + height / 2, f"{ms:.1f} ms",
+                    va="center", fontsize=7)  # fmt: skip
+    for j, (row, t) in enumerate(steps.items()):
+        for k, (goal, seconds) in enumerate(issue_goals(row, t)):
+            ax.plot([seconds / t["eager"]] * 2, [j - 0.45, j + 0.45], color="black", lw=1.2,
+                    ls="--")  # fmt: skip
+            ax.text(seconds / t["eager"], j - 0.47, f" {goal} ", fontsize=6.5,
+                    ha="right" if k == 0 else "left")  # fmt: skip
+    ax.set_yticks(range(len(steps)), list(steps))
+    ax.invert_yaxis()
+    ax.set_xlabel(
+        "training step time relative to eager SpikingJelly (lower is faster); dashed: the "
+        "issue's goals",
+        fontsize=8,
+    )
+    ax.set_xlim(0, 1.6)
+    ax.set_title(f"One SGD step, 2 threads ({note}): the floor bounds what fusion can reach",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
