@@ -472,11 +472,13 @@ class CompiledModule(nn.Module):
 
     def _largest_tensor_bytes(self) -> int:
         """Bytes of the largest tensor an IR node produced for the example input."""
-        sizes = [
-            math.prod(n.shape) * getattr(torch, n.dtype or "float32", torch.float32).itemsize
-            for n in self._graph
-            if n.shape is not None
-        ]
+        sizes = []
+        for n in self._graph:
+            if n.shape is None:
+                continue
+            dtype = getattr(torch, n.dtype or "float32", None)
+            itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+            sizes.append(math.prod(n.shape) * itemsize)
         return max(sizes, default=0)
 
     def extra_repr(self) -> str:

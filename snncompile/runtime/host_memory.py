@@ -6,20 +6,22 @@ The threshold starts at 128 KiB and rises to the size of each such block freed, 
 32 MiB. So every step of a training loop allocates its large tensors again as new mappings, and
 the kernel faults them in page by page, zeroing every 4 KiB page, the first time they are
 written. On a virtual machine a fault costs microseconds: measured on this project's 2-core
-AMD EPYC VM, eager SpikingJelly's CSNN step at T=16 (batch 16, 3x32x32) faulted in 58 000 pages
-and took 233 ms; with the blocks kept, 586 pages and 153 ms (``benchmarks/bench_chain_fusion.py
---host-memory``).
+AMD EPYC VM (one process, 7 interleaved steps each, the setting applied halfway), eager
+SpikingJelly's CSNN step at T=16 (batch 16, 3x32x32) faulted in 58 000 pages and took 233 ms;
+with the blocks kept, 586 pages and 153 ms. ``CompiledModule.report()`` says when a compiled
+step's largest tensor reaches the 32 MiB ceiling.
 
 :func:`reuse_host_memory` sets glibc's mmap threshold to ``max_block_bytes`` and its trim
-threshold to twice that (``mallopt(M_MMAP_THRESHOLD)``, ``mallopt(M_TRIM_THRESHOLD)``): blocks up
-to that size then come from the heap, and freed ones stay there for the next allocation, as
-PyTorch's CUDA caching allocator does for GPU memory. The price is that the process keeps its
-high-water mark of heap memory instead of returning it between steps.
+threshold to twice that, at most 2**31 - 1 (``mallopt(M_MMAP_THRESHOLD)``,
+``M_TRIM_THRESHOLD``): blocks up to that size then come from the heap, and freed ones stay
+there for the next allocation, as PyTorch's CUDA caching allocator does for GPU memory. The
+price is that the process keeps its high-water mark of heap memory instead of returning it
+between steps.
 
 This is a setting of the whole process (every tensor, every library), and glibc has no way to
 restore the dynamic threshold once it is fixed, so nothing here turns it back off. The same
 effect without code: ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:``
-``glibc.malloc.trim_threshold=2147483648`` in the environment before Python starts, or another
+``glibc.malloc.trim_threshold=2147483647`` in the environment before Python starts, or another
 allocator (jemalloc, tcmalloc) through ``LD_PRELOAD``.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import resource
 from dataclasses import dataclass
 
 __all__ = [
@@ -72,7 +73,10 @@ class HostMemorySetting:
 
 def _glibc() -> tuple[ctypes.CDLL, str]:
     """The process's C library when it is glibc and its ``malloc`` is glibc's own."""
-    process = ctypes.CDLL(None)
+    try:
+        process = ctypes.CDLL(None)
+    except (OSError, TypeError):  # Windows has no process-wide symbol table to open
+        process = None
     version_fn = getattr(process, "gnu_get_libc_version", None)
     if version_fn is None:
         raise HostMemoryError(
@@ -161,7 +165,7 @@ def large_tensor_note(largest_bytes: int) -> str | None:
         return None
     try:
         _glibc()
-    except (HostMemoryError, OSError, AttributeError):
+    except (HostMemoryError, OSError, AttributeError, TypeError):
         return None
     return (
         f"host memory: the step's largest tensor is {largest_bytes / 2**20:.0f} MiB, at or "
@@ -174,4 +178,6 @@ def large_tensor_note(largest_bytes: int) -> str | None:
 def minor_page_faults() -> int:
     """Minor page faults of this process so far (``getrusage``): the difference over a step is
     how many fresh pages the step touched."""
+    import resource  # POSIX only; imported here so that the module imports everywhere
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
