@@ -203,26 +203,10 @@ class _ChainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        kern: ChainKernel,
-        x: torch.Tensor,
-        r: torch.Tensor | None,
-        e: torch.Tensor | None,
-        v0: torch.Tensor | None,
-        fills: tuple[float, ...],
-        uniforms: torch.Tensor,
-        ca: torch.Tensor | None,
-        cb: torch.Tensor | None,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        bn: _TrainBN | None,
-        eb: torch.Tensor | None,
-        *s0: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, s_last, ca_c, cb_c, stats = _chain_forward(
-            kern, x, r, e, v0, fills, uniforms, ca, cb, weight, bias, bn, eb, *s0
-        )
+    def forward(ctx: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`_chain_forward` of ``args`` (its arguments, in its order), saved for backward."""
+        kern, x, r, _e, v0, fills, uniforms, ca, cb, weight, _bias, bn, eb, *s0 = args
+        out, s_last, ca_c, cb_c, stats = _chain_forward(*args)
         ctx.kern, ctx.bn, ctx.fills = kern, bn is not None, fills
         ctx.has_ca, ctx.has_cb = ca is not None and bn is None, cb is not None and bn is None
         ctx.stats = stats
