@@ -43,6 +43,7 @@ PROG = "snncompile"
 #: ``bench --quick`` arguments for benchmarks that have no ``--quick`` flag of their own; every
 #: other script gets ``--quick`` when its source defines that flag, and nothing otherwise.
 QUICK_ARGS: dict[str, list[str]] = {
+    "bench_chain_fusion.py": ["--T", "4", "--reps", "1", "--no-torch-compile"],
     "bench_optimize.py": ["--T", "4", "--batch", "8", "--reps", "1"],
     "bench_stdp.py": ["--repeat", "1"],
 }
