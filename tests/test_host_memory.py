@@ -63,7 +63,7 @@ def test_large_blocks_are_reused_instead_of_faulted_in() -> None:
     assert (int(out[2]), int(out[3])) == (1 << 30, 2**31 - 1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, 2**62, "1G"])
+@pytest.mark.parametrize("bad", [0, -1, 1 << 20, 2.5, 2**62, "1G", True])
 def test_bad_block_size_is_refused_by_name(bad: object) -> None:
     with pytest.raises(ValueError, match="max_block_bytes"):
         host_memory.reuse_host_memory(bad)  # type: ignore[arg-type]

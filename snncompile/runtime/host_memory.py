@@ -109,19 +109,25 @@ def reuse_host_memory(max_block_bytes: int = 1 << 30) -> HostMemorySetting:
 
     Args:
         max_block_bytes: the largest block served from the heap; larger ones stay mmap'd. At
-            least 32 MiB (glibc's own dynamic ceiling) to make a difference.
+            least 32 MiB, glibc's own dynamic ceiling (a lower fixed threshold would map more
+            blocks afresh, not fewer).
 
     Returns:
         The thresholds set.
 
     Raises:
         HostMemoryError: the process's ``malloc`` is not glibc's.
-        ValueError: ``max_block_bytes`` is not a positive ``int`` below 2**62.
+        ValueError: ``max_block_bytes`` is not an ``int`` from 32 MiB to below 2**62.
     """
-    if not isinstance(max_block_bytes, int) or not 0 < max_block_bytes < 2**62:
+    if (
+        not isinstance(max_block_bytes, int)
+        or isinstance(max_block_bytes, bool)
+        or not _GLIBC_MMAP_THRESHOLD_MAX <= max_block_bytes < 2**62
+    ):
         raise ValueError(
             f"reuse_host_memory(max_block_bytes={max_block_bytes!r}): give the largest block "
-            "to keep in bytes, a positive int (e.g. 1 << 30)"
+            "to keep in bytes, an int of at least 32 MiB (e.g. 1 << 30); a fixed threshold "
+            "below glibc's dynamic ceiling would map more blocks afresh, not fewer"
         )
     libc, version = _glibc()
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
