@@ -278,6 +278,19 @@ def test_batchnorm_inside_another_module_refused_by_name() -> None:
         TimeChunks(gm, 1)
 
 
+def test_sync_batchnorm_is_refused_by_name() -> None:
+    """A training SyncBatchNorm reduces its statistics across processes; taking them chunk by
+    chunk in one process would silently drop the other processes' samples."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4))
+    gm = fx.symbolic_trace(net)
+    why = batch_stat_sites(gm)
+    assert isinstance(why, str) and "%_1 is a training SyncBatchNorm" in why
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        TimeChunks(gm, 1)
+    net[1].eval()  # frozen: running statistics, nothing to reduce
+    assert [s.bn for s in batch_stat_sites(fx.symbolic_trace(net))] == []
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 def test_statistics_sweeps_stop_after_the_level_unless_random(dropout: bool) -> None:
     """Without random draws a statistics sweep's chunk ends at its level's last batchnorm; with

@@ -296,6 +296,12 @@ def batch_stat_sites(gm: fx.GraphModule) -> list[BatchStatSite] | str:
                         "without time chunks)"
                     )
             continue
+        if isinstance(bn, nn.SyncBatchNorm):
+            return (
+                f"%{name} is a training SyncBatchNorm, whose statistics are reduced across "
+                "processes; the time chunks would take them in this process alone (use "
+                "BatchNorm, freeze it with eval(), or train without time chunks)"
+            )
         if id(bn) in seen:
             return (
                 f"%{name} and %{seen[id(bn)]} call the same training {type(bn).__name__}; "
