@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from time_chunk_helpers import train_step
+from time_chunk_helpers import buffers_restored, train_step
 from torch import nn
 
 import snncompile
@@ -135,11 +135,9 @@ def test_single_step_model_with_per_step_batchnorm() -> None:
     compiled = snncompile.optimize(model, x)
     assert time_chunk_blocker(compiled.gm, compiled.graph, x) is None
     reset = lambda: functional.reset_net(compiled)  # noqa: E731
-    start = [b.clone() for b in model.buffers()]
-    plain = _step(model, compiled, x, reset)
-    after_plain = [b.clone() for b in model.buffers()]
-    for b, v in zip(model.buffers(), start, strict=True):
-        b.copy_(v)
+    with buffers_restored(model):
+        plain = _step(model, compiled, x, reset)
+        after_plain = [b.clone() for b in model.buffers()]
     got = _step(model, TimeChunks(compiled.gm, 2, 1).run, x, reset)
     assert torch.equal(plain[0], got[0]) and plain[0].sum() > 0
     assert all(_close(u, v, 1e-5) for u, v in zip(plain[1:], got[1:], strict=True))

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from time_chunk_helpers import train_step
+from time_chunk_helpers import buffers_restored, train_step
 from torch import fx, nn
 
 import snncompile
@@ -197,17 +197,13 @@ def test_running_statistics_over_two_steps() -> None:
     model = _cnn(momentum=None)
     x = _inputs()
     compiled = snncompile.optimize(model, x)
-    saved = [b.clone() for b in model.buffers()]
 
     def two_steps(run) -> list[torch.Tensor]:
-        for step in range(2):
-            _reset(model, compiled)
-            run(x * (1 + step)).sum().backward()
-        out = [b.clone() for b in model.buffers()]
-        with torch.no_grad():
-            for b, v in zip(model.buffers(), saved, strict=True):
-                b.copy_(v)
-        return out
+        with buffers_restored(model):
+            for step in range(2):
+                _reset(model, compiled)
+                run(x * (1 + step)).sum().backward()
+            return [b.clone() for b in model.buffers()]
 
     ref = two_steps(compiled)
     got = two_steps(TimeChunks(compiled.gm, 1, 2).run)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from time_chunk_helpers import train_step
+from time_chunk_helpers import buffers_restored, train_step
 from torch import nn
 
 import snncompile
@@ -131,11 +131,8 @@ def test_two_forwards_then_one_backward() -> None:
         ((y1 * w).sum() + (y2 * w * 2).sum()).backward()
         return a.grad, b.grad, [p.grad.clone() for p in model.parameters()]
 
-    saved = [b.clone() for b in model.buffers()]
-    ref = both(compiled)
-    with torch.no_grad():
-        for b, v in zip(model.buffers(), saved, strict=True):
-            b.copy_(v)
+    with buffers_restored(model):
+        ref = both(compiled)
     got = both(tc.run)
     assert _close(got[0], ref[0]) and _close(got[1], ref[1])
     assert all(_close(u, v) for u, v in zip(got[2], ref[2], strict=True))
@@ -193,22 +190,22 @@ def test_repeated_steps_and_gradient_accumulation() -> None:
     model = _cnn()
     x = _inputs()
     compiled = snncompile.optimize(model, x)
-    saved = [b.clone() for b in model.buffers()]
 
     def two(run):
         for p in model.parameters():
             p.grad = None
         ys = []
-        for k in range(2):
-            _reset(model, compiled)
-            y = run(x * (1 + 0.5 * k))
-            (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-            ys.append(y.detach())
-        out = ys, [p.grad.clone() for p in model.parameters()], [b.clone() for b in model.buffers()]
-        with torch.no_grad():
-            for b, v in zip(model.buffers(), saved, strict=True):
-                b.copy_(v)
-        return out
+        with buffers_restored(model):
+            for k in range(2):
+                _reset(model, compiled)
+                y = run(x * (1 + 0.5 * k))
+                (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+                ys.append(y.detach())
+            return (
+                ys,
+                [p.grad.clone() for p in model.parameters()],
+                [b.clone() for b in model.buffers()],
+            )
 
     ref = two(compiled)
     got = two(TimeChunks(compiled.gm, 2, 2).run)
@@ -281,24 +278,21 @@ def test_eval_forward_between_a_step_forward_and_its_backward() -> None:
     x = _inputs()
     compiled = snncompile.optimize(model, x)
     tc = TimeChunks(compiled.gm, 2, 1)
-    saved = [b.clone() for b in model.buffers()]
 
     def run(call):
         for p in model.parameters():
             p.grad = None
-        model.train()
-        _reset(model, compiled)
-        xx = x.clone().requires_grad_(True)
-        y = call(xx)
-        model.eval()
-        _reset(model, compiled)
-        call(x * 0.7)  # validation, output dropped
-        _reset(model, compiled)
-        model.train()
-        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-        with torch.no_grad():
-            for b, v in zip(model.buffers(), saved, strict=True):
-                b.copy_(v)
+        with buffers_restored(model):
+            model.train()
+            _reset(model, compiled)
+            xx = x.clone().requires_grad_(True)
+            y = call(xx)
+            model.eval()
+            _reset(model, compiled)
+            call(x * 0.7)  # validation, output dropped
+            _reset(model, compiled)
+            model.train()
+            (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         return xx.grad, [p.grad.clone() for p in model.parameters()]
 
     ref = run(compiled)
@@ -335,13 +329,9 @@ def test_budgeted_model_under_no_grad_and_other_batch() -> None:
 
     def no_grad_call(compiled):
         _reset(model, plain, budgeted)
-        with torch.no_grad():
+        with buffers_restored(model), torch.no_grad():
             y = compiled(x)
-        after = [b.clone() for b in model.buffers()]
-        with torch.no_grad():
-            for b, v in zip(model.buffers(), before, strict=True):
-                b.copy_(v)
-        return y, after
+            return y, [b.clone() for b in model.buffers()]
 
     ref, got = no_grad_call(plain), no_grad_call(budgeted)
     assert torch.equal(got[0], ref[0])

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Put ``model``'s buffers (running statistics, batch counters) back as they were on
+    entry when the block ends, so that several runs compare from the same start."""
+    saved = [b.clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), saved, strict=True):
+                b.copy_(v)
 
 
 def train_step(
@@ -21,19 +35,16 @@ def train_step(
     (loss: the outputs weighted by a ramp over the last axis); ``reset`` clears the neurons'
     states before and after. The model's buffers and gradients are put back afterwards, so
     several steps compare from the same start."""
-    saved = [b.clone() for b in model.buffers()]
-    reset()
-    for p in model.parameters():
-        p.grad = None
-    xx = x.clone().requires_grad_(grad_x)
-    torch.manual_seed(seed)
-    y = run(xx)
-    (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    after = [b.clone() for b in model.buffers()]
-    with torch.no_grad():
-        for b, v in zip(model.buffers(), saved, strict=True):
-            b.copy_(v)
+    with buffers_restored(model):
+        reset()
+        for p in model.parameters():
+            p.grad = None
+        xx = x.clone().requires_grad_(grad_x)
+        torch.manual_seed(seed)
+        y = run(xx)
+        (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        after = [b.clone() for b in model.buffers()]
     for p in model.parameters():
         p.grad = None
     reset()
